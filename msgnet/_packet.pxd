@@ -1,0 +1,64 @@
+# C-level API of the packet layer (docs/wire.md section 2.2, 2.6): DATA / PLAIN_DATA seal and
+# open with an explicit counter, and the sliding replay window. The engine cimports this.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+cdef enum:
+    PACKET_INITIATION = 0x04
+    PACKET_RESPONSE = 0x05
+    PACKET_FINISH = 0x06
+    PACKET_DATA = 0x07
+    PACKET_COOKIE = 0x08
+    PACKET_SESSION_UNKNOWN = 0x09
+    PACKET_PLAIN_DATA = 0x0A
+    PACKET_VERSION_UNSUPPORTED = 0x0B
+    DATA_HEADER_SIZE = 13
+    AEAD_TAG_SIZE = 16
+    DATA_OVERHEAD = 29
+    C_REPLAY_WINDOW = 1024
+
+# open_into results: 0 = ok, negative = drop reason (index into DROP_REASON_NAMES in _packet.pyx,
+# negated). Names are the metric counter names of docs/wire.md.
+cdef enum:
+    OPEN_OK = 0
+    DROP_TRUNCATED = -1
+    DROP_REPLAY = -2
+    DROP_AUTH_FAILED = -3
+    DROP_COUNTER_EXHAUSTED = -4
+    DROP_PLAINTEXT_REFUSED = -5
+    DROP_WRONG_SESSION = -6
+    DROP_OUT_OF_ROOM = -7
+
+# RFC 6479-style sliding window over 64-bit packet counters.
+cdef class ReplayWindow:
+    cdef uint64_t highest          # highest counter accepted + 1 (0: nothing seen yet)
+    cdef uint64_t bitmap[16]       # C_REPLAY_WINDOW bits, ring-indexed by counter
+    # True if counter could be accepted (not too old, not seen). Does not change state.
+    cdef bint check(self, uint64_t counter) noexcept nogil
+    # Mark counter as seen; returns False (and changes nothing) if it is a replay.
+    cdef bint update(self, uint64_t counter) noexcept nogil
+
+# The keys and counters of one established session. One object per session; the engine keeps
+# them in a dict by local_index.
+cdef class SessionCrypto:
+    cdef readonly uint32_t local_index    # our index: the receiver_index of DATA sent to us
+    cdef readonly uint32_t remote_index   # the peer's index: put in the DATA we send
+    cdef readonly uint64_t send_counter   # next counter to use
+    cdef readonly bint plaintext          # PLAIN_DATA negotiated by both ends
+    cdef readonly ReplayWindow window
+    cdef object _send_aead                # cryptography ChaCha20Poly1305 (None in plaintext mode)
+    cdef object _recv_aead
+    cdef bytearray _send_nonce            # 12 bytes, rewritten in place per packet
+    cdef bytearray _recv_nonce
+    cdef object _send_nonce_view, _recv_nonce_view
+
+    # Seal payload[0:n] as one DATA (or PLAIN_DATA) packet into out[0:cap]. Returns the packet
+    # length, -1 if the send counter is exhausted, -2 if out is too small. The tag is written at
+    # the end; the counter advances only on success.
+    cdef Py_ssize_t seal_into(self, const uint8_t* payload, Py_ssize_t n,
+                              uint8_t* out, Py_ssize_t cap) except -3
+    # Open the packet at pkt[0:n] (first byte DATA or PLAIN_DATA, index already matched) into
+    # out[0:cap]. On OPEN_OK, out_len[0] is the payload length and the window was updated.
+    # Returns OPEN_OK or a DROP_* reason. out may equal pkt + DATA_HEADER_SIZE (in place).
+    cdef int open_into(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out, Py_ssize_t cap,
+                       Py_ssize_t* out_len) except -100
