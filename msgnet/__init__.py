@@ -4,6 +4,9 @@ A peer registers a handler for a protocol and sends messages to peers on a
 protocol, over UDP and TCP alike, with sessions bound to libp2p identities.
 """
 
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
 from ._version import __version__
 from .errors import (
     ClosedError,
@@ -21,6 +24,7 @@ from .errors import (
 
 __all__ = [
     "__version__",
+    "run",
     "ClosedError",
     "FrameError",
     "HandshakeError",
@@ -33,3 +37,16 @@ __all__ = [
     "SecurityError",
     "UsageError",
 ]
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on the uvloop event loop (msgnet's default), or asyncio without uvloop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        import asyncio
+
+        return asyncio.run(main)
+    return uvloop.run(main)

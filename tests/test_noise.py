@@ -73,7 +73,9 @@ def _parties(vector: Vector) -> tuple[HandshakeState, HandshakeState]:
 
 
 def _messages(vector: Vector) -> list[tuple[bytes, bytes]]:
-    return [(bytes.fromhex(m["payload"]), bytes.fromhex(m["ciphertext"])) for m in vector["messages"]]
+    return [
+        (bytes.fromhex(m["payload"]), bytes.fromhex(m["ciphertext"])) for m in vector["messages"]
+    ]
 
 
 def _handshake_length(vector: Vector) -> int:
@@ -177,7 +179,11 @@ def test_flipped_bit_is_rejected(vectors: dict[str, Vector], pattern: str, targe
     for position in range(length):
 
         def flip(message: bytes, position: int = position) -> bytes:
-            return message[:position] + bytes((message[position] ^ (1 << position % 8),)) + message[position + 1 :]
+            return (
+                message[:position]
+                + bytes((message[position] ^ (1 << position % 8),))
+                + message[position + 1 :]
+            )
 
         failed_at, initiator, responder, original = _run_tampered(vector, target, flip)
         if _authenticated(vector, target):
@@ -189,17 +195,25 @@ def test_flipped_bit_is_rejected(vectors: dict[str, Vector], pattern: str, targe
 
 
 @pytest.mark.parametrize(("pattern", "target"), _tamper_cases(VECTOR_PATTERNS))
-def test_truncated_message_is_rejected(vectors: dict[str, Vector], pattern: str, target: int) -> None:
+def test_truncated_message_is_rejected(
+    vectors: dict[str, Vector], pattern: str, target: int
+) -> None:
     vector = vectors[pattern]
     length = len(_messages(vector)[target][1])
     for cut in sorted({0, 1, 31, 32, 47, 48, 63, 64, 80, length - 16, length - 1}):
         if not 0 <= cut < length:
             continue
-        failed_at, initiator, responder, original = _run_tampered(vector, target, lambda m: m[:cut])
+
+        def truncate(message: bytes, cut: int = cut) -> bytes:
+            return message[:cut]
+
+        failed_at, initiator, responder, original = _run_tampered(vector, target, truncate)
         # Unauthenticated payloads have no length of their own: a cut inside one
         # surfaces at the next message, like a flipped bit.
         assert failed_at is not None, f"truncation to {cut} bytes accepted"
-        assert failed_at == target or (not _authenticated(vector, target) and failed_at == target + 1)
+        assert failed_at == target or (
+            not _authenticated(vector, target) and failed_at == target + 1
+        )
         if failed_at == target:
             receiver = responder if target % 2 == 0 else initiator
             receiver.read_message(original)
@@ -277,10 +291,18 @@ def _handshake(pattern: str, prologue: bytes = b"p") -> tuple[HandshakeState, Ha
     p = PATTERNS[pattern]
     s_i, s_r = generate_x25519(), generate_x25519()
     initiator = HandshakeState(
-        pattern, True, prologue, s=s_i, rs=x25519_public(s_r) if "s" in p.responder_premessage else None
+        pattern,
+        True,
+        prologue,
+        s=s_i,
+        rs=x25519_public(s_r) if "s" in p.responder_premessage else None,
     )
     responder = HandshakeState(
-        pattern, False, prologue, s=s_r, rs=x25519_public(s_i) if "s" in p.initiator_premessage else None
+        pattern,
+        False,
+        prologue,
+        s=s_r,
+        rs=x25519_public(s_i) if "s" in p.initiator_premessage else None,
     )
     for index in range(len(p.messages)):
         sender, receiver = (initiator, responder) if index % 2 == 0 else (responder, initiator)
@@ -301,8 +323,13 @@ def test_every_pattern_agrees(pattern: str) -> None:
     assert initiator.remote_static == (responder.local_static_public if responder_known else None)
     i_send, i_recv = initiator.split()
     r_recv, r_send = responder.split()
-    assert r_recv.decrypt_with_ad(b"ad", i_send.encrypt_with_ad(b"ad", b"to responder")) == b"to responder"
-    assert i_recv.decrypt_with_ad(b"", r_send.encrypt_with_ad(b"", b"to initiator")) == b"to initiator"
+    assert (
+        r_recv.decrypt_with_ad(b"ad", i_send.encrypt_with_ad(b"ad", b"to responder"))
+        == b"to responder"
+    )
+    assert (
+        i_recv.decrypt_with_ad(b"", r_send.encrypt_with_ad(b"", b"to initiator")) == b"to initiator"
+    )
     assert i_send.key == r_recv.key != i_recv.key == r_send.key
 
 
@@ -318,7 +345,9 @@ def test_prologue_mismatch_fails() -> None:
 @given(
     prologue=st.binary(max_size=64),
     handshake_payloads=st.lists(st.binary(max_size=512), min_size=3, max_size=3),
-    transport=st.lists(st.tuples(st.booleans(), st.binary(max_size=2048), st.binary(max_size=32)), max_size=12),
+    transport=st.lists(
+        st.tuples(st.booleans(), st.binary(max_size=2048), st.binary(max_size=32)), max_size=12
+    ),
 )
 def test_xx_random_payloads_round_trip(
     prologue: bytes, handshake_payloads: list[bytes], transport: list[tuple[bool, bytes, bytes]]
@@ -409,4 +438,7 @@ def test_x25519_helpers() -> None:
     assert len(private) == 32 and len(x25519_public(private)) == 32
     # RFC 7748 section 6.1, Alice's key pair.
     alice = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
-    assert x25519_public(alice).hex() == "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+    assert (
+        x25519_public(alice).hex()
+        == "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+    )

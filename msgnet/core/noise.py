@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from msgnet.errors import HandshakeError, MessageTooLargeError, UsageError
 
 __all__ = [
+    "PATTERNS",
     "CipherState",
     "HandshakePattern",
     "HandshakeState",
-    "PATTERNS",
     "SymmetricState",
     "generate_x25519",
     "hkdf",
@@ -234,7 +234,7 @@ class CipherState:
 class SymmetricState:
     """The chaining key ``ck``, handshake hash ``h`` and a CipherState (spec section 5.2)."""
 
-    __slots__ = ("_ck", "_cipher", "_h")
+    __slots__ = ("_cipher", "_ck", "_h")
 
     def __init__(self, protocol_name: bytes) -> None:
         """InitializeSymmetric: ``h`` is the name zero-padded to 32 bytes, or its hash."""
@@ -307,7 +307,9 @@ class HandshakePattern:
     messages: tuple[tuple[str, ...], ...]
 
     @classmethod
-    def parse(cls, name: str, initiator_pre: str, responder_pre: str, *messages: str) -> HandshakePattern:
+    def parse(
+        cls, name: str, initiator_pre: str, responder_pre: str, *messages: str
+    ) -> HandshakePattern:
         """Build a pattern from the spec's notation, e.g. ``"e, ee, s, es"``."""
 
         def tokens(text: str) -> tuple[str, ...]:
@@ -541,7 +543,9 @@ class HandshakeState:
                 else:
                     self._symmetric.mix_key(self._dh(token))
             if self._symmetric.has_key() and len(message) - pos < TAGLEN:
-                raise HandshakeError(f"truncated Noise message ({len(message)} bytes): no payload tag")
+                raise HandshakeError(
+                    f"truncated Noise message ({len(message)} bytes): no payload tag"
+                )
             payload = self._symmetric.decrypt_and_hash(message[pos:])
         except BaseException:
             self._restore(saved)

@@ -1,0 +1,262 @@
+"""MessageHost: handlers by protocol, send_message, request, lifecycle.
+
+The host is deliberately small: everything about sockets and sessions lives
+in :class:`~msgnet.network.MessageNetwork`; the host adds what applications
+need on top (coroutine handlers, request/response correlation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from multiaddr import Multiaddr
+
+from . import limits
+from ._engine import Message, Session
+from .addr import parse_multiaddr
+from .errors import (
+    ClosedError,
+    PeerUnreachableError,
+    ProtocolResetError,
+    RequestTimeoutError,
+    UsageError,
+)
+from .identity import KeyPair, PeerID
+from .network import MessageNetwork
+from .peerstore import Peerstore
+
+__all__ = ["MessageHost", "Handler"]
+
+log = logging.getLogger("msgnet")
+
+Handler = Callable[[Message], None] | Callable[[Message], Awaitable[None]]
+
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0",)
+MAX_PENDING_REQUESTS = 65536
+
+
+class MessageHost:
+    """A libp2p peer that sends and receives messages by protocol.
+
+    ``async with MessageHost(listen=[...]) as host:`` binds the listen
+    addresses and closes everything on exit.  Handlers may be plain functions
+    or coroutine functions; they receive a :class:`Message` whose
+    ``from_peer`` is the peer proven by the handshake.
+    """
+
+    def __init__(
+        self,
+        keypair: KeyPair | None = None,
+        listen: Iterable[Multiaddr | str] = DEFAULT_LISTEN,
+        *,
+        plaintext: bool = False,
+        max_datagram: int = limits.MAX_DATAGRAM,
+        use_recvmmsg: bool | None = None,
+        peerstore: Peerstore | None = None,
+    ) -> None:
+        self._keypair = keypair or KeyPair.generate()
+        self._listen = [str(a) for a in listen]
+        for addr in self._listen:
+            parse_multiaddr(addr)  # bad addresses fail here, not at start
+        self._options = dict(plaintext=plaintext, max_datagram=max_datagram,
+                             use_recvmmsg=use_recvmmsg, peerstore=peerstore)
+        self._network: MessageNetwork | None = None
+        self._pending: dict[tuple[PeerID, int], tuple[asyncio.Future[bytes], str]] = {}
+        self._request_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handlers: dict[str, Handler] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._network is not None:
+            raise UsageError("host already started")
+        network = MessageNetwork(self._keypair, loop=asyncio.get_running_loop(),
+                                 **self._options)  # type: ignore[arg-type]
+        network.add_response_listener(self._on_response)
+        network.add_reset_listener(self._on_reset)
+        network.add_unreachable_listener(self._on_unreachable)
+        self._network = network
+        for protocol, handler in self._handlers.items():
+            network.set_message_handler(protocol, self._wrap(protocol, handler))
+        try:
+            await network.listen(*self._listen)
+        except BaseException:
+            await network.close()
+            raise
+
+    async def close(self) -> None:
+        network, self._network = self._network, None
+        if network is None:
+            return
+        for future, _ in self._pending.values():
+            if not future.done():
+                future.set_exception(ClosedError("host closed"))
+        self._pending.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await network.close()
+
+    async def __aenter__(self) -> MessageHost:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    # -- identity and addresses ----------------------------------------------------------
+
+    @property
+    def peer_id(self) -> PeerID:
+        return self._keypair.peer_id
+
+    @property
+    def network(self) -> MessageNetwork:
+        if self._network is None:
+            raise ClosedError("host is not started")
+        return self._network
+
+    @property
+    def peerstore(self) -> Peerstore:
+        return self.network.peerstore
+
+    @property
+    def addrs(self) -> list[Multiaddr]:
+        """Listen addresses with our ``/p2p/<peer-id>`` suffix, ready to hand to peers."""
+        suffix = f"/p2p/{self.peer_id}"
+        return [Multiaddr(str(a) + suffix) for a in self.network.listen_addrs()]
+
+    def add_peer(self, addr: Multiaddr | str, peer_id: PeerID | None = None) -> PeerID:
+        """Remember a peer's address; ``addr`` may carry ``/p2p/<id>`` instead of ``peer_id``."""
+        endpoint = parse_multiaddr(addr)
+        peer = peer_id or endpoint.peer_id
+        if peer is None:
+            raise UsageError(f"{addr} has no /p2p/ part and no peer_id was given")
+        self.peerstore.add_addrs(peer, [addr])
+        return peer
+
+    # -- handlers ------------------------------------------------------------------------
+
+    def set_message_handler(self, protocol: str, handler: Handler) -> None:
+        """Call ``handler(message)`` for every message on ``protocol`` (replacing any)."""
+        if not callable(handler):
+            raise UsageError("handler must be callable")
+        self._handlers[protocol] = handler
+        if self._network is not None:
+            self._network.set_message_handler(protocol, self._wrap(protocol, handler))
+
+    def remove_message_handler(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
+        if self._network is not None:
+            self._network.remove_message_handler(protocol)
+
+    def _wrap(self, protocol: str, handler: Handler) -> Callable[[Message], None]:
+        """The engine calls handlers synchronously; coroutine handlers become tasks."""
+        if not inspect.iscoroutinefunction(handler):
+            return handler  # type: ignore[return-value]
+        loop = asyncio.get_running_loop()
+        tasks = self._tasks
+
+        def spawn(message: Message) -> None:
+            task = loop.create_task(handler(message))  # type: ignore[arg-type]
+            tasks.add(task)
+            task.add_done_callback(_task_done(tasks, loop, protocol))
+
+        return spawn
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send_message(self, peer: PeerID, protocol: str, data: bytes) -> None:
+        """Send one best-effort message: resolves once it is accepted for sending.
+
+        Waits only for back-pressure (the peer's queue is full).  Raises
+        ProtocolResetError while the peer's refusal of ``protocol`` is
+        remembered, PeerUnreachableError if no address is known.
+        """
+        await self.network.send_message(peer, protocol, data)
+
+    async def request(self, peer: PeerID, protocol: str, data: bytes, *,
+                      timeout: float = 5.0) -> bytes:
+        """Send a request and return the peer's reply (``Message.reply`` on its side).
+
+        Raises RequestTimeoutError after ``timeout`` seconds, ProtocolResetError
+        if the peer has no handler for ``protocol``, PeerUnreachableError if no
+        session can be established.
+        """
+        if timeout <= 0:
+            raise UsageError("timeout must be positive")
+        if len(self._pending) >= MAX_PENDING_REQUESTS:
+            raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
+        network = self.network
+        request_id = next(self._request_ids)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        key = (peer, request_id)
+        self._pending[key] = (future, protocol)
+        try:
+            await network.send_message(peer, protocol, data, flags=limits.FLAG_REQUEST,
+                                       request_id=request_id)
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"no reply from {peer} on {protocol} within {timeout} s") from None
+        finally:
+            self._pending.pop(key, None)
+
+    async def connect(self, peer: PeerID, timeout: float = 5.0) -> None:
+        """Establish a session with ``peer`` ahead of the first message."""
+        await self.network.connect(peer, timeout)
+
+    def metrics(self) -> dict[str, int]:
+        counters = self.network.metrics()
+        counters["pending_requests"] = len(self._pending)
+        return counters
+
+    def metrics_text(self) -> str:
+        return self.network.metrics_text()
+
+    # -- network callbacks ---------------------------------------------------------------
+
+    def _on_response(self, session: Session, request_id: int, data: bytes) -> None:
+        entry = self._pending.get((session.peer_id, request_id))
+        if entry is None:
+            return
+        future = entry[0]
+        if not future.done():
+            future.set_result(data)
+
+    def _on_reset(self, peer: PeerID, protocol: str, code: int) -> None:
+        for (pending_peer, _), (future, pending_protocol) in list(self._pending.items()):
+            if pending_peer == peer and pending_protocol == protocol and not future.done():
+                future.set_exception(ProtocolResetError(protocol, code))
+
+    def _on_unreachable(self, peer: PeerID, error: BaseException) -> None:
+        for (pending_peer, _), (future, _protocol) in list(self._pending.items()):
+            if pending_peer == peer and not future.done():
+                if isinstance(error, PeerUnreachableError):
+                    future.set_exception(error)
+                else:
+                    future.set_exception(PeerUnreachableError(str(error)))
+
+
+def _task_done(tasks: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop,
+               protocol: str) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            loop.call_exception_handler({
+                "message": f"msgnet handler for {protocol!r} raised",
+                "exception": exc,
+                "task": task,
+            })
+    return done
+

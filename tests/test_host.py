@@ -1,0 +1,325 @@
+"""MessageHost end to end over real UDP sockets on 127.0.0.1, on asyncio and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from contextlib import AsyncExitStack
+
+import pytest
+
+import msgnet
+from msgnet import (
+    MessageHost,
+    PeerUnreachableError,
+    ProtocolResetError,
+    RequestTimeoutError,
+    UsageError,
+)
+from msgnet._frame import Init, decode_packet
+from msgnet._testing.relay import Impairment, Relay
+from msgnet.identity import KeyPair
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def start_hosts(stack: AsyncExitStack, count: int, **options) -> list[MessageHost]:
+    hosts = [await stack.enter_async_context(MessageHost(**options)) for _ in range(count)]
+    for host in hosts:
+        for other in hosts:
+            if other is not host:
+                host.add_peer(other.addrs[0])
+    return hosts
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+def test_two_hosts_several_protocols_both_ways(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            seen: dict[str, list[tuple[msgnet.PeerID, bytes]]] = {"x": [], "y": []}
+            for host in (a, b):
+                host.set_message_handler("/x/1", lambda m: seen["x"].append((m.from_peer, m.data)))
+
+            async def on_y(m):  # a coroutine handler
+                await asyncio.sleep(0)
+                seen["y"].append((m.from_peer, m.data))
+
+            b.set_message_handler("/y/1", on_y)
+            for i in range(50):
+                await a.send_message(b.peer_id, "/x/1", b"a%d" % i)
+                await b.send_message(a.peer_id, "/x/1", b"b%d" % i)
+                await a.send_message(b.peer_id, "/y/1", b"y%d" % i)
+            await wait_for(lambda: len(seen["x"]) == 100 and len(seen["y"]) == 50)
+            from_a = [d for p, d in seen["x"] if p == a.peer_id]
+            from_b = [d for p, d in seen["x"] if p == b.peer_id]
+            assert sorted(from_a) == sorted(b"a%d" % i for i in range(50))
+            assert sorted(from_b) == sorted(b"b%d" % i for i in range(50))
+            assert all(p == a.peer_id for p, _ in seen["y"])
+            assert a.network.has_session(b.peer_id) and b.network.has_session(a.peer_id)
+            assert a.metrics()["handshakes_completed"] + b.metrics()["handshakes_completed"] >= 2
+
+    run(main())
+
+
+def test_ten_hosts_request_reply_all_pairs(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            hosts = await start_hosts(stack, 10)
+            for host in hosts:
+                host.set_message_handler(
+                    "/echo/1", lambda m: m.reply(bytes(m.from_peer.to_bytes()[-4:]) + m.data))
+                host.set_message_handler("/len/1", lambda m: m.reply(b"%d" % len(m.data)))
+
+            async def ask(h, o):
+                reply = await h.request(o.peer_id, "/echo/1", b"ping", timeout=5)
+                assert reply == h.peer_id.to_bytes()[-4:] + b"ping"  # the proven sender
+                assert await h.request(o.peer_id, "/len/1", b"12345", timeout=5) == b"5"
+
+            await asyncio.gather(*(ask(h, o) for h in hosts for o in hosts if o is not h))
+
+    run(main())
+
+
+def test_unknown_protocol_raises_protocol_reset(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            with pytest.raises(ProtocolResetError) as info:
+                await a.request(b.peer_id, "/nobody/1", b"?", timeout=5)
+            assert info.value.protocol == "/nobody/1"
+            # Remembered: the next send fails at once, without a round trip.
+            with pytest.raises(ProtocolResetError):
+                await a.send_message(b.peer_id, "/nobody/1", b"?")
+            assert b.metrics()["no_handler"] >= 1
+
+    run(main())
+
+
+def test_vanished_peer_times_out_or_is_unreachable(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            assert await a.request(b.peer_id, "/echo/1", b"1", timeout=5) == b"1"
+            await b.close()
+            with pytest.raises((RequestTimeoutError, PeerUnreachableError)):
+                await a.request(b.peer_id, "/echo/1", b"2", timeout=0.5)
+            # A peer that never existed at an address: the handshake gives up.
+            ghost = KeyPair.generate().peer_id
+            dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            dead.bind(("127.0.0.1", 0))
+            try:
+                a.add_peer(f"/ip4/127.0.0.1/udp/{dead.getsockname()[1]}", ghost)
+                with pytest.raises((RequestTimeoutError, PeerUnreachableError)):
+                    await a.request(ghost, "/echo/1", b"3", timeout=10)
+            finally:
+                dead.close()
+
+    run(main())
+
+
+def test_unknown_peer_and_bad_arguments_raise_typed_errors(run):
+    async def main():
+        async with MessageHost() as a:
+            with pytest.raises(PeerUnreachableError):
+                await a.send_message(KeyPair.generate().peer_id, "/x/1", b"")
+            with pytest.raises(UsageError):
+                await a.send_message("not a peer", "/x/1", b"")  # type: ignore[arg-type]
+            with pytest.raises(UsageError):
+                a.set_message_handler("/x/1", "not callable")  # type: ignore[arg-type]
+            with pytest.raises(UsageError):
+                MessageHost(listen=["/ip4/127.0.0.1/quic/1"])
+
+    run(main())
+
+
+def test_handler_that_raises_or_blocks_does_not_stop_delivery(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            got: list[bytes] = []
+
+            def bad(m):
+                raise RuntimeError("handler bug")
+
+            async def slow(m):
+                await asyncio.sleep(30)
+
+            b.set_message_handler("/bad/1", bad)
+            b.set_message_handler("/slow/1", slow)
+            b.set_message_handler("/good/1", lambda m: got.append(m.data))
+            for i in range(20):
+                await a.send_message(b.peer_id, "/bad/1", b"x")
+                await a.send_message(b.peer_id, "/slow/1", b"x")
+                await a.send_message(b.peer_id, "/good/1", b"%d" % i)
+            await wait_for(lambda: len(got) == 20)
+            assert b.metrics()["handler_error"] == 20
+
+    run(main())
+    assert len(run.errors) == 20 and all("handler bug" in str(e.get("exception")) for e in run.errors)
+    run.errors.clear()
+
+
+def test_lost_init_recovers(run):
+    """Drop every datagram carrying the first INIT of each protocol: later messages arrive."""
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2, plaintext=True)
+            seen_protocols: set[str] = set()
+
+            def drop_first_init(data: bytes, direction: str) -> bool:
+                if direction != "a->b" or data[0] != 0x0A:  # PLAIN_DATA only
+                    return False
+                dropped = False
+                for frame in decode_packet(data[13:]):
+                    if isinstance(frame, Init) and frame.protocol not in seen_protocols:
+                        seen_protocols.add(frame.protocol)
+                        dropped = True
+                return dropped
+
+            impairment = Impairment(drop_rule=drop_first_init)
+            relay = await Relay.start(b.network.sockets()[0].sockname, impairment)
+            stack.callback(relay.close)
+            a.peerstore.remove(b.peer_id)
+            a.add_peer(f"/ip4/127.0.0.1/udp/{relay.address[1]}", b.peer_id)
+            got: dict[str, list[bytes]] = {"/p/1": [], "/q/1": []}
+            for protocol in got:
+                b.set_message_handler(protocol, lambda m: got[m.protocol].append(m.data))
+            await a.connect(b.peer_id)
+            for i in range(10):
+                for protocol in got:
+                    await a.send_message(b.peer_id, protocol, b"%d" % i)
+                await asyncio.sleep(0.01)
+            await wait_for(lambda: all(len(v) == 9 for v in got.values()))
+            assert impairment.counters["dropped"] == 2
+            for values in got.values():  # message 0 was lost with its INIT; 1..9 arrived
+                assert sorted(values) == sorted(b"%d" % i for i in range(1, 10))
+
+    run(main())
+
+
+def test_garbage_datagrams_are_counted_and_good_traffic_flows(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            got: list[bytes] = []
+            b.set_message_handler("/good/1", lambda m: got.append(m.data))
+            await a.connect(b.peer_id)
+            target = b.network.sockets()[0].sockname
+            attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            attacker.setblocking(False)
+            stack.callback(attacker.close)
+            rng = __import__("random").Random(7)
+            garbage = [b"", b"\x00", b"\xff" * 40, b"\x07", b"\x07" + bytes(12),
+                       b"\x07" + os.urandom(60), b"\x04" + bytes(10), b"\x05" + os.urandom(90),
+                       b"\x06" + os.urandom(200), b"\x08" + bytes(3), b"\x09" + bytes(28),
+                       b"\x0c" + bytes(50)]
+            for i in range(2000):
+                packet = garbage[i % len(garbage)] if i % 3 else bytes(
+                    rng.randrange(256) for _ in range(rng.randrange(1, 100)))
+                try:
+                    attacker.sendto(packet, target)
+                except BlockingIOError:
+                    await asyncio.sleep(0)
+                if i % 100 == 0:
+                    await a.send_message(b.peer_id, "/good/1", b"%d" % i)
+                    await asyncio.sleep(0)
+            await wait_for(lambda: len(got) == 20)
+            counters = b.metrics()
+            assert counters["not_msgnet"] > 0
+            assert counters["truncated"] > 0
+            assert counters["unknown_session"] > 0
+            assert counters["unknown_packet_type"] > 0
+
+    run(main())
+
+
+def test_metrics_dict_and_prometheus_text(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            b.set_message_handler("/m/1", lambda m: None)
+            await a.send_message(b.peer_id, "/m/1", b"x")
+            await wait_for(lambda: b.metrics().get("messages_in", 0) == 1)
+            counters = a.metrics()
+            for name in ("packets_out", "bytes_out", "handshakes_started", "sessions"):
+                assert counters[name] >= 1, name
+            text = a.metrics_text()
+            assert "# TYPE msgnet_packets_out_total counter" in text
+            assert "msgnet_sessions{" in text
+
+    run(main())
+
+
+SERVER = textwrap.dedent("""
+    import asyncio, sys, msgnet
+    async def main():
+        async with msgnet.MessageHost() as host:
+            host.set_message_handler("/echo/1", lambda m: m.reply(m.data[::-1]))
+            print(host.addrs[0], flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    msgnet.run(main())
+""")
+
+
+def test_across_processes(run):
+    servers = [subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    try:
+        addrs = [s.stdout.readline().strip() for s in servers]
+
+        async def main():
+            async with MessageHost() as a:
+                peers = [a.add_peer(addr) for addr in addrs]
+                for i in range(20):
+                    replies = await asyncio.gather(
+                        *(a.request(p, "/echo/1", b"abc%d" % i, timeout=5) for p in peers))
+                    assert replies == [(b"abc%d" % i)[::-1]] * len(peers)
+
+        run(main())
+    finally:
+        for server in servers:
+            server.stdin.close()
+            server.wait(timeout=10)
+
+
+def test_remote_restart_same_identity_recovers(run):
+    async def main():
+        key = KeyPair.generate()
+        async with MessageHost() as a:
+            b = MessageHost(key)
+            await b.start()
+            port = b.network.sockets()[0].sockname[1]
+            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            a.add_peer(b.addrs[0])
+            assert await a.request(b.peer_id, "/echo/1", b"before", timeout=5) == b"before"
+            await b.close()
+            b = MessageHost(key, listen=[f"/ip4/127.0.0.1/udp/{port}"])
+            await b.start()
+            try:
+                got: list[bytes] = []
+                b.set_message_handler("/note/1", lambda m: got.append(m.data))
+                b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+                # The old session is unknown to the new process: it answers SESSION_UNKNOWN,
+                # a re-handshakes and re-sends, and the message is not lost.
+                await a.send_message(b.peer_id, "/note/1", b"after restart")
+                await wait_for(lambda: got == [b"after restart"])
+                assert await a.request(b.peer_id, "/echo/1", b"again", timeout=5) == b"again"
+                assert a.metrics()["sessions_forgotten_by_peer"] >= 1
+            finally:
+                await b.close()
+
+    run(main())
