@@ -7,6 +7,7 @@ protocol, over UDP and TCP alike, with sessions bound to libp2p identities.
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from ._engine import Message, Session
 from ._version import __version__
 from .errors import (
     ClosedError,
@@ -21,10 +22,25 @@ from .errors import (
     SecurityError,
     UsageError,
 )
+from .host import MessageHost
+from .identity import KeyPair, PeerID
+from .network import MessageNetwork, MessageTransport, SocketSession, UdpSocket, UdpTransport
+from .peerstore import Peerstore
 
 __all__ = [
     "__version__",
     "run",
+    "KeyPair",
+    "Message",
+    "MessageHost",
+    "MessageNetwork",
+    "MessageTransport",
+    "PeerID",
+    "Peerstore",
+    "Session",
+    "SocketSession",
+    "UdpSocket",
+    "UdpTransport",
     "ClosedError",
     "FrameError",
     "HandshakeError",

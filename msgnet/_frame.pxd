@@ -63,6 +63,10 @@ cdef enum:
     ERR_REASON_TOO_LONG = -19
     ERR_TOO_MANY_FRAMES = -20
 
+# Added with the implementation: CLOSE reason:bytes[0..128] (UTF-8) that is not UTF-8.
+cdef enum:
+    ERR_REASON_UTF8 = -21
+
 # One decoded frame, pointing into the packet buffer (valid only while it is).
 # Fields a frame type does not have are left 0/NULL.
 ctypedef struct FrameView:
@@ -80,7 +84,8 @@ ctypedef struct FrameView:
     const uint8_t* payload           # message payload, PING/PONG data, CLOSE reason,
     Py_ssize_t payload_len           # DELIVERY_ACK: the bytes from range_count on (validated)
 
-# Read one varint at buf[pos[0]:length]; advance pos. Returns READ_OK or an ERR_VARINT_*.
+# Read one varint at buf[pos[0]:length]; advance pos. Returns READ_OK or an ERR_VARINT_*
+# (pos unchanged then).
 cdef int read_varint(const uint8_t* buf, Py_ssize_t length, Py_ssize_t* pos,
                      uint64_t* out) noexcept nogil
 
@@ -93,6 +98,7 @@ cdef int write_varint(uint8_t* buf, uint64_t value) noexcept nogil
 # Read the next frame of a packet payload at buf[pos[0]:length], skipping PADDING bytes and
 # skippable unknown frames; advance pos past it. Returns READ_OK (out filled), READ_END
 # (no frame left), or a negative ERR_* (the rest of the packet must be dropped).
+# On an error pos[0] is the offset of the offending byte or field (for messages).
 cdef int read_frame(const uint8_t* buf, Py_ssize_t length, Py_ssize_t* pos,
                     FrameView* out) noexcept nogil
 

@@ -24,6 +24,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
+from abc import ABCMeta
+
 from msgnet.errors import FrameError, MessageTooLargeError, UsageError
 
 
@@ -94,26 +96,28 @@ MAX_MESSAGE_PAYLOAD = C_MAX_MESSAGE_PAYLOAD
 MAX_VARINT_BYTES = C_MAX_VARINT_BYTES
 MAX_VARINT = (1 << 63) - 1
 
-FRAME_PADDING = 0x00
-FRAME_INIT = 0x01
-FRAME_ACK = 0x02
-FRAME_CONTINUATION = 0x03
-FRAME_RESET = 0x04
-FRAME_BOUND = 0x05
-FRAME_DELIVERY_ACK = 0x06
-FRAME_PING = 0x07
-FRAME_PONG = 0x08
-FRAME_CLOSE = 0x09
-FRAME_SKIPPABLE_MIN = 0x40
-FRAME_SKIPPABLE_MAX = 0x7F
-
-FLAG_REQUEST = 0x01
-FLAG_RESPONSE = 0x02
-FLAG_SEQ = 0x04
-FLAG_RELIABLE = 0x08
-FLAG_ORDERED = 0x10
-FLAG_FRAGMENT = 0x20
-FLAG_RESERVED = 0xC0
+# The pxd's C enums shadow these names inside this module: publish their values to Python.
+globals().update(
+    FRAME_PADDING=FRAME_PADDING,
+    FRAME_INIT=FRAME_INIT,
+    FRAME_ACK=FRAME_ACK,
+    FRAME_CONTINUATION=FRAME_CONTINUATION,
+    FRAME_RESET=FRAME_RESET,
+    FRAME_BOUND=FRAME_BOUND,
+    FRAME_DELIVERY_ACK=FRAME_DELIVERY_ACK,
+    FRAME_PING=FRAME_PING,
+    FRAME_PONG=FRAME_PONG,
+    FRAME_CLOSE=FRAME_CLOSE,
+    FRAME_SKIPPABLE_MIN=FRAME_SKIPPABLE_MIN,
+    FRAME_SKIPPABLE_MAX=FRAME_SKIPPABLE_MAX,
+    FLAG_REQUEST=FLAG_REQUEST,
+    FLAG_RESPONSE=FLAG_RESPONSE,
+    FLAG_SEQ=FLAG_SEQ,
+    FLAG_RELIABLE=FLAG_RELIABLE,
+    FLAG_ORDERED=FLAG_ORDERED,
+    FLAG_FRAGMENT=FLAG_FRAGMENT,
+    FLAG_RESERVED=FLAG_RESERVED,
+)
 
 cdef enum:
     _FLAG_KIND = FLAG_REQUEST | FLAG_RESPONSE
@@ -553,19 +557,69 @@ cdef Py_ssize_t write_small(uint8_t* buf, Py_ssize_t cap, uint8_t frame_type,
     return 2 + body
 
 
-cdef Py_ssize_t _write_blob(uint8_t* buf, Py_ssize_t cap, uint8_t frame_type, uint64_t head,
-                            bint has_head, const uint8_t* data, Py_ssize_t data_len) noexcept nogil:
-    """Write ``type | length | [head:varint] | data`` (PING, PONG, CLOSE, DELIVERY_ACK)."""
-    cdef Py_ssize_t body = (varint_size(head) if has_head else 0) + data_len
+cdef bint _same_bytes(const uint8_t* a, const uint8_t* b, Py_ssize_t n) noexcept nogil:
+    return n == 0 or memcmp(a, b, n) == 0
+
+
+cdef bint _fv_equal(const FrameView* a, const FrameView* b) noexcept nogil:
+    """Field-by-field equality; fields a frame type does not have are 0 on both sides."""
+    return (a.type == b.type and a.flags == b.flags and a.transport_id == b.transport_id
+            and a.protocol_int == b.protocol_int and a.request_id == b.request_id
+            and a.seq == b.seq and a.frag_index == b.frag_index
+            and a.frag_count == b.frag_count and a.code == b.code
+            and a.protocol_len == b.protocol_len and a.payload_len == b.payload_len
+            and _same_bytes(a.protocol, b.protocol, a.protocol_len)
+            and _same_bytes(a.payload, b.payload, a.payload_len))
+
+
+cdef Py_ssize_t _body_size(const FrameView* fv) noexcept nogil:
+    cdef uint8_t t = fv.type
+    if t == FRAME_CONTINUATION or t == FRAME_INIT:
+        return (varint_size(fv.protocol_int)
+                + message_header_size(fv.flags, fv.request_id, fv.seq, fv.frag_index,
+                                      fv.frag_count)
+                + fv.payload_len
+                + (2 + varint_size(<uint64_t>fv.protocol_len) + fv.protocol_len
+                   if t == FRAME_INIT else 0))
+    if t == FRAME_ACK:
+        return 2
+    if t == FRAME_RESET:
+        return varint_size(fv.protocol_int) + 1
+    if t == FRAME_BOUND:
+        return varint_size(fv.protocol_int)
+    if t == FRAME_DELIVERY_ACK:
+        return varint_size(fv.seq) + varint_size(fv.code) + fv.payload_len
+    if t == FRAME_CLOSE:
+        return varint_size(fv.code) + fv.payload_len
+    return fv.payload_len  # PING, PONG
+
+
+cdef Py_ssize_t _write_frame(uint8_t* buf, Py_ssize_t cap, const FrameView* fv) noexcept nogil:
+    """Encode a (valid) FrameView; the bytes written, or -1 if cap is too small."""
+    cdef uint8_t t = fv.type
+    cdef Py_ssize_t body = _body_size(fv)
     cdef Py_ssize_t n = _framed_size(body)
     if n > cap:
         return -1
-    buf[0] = frame_type
+    if t == FRAME_CONTINUATION:
+        return write_continuation(buf, cap, fv.protocol_int, fv.flags, fv.request_id, fv.seq,
+                                  fv.frag_index, fv.frag_count, fv.payload, fv.payload_len)
+    if t == FRAME_INIT:
+        return write_init(buf, cap, fv.transport_id, fv.protocol, fv.protocol_len,
+                          fv.protocol_int, fv.flags, fv.request_id, fv.seq, fv.frag_index,
+                          fv.frag_count, fv.payload, fv.payload_len)
+    if t == FRAME_ACK:
+        return write_small(buf, cap, t, fv.transport_id, 0)
+    if t == FRAME_RESET or t == FRAME_BOUND:
+        return write_small(buf, cap, t, fv.protocol_int, fv.code)
+    buf[0] = t
     buf += 1 + write_varint(buf + 1, <uint64_t>body)
-    if has_head:
-        buf += write_varint(buf, head)
-    if data_len:
-        memcpy(buf, data, data_len)
+    if t == FRAME_DELIVERY_ACK:
+        buf += write_varint(buf, fv.seq)
+    if t == FRAME_DELIVERY_ACK or t == FRAME_CLOSE:
+        buf += write_varint(buf, fv.code)
+    if fv.payload_len:
+        memcpy(buf, fv.payload, fv.payload_len)
     return n
 
 
@@ -574,7 +628,7 @@ cdef Py_ssize_t _write_blob(uint8_t* buf, Py_ssize_t cap, uint8_t frame_type, ui
 # ---------------------------------------------------------------------------
 
 cdef object _frame_error(int code, Py_ssize_t offset):
-    """FrameError naming the problem and where it is, with ``offset`` as attribute."""
+    """FrameError naming the problem and where it is (also as ``offset``)."""
     err = FrameError(f"{frame_error_text(code).decode('ascii')} at offset {offset}")
     err.offset = offset
     return err
@@ -587,7 +641,7 @@ cdef uint64_t _uint(object value, uint64_t limit, str name) except? 0xFFFFFFFFFF
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     v = _as_u64(value)
     if v == <unsigned long long>-1 and PyErr_Occurred():
-        PyErr_Clear()
+        PyErr_Clear()  # negative or >= 2**64
         v = limit + 1
     if v > limit:
         raise UsageError(f"{name} must be in 0..{limit}, got {value!r}")
@@ -595,7 +649,7 @@ cdef uint64_t _uint(object value, uint64_t limit, str name) except? 0xFFFFFFFFFF
 
 
 cdef int _check_flags(uint8_t flags, uint64_t frag_index, uint64_t frag_count) except -1:
-    """Raise UsageError for the flag combinations and fragment fields wire.md 3.2 forbids."""
+    """Raise UsageError for what wire.md 3.2 calls malformed."""
     if flags & FLAG_RESERVED:
         raise UsageError(f"reserved flag bits set: 0x{flags:02x}")
     if (flags & _FLAG_KIND) == _FLAG_KIND:
@@ -608,15 +662,13 @@ cdef int _check_flags(uint8_t flags, uint64_t frag_index, uint64_t frag_count) e
         if not flags & FLAG_SEQ:
             raise UsageError("fragments require a seq")
         if frag_count == 0 or frag_count > C_MAX_FRAGMENTS or frag_index >= frag_count:
-            raise UsageError(
-                f"need 0 <= frag_index < frag_count <= {C_MAX_FRAGMENTS}, "
-                f"got {frag_index}/{frag_count}"
-            )
+            raise UsageError(f"need 0 <= frag_index < frag_count <= {C_MAX_FRAGMENTS}, "
+                             f"got {frag_index}/{frag_count}")
     return 0
 
 
 cdef int _check_absent(uint8_t flags, uint8_t bit, uint64_t value, str name) except -1:
-    """The fast encoders take flags as given: a field value whose flag is off is a mistake."""
+    """The fast encoders write what flags say: a value whose flag is off is a mistake."""
     if value and not flags & bit:
         raise UsageError(f"{name} given but its flag is not set in flags=0x{flags:02x}")
     return 0
@@ -625,14 +677,13 @@ cdef int _check_absent(uint8_t flags, uint8_t bit, uint64_t value, str name) exc
 cdef inline int _check_payload_size(Py_ssize_t n) except -1:
     if n > C_MAX_MESSAGE_PAYLOAD:
         raise MessageTooLargeError(
-            f"payload of {n} bytes exceeds MAX_MESSAGE_PAYLOAD ({C_MAX_MESSAGE_PAYLOAD})"
-        )
+            f"payload of {n} bytes exceeds MAX_MESSAGE_PAYLOAD ({C_MAX_MESSAGE_PAYLOAD})")
     return 0
 
 
 cdef const uint8_t* _utf8(str text, Py_ssize_t min_len, Py_ssize_t max_len, str name,
                          Py_ssize_t* n) except NULL:
-    """text's UTF-8 (cached by the str itself, so no copy), its length checked."""
+    """text's UTF-8 (cached inside the str, so no copy), its length checked."""
     cdef const char* p
     try:
         p = PyUnicode_AsUTF8AndSize(text, n)
@@ -643,623 +694,579 @@ cdef const uint8_t* _utf8(str text, Py_ssize_t min_len, Py_ssize_t max_len, str 
     return <const uint8_t*>p
 
 
-cdef inline str _bytes_repr(const uint8_t* ptr, Py_ssize_t n):
+cdef int _hold(Py_buffer* view, object data, const uint8_t** ptr, Py_ssize_t* n) except -1:
+    """Export data's buffer into view (kept until release) and point ptr/n at it."""
+    PyBuffer_Release(view)  # a second __init__ call must not leak the first export
+    PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
+    ptr[0] = <const uint8_t*>view.buf
+    n[0] = view.len
+    return 0
+
+
+cdef int _reset(FrameView* fv, Py_buffer* view, uint8_t frame_type) except -1:
+    """Start a constructor from a clean FrameView (frames may be re-initialised)."""
+    PyBuffer_Release(view)
+    memset(fv, 0, sizeof(FrameView))
+    fv.type = frame_type
+    return 0
+
+
+cdef int _set_message(FrameView* fv, Py_buffer* view, object protocol_int, object payload,
+                      object flags, object request_id, object seq, object frag_index,
+                      object frag_count) except -1:
+    """Check the INIT/CONTINUATION constructor arguments; a given field sets its flag."""
+    cdef uint8_t f = <uint8_t>_uint(flags, 0xFF, "flags")
+    fv.protocol_int = _uint(protocol_int, C_MAX_PROTOCOL_INT, "protocol_int")
+    if (request_id is None) != (not f & _FLAG_KIND):
+        raise UsageError("a request_id goes with FLAG_REQUEST or FLAG_RESPONSE in flags")
+    if request_id is not None:
+        fv.request_id = _uint(request_id, _MAX_VARINT, "request_id")
+    if seq is not None:
+        f |= FLAG_SEQ
+        fv.seq = _uint(seq, _MAX_VARINT, "seq")
+    elif f & FLAG_SEQ:
+        raise UsageError("FLAG_SEQ needs a seq")
+    if (frag_index is None) != (frag_count is None):
+        raise UsageError("frag_index and frag_count go together")
+    if frag_index is not None:
+        f |= FLAG_FRAGMENT
+        fv.frag_index = _uint(frag_index, _MAX_VARINT, "frag_index")
+        fv.frag_count = _uint(frag_count, _MAX_VARINT, "frag_count")
+    elif f & FLAG_FRAGMENT:
+        raise UsageError("FLAG_FRAGMENT needs frag_index and frag_count")
+    _check_flags(f, fv.frag_index, fv.frag_count)
+    fv.flags = f
+    _hold(view, payload, &fv.payload, &fv.payload_len)
+    return _check_payload_size(fv.payload_len)
+
+
+cdef str _bytes_repr(const uint8_t* ptr, Py_ssize_t n):
     if n <= 32:
         return repr(PyBytes_FromStringAndSize(<const char*>ptr, n))
     return f"<{n} bytes>"
 
 
+cdef str _message_repr(const FrameView* fv):
+    cdef str s = (f"protocol_int={fv.protocol_int}, "
+                  f"payload={_bytes_repr(fv.payload, fv.payload_len)}, flags=0x{fv.flags:02x}")
+    if fv.flags & _FLAG_KIND:
+        s += f", request_id={fv.request_id}"
+    if fv.flags & FLAG_SEQ:
+        s += f", seq={fv.seq}"
+    if fv.flags & FLAG_FRAGMENT:
+        s += f", frag_index={fv.frag_index}, frag_count={fv.frag_count}"
+    return s
+
+
+cdef str _decode_utf8(const uint8_t* ptr, Py_ssize_t n):
+    return PyUnicode_DecodeUTF8(<const char*>ptr, n, NULL)
+
+
 # ---------------------------------------------------------------------------
 # Frame classes
+#
+# Each holds its fields in a FrameView (the same struct read_frame fills) and a
+# buffer export of the memory the view's pointers point into: the decoded
+# input, or the payload given to the constructor. Payloads come out as
+# memoryviews of the frame itself (it exports them), so they are zero-copy and
+# keep the input alive. Cython allows a freelist only on classes without a
+# cdef base, hence no shared base class: Frame is an ABC they are registered with.
 # ---------------------------------------------------------------------------
 
-cdef class Frame:
-    """Base of every frame type; encode with encode_frame()."""
+class Frame(metaclass=ABCMeta):
+    """Any frame: every frame type of this module is a (virtual) subclass."""
 
-    cdef Py_ssize_t _size(self) except -1:
-        raise TypeError(f"{type(self).__name__} is not a concrete frame type")
-
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return -1
-
-
-@cython.no_gc  # owners are bytes-like inputs and strs: they cannot point back at a frame
-cdef class _Backed(Frame):
-    """A frame whose variable part points into memory it keeps alive.
-
-    For ``bytes`` the object itself is held (immutable, so the pointer is stable);
-    for any other buffer a buffer export is held, so a bytearray cannot be
-    resized (and its memory moved) while the frame lives.
-    """
-
-    cdef object _owner
-    cdef Py_buffer _view
-    cdef bint _has_view
-    cdef const uint8_t* _ptr
-    cdef Py_ssize_t _len
-
-    def __dealloc__(self):
-        if self._has_view:
-            PyBuffer_Release(&self._view)
-
-    cdef int _hold(self, object data) except -1:
-        """Point _ptr/_len at data (any C-contiguous buffer), keeping it alive."""
-        if self._has_view:
-            PyBuffer_Release(&self._view)
-            self._has_view = False
-        if PyBytes_CheckExact(data):
-            self._owner = data
-            self._ptr = <const uint8_t*>PyBytes_AS_STRING(data)
-            self._len = PyBytes_GET_SIZE(data)
-        else:
-            PyObject_GetBuffer(data, &self._view, PyBUF_SIMPLE)
-            self._has_view = True
-            self._owner = None
-            self._ptr = <const uint8_t*>self._view.buf
-            self._len = self._view.len
-        return 0
-
-
-@cython.no_gc
-cdef class _Exported(_Backed):
-    """Exports its bytes through the buffer protocol: ``memoryview(frame)`` is zero-copy."""
-
-    def __getbuffer__(self, Py_buffer* buffer, int flags):
-        PyBuffer_FillInfo(buffer, self, <void*>self._ptr, self._len, 1, flags)
-
-
-@cython.no_gc
-cdef class _Message(_Exported):
-    """Fields shared by INIT and CONTINUATION (wire.md 3.2)."""
-
-    cdef uint8_t _flags
-    cdef uint64_t _protocol_int
-    cdef uint64_t _request_id
-    cdef uint64_t _seq
-    cdef uint64_t _frag_index
-    cdef uint64_t _frag_count
-
-    cdef int _set_message(self, object protocol_int, object payload, object flags,
-                          object request_id, object seq, object frag_index,
-                          object frag_count) except -1:
-        """Validate the constructor arguments; presence of a field sets its flag."""
-        cdef uint8_t f = <uint8_t>_uint(flags, 0xFF, "flags")
-        self._protocol_int = _uint(protocol_int, C_MAX_PROTOCOL_INT, "protocol_int")
-        if f & _FLAG_KIND and request_id is None:
-            raise UsageError("FLAG_REQUEST/FLAG_RESPONSE need a request_id")
-        if request_id is not None:
-            if not f & _FLAG_KIND:
-                raise UsageError("request_id needs FLAG_REQUEST or FLAG_RESPONSE in flags")
-            self._request_id = _uint(request_id, _MAX_VARINT, "request_id")
-        if seq is not None:
-            f |= FLAG_SEQ
-            self._seq = _uint(seq, _MAX_VARINT, "seq")
-        elif f & FLAG_SEQ:
-            raise UsageError("FLAG_SEQ needs a seq")
-        if (frag_index is None) != (frag_count is None):
-            raise UsageError("frag_index and frag_count go together")
-        if frag_index is not None:
-            f |= FLAG_FRAGMENT
-            self._frag_index = _uint(frag_index, _MAX_VARINT, "frag_index")
-            self._frag_count = _uint(frag_count, _MAX_VARINT, "frag_count")
-        elif f & FLAG_FRAGMENT:
-            raise UsageError("FLAG_FRAGMENT needs frag_index and frag_count")
-        _check_flags(f, self._frag_index, self._frag_count)
-        self._flags = f
-        self._hold(payload)
-        _check_payload_size(self._len)
-        return 0
-
-    cdef inline void _set_from(self, FrameView* fv, const uint8_t* base,
-                               const uint8_t* mine) noexcept:
-        self._flags = fv.flags
-        self._protocol_int = fv.protocol_int
-        self._request_id = fv.request_id
-        self._seq = fv.seq
-        self._frag_index = fv.frag_index
-        self._frag_count = fv.frag_count
-        self._ptr = mine + (fv.payload - base)
-        self._len = fv.payload_len
-
-    cdef bint _same_message(self, _Message o) noexcept:
-        return (self._flags == o._flags and self._protocol_int == o._protocol_int
-                and self._request_id == o._request_id and self._seq == o._seq
-                and self._frag_index == o._frag_index and self._frag_count == o._frag_count
-                and self._len == o._len and memcmp(self._ptr, o._ptr, self._len) == 0)
-
-    cdef str _fields_repr(self):
-        cdef str s = (f"protocol_int={self._protocol_int}, "
-                      f"payload={_bytes_repr(self._ptr, self._len)}, flags=0x{self._flags:02x}")
-        if self._flags & _FLAG_KIND:
-            s += f", request_id={self._request_id}"
-        if self._flags & FLAG_SEQ:
-            s += f", seq={self._seq}"
-        if self._flags & FLAG_FRAGMENT:
-            s += f", frag_index={self._frag_index}, frag_count={self._frag_count}"
-        return s
-
-    @property
-    def protocol_int(self):
-        return self._protocol_int
-
-    @property
-    def payload(self):
-        """The payload as a read-only zero-copy memoryview."""
-        return PyMemoryView_FromObject(self)
-
-    @property
-    def flags(self):
-        return self._flags
-
-    @property
-    def request_id(self):
-        return self._request_id if self._flags & _FLAG_KIND else None
-
-    @property
-    def seq(self):
-        return self._seq if self._flags & FLAG_SEQ else None
-
-    @property
-    def frag_index(self):
-        return self._frag_index if self._flags & FLAG_FRAGMENT else None
-
-    @property
-    def frag_count(self):
-        return self._frag_count if self._flags & FLAG_FRAGMENT else None
+    __slots__ = ()
 
 
 @cython.final
 @cython.freelist(16)
-@cython.no_gc
-cdef class Init(_Message):
+@cython.no_gc  # its only object field is a str
+cdef class Init:
     """INIT: a message that also binds ``protocol`` to the alias ``protocol_int``."""
 
-    cdef uint16_t _transport_id
-    cdef const uint8_t* _protocol_ptr
-    cdef Py_ssize_t _protocol_len
-    cdef object _protocol  # the str, decoded on first access
+    cdef FrameView _fv
+    cdef Py_buffer _view
+    cdef object _protocol  # the str, made on first access when decoded
 
     def __init__(self, transport_id, str protocol, protocol_int, payload, flags=0,
                  request_id=None, seq=None, frag_index=None, frag_count=None):
-        self._transport_id = <uint16_t>_uint(transport_id, 0xFFFF, "transport_id")
-        self._protocol_ptr = _utf8(protocol, 1, C_MAX_PROTOCOL_LENGTH, "protocol",
-                                   &self._protocol_len)
+        _reset(&self._fv, &self._view, FRAME_INIT)
+        self._fv.transport_id = <uint16_t>_uint(transport_id, 0xFFFF, "transport_id")
+        self._fv.protocol = _utf8(protocol, 1, C_MAX_PROTOCOL_LENGTH, "protocol",
+                                  &self._fv.protocol_len)
         self._protocol = protocol
-        self._set_message(protocol_int, payload, flags, request_id, seq, frag_index, frag_count)
+        _set_message(&self._fv, &self._view, protocol_int, payload, flags, request_id, seq,
+                     frag_index, frag_count)
+
+    def __dealloc__(self):
+        PyBuffer_Release(&self._view)
+
+    def __getbuffer__(self, Py_buffer* buffer, int flags):
+        PyBuffer_FillInfo(buffer, self, <void*>self._fv.payload, self._fv.payload_len, 1, flags)
 
     @property
     def transport_id(self):
-        return self._transport_id
+        return self._fv.transport_id
 
     @property
     def protocol(self):
         if self._protocol is None:
-            self._protocol = PyUnicode_DecodeUTF8(<const char*>self._protocol_ptr,
-                                                  self._protocol_len, NULL)
+            self._protocol = _decode_utf8(self._fv.protocol, self._fv.protocol_len)
         return self._protocol
 
-    cdef Py_ssize_t _size(self) except -1:
-        return _framed_size(
-            2 + varint_size(<uint64_t>self._protocol_len) + self._protocol_len
-            + varint_size(self._protocol_int)
-            + message_header_size(self._flags, self._request_id, self._seq,
-                                  self._frag_index, self._frag_count)
-            + self._len)
+    @property
+    def protocol_int(self):
+        return self._fv.protocol_int
 
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return write_init(buf, cap, self._transport_id, self._protocol_ptr, self._protocol_len,
-                          self._protocol_int, self._flags, self._request_id, self._seq,
-                          self._frag_index, self._frag_count, self._ptr, self._len)
+    @property
+    def payload(self):
+        """Read-only zero-copy memoryview."""
+        return PyMemoryView_FromObject(self)
+
+    @property
+    def flags(self):
+        return self._fv.flags
+
+    @property
+    def request_id(self):
+        return self._fv.request_id if self._fv.flags & _FLAG_KIND else None
+
+    @property
+    def seq(self):
+        return self._fv.seq if self._fv.flags & FLAG_SEQ else None
+
+    @property
+    def frag_index(self):
+        return self._fv.frag_index if self._fv.flags & FLAG_FRAGMENT else None
+
+    @property
+    def frag_count(self):
+        return self._fv.frag_count if self._fv.flags & FLAG_FRAGMENT else None
 
     def __eq__(self, other):
         if type(other) is not Init:
             return NotImplemented
-        cdef Init o = <Init>other
-        return (self._transport_id == o._transport_id
-                and self._protocol_len == o._protocol_len
-                and memcmp(self._protocol_ptr, o._protocol_ptr, self._protocol_len) == 0
-                and self._same_message(o))
+        return _fv_equal(&self._fv, &(<Init>other)._fv)
 
     def __repr__(self):
-        return (f"Init(transport_id={self._transport_id}, protocol={self.protocol!r}, "
-                f"{self._fields_repr()})")
+        return (f"Init(transport_id={self._fv.transport_id}, protocol={self.protocol!r}, "
+                f"{_message_repr(&self._fv)})")
 
 
 @cython.final
 @cython.freelist(16)
-@cython.no_gc
-cdef class Continuation(_Message):
-    """CONTINUATION: a message on a protocol the receiver has bound (BOUND received)."""
+cdef class Continuation:
+    """CONTINUATION: a message on an alias the receiver has bound (BOUND received)."""
+
+    cdef FrameView _fv
+    cdef Py_buffer _view
 
     def __init__(self, protocol_int, payload, flags=0, request_id=None, seq=None,
                  frag_index=None, frag_count=None):
-        self._set_message(protocol_int, payload, flags, request_id, seq, frag_index, frag_count)
+        _reset(&self._fv, &self._view, FRAME_CONTINUATION)
+        _set_message(&self._fv, &self._view, protocol_int, payload, flags, request_id, seq,
+                     frag_index, frag_count)
 
-    cdef Py_ssize_t _size(self) except -1:
-        return _framed_size(
-            varint_size(self._protocol_int)
-            + message_header_size(self._flags, self._request_id, self._seq,
-                                  self._frag_index, self._frag_count)
-            + self._len)
+    def __dealloc__(self):
+        PyBuffer_Release(&self._view)
 
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return write_continuation(buf, cap, self._protocol_int, self._flags, self._request_id,
-                                  self._seq, self._frag_index, self._frag_count,
-                                  self._ptr, self._len)
+    def __getbuffer__(self, Py_buffer* buffer, int flags):
+        PyBuffer_FillInfo(buffer, self, <void*>self._fv.payload, self._fv.payload_len, 1, flags)
+
+    @property
+    def protocol_int(self):
+        return self._fv.protocol_int
+
+    @property
+    def payload(self):
+        """Read-only zero-copy memoryview."""
+        return PyMemoryView_FromObject(self)
+
+    @property
+    def flags(self):
+        return self._fv.flags
+
+    @property
+    def request_id(self):
+        return self._fv.request_id if self._fv.flags & _FLAG_KIND else None
+
+    @property
+    def seq(self):
+        return self._fv.seq if self._fv.flags & FLAG_SEQ else None
+
+    @property
+    def frag_index(self):
+        return self._fv.frag_index if self._fv.flags & FLAG_FRAGMENT else None
+
+    @property
+    def frag_count(self):
+        return self._fv.frag_count if self._fv.flags & FLAG_FRAGMENT else None
 
     def __eq__(self, other):
         if type(other) is not Continuation:
             return NotImplemented
-        return self._same_message(<Continuation>other)
+        return _fv_equal(&self._fv, &(<Continuation>other)._fv)
 
     def __repr__(self):
-        return f"Continuation({self._fields_repr()})"
+        return f"Continuation({_message_repr(&self._fv)})"
 
 
 @cython.final
 @cython.freelist(16)
-cdef class Ack(Frame):
+cdef class Ack:
     """ACK: the sender prefers to receive on its transport ``transport_id`` (wire.md 5)."""
 
-    cdef uint16_t _transport_id
+    cdef FrameView _fv
 
     def __init__(self, transport_id):
-        self._transport_id = <uint16_t>_uint(transport_id, 0xFFFF, "transport_id")
+        self._fv.type = FRAME_ACK
+        self._fv.transport_id = <uint16_t>_uint(transport_id, 0xFFFF, "transport_id")
 
     @property
     def transport_id(self):
-        return self._transport_id
-
-    cdef Py_ssize_t _size(self) except -1:
-        return 4
-
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return write_small(buf, cap, FRAME_ACK, self._transport_id, 0)
+        return self._fv.transport_id
 
     def __eq__(self, other):
         if type(other) is not Ack:
             return NotImplemented
-        return self._transport_id == (<Ack>other)._transport_id
+        return _fv_equal(&self._fv, &(<Ack>other)._fv)
 
     def __repr__(self):
-        return f"Ack(transport_id={self._transport_id})"
+        return f"Ack(transport_id={self._fv.transport_id})"
 
 
 @cython.final
 @cython.freelist(16)
-cdef class Reset(Frame):
+cdef class Reset:
     """RESET: the receiver refuses alias ``protocol_int`` (codes in wire.md 3.3)."""
 
-    cdef uint64_t _protocol_int
-    cdef uint8_t _code
+    cdef FrameView _fv
 
     def __init__(self, protocol_int, code):
-        self._protocol_int = _uint(protocol_int, C_MAX_PROTOCOL_INT, "protocol_int")
-        self._code = <uint8_t>_uint(code, 0xFF, "code")
+        self._fv.type = FRAME_RESET
+        self._fv.protocol_int = _uint(protocol_int, C_MAX_PROTOCOL_INT, "protocol_int")
+        self._fv.code = _uint(code, 0xFF, "code")
 
     @property
     def protocol_int(self):
-        return self._protocol_int
+        return self._fv.protocol_int
 
     @property
     def code(self):
-        return self._code
-
-    cdef Py_ssize_t _size(self) except -1:
-        return 3 + varint_size(self._protocol_int)
-
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return write_small(buf, cap, FRAME_RESET, self._protocol_int, self._code)
+        return self._fv.code
 
     def __eq__(self, other):
         if type(other) is not Reset:
             return NotImplemented
-        return (self._protocol_int == (<Reset>other)._protocol_int
-                and self._code == (<Reset>other)._code)
+        return _fv_equal(&self._fv, &(<Reset>other)._fv)
 
     def __repr__(self):
-        return f"Reset(protocol_int={self._protocol_int}, code={self._code})"
+        return f"Reset(protocol_int={self._fv.protocol_int}, code={self._fv.code})"
 
 
 @cython.final
 @cython.freelist(16)
-cdef class Bound(Frame):
-    """BOUND: the receiver recorded alias ``protocol_int``; send CONTINUATION from now on."""
+cdef class Bound:
+    """BOUND: the receiver recorded alias ``protocol_int``; CONTINUATION may follow."""
 
-    cdef uint64_t _protocol_int
+    cdef FrameView _fv
 
     def __init__(self, protocol_int):
-        self._protocol_int = _uint(protocol_int, C_MAX_PROTOCOL_INT, "protocol_int")
+        self._fv.type = FRAME_BOUND
+        self._fv.protocol_int = _uint(protocol_int, C_MAX_PROTOCOL_INT, "protocol_int")
 
     @property
     def protocol_int(self):
-        return self._protocol_int
-
-    cdef Py_ssize_t _size(self) except -1:
-        return 2 + varint_size(self._protocol_int)
-
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return write_small(buf, cap, FRAME_BOUND, self._protocol_int, 0)
+        return self._fv.protocol_int
 
     def __eq__(self, other):
         if type(other) is not Bound:
             return NotImplemented
-        return self._protocol_int == (<Bound>other)._protocol_int
+        return _fv_equal(&self._fv, &(<Bound>other)._fv)
 
     def __repr__(self):
-        return f"Bound(protocol_int={self._protocol_int})"
+        return f"Bound(protocol_int={self._fv.protocol_int})"
 
 
 @cython.final
 @cython.freelist(16)
-@cython.no_gc
-cdef class DeliveryAck(_Backed):
+cdef class DeliveryAck:
     """DELIVERY_ACK: QUIC-style ranges of acknowledged seqs (wire.md 3.5).
 
     The ranges stay in wire form (``range_count | first_range | (gap | range)*``,
-    always minimal varints) and become tuples only when ``ranges`` is read.
+    minimal varints, so equal ranges are equal bytes) until they are read.
     """
 
-    cdef uint64_t _largest
-    cdef uint64_t _ack_delay_us
-    cdef uint64_t _first_range
+    cdef FrameView _fv  # seq = largest, code = ack_delay_us, payload = the ranges
+    cdef Py_buffer _view
 
     def __init__(self, largest, ack_delay_us, first_range, ranges):
         cdef uint8_t buf[(2 * C_MAX_ACK_RANGES + 2) * C_MAX_VARINT_BYTES]
         cdef Py_ssize_t n
-        self._largest = _uint(largest, _MAX_VARINT, "largest")
-        self._ack_delay_us = _uint(ack_delay_us, _MAX_VARINT, "ack_delay_us")
-        self._first_range = _uint(first_range, _MAX_VARINT, "first_range")
+        _reset(&self._fv, &self._view, FRAME_DELIVERY_ACK)
+        self._fv.seq = _uint(largest, _MAX_VARINT, "largest")
+        self._fv.code = _uint(ack_delay_us, _MAX_VARINT, "ack_delay_us")
         pairs = tuple(ranges)
         if len(pairs) > C_MAX_ACK_RANGES:
             raise UsageError(f"at most {C_MAX_ACK_RANGES} ranges, got {len(pairs)}")
         n = write_varint(buf, len(pairs))
-        n += write_varint(buf + n, self._first_range)
+        n += write_varint(buf + n, _uint(first_range, _MAX_VARINT, "first_range"))
         for gap, length in pairs:
             n += write_varint(buf + n, _uint(gap, _MAX_VARINT, "gap"))
             n += write_varint(buf + n, _uint(length, _MAX_VARINT, "range"))
-        self._hold(PyBytes_FromStringAndSize(<const char*>buf, n))
+        _hold(&self._view, PyBytes_FromStringAndSize(<const char*>buf, n),
+              &self._fv.payload, &self._fv.payload_len)
+
+    def __dealloc__(self):
+        PyBuffer_Release(&self._view)
 
     @property
     def largest(self):
-        return self._largest
+        return self._fv.seq
 
     @property
     def ack_delay_us(self):
-        return self._ack_delay_us
+        return self._fv.code
 
     @property
     def first_range(self):
-        return self._first_range
+        cdef Py_ssize_t p = 0
+        cdef uint64_t value = 0
+        read_varint(self._fv.payload, self._fv.payload_len, &p, &value)  # range_count
+        read_varint(self._fv.payload, self._fv.payload_len, &p, &value)
+        return value
 
     @property
     def ranges(self):
         """The (gap, range) pairs after first_range, going down."""
         cdef Py_ssize_t p = 0
-        cdef uint64_t count, gap, length
-        read_varint(self._ptr, self._len, &p, &count)
-        read_varint(self._ptr, self._len, &p, &gap)  # first_range
+        cdef uint64_t count = 0, gap = 0, length = 0
+        read_varint(self._fv.payload, self._fv.payload_len, &p, &count)
+        read_varint(self._fv.payload, self._fv.payload_len, &p, &gap)  # first_range
         out = []
         while count:
-            read_varint(self._ptr, self._len, &p, &gap)
-            read_varint(self._ptr, self._len, &p, &length)
+            read_varint(self._fv.payload, self._fv.payload_len, &p, &gap)
+            read_varint(self._fv.payload, self._fv.payload_len, &p, &length)
             out.append((gap, length))
             count -= 1
         return tuple(out)
 
-    cdef Py_ssize_t _size(self) except -1:
-        return _framed_size(varint_size(self._largest) + varint_size(self._ack_delay_us)
-                            + self._len)
-
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        cdef Py_ssize_t body = (varint_size(self._largest) + varint_size(self._ack_delay_us)
-                                + self._len)
-        cdef Py_ssize_t n = _framed_size(body)
-        if n > cap:
-            return -1
-        buf[0] = FRAME_DELIVERY_ACK
-        buf += 1 + write_varint(buf + 1, <uint64_t>body)
-        buf += write_varint(buf, self._largest)
-        buf += write_varint(buf, self._ack_delay_us)
-        memcpy(buf, self._ptr, self._len)
-        return n
-
     def __eq__(self, other):
         if type(other) is not DeliveryAck:
             return NotImplemented
-        cdef DeliveryAck o = <DeliveryAck>other
-        return (self._largest == o._largest and self._ack_delay_us == o._ack_delay_us
-                and self._len == o._len and memcmp(self._ptr, o._ptr, self._len) == 0)
+        return _fv_equal(&self._fv, &(<DeliveryAck>other)._fv)
 
     def __repr__(self):
-        return (f"DeliveryAck(largest={self._largest}, ack_delay_us={self._ack_delay_us}, "
-                f"first_range={self._first_range}, ranges={self.ranges!r})")
-
-
-@cython.no_gc
-cdef class _Probe(_Exported):
-    """PING and PONG: up to 32 bytes of opaque data, echoed by PONG."""
-
-    cdef int _set_data(self, object data) except -1:
-        self._hold(data)
-        if self._len > C_MAX_PING_DATA:
-            raise UsageError(f"data must be at most {C_MAX_PING_DATA} bytes, got {self._len}")
-        return 0
-
-    @property
-    def data(self):
-        """The data as a read-only zero-copy memoryview."""
-        return PyMemoryView_FromObject(self)
-
-    cdef Py_ssize_t _size(self) except -1:
-        return _framed_size(self._len)
-
-    cdef bint _same_data(self, _Probe o) noexcept:
-        return self._len == o._len and memcmp(self._ptr, o._ptr, self._len) == 0
+        return (f"DeliveryAck(largest={self._fv.seq}, ack_delay_us={self._fv.code}, "
+                f"first_range={self.first_range}, ranges={self.ranges!r})")
 
 
 @cython.final
 @cython.freelist(16)
-@cython.no_gc
-cdef class Ping(_Probe):
+cdef class Ping:
     """PING: a keep-alive or RTT probe; the peer answers with a PONG of the same data."""
 
-    def __init__(self, data):
-        self._set_data(data)
+    cdef FrameView _fv
+    cdef Py_buffer _view
 
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return _write_blob(buf, cap, FRAME_PING, 0, False, self._ptr, self._len)
+    def __init__(self, data):
+        _reset(&self._fv, &self._view, FRAME_PING)
+        _hold(&self._view, data, &self._fv.payload, &self._fv.payload_len)
+        if self._fv.payload_len > C_MAX_PING_DATA:
+            raise UsageError(f"data must be at most {C_MAX_PING_DATA} bytes")
+
+    def __dealloc__(self):
+        PyBuffer_Release(&self._view)
+
+    def __getbuffer__(self, Py_buffer* buffer, int flags):
+        PyBuffer_FillInfo(buffer, self, <void*>self._fv.payload, self._fv.payload_len, 1, flags)
+
+    @property
+    def data(self):
+        """Read-only zero-copy memoryview."""
+        return PyMemoryView_FromObject(self)
 
     def __eq__(self, other):
         if type(other) is not Ping:
             return NotImplemented
-        return self._same_data(<Ping>other)
+        return _fv_equal(&self._fv, &(<Ping>other)._fv)
 
     def __repr__(self):
-        return f"Ping(data={_bytes_repr(self._ptr, self._len)})"
+        return f"Ping(data={_bytes_repr(self._fv.payload, self._fv.payload_len)})"
 
 
 @cython.final
 @cython.freelist(16)
-@cython.no_gc
-cdef class Pong(_Probe):
+cdef class Pong:
     """PONG: the answer to a PING, echoing its data."""
 
-    def __init__(self, data):
-        self._set_data(data)
+    cdef FrameView _fv
+    cdef Py_buffer _view
 
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return _write_blob(buf, cap, FRAME_PONG, 0, False, self._ptr, self._len)
+    def __init__(self, data):
+        _reset(&self._fv, &self._view, FRAME_PONG)
+        _hold(&self._view, data, &self._fv.payload, &self._fv.payload_len)
+        if self._fv.payload_len > C_MAX_PING_DATA:
+            raise UsageError(f"data must be at most {C_MAX_PING_DATA} bytes")
+
+    def __dealloc__(self):
+        PyBuffer_Release(&self._view)
+
+    def __getbuffer__(self, Py_buffer* buffer, int flags):
+        PyBuffer_FillInfo(buffer, self, <void*>self._fv.payload, self._fv.payload_len, 1, flags)
+
+    @property
+    def data(self):
+        """Read-only zero-copy memoryview."""
+        return PyMemoryView_FromObject(self)
 
     def __eq__(self, other):
         if type(other) is not Pong:
             return NotImplemented
-        return self._same_data(<Pong>other)
+        return _fv_equal(&self._fv, &(<Pong>other)._fv)
 
     def __repr__(self):
-        return f"Pong(data={_bytes_repr(self._ptr, self._len)})"
+        return f"Pong(data={_bytes_repr(self._fv.payload, self._fv.payload_len)})"
 
 
 @cython.final
 @cython.freelist(16)
-@cython.no_gc
-cdef class Close(_Backed):
+@cython.no_gc  # its only object field is a str
+cdef class Close:
     """CLOSE: the sender tears the session down (codes in wire.md 3.5)."""
 
-    cdef uint64_t _code
-    cdef object _reason  # the str, decoded on first access
+    cdef FrameView _fv  # payload = the reason's UTF-8
+    cdef Py_buffer _view
+    cdef object _reason  # the str, made on first access when decoded
 
     def __init__(self, code, str reason):
-        self._code = _uint(code, _MAX_VARINT, "code")
-        self._ptr = _utf8(reason, 0, C_MAX_CLOSE_REASON, "reason", &self._len)
+        _reset(&self._fv, &self._view, FRAME_CLOSE)
+        self._fv.code = _uint(code, _MAX_VARINT, "code")
+        self._fv.payload = _utf8(reason, 0, C_MAX_CLOSE_REASON, "reason",
+                                 &self._fv.payload_len)
         self._reason = reason
+
+    def __dealloc__(self):
+        PyBuffer_Release(&self._view)
 
     @property
     def code(self):
-        return self._code
+        return self._fv.code
 
     @property
     def reason(self):
         if self._reason is None:
-            self._reason = PyUnicode_DecodeUTF8(<const char*>self._ptr, self._len, NULL)
+            self._reason = _decode_utf8(self._fv.payload, self._fv.payload_len)
         return self._reason
-
-    cdef Py_ssize_t _size(self) except -1:
-        return _framed_size(varint_size(self._code) + self._len)
-
-    cdef Py_ssize_t _write(self, uint8_t* buf, Py_ssize_t cap) noexcept:
-        return _write_blob(buf, cap, FRAME_CLOSE, self._code, True, self._ptr, self._len)
 
     def __eq__(self, other):
         if type(other) is not Close:
             return NotImplemented
-        cdef Close o = <Close>other
-        return (self._code == o._code and self._len == o._len
-                and memcmp(self._ptr, o._ptr, self._len) == 0)
+        return _fv_equal(&self._fv, &(<Close>other)._fv)
 
     def __repr__(self):
-        return f"Close(code={self._code}, reason={self.reason!r})"
+        return f"Close(code={self._fv.code}, reason={self.reason!r})"
+
+
+for _cls in (Init, Continuation, Ack, Reset, Bound, DeliveryAck, Ping, Pong, Close):
+    Frame.register(_cls)
+del _cls
+
+
+cdef const FrameView* _view_of(object frame) except NULL:
+    """The FrameView inside any frame object."""
+    cdef type t = type(frame)
+    if t is Continuation:
+        return &(<Continuation>frame)._fv
+    if t is Init:
+        return &(<Init>frame)._fv
+    if t is Ack:
+        return &(<Ack>frame)._fv
+    if t is Bound:
+        return &(<Bound>frame)._fv
+    if t is Reset:
+        return &(<Reset>frame)._fv
+    if t is DeliveryAck:
+        return &(<DeliveryAck>frame)._fv
+    if t is Ping:
+        return &(<Ping>frame)._fv
+    if t is Pong:
+        return &(<Pong>frame)._fv
+    if t is Close:
+        return &(<Close>frame)._fv
+    raise TypeError(f"not a frame: {t.__name__}")
 
 
 # ---------------------------------------------------------------------------
 # Python API: decoding
 # ---------------------------------------------------------------------------
 
-cdef inline const uint8_t* _bind(_Backed f, object data, const uint8_t* base,
-                                 Py_ssize_t n) except NULL:
-    """Make f keep the decoded input alive; return the input's address as f holds it.
+cdef inline int _bind(FrameView* mine, Py_buffer* view, const FrameView* fv, object data,
+                      const uint8_t* base, Py_ssize_t n) except -1:
+    """Copy fv into a new frame, which takes its own export of the input.
 
-    ``bytes`` are held as they are (immutable). Other buffers get an export of
-    their own, so a bytearray cannot be resized under the frame; pointers parsed
-    from the caller's temporary export at ``base`` are rebased on it.
+    Its pointers are rebased from the caller's export at ``base`` onto the new
+    one (the same memory for any sane exporter, and bytes never move).
     """
-    if PyBytes_CheckExact(data):
-        f._owner = data
-        return base
-    PyObject_GetBuffer(data, &f._view, PyBUF_SIMPLE)
-    f._has_view = True
-    if f._view.len != n:
+    cdef const uint8_t* own
+    PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
+    if view.len != n:
         raise BufferError("input buffer changed size during decoding")
-    return <const uint8_t*>f._view.buf
+    own = <const uint8_t*>view.buf
+    mine[0] = fv[0]
+    mine.payload = own + (fv.payload - base)
+    if fv.protocol != NULL:
+        mine.protocol = own + (fv.protocol - base)
+    return 0
 
 
-cdef Frame _make_frame(FrameView* fv, object data, const uint8_t* base, Py_ssize_t n):
-    """The Python frame object for a parsed FrameView."""
-    cdef const uint8_t* mine
+cdef object _make_frame(const FrameView* fv, object data, const uint8_t* base, Py_ssize_t n):
+    """The frame object for a FrameView parsed from data."""
     cdef uint8_t t = fv.type
     cdef Continuation cont
     cdef Init init
-    cdef _Probe probe
+    cdef Ping ping
+    cdef Pong pong
     cdef Close close
     cdef DeliveryAck dack
     cdef Ack ack
     cdef Reset reset
     cdef Bound bound
-    cdef Py_ssize_t p
     if t == FRAME_CONTINUATION:
         cont = Continuation.__new__(Continuation)
-        cont._set_from(fv, base, _bind(cont, data, base, n))
+        _bind(&cont._fv, &cont._view, fv, data, base, n)
         return cont
     if t == FRAME_INIT:
         init = Init.__new__(Init)
-        mine = _bind(init, data, base, n)
-        init._set_from(fv, base, mine)
-        init._transport_id = fv.transport_id
-        init._protocol_ptr = mine + (fv.protocol - base)
-        init._protocol_len = fv.protocol_len
+        _bind(&init._fv, &init._view, fv, data, base, n)
         return init
-    if t == FRAME_PING or t == FRAME_PONG:
-        probe = Ping.__new__(Ping) if t == FRAME_PING else Pong.__new__(Pong)
-        probe._ptr = _bind(probe, data, base, n) + (fv.payload - base)
-        probe._len = fv.payload_len
-        return probe
     if t == FRAME_ACK:
         ack = Ack.__new__(Ack)
-        ack._transport_id = fv.transport_id
+        ack._fv = fv[0]
         return ack
     if t == FRAME_BOUND:
         bound = Bound.__new__(Bound)
-        bound._protocol_int = fv.protocol_int
+        bound._fv = fv[0]
         return bound
     if t == FRAME_RESET:
         reset = Reset.__new__(Reset)
-        reset._protocol_int = fv.protocol_int
-        reset._code = <uint8_t>fv.code
+        reset._fv = fv[0]
         return reset
     if t == FRAME_DELIVERY_ACK:
         dack = DeliveryAck.__new__(DeliveryAck)
-        dack._ptr = _bind(dack, data, base, n) + (fv.payload - base)
-        dack._len = fv.payload_len
-        dack._largest = fv.seq
-        dack._ack_delay_us = fv.code
-        p = 0
-        read_varint(dack._ptr, dack._len, &p, &dack._first_range)  # skip range_count
-        read_varint(dack._ptr, dack._len, &p, &dack._first_range)
+        _bind(&dack._fv, &dack._view, fv, data, base, n)
         return dack
+    if t == FRAME_PING:
+        ping = Ping.__new__(Ping)
+        _bind(&ping._fv, &ping._view, fv, data, base, n)
+        return ping
+    if t == FRAME_PONG:
+        pong = Pong.__new__(Pong)
+        _bind(&pong._fv, &pong._view, fv, data, base, n)
+        return pong
     close = Close.__new__(Close)
-    close._ptr = _bind(close, data, base, n) + (fv.payload - base)
-    close._len = fv.payload_len
-    close._code = fv.code
+    _bind(&close._fv, &close._view, fv, data, base, n)
     return close
 
 
@@ -1282,7 +1289,7 @@ cdef tuple _decode_one(object data, const uint8_t* buf, Py_ssize_t n, Py_ssize_t
 
 
 def decode_frame(data, Py_ssize_t offset=0):
-    """Decode the frame at ``data[offset:]``: ``(frame, offset after it)``.
+    """Decode the frame at ``data[offset:]`` into ``(frame, offset after it)``.
 
     PADDING and skippable unknown frames are passed over; at the end of the
     data the frame is None. Payloads are zero-copy views of ``data``.
@@ -1319,10 +1326,10 @@ cdef list _decode_all(object data, const uint8_t* buf, Py_ssize_t n):
 
 
 def decode_packet(data):
-    """Decode a whole packet payload into its frames (PADDING and skippable ones dropped).
+    """All frames of a packet payload (PADDING and skippable unknown frames dropped).
 
-    A malformed frame raises FrameError; its ``frames`` attribute holds the
-    valid frames before it, which wire.md 3.1 says the receiver keeps.
+    A malformed frame raises FrameError whose ``frames`` attribute holds the
+    valid frames before it: wire.md 3.1 has the receiver keep those.
     """
     cdef Py_buffer view
     if PyBytes_CheckExact(data):
@@ -1336,7 +1343,7 @@ def decode_packet(data):
 
 
 def decode_varint(data, Py_ssize_t offset=0):
-    """Decode the varint at ``data[offset:]``: ``(value, offset after it)``."""
+    """Decode the varint at ``data[offset:]`` into ``(value, offset after it)``."""
     cdef Py_buffer view
     cdef uint64_t value
     cdef int rc
@@ -1362,32 +1369,31 @@ def encode_varint(value):
     return PyBytes_FromStringAndSize(<const char*>buf, n)
 
 
-def encode_frame(Frame frame):
+def encode_frame(frame):
     """The wire bytes of one frame."""
-    cdef Py_ssize_t n = frame._size()
+    cdef const FrameView* fv = _view_of(frame)
+    cdef Py_ssize_t n = _framed_size(_body_size(fv))
     cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
-    frame._write(<uint8_t*>PyBytes_AS_STRING(out), n)
+    _write_frame(<uint8_t*>PyBytes_AS_STRING(out), n, fv)
     return out
 
 
 def encode_packet(frames, Py_ssize_t padding=0):
     """A packet payload: the frames in order, then ``padding`` PADDING bytes."""
     cdef tuple items = tuple(frames)
-    cdef Py_ssize_t total = padding, n, pos = 0
-    cdef Frame frame
+    cdef Py_ssize_t total = padding, pos = 0
     cdef bytes out
     cdef uint8_t* buf
     if padding < 0:
         raise UsageError(f"padding must be >= 0, got {padding}")
     if len(items) > C_MAX_FRAMES_PER_PACKET:
         raise UsageError(f"at most {C_MAX_FRAMES_PER_PACKET} frames per packet, got {len(items)}")
-    for obj in items:
-        frame = <Frame?>obj
-        total += frame._size()
+    for frame in items:
+        total += _framed_size(_body_size(_view_of(frame)))
     out = PyBytes_FromStringAndSize(NULL, total)
     buf = <uint8_t*>PyBytes_AS_STRING(out)
-    for obj in items:
-        pos += (<Frame>obj)._write(buf + pos, total - pos)
+    for frame in items:
+        pos += _write_frame(buf + pos, total - pos, _view_of(frame))
     memset(buf + pos, 0, padding)
     return out
 
@@ -1396,41 +1402,38 @@ cdef bytes _encode_message(uint8_t frame_type, uint16_t transport_id,
                            const uint8_t* protocol, Py_ssize_t protocol_len, object protocol_int,
                            object payload, object flags, object request_id, object seq,
                            object frag_index, object frag_count):
-    """Validate the fast encoders' arguments and write one INIT or CONTINUATION."""
-    cdef uint64_t pint = _uint(protocol_int, C_MAX_PROTOCOL_INT, "protocol_int")
-    cdef uint8_t f = <uint8_t>_uint(flags, 0xFF, "flags")
-    cdef uint64_t rid = _uint(request_id, _MAX_VARINT, "request_id")
-    cdef uint64_t s = _uint(seq, _MAX_VARINT, "seq")
-    cdef uint64_t fi = _uint(frag_index, _MAX_VARINT, "frag_index")
-    cdef uint64_t fc = _uint(frag_count, _MAX_VARINT, "frag_count")
+    """Check the fast encoders' arguments and write one INIT or CONTINUATION."""
+    cdef FrameView fv
     cdef Py_buffer view
-    cdef const uint8_t* data
-    cdef Py_ssize_t size, body
     cdef bint is_bytes = PyBytes_CheckExact(payload)
+    cdef Py_ssize_t n
     cdef bytes out
-    _check_flags(f, fi, fc)
-    _check_absent(f, _FLAG_KIND, rid, "request_id")
-    _check_absent(f, FLAG_SEQ, s, "seq")
-    _check_absent(f, FLAG_FRAGMENT, fi | fc, "frag_index/frag_count")
-    if is_bytes:
-        data = <const uint8_t*>PyBytes_AS_STRING(payload)
-        size = PyBytes_GET_SIZE(payload)
+    fv.type = frame_type
+    fv.transport_id = transport_id
+    fv.protocol = protocol
+    fv.protocol_len = protocol_len
+    fv.protocol_int = _uint(protocol_int, C_MAX_PROTOCOL_INT, "protocol_int")
+    fv.flags = <uint8_t>_uint(flags, 0xFF, "flags")
+    fv.request_id = _uint(request_id, _MAX_VARINT, "request_id")
+    fv.seq = _uint(seq, _MAX_VARINT, "seq")
+    fv.frag_index = _uint(frag_index, _MAX_VARINT, "frag_index")
+    fv.frag_count = _uint(frag_count, _MAX_VARINT, "frag_count")
+    _check_flags(fv.flags, fv.frag_index, fv.frag_count)
+    _check_absent(fv.flags, _FLAG_KIND, fv.request_id, "request_id")
+    _check_absent(fv.flags, FLAG_SEQ, fv.seq, "seq")
+    _check_absent(fv.flags, FLAG_FRAGMENT, fv.frag_index | fv.frag_count, "frag_index/frag_count")
+    if is_bytes:  # no buffer export needed: bytes are immutable and we hold a reference
+        fv.payload = <const uint8_t*>PyBytes_AS_STRING(payload)
+        fv.payload_len = PyBytes_GET_SIZE(payload)
     else:
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
-        data = <const uint8_t*>view.buf
-        size = view.len
+        fv.payload = <const uint8_t*>view.buf
+        fv.payload_len = view.len
     try:
-        _check_payload_size(size)
-        body = varint_size(pint) + message_header_size(f, rid, s, fi, fc) + size
-        if frame_type == FRAME_INIT:
-            body += 2 + varint_size(<uint64_t>protocol_len) + protocol_len
-            out = PyBytes_FromStringAndSize(NULL, _framed_size(body))
-            write_init(<uint8_t*>PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out), transport_id,
-                       protocol, protocol_len, pint, f, rid, s, fi, fc, data, size)
-        else:
-            out = PyBytes_FromStringAndSize(NULL, _framed_size(body))
-            write_continuation(<uint8_t*>PyBytes_AS_STRING(out), PyBytes_GET_SIZE(out), pint,
-                               f, rid, s, fi, fc, data, size)
+        _check_payload_size(fv.payload_len)
+        n = _framed_size(_body_size(&fv))
+        out = PyBytes_FromStringAndSize(NULL, n)
+        _write_frame(<uint8_t*>PyBytes_AS_STRING(out), n, &fv)
         return out
     finally:
         if not is_bytes:
@@ -1442,7 +1445,7 @@ def encode_continuation(protocol_int, payload, flags=0, request_id=0, seq=0,
     """CONTINUATION wire bytes without a frame object (the send fast path).
 
     ``flags`` says which optional fields are written (the Continuation
-    constructor instead derives it from the fields given); a non-zero field
+    constructor derives it from the fields given instead); a non-zero field
     whose flag is off is a UsageError.
     """
     return _encode_message(FRAME_CONTINUATION, 0, NULL, 0, protocol_int, payload, flags,
@@ -1452,8 +1455,8 @@ def encode_continuation(protocol_int, payload, flags=0, request_id=0, seq=0,
 def encode_init(transport_id, str protocol, protocol_int, payload, flags=0, request_id=0,
                 seq=0, frag_index=0, frag_count=0):
     """INIT wire bytes without a frame object; ``flags`` as in encode_continuation()."""
-    cdef uint16_t tid = <uint16_t>_uint(transport_id, 0xFFFF, "transport_id")
     cdef Py_ssize_t n
+    cdef uint16_t tid = <uint16_t>_uint(transport_id, 0xFFFF, "transport_id")
     cdef const uint8_t* proto = _utf8(protocol, 1, C_MAX_PROTOCOL_LENGTH, "protocol", &n)
     return _encode_message(FRAME_INIT, tid, proto, n, protocol_int, payload, flags,
                            request_id, seq, frag_index, frag_count)

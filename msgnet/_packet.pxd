@@ -38,6 +38,14 @@ cdef class ReplayWindow:
     # Mark counter as seen; returns False (and changes nothing) if it is a replay.
     cdef bint update(self, uint64_t counter) noexcept nogil
 
+# Internal to _packet: a buffer-protocol window onto C memory that the AEAD seam re-aims
+# before each call, so our buffers reach cryptography without allocating a memoryview.
+cdef class _CBuffer:
+    cdef char* ptr
+    cdef Py_ssize_t shape[1]              # the window's length (also the Py_buffer shape)
+    cdef Py_ssize_t strides[1]
+    cdef bint writable
+
 # The keys and counters of one established session. One object per session; the engine keeps
 # them in a dict by local_index.
 cdef class SessionCrypto:
@@ -51,6 +59,7 @@ cdef class SessionCrypto:
     cdef bytearray _send_nonce            # 12 bytes, rewritten in place per packet
     cdef bytearray _recv_nonce
     cdef object _send_nonce_view, _recv_nonce_view
+    cdef _CBuffer _aead_in, _aead_ad, _aead_out  # re-aimed per AEAD call; not thread-safe
 
     # Seal payload[0:n] as one DATA (or PLAIN_DATA) packet into out[0:cap]. Returns the packet
     # length, -1 if the send counter is exhausted, -2 if out is too small. The tag is written at

@@ -8,6 +8,7 @@ shares no code with it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -203,7 +204,7 @@ def decode_cookie(data: bytes) -> tuple[int, bytes]:
     return struct.unpack_from(">I", data, 1)[0], data[5:]
 
 
-def encode_version_unsupported(receiver_index: int, versions: tuple[int, ...]) -> bytes:
+def encode_version_unsupported(receiver_index: int, versions: Iterable[int]) -> bytes:
     """VERSION_UNSUPPORTED (§2.7): type | receiver_index:u32 | version_count:u8 | version:u8*."""
     listed = bytes(versions)
     if len(listed) > 255:

@@ -202,8 +202,7 @@ class MessageNetwork:
         self._handshaker = Handshaker(
             self.keypair,
             transport="udp",
-            accept_plaintext=plaintext,
-            want_plaintext=plaintext,
+            plaintext=plaintext,
             transport_ids=tuple(t.transport_id for t in self._transports),
         )
         # Current sending session per peer, least recently used first (bounded).
@@ -389,8 +388,7 @@ class MessageNetwork:
     def _allocate_index(self) -> int:
         while True:
             index = int.from_bytes(os.urandom(4), "big")
-            if index and index not in self._by_index and index not in self._dials \
-                    and not self._handshaker.is_pending(index):
+            if index and index not in self._by_index and not self._handshaker.holds_index(index):
                 return index
 
     # -- engine delegate (called by the Cython engine) ---------------------------------
@@ -446,13 +444,18 @@ class MessageNetwork:
             entry = self._by_index.get(event.local_index)
             if entry is not None:
                 entry[1].flush_session(entry[0], True)
-        elif isinstance(event, HandshakeFailed):
+        elif isinstance(event, HandshakeFailed) and event.initiator:
             self._count("handshakes_failed")
-            dial = self._dials.get(getattr(event, "local_index", 0) or 0)
-            if dial is None and event.peer_id is not None:
-                dial = self._dial_by_peer.get(event.peer_id)
+            dial = self._dials.get(event.local_index)
             if dial is not None:
                 self._fail_dial(dial, event.error)
+                return
+            # The session went up but the responder never confirmed it ("unconfirmed").
+            entry = self._by_index.get(event.local_index)
+            if entry is not None:
+                self._drop_session(entry[0])
+                for listener in self._unreachable_listeners:
+                    listener(entry[0].peer_id, event.error)
 
     def _initiator_established(self, event: SessionEstablished) -> None:
         dial = self._dials.pop(event.local_index, None)

@@ -204,7 +204,8 @@ def test_lost_init_recovers(run):
                     await a.send_message(b.peer_id, protocol, b"%d" % i)
                 await asyncio.sleep(0.01)
             await wait_for(lambda: all(len(v) == 9 for v in got.values()))
-            assert impairment.counters["dropped"] == 2
+            # Both first INITs were lost (in one coalesced datagram or two).
+            assert seen_protocols == set(got) and impairment.counters["dropped"] in (1, 2)
             for values in got.values():  # message 0 was lost with its INIT; 1..9 arrived
                 assert sorted(values) == sorted(b"%d" % i for i in range(1, 10))
 

@@ -1,0 +1,1 @@
+"""msgnet benchmarks: msgnet and its baselines measured side by side in one run."""

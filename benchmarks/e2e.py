@@ -1,0 +1,541 @@
+"""End-to-end throughput and latency: msgnet against raw uvloop, pyzmq and aioquic, one run.
+
+Each scenario runs a receiver and a sender in two processes pinned to different cores
+(where the machine has two), on 127.0.0.1, with 64-byte payloads unless the name says
+otherwise, secure mode unless it says plaintext. Every loop is bounded by count and time.
+
+    python -m benchmarks.e2e [--quick] [--repeat N] [--json FILE]
+
+Prints medians over the repetitions and ratios against the raw uvloop baseline measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+PAYLOAD_64 = b"x" * 64
+PAYLOAD_1K = b"y" * 1024
+PROTOCOL = "/bench/1.0.0"
+IDLE_STOP = 0.5          # a receiver stops after this long without a message
+MAX_SECONDS = 10.0       # hard bound on every scenario
+
+
+def _pin(core: int) -> None:
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {core % os.cpu_count()})
+
+
+def _uvloop_run(coro: Any) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+# --------------------------------------------------------------------------- one-way
+
+class _Counter:
+    """Counts received messages; records first and last arrival times."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.done = asyncio.get_running_loop().create_future()
+
+    def hit(self, _msg: Any = None) -> None:
+        now = time.perf_counter()
+        if self.count == 0:
+            self.first = now
+        self.count += 1
+        self.last = now
+        if self.count >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+    async def wait(self) -> dict[str, float]:
+        deadline = time.perf_counter() + MAX_SECONDS
+        while not self.done.done() and time.perf_counter() < deadline:
+            seen = self.count
+            await asyncio.sleep(IDLE_STOP)
+            if self.count == seen and seen > 0:
+                break
+        span = max(self.last - self.first, 1e-9)
+        return {"received": self.count, "rate": (self.count - 1) / span if self.count > 1 else 0}
+
+
+def _raw_oneway_receiver(conn: Any, core: int, count: int) -> None:
+    _pin(core)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        counter = _Counter(count)
+
+        class Proto(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                counter.hit()
+
+        transport, _ = await loop.create_datagram_endpoint(Proto, local_addr=("127.0.0.1", 0))
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        conn.send(transport.get_extra_info("sockname"))
+        conn.send(await counter.wait())
+        transport.close()
+
+    _uvloop_run(main())
+
+
+def _raw_oneway_sender(conn: Any, core: int, count: int, payload: bytes) -> None:
+    _pin(core)
+    addr = conn.recv()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                           remote_addr=tuple(addr))
+        deadline = time.perf_counter() + MAX_SECONDS
+        for i in range(count):
+            transport.sendto(payload)
+            if i % 64 == 63:
+                await asyncio.sleep(0)
+                if time.perf_counter() > deadline:
+                    break
+        await asyncio.sleep(0.05)
+        transport.close()
+
+    _uvloop_run(main())
+
+
+def _msgnet_oneway_receiver(conn: Any, core: int, count: int, plaintext: bool) -> None:
+    _pin(core)
+    import msgnet
+
+    async def main() -> None:
+        counter = _Counter(count)
+        async with msgnet.MessageHost(plaintext=plaintext) as host:
+            host.set_message_handler(PROTOCOL, counter.hit)
+            conn.send(str(host.addrs[0]))
+            conn.send(await counter.wait())
+
+    msgnet.run(main())
+
+
+def _msgnet_oneway_sender(conn: Any, core: int, count: int, payload: bytes,
+                          plaintext: bool) -> None:
+    _pin(core)
+    import msgnet
+
+    addr = conn.recv()
+
+    async def main() -> None:
+        async with msgnet.MessageHost(plaintext=plaintext) as host:
+            peer = host.add_peer(addr)
+            await host.connect(peer)
+            send = host.send_message
+            deadline = time.perf_counter() + MAX_SECONDS
+            for i in range(count):
+                await send(peer, PROTOCOL, payload)
+                if i % 1024 == 1023:
+                    await asyncio.sleep(0)
+                    if time.perf_counter() > deadline:
+                        break
+            await asyncio.sleep(0.2)
+
+    msgnet.run(main())
+
+
+def _zmq_oneway_receiver(conn: Any, core: int, count: int) -> None:
+    _pin(core)
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    conn.send(port)
+    received, first, last = 0, 0.0, 0.0
+    sock.RCVTIMEO = int(MAX_SECONDS * 1000)
+    try:
+        while received < count:
+            sock.recv_multipart()
+            last = time.perf_counter()
+            if received == 0:
+                first = last
+            received += 1
+    except zmq.Again:
+        pass
+    conn.send({"received": received, "rate": (received - 1) / max(last - first, 1e-9)})
+    sock.close(0)
+    ctx.term()
+
+
+def _zmq_oneway_sender(conn: Any, core: int, count: int, payload: bytes) -> None:
+    _pin(core)
+    import zmq
+
+    port = conn.recv()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    for _ in range(count):
+        sock.send(payload)
+    time.sleep(0.5)
+    sock.close(0)
+    ctx.term()
+
+
+# --------------------------------------------------------------------------- request/response
+
+def _raw_echo_server(conn: Any, core: int) -> None:
+    _pin(core)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        class Echo(asyncio.DatagramProtocol):
+            def connection_made(self, transport: Any) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                self.transport.sendto(data, addr)
+
+        transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        conn.send(transport.get_extra_info("sockname"))
+        await loop.run_in_executor(None, conn.recv)
+        transport.close()
+
+    _uvloop_run(main())
+
+
+def _raw_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float) -> None:
+    _pin(core)
+    addr = conn.recv()
+
+    async def main() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        state = {"done": 0, "stop": False}
+
+        class Client(asyncio.DatagramProtocol):
+            def connection_made(self, transport: Any) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                state["done"] += 1
+                if not state["stop"]:
+                    self.transport.sendto(data)
+
+        transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=tuple(addr))
+        for _ in range(in_flight):
+            transport.sendto(PAYLOAD_64)
+        await asyncio.sleep(0.3)  # warm up
+        start, before = time.perf_counter(), state["done"]
+        await asyncio.sleep(seconds)
+        elapsed, done = time.perf_counter() - start, state["done"] - before
+        state["stop"] = True
+        transport.close()
+        return {"rate": done / elapsed}
+
+    conn.send(_uvloop_run(main()))
+
+
+def _msgnet_echo_server(conn: Any, core: int, plaintext: bool) -> None:
+    _pin(core)
+    import msgnet
+
+    async def main() -> None:
+        async with msgnet.MessageHost(plaintext=plaintext) as host:
+            host.set_message_handler(PROTOCOL, lambda m: m.reply(m.data))
+            conn.send(str(host.addrs[0]))
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+
+    msgnet.run(main())
+
+
+def _msgnet_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float,
+                            plaintext: bool) -> None:
+    _pin(core)
+    import msgnet
+
+    addr = conn.recv()
+
+    async def main() -> dict[str, float]:
+        async with msgnet.MessageHost(plaintext=plaintext) as host:
+            peer = host.add_peer(addr)
+            await host.connect(peer)
+            latencies: list[float] = []
+            state = {"done": 0, "stop": False}
+
+            async def worker() -> None:
+                while not state["stop"]:
+                    t0 = time.perf_counter()
+                    await host.request(peer, PROTOCOL, PAYLOAD_64, timeout=5)
+                    latencies.append(time.perf_counter() - t0)
+                    state["done"] += 1
+
+            tasks = [asyncio.create_task(worker()) for _ in range(in_flight)]
+            await asyncio.sleep(0.3)
+            start, before = time.perf_counter(), state["done"]
+            latencies.clear()
+            await asyncio.sleep(seconds)
+            elapsed, done = time.perf_counter() - start, state["done"] - before
+            state["stop"] = True
+            await asyncio.gather(*tasks)
+            lat = sorted(latencies)
+            return {"rate": done / elapsed,
+                    "p50_us": lat[len(lat) // 2] * 1e6 if lat else 0,
+                    "p99_us": lat[int(len(lat) * 0.99)] * 1e6 if lat else 0}
+
+    conn.send(msgnet.run(main()))
+
+
+def _zmq_echo_server(conn: Any, core: int) -> None:
+    _pin(core)
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    conn.send(sock.bind_to_random_port("tcp://127.0.0.1"))
+    sock.RCVTIMEO = 200
+    while not conn.poll():
+        try:
+            sock.send_multipart(sock.recv_multipart())
+        except zmq.Again:
+            pass
+    sock.close(0)
+    ctx.term()
+
+
+def _zmq_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float) -> None:
+    _pin(core)
+    import zmq
+
+    port = conn.recv()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    for _ in range(in_flight):
+        sock.send(PAYLOAD_64)
+    for _ in range(1000):
+        sock.recv()
+        sock.send(PAYLOAD_64)
+    start, done = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        sock.recv()
+        sock.send(PAYLOAD_64)
+        done += 1
+    conn.send({"rate": done / (time.perf_counter() - start)})
+    sock.close(0)
+    ctx.term()
+
+
+# --------------------------------------------------------------------------- drivers
+
+def _pair(receiver: Callable[..., None], rargs: tuple, sender: Callable[..., None],
+          sargs: tuple, *, server_result: bool) -> dict[str, float]:
+    """Run receiver (core 1) and sender (core 0); the receiver's address goes to the sender."""
+    ctx = mp.get_context("spawn")
+    r_parent, r_child = ctx.Pipe()
+    s_parent, s_child = ctx.Pipe()
+    rp = ctx.Process(target=receiver, args=(r_child, 1, *rargs))
+    sp = ctx.Process(target=sender, args=(s_child, 0, *sargs))
+    rp.start()
+    try:
+        if not r_parent.poll(30):
+            raise RuntimeError(f"{receiver.__name__} did not start")
+        s_parent.send(r_parent.recv())
+        sp.start()
+        if server_result:
+            if not r_parent.poll(MAX_SECONDS + 30):
+                raise RuntimeError(f"{receiver.__name__} gave no result")
+            result = r_parent.recv()
+        else:
+            if not s_parent.poll(MAX_SECONDS + 30):
+                raise RuntimeError(f"{sender.__name__} gave no result")
+            result = s_parent.recv()
+            r_parent.send("stop")
+        sp.join(30)
+        rp.join(30)
+        return result
+    finally:
+        for p in (sp, rp):
+            if p.is_alive():
+                p.kill()
+
+
+def _first_contact_ms(samples: int) -> list[float]:
+    """Time from send_message to the handler on a peer never contacted before (in-process)."""
+    import msgnet
+
+    async def main() -> list[float]:
+        results = []
+        async with msgnet.MessageHost() as server:
+            arrived = asyncio.get_running_loop().create_future
+
+            state: dict[str, Any] = {}
+            server.set_message_handler(PROTOCOL, lambda m: state["fut"].set_result(
+                time.perf_counter()))
+            for _ in range(samples):
+                async with msgnet.MessageHost() as client:
+                    state["fut"] = arrived()
+                    peer = client.add_peer(server.addrs[0])
+                    t0 = time.perf_counter()
+                    await client.send_message(peer, PROTOCOL, PAYLOAD_64)
+                    t1 = await asyncio.wait_for(state["fut"], 5)
+                    results.append((t1 - t0) * 1000)
+        return results
+
+    return msgnet.run(main())
+
+
+def _idle_session_memory(count: int) -> float:
+    """MiB that ``count`` established idle sessions cost a host (sessions built directly)."""
+    import tracemalloc
+
+    import msgnet
+    from msgnet.core.handshake import SessionEstablished
+    from msgnet.identity import KeyPair
+
+    async def main() -> float:
+        async with msgnet.MessageHost() as host:
+            network = host.network
+            engine = network.sockets()[0].engine
+            events = [
+                SessionEstablished(
+                    peer_id=KeyPair.generate().peer_id, local_index=i + 1,
+                    remote_index=i + 1, send_key=os.urandom(32), recv_key=os.urandom(32),
+                    plaintext=False, address=("127.0.0.1", 10000 + i % 50000), initiator=False,
+                    frames=b"", early_data=[], rtt=None, remote_transports=(1,))
+                for i in range(count)
+            ]
+            engine.sendto = lambda data, addr: None  # the confirmations go nowhere
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for event in events:
+                network._responder_established(event, engine)
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+            tracemalloc.stop()
+            del events
+            return (after - before) / (1 << 20)
+
+    return msgnet.run(main())
+
+
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer messages and repetitions")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--only", help="comma-separated scenario prefixes to run")
+    args = parser.parse_args(argv)
+    count = 50_000 if args.quick else 200_000
+    seconds = 1.0 if args.quick else 2.0
+    repeat = 1 if args.quick else args.repeat
+
+    import msgnet
+
+    rows: dict[str, list[dict[str, float]]] = {}
+
+    def measure(name: str, fn: Callable[[], dict[str, float]]) -> None:
+        if args.only and not any(name.startswith(p) for p in args.only.split(",")):
+            return
+        for _ in range(repeat):
+            result = fn()
+            rows.setdefault(name, []).append(result)
+            print(f"  {name}: {result}", file=sys.stderr)
+
+    one = _raw_oneway_receiver, _raw_oneway_sender
+    measure("oneway64/raw-uvloop", lambda: _pair(one[0], (count,), one[1], (count, PAYLOAD_64),
+                                                 server_result=True))
+    msg = _msgnet_oneway_receiver, _msgnet_oneway_sender
+    measure("oneway64/msgnet", lambda: _pair(msg[0], (count, False), msg[1],
+                                             (count, PAYLOAD_64, False), server_result=True))
+    measure("oneway64/msgnet-plaintext", lambda: _pair(msg[0], (count, True), msg[1],
+                                                       (count, PAYLOAD_64, True),
+                                                       server_result=True))
+    if _have("zmq"):
+        measure("oneway64/pyzmq", lambda: _pair(_zmq_oneway_receiver, (count,),
+                                                _zmq_oneway_sender, (count, PAYLOAD_64),
+                                                server_result=True))
+    measure("oneway1k/raw-uvloop", lambda: _pair(one[0], (count,), one[1], (count, PAYLOAD_1K),
+                                                 server_result=True))
+    measure("oneway1k/msgnet", lambda: _pair(msg[0], (count, False), msg[1],
+                                             (count, PAYLOAD_1K, False), server_result=True))
+    for k in (1, 32):
+        measure(f"rr{k}/raw-uvloop", lambda k=k: _pair(_raw_echo_server, (),
+                                                      _raw_pingpong_client, (k, seconds),
+                                                      server_result=False))
+        measure(f"rr{k}/msgnet", lambda k=k: _pair(_msgnet_echo_server, (False,),
+                                                  _msgnet_pingpong_client, (k, seconds, False),
+                                                  server_result=False))
+        if _have("zmq"):
+            measure(f"rr{k}/pyzmq", lambda k=k: _pair(_zmq_echo_server, (),
+                                                     _zmq_pingpong_client, (k, seconds),
+                                                     server_result=False))
+    if not args.only or "first" in args.only:
+        samples = _first_contact_ms(30 if args.quick else 100)
+        rows["first-contact/msgnet"] = [{"median_ms": statistics.median(samples),
+                                         "p99_ms": sorted(samples)[int(len(samples) * 0.99)]}]
+    if not args.only or "memory" in args.only:
+        rows["memory-10k-idle-sessions/msgnet"] = [{"MiB": _idle_session_memory(10_000)}]
+
+    summary = _summarise(rows)
+    _print(summary)
+    if args.json:
+        info = {"python": sys.version.split()[0], "machine": platform.machine(),
+                "cpus": os.cpu_count(), "msgnet": msgnet.__version__,
+                "has_extensions": True, "results": summary}
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+    return 0
+
+
+def _summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    summary = {}
+    for name, results in rows.items():
+        keys = results[0].keys()
+        summary[name] = {k: statistics.median(r[k] for r in results) for k in keys}
+    for name, values in summary.items():
+        scenario = name.split("/")[0]
+        base = summary.get(f"{scenario}/raw-uvloop")
+        if base and "rate" in values and base.get("rate"):
+            values["ratio_vs_raw_uvloop"] = values["rate"] / base["rate"]
+    return summary
+
+
+def _print(summary: dict[str, dict[str, float]]) -> None:
+    print(f"{'scenario':40} {'median':>14} {'ratio vs raw uvloop':>20}")
+    for name, values in summary.items():
+        if "rate" in values:
+            main_value = f"{values['rate']:,.0f}/s"
+        elif "median_ms" in values:
+            main_value = f"{values['median_ms']:.3f} ms"
+        else:
+            main_value = f"{values.get('MiB', 0):.2f} MiB"
+        ratio = values.get("ratio_vs_raw_uvloop")
+        extra = "" if ratio is None else f"{ratio:.2f}x"
+        print(f"{name:40} {main_value:>14} {extra:>20}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+# C-level declarations of the UDP engine (msgnet/_engine.pyx): the socket API it calls
+# directly, and the fields of Message, Session and UdpEngine.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from posix.uio cimport iovec
+
+from msgnet._frame cimport FrameView
+from msgnet._packet cimport SessionCrypto
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <sys/socket.h>
+    #include <netinet/in.h>
+    #include <arpa/inet.h>
+    #include <net/if.h>
+
+    /* EAGAIN and EWOULDBLOCK are equal on Linux: no switch on them. */
+    #define MSGNET_WOULD_BLOCK(e) ((e) == EAGAIN || (e) == EWOULDBLOCK)
+
+    #ifndef MSGNET_DEBUG
+    #define MSGNET_DEBUG 0
+    #endif
+
+    /* recvmmsg/sendmmsg are Linux (glibc defines them under _GNU_SOURCE, which
+       pyconfig.h sets). Elsewhere the engine uses the create_datagram_endpoint
+       path; these stubs only keep the module compiling. */
+    #if defined(__linux__)
+    #define MSGNET_HAVE_MMSG 1
+    #else
+    #define MSGNET_HAVE_MMSG 0
+    struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
+    static int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, void *t)
+    { (void)fd; (void)v; (void)n; (void)flags; (void)t; errno = ENOSYS; return -1; }
+    static int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
+    { (void)fd; (void)v; (void)n; (void)flags; errno = ENOSYS; return -1; }
+    #endif
+    """
+    const int MSGNET_DEBUG
+    const int MSGNET_HAVE_MMSG
+    bint MSGNET_WOULD_BLOCK(int err) nogil
+
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    ctypedef uint32_t in_addr_t
+
+    struct sockaddr:
+        sa_family_t sa_family
+    struct sockaddr_storage:
+        sa_family_t ss_family
+    struct in_addr:
+        in_addr_t s_addr
+    struct in6_addr:
+        uint8_t s6_addr[16]
+    struct sockaddr_in:
+        sa_family_t sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+
+    struct msghdr:
+        void* msg_name
+        socklen_t msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
+    enum:
+        AF_INET
+        AF_INET6
+        MSG_DONTWAIT
+        MSG_TRUNC
+
+    int recvmmsg(int fd, mmsghdr* msgvec, unsigned int vlen, int flags, void* timeout) nogil
+    int sendmmsg(int fd, mmsghdr* msgvec, unsigned int vlen, int flags) nogil
+    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
+    int inet_pton(int af, const char* src, void* dst)
+    uint16_t htons(uint16_t)
+    uint16_t ntohs(uint16_t)
+    uint32_t htonl(uint32_t)
+    uint32_t ntohl(uint32_t)
+
+
+# Engine counters: an index into UdpEngine._counters; COUNTER_NAMES in _engine.pyx names them
+# (the drop names are those of docs/wire.md).
+cdef enum:
+    CNT_PACKETS_IN
+    CNT_BYTES_IN
+    CNT_PACKETS_OUT
+    CNT_BYTES_OUT
+    CNT_MESSAGES_IN
+    CNT_MESSAGES_OUT
+    CNT_INIT_FRAMES_IN
+    CNT_CONTINUATION_FRAMES_IN
+    CNT_TRUNCATED
+    CNT_NOT_MSGNET
+    CNT_UNKNOWN_PACKET_TYPE
+    CNT_UNKNOWN_SESSION
+    CNT_REPLAY
+    CNT_AUTH_FAILED
+    CNT_COUNTER_EXHAUSTED
+    CNT_PLAINTEXT_REFUSED
+    CNT_BAD_FRAME
+    CNT_UNKNOWN_FRAME
+    CNT_UNKNOWN_ALIAS
+    CNT_NO_HANDLER
+    CNT_TOO_MANY_ALIASES
+    CNT_OVERSIZE
+    CNT_HANDLER_ERROR
+    CNT_REPLY_DROPPED
+    CNT_SEND_ERRORS
+    CNT_COUNT
+
+cdef enum:
+    C_MAX_ALIASES = 256                # MAX_ALIASES_PER_SESSION
+    C_RETAIN_PACKETS = 64              # RETAIN_SENT_PACKETS
+    C_DATAGRAM_CEILING = 9000          # MAX_DATAGRAM_CEILING
+    C_RX_SLOT = C_DATAGRAM_CEILING + 1 # one byte more: a datagram that fills it is oversize
+
+
+cdef class UdpEngine
+
+
+cdef class Message:
+    cdef readonly bytes data
+    cdef readonly object from_peer
+    cdef readonly str protocol
+    cdef readonly object request_id
+    cdef readonly int flags
+    cdef readonly Session session
+
+
+cdef class Session:
+    cdef readonly object peer_id
+    cdef readonly uint32_t local_index
+    cdef readonly uint32_t remote_index
+    cdef readonly object address
+    cdef readonly bint established
+    cdef readonly bint initiator
+    cdef readonly double created
+    cdef readonly double last_received
+    cdef readonly double last_sent
+    cdef readonly SessionCrypto crypto
+
+    cdef UdpEngine _engine
+    cdef bint _closed
+    # The remote address as a C sockaddr, for sendmmsg and the receive-side comparison.
+    cdef sockaddr_storage _sa
+    cdef socklen_t _salen
+
+    # Inbound aliases (the peer's numbering): alias int -> protocol str.
+    cdef dict _in_protocols
+    # Outbound aliases (ours, numbered from 0): protocol str -> alias int; per alias the
+    # protocol, its UTF-8 bytes and whether the peer answered BOUND.
+    cdef dict _out_aliases
+    cdef list _out_protocols
+    cdef list _out_encoded
+    cdef uint8_t _out_bound[C_MAX_ALIASES]
+
+    # Send queue: frames go into the open payload _cur; full payloads become bytes in _queue
+    # (from _queue_head on).
+    cdef uint8_t* _cur
+    cdef Py_ssize_t _cur_len
+    cdef Py_ssize_t _cap
+    cdef list _queue
+    cdef Py_ssize_t _queue_head
+    cdef Py_ssize_t _queued_bytes
+    cdef Py_ssize_t _max_queue
+    cdef bint _dirty
+    cdef list _drain_waiters
+
+    # The last C_RETAIN_PACKETS sealed packets, for SESSION_UNKNOWN recovery (ring).
+    cdef uint64_t _ret_counter[C_RETAIN_PACKETS]
+    cdef uint8_t _ret_tag[C_RETAIN_PACKETS][16]
+    cdef double _ret_time[C_RETAIN_PACKETS]
+    cdef list _ret_payload
+    cdef int _ret_next
+    cdef int _ret_count
+
+    cdef inline Py_ssize_t _queue_len(self) noexcept:
+        return len(self._queue) - self._queue_head
+
+    cdef int _alias(self, str protocol) except -1
+    cdef uint8_t* _reserve(self, Py_ssize_t size, bint force) except? NULL
+    cdef int _close_payload(self) except -1
+    cdef bytes _pop_payload(self)
+    cdef int _wake_drained(self, object error) except -1
+    cdef int _retain(self, uint64_t counter, const uint8_t* tag, bytes payload,
+                     double now) except -1
+    cdef int _set_address(self, object addr, int family) except -1
+
+
+cdef class UdpEngine:
+    cdef readonly object sock
+    cdef readonly object loop
+    cdef readonly dict sessions
+    cdef public int transport_id
+    cdef readonly int max_datagram
+    cdef readonly bint use_recvmmsg
+
+    cdef object _delegate
+    cdef dict _handlers
+    cdef int _fd
+    cdef int _family
+    cdef int _batch
+    cdef int _max_rounds
+    cdef Py_ssize_t _max_queue
+    cdef bint _reading
+    cdef bint _closed
+    cdef object _transport
+    cdef double _now
+
+    # Delegate methods and loop callbacks, bound once.
+    cdef object _on_control
+    cdef object _on_response
+    cdef object _on_reset
+    cdef object _on_pong
+    cdef object _on_ack
+    cdef object _on_close
+    cdef object _on_delivery_ack
+    cdef object _loop_time
+    cdef object _flush_cb
+
+    # Receive ring: _batch slots of C_RX_SLOT bytes with their headers and source addresses.
+    cdef uint8_t* _rx_buf
+    cdef mmsghdr* _rx_hdrs
+    cdef iovec* _rx_iov
+    cdef sockaddr_storage* _rx_addrs
+
+    # Send ring: _batch sealed packets of at most max_datagram bytes; slots _tx_head.._tx_count
+    # are sealed and not yet sent. _tx_owner holds each slot's Session (its address).
+    cdef uint8_t* _tx_buf
+    cdef mmsghdr* _tx_hdrs
+    cdef iovec* _tx_iov
+    cdef list _tx_owner
+    cdef int _tx_head
+    cdef int _tx_count
+
+    cdef list _dirty
+    cdef object _flush_handle
+    cdef bint _writer_armed
+
+    cdef uint64_t _counters[CNT_COUNT]
+
+    cdef int _feed(self, bytes data, object addr) except -1
+    cdef int _datagram(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out,
+                       const sockaddr* sa, object pyaddr, bytes data) except -1
+    cdef int _control(self, const uint8_t* pkt, Py_ssize_t n, const sockaddr* sa,
+                      object pyaddr, bytes data) except -1
+    cdef int _frames(self, Session s, const uint8_t* p, Py_ssize_t n) except -1
+    cdef int _message(self, Session s, uint64_t alias, str protocol, FrameView* fv) except -1
+    cdef int _control_frame(self, Session s, FrameView* fv) except -1
+    cdef int _queue_reply(self, Session s, uint8_t frame_type, uint64_t a, uint64_t b) except -1
+    cdef int _queue_pong(self, Session s, const uint8_t* data, Py_ssize_t n) except -1
+    cdef bint _send(self, Session s, str protocol, object payload, int flags,
+                    object request_id) except -1
+    cdef int _mark_dirty(self, Session s) except -1
+    cdef int _flush_all(self) except -1
+    cdef bint _seal_session(self, Session s, double now, bint force) except -1
+    cdef bint _drain_tx(self) except -1
+    cdef int _arm_writer(self) except -1
+    cdef int _report(self, str message, object exc, Session s) except -1

@@ -1,0 +1,1233 @@
+# cython: auto_pickle=False
+"""The UDP hot path (DESIGN.md §2): datagram -> header -> session -> open -> frames -> handler,
+and back: frames coalesced per session -> sealed -> sendmmsg.
+
+The engine reads its socket itself because uvloop's ``datagram_received`` path costs about 2 us
+per datagram before any work (a bytes copy, an address tuple, two GIL round trips, a generic
+call), while a ``recvmmsg`` batch read from a ``loop.add_reader`` callback costs about 0.85 us on
+uvloop and stock asyncio alike (STYLE.md §2). ``create_datagram_endpoint`` remains the portable
+fallback and feeds the same C function.
+
+Network input never raises into the event loop: bad packets are dropped and counted
+(``counters()``), and handler or delegate exceptions go to ``loop.call_exception_handler``.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_FromString
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memmove, memset
+
+from msgnet._frame cimport (
+    C_MAX_FRAMES_PER_PACKET,
+    C_MAX_PROTOCOL_LENGTH,
+    ERR_UNKNOWN_FRAME_TYPE,
+    FLAG_REQUEST,
+    FLAG_RESPONSE,
+    FRAME_ACK,
+    FRAME_BOUND,
+    FRAME_CLOSE,
+    FRAME_CONTINUATION,
+    FRAME_DELIVERY_ACK,
+    FRAME_INIT,
+    FRAME_PING,
+    FRAME_PONG,
+    FRAME_RESET,
+    READ_END,
+    READ_OK,
+    FrameView,
+    message_header_size,
+    read_frame,
+    varint_size,
+    write_continuation,
+    write_init,
+    write_small,
+)
+from msgnet._packet cimport (
+    AEAD_TAG_SIZE,
+    DATA_HEADER_SIZE,
+    DATA_OVERHEAD,
+    DROP_AUTH_FAILED,
+    DROP_COUNTER_EXHAUSTED,
+    DROP_PLAINTEXT_REFUSED,
+    DROP_REPLAY,
+    DROP_TRUNCATED,
+    DROP_WRONG_SESSION,
+    OPEN_OK,
+    PACKET_DATA,
+    PACKET_INITIATION,
+    PACKET_PLAIN_DATA,
+    PACKET_VERSION_UNSUPPORTED,
+    SessionCrypto,
+)
+
+import asyncio
+import os
+import socket
+
+from msgnet import limits
+from msgnet.errors import ClosedError, MessageTooLargeError, UsageError
+
+__all__ = ["Message", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG"]
+
+# Indexed by the CNT_* enum of _engine.pxd.
+COUNTER_NAMES = (
+    "packets_in",
+    "bytes_in",
+    "packets_out",
+    "bytes_out",
+    "messages_in",
+    "messages_out",
+    "init_frames_in",
+    "continuation_frames_in",
+    "truncated",
+    "not_msgnet",
+    "unknown_packet_type",
+    "unknown_session",
+    "replay",
+    "auth_failed",
+    "counter_exhausted",
+    "plaintext_refused",
+    "bad_frame",
+    "unknown_frame",
+    "unknown_alias",
+    "no_handler",
+    "too_many_aliases",
+    "oversize",
+    "handler_error",
+    "reply_dropped",
+    "send_errors",
+)
+assert len(COUNTER_NAMES) == CNT_COUNT
+
+HAVE_RECVMMSG = bool(MSGNET_HAVE_MMSG)
+
+cdef enum:
+    _PACKET_TYPE_MAX = 0x0F
+    _RESET_NO_HANDLER = 1
+    _RESET_UNKNOWN_ALIAS = 2
+    _RESET_TOO_MANY_ALIASES = 3
+
+cdef double _RETAIN_SENT_TIME = limits.RETAIN_SENT_TIME
+cdef uint8_t _ZERO_TAG[16]   # the "tag" retained for PLAIN_DATA packets, which have none
+memset(_ZERO_TAG, 0, 16)
+
+
+# ---------------------------------------------------------------------------
+# C helpers
+# ---------------------------------------------------------------------------
+
+cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline int _drop_counter(int reason) noexcept nogil:
+    """The counter of an open_into drop reason."""
+    if reason == DROP_REPLAY:
+        return CNT_REPLAY
+    if reason == DROP_AUTH_FAILED:
+        return CNT_AUTH_FAILED
+    if reason == DROP_COUNTER_EXHAUSTED:
+        return CNT_COUNTER_EXHAUSTED
+    if reason == DROP_PLAINTEXT_REFUSED:
+        return CNT_PLAINTEXT_REFUSED
+    if reason == DROP_WRONG_SESSION:
+        return CNT_UNKNOWN_SESSION
+    return CNT_TRUNCATED  # DROP_TRUNCATED; DROP_OUT_OF_ROOM cannot happen (cap = n - 13)
+
+
+cdef inline bint _same_addr(const sockaddr* a, const sockaddr_storage* b) noexcept nogil:
+    cdef const sockaddr_in* a4
+    cdef const sockaddr_in* b4
+    cdef const sockaddr_in6* a6
+    cdef const sockaddr_in6* b6
+    if a.sa_family != b.ss_family:
+        return False
+    if a.sa_family == AF_INET:
+        a4 = <const sockaddr_in*>a
+        b4 = <const sockaddr_in*>b
+        return a4.sin_port == b4.sin_port and a4.sin_addr.s_addr == b4.sin_addr.s_addr
+    a6 = <const sockaddr_in6*>a
+    b6 = <const sockaddr_in6*>b
+    return (a6.sin6_port == b6.sin6_port and a6.sin6_scope_id == b6.sin6_scope_id
+            and memcmp(&a6.sin6_addr, &b6.sin6_addr, 16) == 0)
+
+
+cdef object _sockaddr_to_py(const sockaddr* sa):
+    """The address as the socket module spells it: (host, port) or IPv6 (host, port, flow, scope)."""
+    cdef char host[64]
+    cdef const sockaddr_in* sin
+    cdef const sockaddr_in6* sin6
+    if sa.sa_family == AF_INET:
+        sin = <const sockaddr_in*>sa
+        inet_ntop(AF_INET, &sin.sin_addr, host, sizeof(host))
+        return (PyUnicode_FromString(host), ntohs(sin.sin_port))
+    if sa.sa_family == AF_INET6:
+        sin6 = <const sockaddr_in6*>sa
+        inet_ntop(AF_INET6, &sin6.sin6_addr, host, sizeof(host))
+        return (PyUnicode_FromString(host), ntohs(sin6.sin6_port), ntohl(sin6.sin6_flowinfo),
+                sin6.sin6_scope_id)
+    return None
+
+
+cdef str _too_large(Py_ssize_t size, int max_datagram):
+    return (f"a {size}-byte message does not fit one {max_datagram}-byte datagram "
+            "(fragmentation is not implemented yet)")
+
+
+cdef Py_ssize_t _whole_frames(const uint8_t* p, Py_ssize_t n, Py_ssize_t budget) noexcept:
+    """Length of the longest run of whole frames at the start of p[0:n] within budget bytes."""
+    cdef FrameView fv
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t end = 0
+    while read_frame(p, n, &pos, &fv) == READ_OK and pos <= budget:
+        end = pos
+    return end
+
+
+# ---------------------------------------------------------------------------
+# Message
+# ---------------------------------------------------------------------------
+
+@cython.freelist(64)
+cdef class Message:
+    """One received message, handed to the protocol's handler.
+
+    ``data`` is the message's own bytes (never a view of the engine's receive ring), so a
+    handler may keep it. ``from_peer`` is the PeerID the session's handshake proved.
+    """
+
+    def __init__(self):
+        raise TypeError("messages are created by the engine")
+
+    @property
+    def is_request(self) -> bool:
+        return self.flags & FLAG_REQUEST != 0
+
+    def reply(self, data) -> None:
+        """Queue a RESPONSE with this request's id on the same protocol and session.
+
+        Never blocks: when the session's queue is full, or the session is gone, the reply is
+        dropped and counted (``reply_dropped``); the requester times out.
+        """
+        if not self.flags & FLAG_REQUEST:
+            raise UsageError("reply() answers a request; this message is not one")
+        cdef Session s = self.session
+        if s._closed or not s._engine._send(s, self.protocol, data, FLAG_RESPONSE,
+                                            self.request_id):
+            s._engine._counters[CNT_REPLY_DROPPED] += 1
+
+    def __repr__(self):
+        rid = "" if self.request_id is None else f" request_id={self.request_id}"
+        return (f"<Message {self.protocol!r} from {self.from_peer} {len(self.data)} bytes "
+                f"flags=0x{self.flags:02x}{rid}>")
+
+
+# ---------------------------------------------------------------------------
+# Session
+# ---------------------------------------------------------------------------
+
+cdef class Session:
+    """One secure session with one peer: keys, protocol aliases in both directions, the send
+    queue of plaintext payloads, and the last sent packets (for SESSION_UNKNOWN recovery).
+
+    Created by ``UdpEngine.new_session``; the engine reads and writes it from C.
+    """
+
+    def __init__(self):
+        raise TypeError("sessions are created by UdpEngine.new_session")
+
+    def __dealloc__(self):
+        PyMem_Free(self._cur)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Plaintext bytes waiting to be sealed and sent."""
+        return self._queued_bytes + self._cur_len
+
+    @property
+    def protocols_in(self) -> dict:
+        """The peer's aliases we learnt from INIT: {alias: protocol}."""
+        return dict(self._in_protocols)
+
+    @property
+    def protocols_out(self) -> dict:
+        """Our aliases: {protocol: alias}."""
+        return dict(self._out_aliases)
+
+    def is_bound(self, str protocol not None) -> bool:
+        """Whether the peer confirmed our alias for protocol (we then send CONTINUATION)."""
+        alias = self._out_aliases.get(protocol)
+        return alias is not None and self._out_bound[<int>alias] != 0
+
+    def retained_since(self, uint64_t counter, bytes tag not None):
+        """The plaintext payloads of the retained packets from ``counter`` on, if (counter, tag)
+        is a packet this session sent less than RETAIN_SENT_TIME ago; else None.
+
+        This is how a SESSION_UNKNOWN is authenticated (only a party that saw the packet knows
+        its tag) and how the frames the peer lost are recovered (docs/wire.md §2.5).
+        """
+        cdef int k, j, i
+        cdef int oldest = (self._ret_next - self._ret_count) % C_RETAIN_PACKETS
+        cdef double now
+        if len(tag) != AEAD_TAG_SIZE or self._engine is None:
+            return None
+        now = self._engine._loop_time()
+        for k in range(self._ret_count):
+            i = (oldest + k) % C_RETAIN_PACKETS
+            if (self._ret_counter[i] == counter
+                    and memcmp(self._ret_tag[i], PyBytes_AS_STRING(tag), AEAD_TAG_SIZE) == 0):
+                if now - self._ret_time[i] >= _RETAIN_SENT_TIME:
+                    return None
+                return [self._ret_payload[(oldest + j) % C_RETAIN_PACKETS]
+                        for j in range(k, self._ret_count)]
+        return None
+
+    def __repr__(self):
+        state = "established" if self.established else "handshaking"
+        return (f"<Session {self.peer_id} local={self.local_index:#010x} "
+                f"remote={self.remote_index:#010x} {state} {self.address}>")
+
+    cdef int _alias(self, str protocol) except -1:
+        """Our alias for protocol, numbering a new one (from 0) the first time."""
+        alias = self._out_aliases.get(protocol)
+        if alias is not None:
+            return alias
+        try:
+            encoded = protocol.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"protocol {protocol!r} is not valid UTF-8") from None
+        if not 0 < len(encoded) <= C_MAX_PROTOCOL_LENGTH:
+            raise UsageError(f"protocol id must be 1 to {C_MAX_PROTOCOL_LENGTH} bytes of UTF-8")
+        alias = len(self._out_protocols)
+        if alias >= C_MAX_ALIASES:
+            raise UsageError(f"more than {C_MAX_ALIASES} protocols on one session")
+        self._out_aliases[protocol] = alias
+        self._out_protocols.append(protocol)
+        self._out_encoded.append(encoded)
+        return alias
+
+    cdef uint8_t* _reserve(self, Py_ssize_t size, bint force) except? NULL:
+        """Room for a size-byte frame at the end of the open payload, closing it into the queue
+        first if the frame does not fit. NULL if that would grow a full queue (unless force).
+        """
+        if self._cur_len + size > self._cap:
+            if not force and self._queue_len() >= self._max_queue:
+                return NULL
+            self._close_payload()
+        return self._cur + self._cur_len
+
+    cdef int _close_payload(self) except -1:
+        if self._cur_len:
+            self._queue.append(PyBytes_FromStringAndSize(<char*>self._cur, self._cur_len))
+            self._queued_bytes += self._cur_len
+            self._cur_len = 0
+        return 0
+
+    cdef bytes _pop_payload(self):
+        cdef bytes payload = self._queue[self._queue_head]
+        self._queue[self._queue_head] = None
+        self._queue_head += 1
+        if self._queue_head == len(self._queue):
+            del self._queue[:]
+            self._queue_head = 0
+        elif self._queue_head >= 64 and 2 * self._queue_head > len(self._queue):
+            del self._queue[:self._queue_head]
+            self._queue_head = 0
+        self._queued_bytes -= PyBytes_GET_SIZE(payload)
+        return payload
+
+    cdef int _wake_drained(self, object error) except -1:
+        """Resolve wait_drained() futures once the queue is below half (or fail them)."""
+        if not self._drain_waiters:
+            return 0
+        if error is None and 2 * self._queue_len() >= self._max_queue:
+            return 0
+        waiters = self._drain_waiters
+        self._drain_waiters = []
+        for future in waiters:
+            if not future.done():
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+        return 0
+
+    cdef int _retain(self, uint64_t counter, const uint8_t* tag, bytes payload,
+                     double now) except -1:
+        cdef int i = self._ret_next
+        self._ret_counter[i] = counter
+        memcpy(self._ret_tag[i], tag, AEAD_TAG_SIZE)
+        self._ret_time[i] = now
+        self._ret_payload[i] = payload
+        self._ret_next = (i + 1) % C_RETAIN_PACKETS
+        if self._ret_count < C_RETAIN_PACKETS:
+            self._ret_count += 1
+        return 0
+
+    cdef int _set_address(self, object addr, int family) except -1:
+        """Store addr (numeric host) as the C sockaddr and as its canonical Python tuple."""
+        cdef sockaddr_in* sin = <sockaddr_in*>&self._sa
+        cdef sockaddr_in6* sin6 = <sockaddr_in6*>&self._sa
+        cdef bytes host
+        cdef int port
+        try:
+            host = addr[0].encode("ascii")
+            port = addr[1]
+        except (TypeError, IndexError, AttributeError, UnicodeError, OverflowError):
+            raise UsageError(f"bad address {addr!r}: want (host, port)") from None
+        if not 0 <= port <= 0xFFFF:
+            raise UsageError(f"bad port in {addr!r}")
+        memset(&self._sa, 0, sizeof(self._sa))
+        if family == AF_INET:
+            if inet_pton(AF_INET, host, &sin.sin_addr) != 1:
+                raise UsageError(f"{addr!r} is not a numeric IPv4 address")
+            sin.sin_family = AF_INET
+            sin.sin_port = htons(<uint16_t>port)
+            self._salen = sizeof(sockaddr_in)
+        else:
+            if inet_pton(AF_INET6, host, &sin6.sin6_addr) != 1:
+                # An IPv4 address on a dual-stack socket: its IPv4-mapped form ::ffff:a.b.c.d.
+                if inet_pton(AF_INET, host, &sin6.sin6_addr.s6_addr[12]) != 1:
+                    raise UsageError(f"{addr!r} is not a numeric IP address")
+                sin6.sin6_addr.s6_addr[10] = 0xFF
+                sin6.sin6_addr.s6_addr[11] = 0xFF
+            sin6.sin6_family = AF_INET6
+            sin6.sin6_port = htons(<uint16_t>port)
+            if len(addr) >= 4:
+                sin6.sin6_flowinfo = htonl(addr[2])
+                sin6.sin6_scope_id = addr[3]
+            self._salen = sizeof(sockaddr_in6)
+        self.address = _sockaddr_to_py(<sockaddr*>&self._sa)
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# The create_datagram_endpoint fallback
+# ---------------------------------------------------------------------------
+
+cdef class _EndpointProtocol:
+    """Hands each datagram of a create_datagram_endpoint transport to the engine's C path."""
+
+    cdef UdpEngine engine
+
+    def connection_made(self, transport):
+        self.engine._transport = transport
+
+    def datagram_received(self, bytes data, addr):
+        self.engine._feed(data, addr)
+
+    def error_received(self, exc):
+        """ICMP errors on an unconnected socket say nothing the sessions act on."""
+
+    def connection_lost(self, exc):
+        self.engine._transport = None
+
+    def pause_writing(self):
+        """The transport buffers; the sessions' bounded queues are the back-pressure."""
+
+    def resume_writing(self):
+        """See pause_writing."""
+
+
+# ---------------------------------------------------------------------------
+# UdpEngine
+# ---------------------------------------------------------------------------
+
+cdef class UdpEngine:
+    """Owns one bound UDP socket: receives, opens and dispatches datagrams; coalesces, seals and
+    sends the sessions' frames. See the module docstring for why it reads the socket itself.
+
+    ``delegate`` gets what is off the hot path: ``handle_control(data, addr)``,
+    ``handle_response(session, request_id, data)``, ``handle_reset(session, protocol, code)``,
+    ``handle_pong(session, data)``, ``handle_ack(session, transport_id)``,
+    ``handle_close(session, code, reason)``, ``handle_delivery_ack(session, body)``.
+    ``handlers`` maps protocol -> callable(Message); the owner mutates it, the engine looks up
+    each message's protocol in it.
+    """
+
+    def __cinit__(self):
+        self._rx_buf = NULL
+        self._rx_hdrs = NULL
+        self._rx_iov = NULL
+        self._rx_addrs = NULL
+        self._tx_buf = NULL
+        self._tx_hdrs = NULL
+        self._tx_iov = NULL
+
+    def __init__(self, sock, loop, delegate, dict handlers not None, *,
+                 int max_datagram=limits.MAX_DATAGRAM, int batch=64, int max_rounds=8,
+                 use_recvmmsg=None, int max_queue_payloads=256):
+        cdef int i
+        if not limits.MAX_DATAGRAM <= max_datagram <= C_DATAGRAM_CEILING:
+            raise UsageError(f"max_datagram must be {limits.MAX_DATAGRAM} to "
+                             f"{C_DATAGRAM_CEILING}")
+        if not 1 <= batch <= 1024 or max_rounds < 1 or max_queue_payloads < 1:
+            raise UsageError("batch must be 1 to 1024; max_rounds and max_queue_payloads >= 1")
+        if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET,
+                                                                  socket.AF_INET6):
+            raise UsageError("the engine needs an IPv4 or IPv6 UDP socket")
+        if use_recvmmsg is None:
+            use_recvmmsg = HAVE_RECVMMSG
+        elif use_recvmmsg and not HAVE_RECVMMSG:
+            raise UsageError("recvmmsg is not available on this platform")
+        sock.setblocking(False)
+        self.sock = sock
+        self.loop = loop
+        self.sessions = {}
+        self.transport_id = 1
+        self.max_datagram = max_datagram
+        self.use_recvmmsg = use_recvmmsg
+        self._delegate = delegate
+        self._handlers = handlers
+        self._fd = sock.fileno()
+        self._family = AF_INET if sock.family == socket.AF_INET else AF_INET6
+        self._batch = batch
+        self._max_rounds = max_rounds
+        self._max_queue = max_queue_payloads
+        self._on_control = delegate.handle_control
+        self._on_response = delegate.handle_response
+        self._on_reset = delegate.handle_reset
+        self._on_pong = delegate.handle_pong
+        self._on_ack = delegate.handle_ack
+        self._on_close = delegate.handle_close
+        self._on_delivery_ack = delegate.handle_delivery_ack
+        self._loop_time = loop.time
+        self._flush_cb = self._run_flush
+        self._dirty = []
+        self._tx_owner = [None] * batch
+
+        self._tx_buf = <uint8_t*>PyMem_Malloc(batch * max_datagram)
+        self._tx_hdrs = <mmsghdr*>PyMem_Malloc(batch * sizeof(mmsghdr))
+        self._tx_iov = <iovec*>PyMem_Malloc(batch * sizeof(iovec))
+        if use_recvmmsg:
+            self._rx_buf = <uint8_t*>PyMem_Malloc(batch * C_RX_SLOT)
+            self._rx_hdrs = <mmsghdr*>PyMem_Malloc(batch * sizeof(mmsghdr))
+            self._rx_iov = <iovec*>PyMem_Malloc(batch * sizeof(iovec))
+            self._rx_addrs = <sockaddr_storage*>PyMem_Malloc(batch * sizeof(sockaddr_storage))
+            if (self._rx_buf == NULL or self._rx_hdrs == NULL or self._rx_iov == NULL
+                    or self._rx_addrs == NULL):
+                raise MemoryError()
+        if self._tx_buf == NULL or self._tx_hdrs == NULL or self._tx_iov == NULL:
+            raise MemoryError()
+        memset(self._tx_hdrs, 0, batch * sizeof(mmsghdr))
+        for i in range(batch):
+            self._tx_iov[i].iov_base = self._tx_buf + i * max_datagram
+            self._tx_hdrs[i].msg_hdr.msg_iov = &self._tx_iov[i]
+            self._tx_hdrs[i].msg_hdr.msg_iovlen = 1
+        if use_recvmmsg:
+            memset(self._rx_hdrs, 0, batch * sizeof(mmsghdr))
+            for i in range(batch):
+                self._rx_iov[i].iov_base = self._rx_buf + i * C_RX_SLOT
+                self._rx_iov[i].iov_len = C_RX_SLOT
+                self._rx_hdrs[i].msg_hdr.msg_iov = &self._rx_iov[i]
+                self._rx_hdrs[i].msg_hdr.msg_iovlen = 1
+                self._rx_hdrs[i].msg_hdr.msg_name = &self._rx_addrs[i]
+
+    def __dealloc__(self):
+        PyMem_Free(self._rx_buf)
+        PyMem_Free(self._rx_hdrs)
+        PyMem_Free(self._rx_iov)
+        PyMem_Free(self._rx_addrs)
+        PyMem_Free(self._tx_buf)
+        PyMem_Free(self._tx_hdrs)
+        PyMem_Free(self._tx_iov)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self):
+        """Start receiving. Returns a future done once the engine reads the socket: at once on
+        the recvmmsg path, after create_datagram_endpoint on the fallback (awaiting it is
+        optional; datagrams wait in the socket meanwhile)."""
+        if self._closed:
+            raise ClosedError("engine is closed")
+        if self._reading:
+            raise UsageError("engine already started")
+        self._reading = True
+        if self.use_recvmmsg:
+            self.loop.add_reader(self._fd, self._on_readable)
+            started = self.loop.create_future()
+            started.set_result(None)
+            return started
+        return asyncio.ensure_future(self._open_endpoint(), loop=self.loop)
+
+    async def _open_endpoint(self):
+        protocol = _EndpointProtocol()
+        protocol.engine = self
+        transport, _ = await self.loop.create_datagram_endpoint(lambda: protocol,
+                                                                sock=self.sock)
+        if self._closed:
+            transport.close()
+
+    def close(self):
+        """Stop reading and writing; fail wait_drained() futures. The socket's owner closes it
+        (on the fallback path the transport closes it too)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reading and self.use_recvmmsg:
+            self.loop.remove_reader(self._fd)
+        if self._writer_armed:
+            self.loop.remove_writer(self._fd)
+            self._writer_armed = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        error = ClosedError("engine closed")
+        for s in self.sessions.values():
+            (<Session>s)._wake_drained(error)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def new_session(self, peer_id, uint64_t local_index, bint initiator) -> Session:
+        """A session bound to this engine (not yet registered: see add_session)."""
+        if not 0 < local_index <= 0xFFFFFFFF:
+            raise UsageError("local_index must be a non-zero u32")
+        cdef Session s = Session.__new__(Session)
+        s._engine = self
+        s.peer_id = peer_id
+        s.local_index = <uint32_t>local_index
+        s.initiator = initiator
+        s.created = self._loop_time()
+        s._cap = self.max_datagram - DATA_OVERHEAD
+        s._cur = <uint8_t*>PyMem_Malloc(s._cap)
+        if s._cur == NULL:
+            raise MemoryError()
+        s._max_queue = self._max_queue
+        s._in_protocols = {}
+        s._out_aliases = {}
+        s._out_protocols = []
+        s._out_encoded = []
+        s._queue = []
+        s._drain_waiters = []
+        s._ret_payload = [None] * C_RETAIN_PACKETS
+        return s
+
+    def add_session(self, Session session not None):
+        """Route DATA whose receiver index is session.local_index to session."""
+        if session._engine is not self:
+            raise UsageError("session belongs to another engine")
+        other = self.sessions.get(session.local_index)
+        if other is not None and other is not session:
+            raise UsageError(f"local index {session.local_index:#010x} is in use")
+        self.sessions[session.local_index] = session
+
+    def remove_session(self, Session session not None):
+        """Forget session: its packets become unknown, its queue is dropped, its
+        wait_drained() futures fail with ClosedError. Safe for unregistered sessions."""
+        if self.sessions.get(session.local_index) is session:
+            del self.sessions[session.local_index]
+        session._closed = True
+        session._queue = []
+        session._queue_head = 0
+        session._queued_bytes = 0
+        session._cur_len = 0
+        session._wake_drained(ClosedError("session closed"))
+
+    def install_keys(self, Session session not None, uint32_t remote_index,
+                     SessionCrypto crypto not None, addr):
+        """Mark session established with these keys and the peer at addr (numeric host), then
+        send what it queued while handshaking."""
+        if crypto.local_index != session.local_index or crypto.remote_index != remote_index:
+            raise UsageError("crypto's indices do not match the session")
+        session._set_address(addr, self._family)
+        session.remote_index = remote_index
+        session.crypto = crypto
+        session.established = True
+        self.flush_session(session, False)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _on_readable(self):
+        """The add_reader callback: at most max_rounds recvmmsg batches, so a flood cannot
+        starve the rest of the loop."""
+        cdef int rounds, i, n, err = 0
+        cdef int batch = self._batch
+        cdef mmsghdr* hdr
+        cdef uint8_t* slot
+        self._now = self._loop_time()
+        for rounds in range(self._max_rounds):
+            for i in range(batch):
+                self._rx_hdrs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            with nogil:
+                n = recvmmsg(self._fd, self._rx_hdrs, batch, MSG_DONTWAIT, NULL)
+                if n < 0:
+                    err = errno
+            if n < 0:
+                if err == EINTR:
+                    continue
+                if not MSGNET_WOULD_BLOCK(err):
+                    self._report("msgnet: recvmmsg failed", OSError(err, os.strerror(err)),
+                                 None)
+                return
+            for i in range(n):
+                hdr = &self._rx_hdrs[i]
+                slot = self._rx_buf + i * C_RX_SLOT
+                if hdr.msg_len > C_DATAGRAM_CEILING or hdr.msg_hdr.msg_flags & MSG_TRUNC:
+                    self._counters[CNT_PACKETS_IN] += 1
+                    self._counters[CNT_BYTES_IN] += hdr.msg_len
+                    self._counters[CNT_OVERSIZE] += 1
+                else:
+                    self._datagram(slot, hdr.msg_len, slot + DATA_HEADER_SIZE,
+                                   <sockaddr*>&self._rx_addrs[i], None, None)
+                if self._closed:
+                    return
+            if n < batch:
+                return
+
+    def feed_datagram(self, bytes data not None, addr):
+        """Process data as a datagram from addr that arrived now: DATA that a pending
+        handshake held until its keys were installed."""
+        self._feed(data, addr)
+
+    cdef int _feed(self, bytes data, object addr) except -1:
+        """The endpoint path: the same C function as recvmmsg, decrypting into a stack buffer
+        (data is immutable, and a handler may feed another datagram re-entrantly)."""
+        cdef uint8_t out[C_RX_SLOT]
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        self._now = self._loop_time()
+        if n > C_DATAGRAM_CEILING:
+            self._counters[CNT_PACKETS_IN] += 1
+            self._counters[CNT_BYTES_IN] += n
+            self._counters[CNT_OVERSIZE] += 1
+            return 0
+        return self._datagram(<const uint8_t*>PyBytes_AS_STRING(data), n, out, NULL, addr,
+                              data)
+
+    cdef int _datagram(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out,
+                       const sockaddr* sa, object pyaddr, bytes data) except -1:
+        """One datagram pkt[0:n] from sa (recvmmsg) or pyaddr (endpoint). A DATA payload is
+        opened into out (pkt + 13 decrypts in place); data is the packet as bytes if the
+        caller has it."""
+        cdef uint8_t t
+        cdef int rc
+        cdef Py_ssize_t plen = 0
+        cdef Session s
+        self._counters[CNT_PACKETS_IN] += 1
+        self._counters[CNT_BYTES_IN] += n
+        if n == 0:
+            self._counters[CNT_TRUNCATED] += 1
+            return 0
+        t = pkt[0]
+        if t == PACKET_DATA or t == PACKET_PLAIN_DATA:
+            if n < (DATA_OVERHEAD if t == PACKET_DATA else DATA_HEADER_SIZE):
+                self._counters[CNT_TRUNCATED] += 1
+                return 0
+            found = self.sessions.get(_load_u32_be(pkt + 1))
+            if found is None:
+                self._counters[CNT_UNKNOWN_SESSION] += 1
+                return self._control(pkt, n, sa, pyaddr, data)
+            s = <Session>found
+            if s.crypto is None:  # still handshaking: the network may hold it as early data
+                return self._control(pkt, n, sa, pyaddr, data)
+            rc = s.crypto.open_into(pkt, n, out, n - DATA_HEADER_SIZE, &plen)
+            if rc != OPEN_OK:
+                self._counters[_drop_counter(rc)] += 1
+                return 0
+            s.last_received = self._now
+            # Authenticated: only now may the source address move the session (roaming).
+            if sa != NULL:
+                if not _same_addr(sa, &s._sa):
+                    s._set_address(_sockaddr_to_py(sa), self._family)
+            elif pyaddr != s.address:
+                s._set_address(pyaddr, self._family)
+            return self._frames(s, out, plen)
+        if t < PACKET_INITIATION or t > _PACKET_TYPE_MAX:
+            self._counters[CNT_NOT_MSGNET] += 1
+        elif t > PACKET_VERSION_UNSUPPORTED:
+            self._counters[CNT_UNKNOWN_PACKET_TYPE] += 1
+        else:
+            self._control(pkt, n, sa, pyaddr, data)
+        return 0
+
+    cdef int _control(self, const uint8_t* pkt, Py_ssize_t n, const sockaddr* sa,
+                      object pyaddr, bytes data) except -1:
+        """The rare path: hand the packet and its source to the delegate."""
+        if data is None:
+            data = PyBytes_FromStringAndSize(<const char*>pkt, n)
+        if pyaddr is None:
+            pyaddr = _sockaddr_to_py(sa)
+        try:
+            self._on_control(data, pyaddr)
+        except Exception as exc:
+            self._report("msgnet: delegate.handle_control raised", exc, None)
+        return 0
+
+    def process_payload(self, Session session not None, payload, addr):
+        """Run the frames of an already decrypted payload (those a FINISH carried) from addr."""
+        cdef Py_buffer view
+        if addr is not None and addr != session.address:
+            session._set_address(addr, self._family)
+        session.last_received = self._loop_time()
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            self._frames(session, <const uint8_t*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _frames(self, Session s, const uint8_t* p, Py_ssize_t n) except -1:
+        """The frames of one opened payload, in order. A malformed frame drops the rest of the
+        packet and keeps what came before it (docs/wire.md §3.1)."""
+        cdef FrameView fv
+        cdef Py_ssize_t pos = 0
+        cdef int rc, i
+        cdef int frames = 0
+        cdef int bound_count = 0
+        cdef uint16_t bound[C_MAX_FRAMES_PER_PACKET]  # aliases answered BOUND in this packet
+        cdef str protocol
+        while not s._closed:
+            rc = read_frame(p, n, &pos, &fv)
+            if rc == READ_END:
+                break
+            if rc < 0:
+                self._counters[CNT_UNKNOWN_FRAME if rc == ERR_UNKNOWN_FRAME_TYPE
+                               else CNT_BAD_FRAME] += 1
+                break
+            if MSGNET_DEBUG and pos > n:
+                raise AssertionError("read_frame read past the payload")
+            frames += 1
+            if frames > C_MAX_FRAMES_PER_PACKET:
+                self._counters[CNT_BAD_FRAME] += 1
+                break
+            if fv.type == FRAME_CONTINUATION:
+                self._counters[CNT_CONTINUATION_FRAMES_IN] += 1
+                known = s._in_protocols.get(fv.protocol_int)
+                if known is None:  # its INIT was lost, or the peer's view of BOUND is stale
+                    self._counters[CNT_UNKNOWN_ALIAS] += 1
+                    self._queue_reply(s, FRAME_RESET, fv.protocol_int, _RESET_UNKNOWN_ALIAS)
+                else:
+                    self._message(s, fv.protocol_int, <str>known, &fv)
+            elif fv.type == FRAME_INIT:
+                self._counters[CNT_INIT_FRAMES_IN] += 1
+                protocol = PyUnicode_DecodeUTF8(<const char*>fv.protocol, fv.protocol_len, NULL)
+                known = s._in_protocols.get(fv.protocol_int)
+                if known is None:
+                    # Responses are bound without a handler: they go to the delegate.
+                    if not fv.flags & FLAG_RESPONSE and protocol not in self._handlers:
+                        self._counters[CNT_NO_HANDLER] += 1
+                        self._queue_reply(s, FRAME_RESET, fv.protocol_int, _RESET_NO_HANDLER)
+                        continue
+                    if len(s._in_protocols) >= C_MAX_ALIASES:
+                        self._counters[CNT_TOO_MANY_ALIASES] += 1
+                        self._queue_reply(s, FRAME_RESET, fv.protocol_int,
+                                          _RESET_TOO_MANY_ALIASES)
+                        continue
+                    s._in_protocols[fv.protocol_int] = protocol
+                elif <str>known != protocol:  # re-binding an alias is malformed
+                    self._counters[CNT_BAD_FRAME] += 1
+                    break
+                for i in range(bound_count):
+                    if bound[i] == fv.protocol_int:
+                        break
+                else:
+                    bound[bound_count] = <uint16_t>fv.protocol_int
+                    bound_count += 1
+                    self._queue_reply(s, FRAME_BOUND, fv.protocol_int, 0)
+                self._message(s, fv.protocol_int, protocol, &fv)
+            else:
+                self._control_frame(s, &fv)
+        return 0
+
+    cdef int _message(self, Session s, uint64_t alias, str protocol, FrameView* fv) except -1:
+        """Deliver one message: a RESPONSE to the delegate, anything else to the handler."""
+        cdef Message msg
+        self._counters[CNT_MESSAGES_IN] += 1
+        if fv.flags & FLAG_RESPONSE:
+            data = PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len)
+            try:
+                self._on_response(s, fv.request_id, data)
+            except Exception as exc:
+                self._report("msgnet: delegate.handle_response raised", exc, s)
+            return 0
+        handler = self._handlers.get(protocol)
+        if handler is None:
+            self._counters[CNT_NO_HANDLER] += 1
+            self._queue_reply(s, FRAME_RESET, alias, _RESET_NO_HANDLER)
+            return 0
+        msg = Message.__new__(Message)
+        msg.data = PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len)
+        msg.from_peer = s.peer_id
+        msg.protocol = protocol
+        msg.request_id = fv.request_id if fv.flags & FLAG_REQUEST else None
+        msg.flags = fv.flags
+        msg.session = s
+        try:
+            handler(msg)
+        except Exception as exc:
+            self._counters[CNT_HANDLER_ERROR] += 1
+            self._report(f"msgnet: message handler for {protocol!r} raised", exc, s)
+        return 0
+
+    cdef int _control_frame(self, Session s, FrameView* fv) except -1:
+        """BOUND, RESET, PING, PONG, ACK, CLOSE, DELIVERY_ACK: the alias tables, or the
+        delegate."""
+        cdef uint8_t t = fv.type
+        cdef Py_ssize_t head
+        protocol = None
+        try:
+            if t == FRAME_BOUND:
+                if fv.protocol_int < <uint64_t>len(s._out_protocols):
+                    s._out_bound[fv.protocol_int] = 1
+            elif t == FRAME_RESET:
+                if fv.protocol_int < <uint64_t>len(s._out_protocols):
+                    protocol = s._out_protocols[fv.protocol_int]
+                    if fv.code == _RESET_UNKNOWN_ALIAS:
+                        s._out_bound[fv.protocol_int] = 0  # back to INIT
+                self._on_reset(s, protocol, fv.code)
+            elif t == FRAME_PING:
+                self._queue_pong(s, fv.payload, fv.payload_len)
+            elif t == FRAME_PONG:
+                self._on_pong(s, PyBytes_FromStringAndSize(<const char*>fv.payload,
+                                                           fv.payload_len))
+            elif t == FRAME_ACK:
+                self._on_ack(s, fv.transport_id)
+            elif t == FRAME_CLOSE:
+                self._on_close(s, fv.code, PyUnicode_DecodeUTF8(<const char*>fv.payload,
+                                                                fv.payload_len, NULL))
+            elif t == FRAME_DELIVERY_ACK:
+                # The whole body: largest and ack_delay (minimal varints) precede payload.
+                head = varint_size(fv.seq) + varint_size(fv.code)
+                self._on_delivery_ack(s, PyBytes_FromStringAndSize(
+                    <const char*>fv.payload - head, fv.payload_len + head))
+        except Exception as exc:
+            self._report(f"msgnet: delegate raised on frame type 0x{t:02x}", exc, s)
+        return 0
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send_message(self, Session session not None, str protocol not None, payload,
+                     int flags=0, request_id=0) -> bool:
+        """Queue one message; False when the session's queue is full (await wait_drained).
+
+        The message goes out as INIT until the peer answers BOUND for our alias, then as
+        CONTINUATION, coalesced with the session's other frames and sent at the end of the loop
+        iteration. It must fit one packet: MessageTooLargeError otherwise (fragmentation is the
+        delivery layer's, which also owns the SEQ/RELIABLE/ORDERED/FRAGMENT flags).
+        """
+        return self._send(session, protocol, payload, flags, request_id)
+
+    cdef bint _send(self, Session s, str protocol, object payload, int flags,
+                    object request_id) except -1:
+        cdef Py_buffer view
+        cdef uint64_t rid = 0
+        cdef int alias
+        cdef bint init
+        cdef bytes encoded = None
+        cdef Py_ssize_t body, size, written
+        cdef uint8_t* at
+        if flags & ~(FLAG_REQUEST | FLAG_RESPONSE) or flags == FLAG_REQUEST | FLAG_RESPONSE:
+            raise UsageError("flags may be REQUEST or RESPONSE (not both); sequencing and "
+                             "fragments belong to the delivery layer")
+        if flags:
+            if request_id is None or not 0 <= request_id < (1 << 63):
+                raise UsageError("a request or response needs a request_id in 0..2**63-1")
+            rid = request_id
+        elif request_id:
+            raise UsageError("request_id is only sent with REQUEST or RESPONSE")
+        if s._closed:
+            raise ClosedError("session is closed")
+        alias = s._alias(protocol)
+        init = not s._out_bound[alias]
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            if view.len > s._cap:
+                raise MessageTooLargeError(_too_large(view.len, self.max_datagram))
+            body = varint_size(alias) + message_header_size(flags, rid, 0, 0, 0) + view.len
+            if init:
+                encoded = s._out_encoded[alias]
+                body += 2 + varint_size(PyBytes_GET_SIZE(encoded)) + PyBytes_GET_SIZE(encoded)
+            size = 1 + varint_size(body) + body
+            if size > s._cap:
+                raise MessageTooLargeError(_too_large(view.len, self.max_datagram))
+            at = s._reserve(size, False)
+            if at == NULL:
+                return False
+            if init:
+                written = write_init(at, size, <uint16_t>self.transport_id,
+                                     <const uint8_t*>PyBytes_AS_STRING(encoded),
+                                     PyBytes_GET_SIZE(encoded), alias, flags, rid, 0, 0, 0,
+                                     <const uint8_t*>view.buf, view.len)
+            else:
+                written = write_continuation(at, size, alias, flags, rid, 0, 0, 0,
+                                             <const uint8_t*>view.buf, view.len)
+            if MSGNET_DEBUG and written != size:
+                raise AssertionError("frame size mismatch")
+            s._cur_len += written
+        finally:
+            PyBuffer_Release(&view)
+        self._counters[CNT_MESSAGES_OUT] += 1
+        self._mark_dirty(s)
+        return True
+
+    def send_control(self, Session session not None, frame) -> None:
+        """Queue one pre-encoded control frame (PING, ACK, CLOSE ...). Control frames are small
+        and the network's own: they are queued even when the queue is full."""
+        cdef Py_buffer view
+        cdef uint8_t* at
+        PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+        try:
+            if not 0 < view.len <= session._cap:
+                raise UsageError("a control frame must be 1 byte to one payload long")
+            if session._closed:
+                raise ClosedError("session is closed")
+            at = session._reserve(view.len, True)
+            memcpy(at, view.buf, view.len)
+            session._cur_len += view.len
+        finally:
+            PyBuffer_Release(&view)
+        self._mark_dirty(session)
+
+    cdef int _queue_reply(self, Session s, uint8_t frame_type, uint64_t a,
+                          uint64_t b) except -1:
+        """Queue BOUND(a) or RESET(a, b); dropped and counted (reply_dropped) if the queue is
+        full: the peer's input must not grow our queue without bound."""
+        cdef Py_ssize_t size = 2 + varint_size(a) + (1 if frame_type == FRAME_RESET else 0)
+        cdef uint8_t* at = s._reserve(size, False)
+        if at == NULL:
+            self._counters[CNT_REPLY_DROPPED] += 1
+            return 0
+        s._cur_len += write_small(at, size, frame_type, a, b)
+        return self._mark_dirty(s)
+
+    cdef int _queue_pong(self, Session s, const uint8_t* data, Py_ssize_t n) except -1:
+        """Queue PONG echoing a PING's data (at most 32 bytes: a one-byte length)."""
+        cdef uint8_t* at = s._reserve(2 + n, False)
+        if at == NULL:
+            self._counters[CNT_REPLY_DROPPED] += 1
+            return 0
+        at[0] = FRAME_PONG
+        at[1] = <uint8_t>n
+        memcpy(at + 2, data, n)
+        s._cur_len += 2 + n
+        return self._mark_dirty(s)
+
+    cdef int _mark_dirty(self, Session s) except -1:
+        """Remember s has frames to send, and flush once at the end of this loop iteration."""
+        if not s._dirty:
+            s._dirty = True
+            self._dirty.append(s)
+        if self._flush_handle is None and not self._writer_armed and not self._closed:
+            self._flush_handle = self.loop.call_soon(self._flush_cb)
+        return 0
+
+    def _run_flush(self):
+        self._flush_handle = None
+        self._flush_all()
+
+    def flush(self):
+        """Seal and send every established session's queued payloads now."""
+        self._flush_all()
+
+    def flush_session(self, Session session not None, bint force):
+        """Send session's queue now; force sends one DATA packet even if nothing is queued
+        (the responder's handshake confirmation)."""
+        if not self._drain_tx() or not self._seal_session(session, self._loop_time(), force):
+            self._mark_dirty(session)
+            return
+        self._drain_tx()
+
+    cdef int _flush_all(self) except -1:
+        cdef Py_ssize_t i, j
+        cdef list dirty
+        cdef Session s
+        cdef double now
+        if self._closed or not self._drain_tx():
+            return 0
+        now = self._loop_time()
+        dirty = self._dirty
+        self._dirty = []
+        for i in range(len(dirty)):
+            s = dirty[i]
+            s._dirty = False
+            if not self._seal_session(s, now, False):  # blocked: the writer resumes
+                for j in range(i, len(dirty)):
+                    self._mark_dirty(dirty[j])
+                return 0
+        self._drain_tx()
+        return 0
+
+    cdef bint _seal_session(self, Session s, double now, bint force) except -1:
+        """Seal s's queued payloads into the send ring, sending whenever it fills. False if
+        the socket would block (the rest stays queued). Sessions without keys keep their
+        queue: the first frames ride in the handshake (take_payload) or follow install_keys."""
+        cdef bytes payload
+        cdef Py_ssize_t length
+        cdef uint64_t counter
+        cdef uint8_t* slot
+        cdef const uint8_t* tag
+        cdef SessionCrypto crypto = s.crypto
+        if s._closed or not s.established:
+            return True
+        s._close_payload()
+        if force and s._queue_len() == 0:
+            s._queue.append(b"")
+        while s._queue_len():
+            if self._tx_count == self._batch and not self._drain_tx():
+                return False
+            payload = s._pop_payload()
+            slot = self._tx_buf + self._tx_count * self.max_datagram
+            counter = crypto.send_counter
+            length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload),
+                                      PyBytes_GET_SIZE(payload), slot, self.max_datagram)
+            if length < 0:
+                self._counters[CNT_COUNTER_EXHAUSTED if length == -1 else CNT_SEND_ERRORS] += 1
+                continue
+            if crypto.plaintext:
+                tag = _ZERO_TAG
+            else:
+                tag = slot + length - AEAD_TAG_SIZE
+            s._retain(counter, tag, payload, now)
+            s.last_sent = now
+            self._tx_iov[self._tx_count].iov_len = length
+            self._tx_hdrs[self._tx_count].msg_hdr.msg_name = &s._sa
+            self._tx_hdrs[self._tx_count].msg_hdr.msg_namelen = s._salen
+            self._tx_owner[self._tx_count] = s
+            self._tx_count += 1
+        s._wake_drained(None)
+        return True
+
+    cdef bint _drain_tx(self) except -1:
+        """Send the sealed packets of the send ring. False (and the writer armed) if the
+        socket would block; unsendable packets are dropped and counted (send_errors)."""
+        cdef int head, sent, i
+        cdef int err = 0
+        cdef Session owner
+        while self._tx_head < self._tx_count:
+            head = self._tx_head
+            if self._transport is None and MSGNET_HAVE_MMSG:
+                with nogil:
+                    sent = sendmmsg(self._fd, &self._tx_hdrs[head], self._tx_count - head, 0)
+                    if sent < 0:
+                        err = errno
+                if sent < 0:
+                    if err == EINTR:
+                        continue
+                    if MSGNET_WOULD_BLOCK(err):
+                        self._arm_writer()
+                        return False
+                    sent = 0
+                    self._counters[CNT_SEND_ERRORS] += 1
+                    self._tx_head += 1  # this packet cannot go (no route ...): skip it
+                for i in range(head, head + sent):
+                    self._counters[CNT_PACKETS_OUT] += 1
+                    self._counters[CNT_BYTES_OUT] += self._tx_iov[i].iov_len
+                self._tx_head += sent
+            else:
+                owner = self._tx_owner[head]
+                packet = PyBytes_FromStringAndSize(<const char*>self._tx_iov[head].iov_base,
+                                                   self._tx_iov[head].iov_len)
+                try:
+                    if self._transport is not None:
+                        self._transport.sendto(packet, owner.address)
+                    else:
+                        self.sock.sendto(packet, owner.address)
+                except BlockingIOError:
+                    self._arm_writer()
+                    return False
+                except OSError:
+                    self._counters[CNT_SEND_ERRORS] += 1
+                else:
+                    self._counters[CNT_PACKETS_OUT] += 1
+                    self._counters[CNT_BYTES_OUT] += PyBytes_GET_SIZE(packet)
+                self._tx_head += 1
+        for i in range(self._tx_count):
+            self._tx_owner[i] = None
+        self._tx_head = 0
+        self._tx_count = 0
+        return True
+
+    cdef int _arm_writer(self) except -1:
+        if not self._writer_armed:
+            self.loop.add_writer(self._fd, self._on_writable)
+            self._writer_armed = True
+        return 0
+
+    def _on_writable(self):
+        self.loop.remove_writer(self._fd)
+        self._writer_armed = False
+        self._flush_all()
+
+    def take_payload(self, Session session not None, Py_ssize_t budget) -> bytes:
+        """Pop whole frames, at most budget bytes, from the front of session's queue: the first
+        messages to a new peer ride in the handshake's FINISH."""
+        cdef Py_ssize_t take, length
+        cdef const uint8_t* front
+        cdef bytes queued
+        out = bytearray()
+        while len(out) < budget:
+            if session._queue_len():
+                queued = session._queue[session._queue_head]
+                front = <const uint8_t*>PyBytes_AS_STRING(queued)
+                length = PyBytes_GET_SIZE(queued)
+            elif session._cur_len:
+                queued = None
+                front = session._cur
+                length = session._cur_len
+            else:
+                break
+            take = _whole_frames(front, length, budget - len(out))
+            if take == 0:
+                break
+            out += front[:take]
+            if queued is None:
+                memmove(session._cur, session._cur + take, length - take)
+                session._cur_len -= take
+            elif take == length:
+                session._pop_payload()
+            else:
+                session._queue[session._queue_head] = queued[take:]
+                session._queued_bytes -= take
+            if take < length:
+                break
+        session._wake_drained(None)
+        return bytes(out)
+
+    def sendto(self, data, addr) -> None:
+        """Send one raw packet now (handshake packets). Failures are counted (send_errors),
+        not raised: the handshake retransmits."""
+        try:
+            if self._transport is not None:
+                self._transport.sendto(data, addr)
+            else:
+                self.sock.sendto(data, addr)
+        except OSError:
+            self._counters[CNT_SEND_ERRORS] += 1
+        else:
+            self._counters[CNT_PACKETS_OUT] += 1
+            self._counters[CNT_BYTES_OUT] += len(data)
+
+    def wait_drained(self, Session session not None):
+        """A future resolved once session's queue is below half full (ClosedError if the session
+        or engine closes first): what a sender awaits after send_message returned False."""
+        future = self.loop.create_future()
+        if session._closed or self._closed:
+            future.set_exception(ClosedError("session is closed"))
+        elif 2 * session._queue_len() < self._max_queue:
+            future.set_result(None)
+        else:
+            session._drain_waiters.append(future)
+        return future
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def counters(self) -> dict:
+        """Every counter by its docs/wire.md name."""
+        cdef int i
+        return {COUNTER_NAMES[i]: self._counters[i] for i in range(CNT_COUNT)}
+
+    cdef int _report(self, str message, object exc, Session s) except -1:
+        context = {"message": message, "exception": exc}
+        if s is not None:
+            context["session"] = s
+        self.loop.call_exception_handler(context)
+        return 0
+
+    def __repr__(self):
+        mode = "recvmmsg" if self.use_recvmmsg else "endpoint"
+        return f"<UdpEngine fd={self._fd} {mode} sessions={len(self.sessions)}>"

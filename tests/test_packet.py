@@ -1,0 +1,387 @@
+"""DATA/PLAIN_DATA sealing and opening, the replay window and the stateless packets
+(docs/wire.md §2), on the Cython module and its pure-Python twin."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msgnet import _packet_py, limits
+from msgnet.errors import ClosedError, FrameError, ProtocolViolation, UsageError
+
+try:
+    from msgnet import _packet
+except ImportError:
+    if not os.environ.get("MSGNET_NO_EXTENSIONS"):
+        raise  # a missing extension is a broken build, not a reason to skip
+    _packet = None
+
+IMPLS = [m for m in (_packet, _packet_py) if m is not None]
+needs_extension = pytest.mark.skipif(_packet is None, reason="MSGNET_NO_EXTENSIONS")
+
+KEY_AB = bytes(range(32))
+KEY_BA = bytes(range(32, 64))
+INDEX_A = 0x11223344
+INDEX_B = 0xA1B2C3D4
+REJECT = limits.REJECT_AFTER_MESSAGES
+payloads = st.binary(max_size=1500)
+
+
+@pytest.fixture(scope="module", params=IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def impl(request):
+    return request.param
+
+
+def sender(impl, plaintext=False, send_counter=0):
+    """A's session: sends to B."""
+    return impl.SessionCrypto(INDEX_A, INDEX_B, KEY_AB, KEY_BA, plaintext, send_counter)
+
+
+def receiver(impl, plaintext=False):
+    """B's session: receives from A."""
+    return impl.SessionCrypto(INDEX_B, INDEX_A, KEY_BA, KEY_AB, plaintext)
+
+
+def drop_reason(session, packet):
+    with pytest.raises(ProtocolViolation) as info:
+        session.open(packet)
+    return info.value.reason
+
+
+def data_packet(key, receiver_index, counter, payload, packet_type=limits.PACKET_DATA):
+    """A DATA packet built from the text of §2.2 with cryptography directly."""
+    header = bytes([packet_type]) + receiver_index.to_bytes(4, "big") + counter.to_bytes(8, "big")
+    nonce = bytes(4) + counter.to_bytes(8, "little")
+    return header + ChaCha20Poly1305(key).encrypt(nonce, payload, header)
+
+
+# -- constants -------------------------------------------------------------------------------
+
+
+@needs_extension
+def test_pxd_constants_match_limits():
+    for name, value in _packet.PXD_CONSTANTS.items():
+        assert getattr(limits, name) == value, name
+
+
+def test_drop_reason_names_agree():
+    assert _packet_py.DROP_REASON_NAMES[1:6] == (
+        "truncated", "replay", "auth_failed", "counter_exhausted", "plaintext_refused")
+    for impl in IMPLS:
+        assert impl.DROP_REASON_NAMES == _packet_py.DROP_REASON_NAMES
+
+
+# -- seal/open -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plaintext", [False, True])
+@given(batch=st.lists(payloads, max_size=8))
+def test_round_trip(impl, plaintext, batch):
+    a, b = sender(impl, plaintext), receiver(impl, plaintext)
+    overhead = limits.DATA_HEADER_SIZE if plaintext else limits.DATA_OVERHEAD
+    for counter, payload in enumerate(batch):
+        packet = a.seal(payload)
+        assert len(packet) == len(payload) + overhead
+        assert packet[0] == (limits.PACKET_PLAIN_DATA if plaintext else limits.PACKET_DATA)
+        assert _packet_py.peek_receiver_index(packet) == INDEX_B
+        assert int.from_bytes(packet[5:13], "big") == counter
+        assert b.open(packet) == payload
+    assert a.send_counter == len(batch)
+
+
+def test_open_takes_any_buffer(impl):
+    a, b = sender(impl), receiver(impl)
+    assert b.open(bytearray(a.seal(b"x"))) == b"x"
+    assert b.open(memoryview(a.seal(bytearray(b"y")))) == b"y"
+
+
+@needs_extension
+@pytest.mark.parametrize("plaintext", [False, True])
+@given(start=st.integers(0, REJECT - 9), batch=st.lists(payloads, min_size=1, max_size=8))
+def test_twins_identical(plaintext, start, batch):
+    c_send, py_send = sender(_packet, plaintext, start), sender(_packet_py, plaintext, start)
+    c_recv, py_recv = receiver(_packet, plaintext), receiver(_packet_py, plaintext)
+    for payload in batch:
+        packet = c_send.seal(payload)
+        assert py_send.seal(payload) == packet
+        assert py_recv.open(packet) == payload
+        assert c_recv.open(packet) == payload
+        if not plaintext:
+            assert c_send.tag_of(packet) == py_send.tag_of(packet) == packet[-16:]
+
+
+def test_golden_data_vector(impl):
+    key = bytes(range(0x80, 0xA0))
+    index, counter, payload = 0xDEADBEEF, 0x0102030405060708, b"msgnet golden payload"
+    header = bytes.fromhex("07" "deadbeef" "0102030405060708")
+    nonce = bytes.fromhex("00000000" "0807060504030201")
+    expected = header + ChaCha20Poly1305(key).encrypt(nonce, payload, header)
+    session = impl.SessionCrypto(1, index, key, bytes(32), send_counter=counter)
+    assert session.seal(payload) == expected
+    peer = impl.SessionCrypto(index, 1, bytes(32), key)
+    assert peer.open(expected) == payload
+
+
+def test_plain_data_layout(impl):
+    packet = sender(impl, plaintext=True, send_counter=258).seal(b"abc")
+    assert packet == bytes.fromhex("0a" "a1b2c3d4" "0000000000000102") + b"abc"
+
+
+# -- replay window ---------------------------------------------------------------------------
+
+
+def test_immediate_replay_rejected(impl):
+    a, b = sender(impl), receiver(impl)
+    packet = a.seal(b"once")
+    assert b.open(packet) == b"once"
+    assert drop_reason(b, packet) == "replay"
+
+
+def test_replay_after_1000_later_packets_rejected(impl):
+    a, b = sender(impl), receiver(impl)
+    first = a.seal(b"first")
+    b.open(first)
+    for _ in range(1000):
+        b.open(a.seal(b""))
+    assert drop_reason(b, first) == "replay"
+
+
+def test_counter_older_than_window_rejected(impl):
+    a, b = sender(impl), receiver(impl)
+    packets = [a.seal(bytes([i % 256])) for i in range(limits.REPLAY_WINDOW + 1)]
+    b.open(packets[-1])  # highest = 1024: counter 0 is at highest - REPLAY_WINDOW
+    assert drop_reason(b, packets[0]) == "replay"
+    assert b.open(packets[1]) == b"\x01"  # the oldest counter still inside the window
+
+
+@pytest.mark.parametrize("start", [0, 1500])
+def test_reordering_within_window_accepted_once(impl, start):
+    a, b = sender(impl, send_counter=start), receiver(impl)
+    if start:  # earlier traffic, so the ring has wrapped
+        b.window.accept(start - 1)
+    packets = [a.seal(i.to_bytes(2, "big")) for i in range(limits.REPLAY_WINDOW)]
+    order = list(range(limits.REPLAY_WINDOW))
+    random.Random(start).shuffle(order)
+    for i in order:
+        assert b.open(packets[i]) == i.to_bytes(2, "big")
+    for i in order:
+        assert drop_reason(b, packets[i]) == "replay"
+
+
+walks = st.lists(
+    st.one_of(st.integers(-1100, 1100), st.integers(-(1 << 20), 1 << 20)), max_size=200
+)
+
+
+@needs_extension
+@given(steps=walks, start=st.integers(0, (1 << 64) - 1))
+def test_window_matches_twin(steps, start):
+    """The bitmap window decides exactly like the set-of-counters reading of §2.2."""
+    c_window, py_window = _packet.ReplayWindow(), _packet_py.ReplayWindow()
+    counter = start
+    for step in steps:
+        counter = min(max(counter + step, 0), (1 << 64) - 1)
+        probe = max(counter - 1024, 0)
+        assert c_window.would_accept(probe) == py_window.would_accept(probe)
+        assert c_window.accept(counter) == py_window.accept(counter)
+
+
+def test_window_edges(impl):
+    window = impl.ReplayWindow()
+    assert window.would_accept(7)
+    assert window.would_accept(7)  # would_accept changes nothing
+    assert window.accept(7) and not window.accept(7)
+    assert not window.accept((1 << 64) - 1)
+    with pytest.raises(OverflowError):
+        window.accept(-1)
+
+
+# -- tampering -------------------------------------------------------------------------------
+
+
+def test_every_bit_flip_rejected_without_moving_window(impl):
+    payload = b"tamper!!"
+    a = sender(impl)
+    earlier = [a.seal(b"") for _ in range(5)]  # counters 0..4, opened first
+    packet = a.seal(payload)  # counter 5
+    for bit in range(len(packet) * 8):
+        b = receiver(impl)
+        for p in earlier:
+            b.open(p)
+        flipped = bytearray(packet)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        claimed = int.from_bytes(flipped[5:13], "big")
+        if bit < 8:
+            with pytest.raises(FrameError):
+                b.open(flipped)
+        elif bit < 40:
+            assert drop_reason(b, flipped) == "unknown_session"
+        elif claimed < 5:
+            assert drop_reason(b, flipped) == "replay"
+        else:
+            assert drop_reason(b, flipped) == "auth_failed"
+        assert b.open(packet) == payload
+        if claimed > 5:  # the flipped packet did not claim its counter
+            assert b.open(sender(impl, send_counter=claimed).seal(b"later")) == b"later"
+
+
+def test_wrong_key_is_auth_failure(impl):
+    b = receiver(impl)
+    forged = data_packet(bytes(32), INDEX_B, 0, b"forged")
+    assert drop_reason(b, forged) == "auth_failed"
+    assert b.window.would_accept(0)
+
+
+def test_unknown_session(impl):
+    packet = sender(impl).seal(b"x")
+    other = impl.SessionCrypto(INDEX_B + 1, INDEX_A, KEY_BA, KEY_AB)
+    assert drop_reason(other, packet) == "unknown_session"
+
+
+def test_plaintext_cross_refusal(impl):
+    encrypted_packet = sender(impl).seal(b"x")
+    plain_packet = sender(impl, plaintext=True).seal(b"x")
+    assert drop_reason(receiver(impl, plaintext=True), encrypted_packet) == "plaintext_refused"
+    assert drop_reason(receiver(impl), plain_packet) == "plaintext_refused"
+
+
+def test_truncated(impl):
+    packet = sender(impl).seal(b"payload")
+    b = receiver(impl)
+    for n in range(limits.DATA_OVERHEAD):
+        assert drop_reason(b, packet[:n]) == "truncated"
+    assert drop_reason(b, packet[: limits.DATA_OVERHEAD]) == "auth_failed"
+    plain = sender(impl, plaintext=True).seal(b"payload")
+    b = receiver(impl, plaintext=True)
+    for n in range(limits.DATA_HEADER_SIZE):
+        assert drop_reason(b, plain[:n]) == "truncated"
+    assert b.open(plain) == b"payload"
+
+
+def test_not_a_data_packet(impl):
+    for packet_type in (limits.PACKET_FINISH, limits.PACKET_SESSION_UNKNOWN, 0x00):
+        packet = data_packet(KEY_AB, INDEX_B, 0, b"x", packet_type)
+        with pytest.raises(FrameError):
+            receiver(impl).open(packet)
+
+
+def test_send_counter_exhaustion(impl):
+    a, b = sender(impl, send_counter=REJECT - 1), receiver(impl)
+    last = a.seal(b"last")
+    assert a.send_counter == REJECT
+    with pytest.raises(ClosedError):
+        a.seal(b"one too many")
+    assert a.send_counter == REJECT
+    assert b.open(last) == b"last"
+
+
+@pytest.mark.parametrize("counter", [REJECT, (1 << 64) - 1])
+def test_receive_counter_exhaustion(impl, counter):
+    packet = data_packet(KEY_AB, INDEX_B, counter, b"x")  # a valid tag: the limit alone rejects
+    assert drop_reason(receiver(impl), packet) == "counter_exhausted"
+
+
+def test_encrypted_session_needs_keys(impl):
+    with pytest.raises(UsageError):
+        impl.SessionCrypto(1, 2, None, KEY_AB)
+    impl.SessionCrypto(1, 2, None, None, plaintext=True)
+
+
+def test_tag_of(impl):
+    packet = sender(impl).seal(b"abc")
+    assert sender(impl).tag_of(packet) == packet[-16:]
+    with pytest.raises(FrameError):
+        sender(impl).tag_of(packet[:28])
+    with pytest.raises(UsageError):
+        sender(impl, plaintext=True).tag_of(packet)
+
+
+# -- stateless packets -----------------------------------------------------------------------
+
+
+def test_session_unknown(impl):
+    tag = bytes(range(16))
+    packet = impl.encode_session_unknown(INDEX_B, 0x0102030405060708, tag)
+    assert packet == bytes.fromhex("09" "a1b2c3d4" "0102030405060708") + tag
+    assert len(packet) == limits.DATA_OVERHEAD
+    assert impl.decode_session_unknown(packet) == (INDEX_B, 0x0102030405060708, tag)
+    assert impl.peek_receiver_index(packet) == INDEX_B
+    for bad in (packet[:-1], packet + b"\0", b"\x07" + packet[1:], b""):
+        with pytest.raises(FrameError):
+            impl.decode_session_unknown(bad)
+    with pytest.raises(UsageError):
+        impl.encode_session_unknown(INDEX_B, 0, bytes(15))
+
+
+def test_cookie(impl):
+    cookie = bytes(range(100, 116))
+    packet = impl.encode_cookie(INDEX_A, cookie)
+    assert packet == bytes.fromhex("08" "11223344") + cookie
+    assert impl.decode_cookie(packet) == (INDEX_A, cookie)
+    assert impl.peek_receiver_index(packet) == INDEX_A
+    for bad in (packet[:-1], packet + b"\0", b"\x09" + packet[1:], b""):
+        with pytest.raises(FrameError):
+            impl.decode_cookie(bad)
+    with pytest.raises(UsageError):
+        impl.encode_cookie(INDEX_A, bytes(17))
+
+
+def test_version_unsupported(impl):
+    packet = impl.encode_version_unsupported(INDEX_A, (1, 2))
+    assert packet == bytes.fromhex("0b" "11223344" "02" "0102")
+    assert impl.decode_version_unsupported(packet) == (INDEX_A, (1, 2))
+    assert impl.decode_version_unsupported(bytes.fromhex("0b1122334400")) == (INDEX_A, ())
+    for bad in (packet[:-1], packet + b"\0", packet[:5], b"\x08" + packet[1:], b""):
+        with pytest.raises(FrameError):
+            impl.decode_version_unsupported(bad)
+    with pytest.raises(ValueError):
+        impl.encode_version_unsupported(INDEX_A, (256,))
+
+
+def test_peek_receiver_index(impl):
+    for packet_type in (limits.PACKET_DATA, limits.PACKET_PLAIN_DATA, limits.PACKET_FINISH):
+        assert impl.peek_receiver_index(bytes([packet_type]) + b"\x00\x00\x01\x02") == 258
+    for bad in (b"", b"\x07\x00\x00\x01", b"\x04" + bytes(200), b"\x05" + bytes(100), b"\x0b" + bytes(6)):
+        with pytest.raises(FrameError):
+            impl.peek_receiver_index(bad)
+
+
+@needs_extension
+@settings(max_examples=200)
+@given(index=st.integers(0, (1 << 32) - 1), counter=st.integers(0, (1 << 64) - 1),
+       blob=st.binary(min_size=16, max_size=16),
+       versions=st.lists(st.integers(0, 255), max_size=255), junk=st.binary(max_size=40))
+def test_stateless_twins_identical(index, counter, blob, versions, junk):
+    for name, args in [
+        ("session_unknown", (index, counter, blob)),
+        ("cookie", (index, blob)),
+        ("version_unsupported", (index, versions)),
+    ]:
+        packet = getattr(_packet, "encode_" + name)(*args)
+        assert getattr(_packet_py, "encode_" + name)(*args) == packet
+        for data in (packet, junk, packet[:1] + junk):
+            results = []
+            for impl in (_packet, _packet_py):
+                try:
+                    results.append(getattr(impl, "decode_" + name)(data))
+                except FrameError:
+                    results.append(FrameError)
+            assert results[0] == results[1]
+
+
+@needs_extension
+@pytest.mark.parametrize("plaintext", [False, True])
+@pytest.mark.parametrize("seal_in_place", [False, True])
+def test_c_api_in_place(plaintext, seal_in_place):
+    """seal_into with payload at out + 13 and open_into with out at pkt + 13 (what the engine
+    does with its buffers), through the benchmark loop."""
+    a, b = sender(_packet, plaintext), receiver(_packet, plaintext)
+    payload = bytes(range(200))
+    assert _packet.bench_seal_open(a, b, payload, 50, seal_in_place) == payload
+    assert a.send_counter == 50 and not b.window.would_accept(49)
+    _packet.bench_aead(ChaCha20Poly1305(KEY_AB), 100, 3)
