@@ -7,6 +7,10 @@ receiver starts; what is timed is draining the socket and delivering every messa
 handler. The sender's cost is not in the figure. Rows of one run are comparable; the machine's
 load drifts between runs, so the variants are interleaved over the repetitions.
 
+The PLAIN_DATA rows (measurement mode, docs/wire.md §2.6) take the AEAD out: they show the
+engine's own cost, the DATA rows add cryptography's ChaCha20-Poly1305 open (a Python-level call
+per packet, behind _packet's AEAD seam).
+
     PYTHONPATH=. python benchmarks/bench_recv.py [--datagrams 20000] [--repeat 7]
     PYTHONPATH=. python -m pytest benchmarks/bench_recv.py --benchmark-only -q
 """
@@ -44,6 +48,7 @@ class Variant:
     loop: str            # "uvloop" or "asyncio"
     engine: bool         # False: the raw DatagramProtocol baseline
     use_recvmmsg: bool = False
+    plaintext: bool = False
 
 
 BASELINE = Variant("raw uvloop DatagramProtocol", "uvloop", False)
@@ -52,14 +57,17 @@ VARIANTS = [
     Variant("engine, endpoint fallback (uvloop)", "uvloop", True, False),
     BASELINE,
     Variant("engine, recvmmsg (stock asyncio)", "asyncio", True, True),
+    Variant("engine, recvmmsg, PLAIN_DATA (uvloop)", "uvloop", True, True, True),
+    Variant("engine, endpoint, PLAIN_DATA (uvloop)", "uvloop", True, False, True),
 ]
 LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
 
 
-def sealed_packets(count: int) -> list[bytes]:
-    """count DATA packets of one message each: INIT first, then CONTINUATION (the steady
-    state, as if BOUND had come back)."""
-    sender = _packet.SessionCrypto(SENDER_INDEX, RECEIVER_INDEX, KEY_TO_RECEIVER, KEY_TO_SENDER)
+def sealed_packets(count: int, plaintext: bool = False) -> list[bytes]:
+    """count DATA (or PLAIN_DATA) packets of one message each: INIT first, then CONTINUATION
+    (the steady state, as if BOUND had come back)."""
+    sender = _packet.SessionCrypto(SENDER_INDEX, RECEIVER_INDEX, KEY_TO_RECEIVER, KEY_TO_SENDER,
+                                   plaintext)
     first = sender.seal(encode_init(1, PROTOCOL, 0, PAYLOAD))
     return [first] + [sender.seal(encode_continuation(0, PAYLOAD)) for _ in range(count - 1)]
 
@@ -101,7 +109,8 @@ class _Counter(asyncio.DatagramProtocol):
 class PrefilledReceive:
     """One measurement: a loop, a receiver socket holding every packet, and the receiver."""
 
-    def __init__(self, variant: Variant, packets: list[bytes]) -> None:
+    def __init__(self, variant: Variant, packets: dict[bool, list[bytes]]) -> None:
+        packets = packets[variant.plaintext]
         self.variant = variant
         self.count = len(packets)
         self.loop = LOOPS[variant.loop]()
@@ -117,7 +126,7 @@ class PrefilledReceive:
             session = self.engine.new_session("sender", RECEIVER_INDEX, False)
             self.engine.add_session(session)
             crypto = _packet.SessionCrypto(RECEIVER_INDEX, SENDER_INDEX, KEY_TO_SENDER,
-                                           KEY_TO_RECEIVER)
+                                           KEY_TO_RECEIVER, variant.plaintext)
             self.engine.install_keys(session, SENDER_INDEX, crypto, self.sender.getsockname())
         address = self.sock.getsockname()
         for packet in packets:
@@ -152,13 +161,13 @@ class PrefilledReceive:
             self.engine.close()
         if self.transport is not None:
             self.transport.close()
-            self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.run_until_complete(asyncio.sleep(0.001))  # transports finish closing
         self.sock.close()
         self.sender.close()
         self.loop.close()
 
 
-def measure(variant: Variant, packets: list[bytes]) -> float:
+def measure(variant: Variant, packets: dict[bool, list[bytes]]) -> float:
     run = PrefilledReceive(variant, packets)
     try:
         return run.drain()
@@ -171,15 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datagrams", type=int, default=DATAGRAMS)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args(argv)
-    packets = sealed_packets(args.datagrams)
+    packets = {plain: sealed_packets(args.datagrams, plain) for plain in (False, True)}
     samples: dict[Variant, list[float]] = {v: [] for v in VARIANTS}
-    measure(VARIANTS[0], packets[:1000])  # warm-up: imports, allocator, caches
+    measure(VARIANTS[0], {False: packets[False][:1000]})  # warm-up: allocator, caches
     for _ in range(args.repeat):
         for variant in VARIANTS:
             samples[variant].append(measure(variant, packets))
     medians = {v: statistics.median(s) for v, s in samples.items()}
     base = medians[BASELINE]
-    print(f"receive {args.datagrams} pre-filled datagrams ({len(packets[1])} B, one "
+    print(f"receive {args.datagrams} pre-filled datagrams ({len(packets[False][1])} B, one "
           f"{len(PAYLOAD)}-byte message each), median of {args.repeat}; "
           f"Python {sys.version.split()[0]}, uvloop {uvloop.__version__}, "
           f"{os.cpu_count()} CPUs")
@@ -198,7 +207,7 @@ BENCH_DATAGRAMS = 10_000
 
 @pytest.fixture(scope="module")
 def bench_packets():
-    return sealed_packets(BENCH_DATAGRAMS)
+    return {plain: sealed_packets(BENCH_DATAGRAMS, plain) for plain in (False, True)}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)

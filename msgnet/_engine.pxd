@@ -13,7 +13,6 @@ cdef extern from *:
     #include <sys/socket.h>
     #include <netinet/in.h>
     #include <arpa/inet.h>
-    #include <net/if.h>
 
     /* EAGAIN and EWOULDBLOCK are equal on Linux: no switch on them. */
     #define MSGNET_WOULD_BLOCK(e) ((e) == EAGAIN || (e) == EWOULDBLOCK)

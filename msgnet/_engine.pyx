@@ -113,7 +113,6 @@ cdef enum:
 
 cdef double _RETAIN_SENT_TIME = limits.RETAIN_SENT_TIME
 cdef uint8_t _ZERO_TAG[16]   # the "tag" retained for PLAIN_DATA packets, which have none
-memset(_ZERO_TAG, 0, 16)
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +156,8 @@ cdef inline bint _same_addr(const sockaddr* a, const sockaddr_storage* b) noexce
 
 
 cdef object _sockaddr_to_py(const sockaddr* sa):
-    """The address as the socket module spells it: (host, port) or IPv6 (host, port, flow, scope)."""
+    """The address as the socket module spells it: (host, port), or for IPv6
+    (host, port, flowinfo, scope_id)."""
     cdef char host[64]
     cdef const sockaddr_in* sin
     cdef const sockaddr_in6* sin6
@@ -216,9 +216,10 @@ cdef class Message:
         if not self.flags & FLAG_REQUEST:
             raise UsageError("reply() answers a request; this message is not one")
         cdef Session s = self.session
-        if s._closed or not s._engine._send(s, self.protocol, data, FLAG_RESPONSE,
-                                            self.request_id):
-            s._engine._counters[CNT_REPLY_DROPPED] += 1
+        cdef UdpEngine engine = s._engine
+        if (s._closed or engine._closed
+                or not engine._send(s, self.protocol, data, FLAG_RESPONSE, self.request_id)):
+            engine._counters[CNT_REPLY_DROPPED] += 1
 
     def __repr__(self):
         rid = "" if self.request_id is None else f" request_id={self.request_id}"
@@ -271,9 +272,9 @@ cdef class Session:
         its tag) and how the frames the peer lost are recovered (docs/wire.md §2.5).
         """
         cdef int k, j, i
-        cdef int oldest = (self._ret_next - self._ret_count) % C_RETAIN_PACKETS
+        cdef int oldest = (self._ret_next - self._ret_count + C_RETAIN_PACKETS) % C_RETAIN_PACKETS
         cdef double now
-        if len(tag) != AEAD_TAG_SIZE or self._engine is None:
+        if len(tag) != AEAD_TAG_SIZE:
             return None
         now = self._engine._loop_time()
         for k in range(self._ret_count):
@@ -555,16 +556,19 @@ cdef class UdpEngine:
         return asyncio.ensure_future(self._open_endpoint(), loop=self.loop)
 
     async def _open_endpoint(self):
+        # The transport gets its own descriptor (a dup): it closes it on its own schedule
+        # (uvloop: after close() returns), so the owner closing sock at once cannot race it
+        # into closing a reused descriptor number.
         protocol = _EndpointProtocol()
         protocol.engine = self
         transport, _ = await self.loop.create_datagram_endpoint(lambda: protocol,
-                                                                sock=self.sock)
+                                                                sock=self.sock.dup())
         if self._closed:
             transport.close()
 
     def close(self):
         """Stop reading and writing; fail wait_drained() futures. The socket's owner closes it
-        (on the fallback path the transport closes it too)."""
+        (the fallback path's transport closes its own duplicate descriptor)."""
         if self._closed:
             return
         self._closed = True
@@ -930,8 +934,8 @@ cdef class UdpEngine:
             rid = request_id
         elif request_id:
             raise UsageError("request_id is only sent with REQUEST or RESPONSE")
-        if s._closed:
-            raise ClosedError("session is closed")
+        if s._closed or self._closed:
+            raise ClosedError("session or engine is closed")
         alias = s._alias(protocol)
         init = not s._out_bound[alias]
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
@@ -974,8 +978,8 @@ cdef class UdpEngine:
         try:
             if not 0 < view.len <= session._cap:
                 raise UsageError("a control frame must be 1 byte to one payload long")
-            if session._closed:
-                raise ClosedError("session is closed")
+            if session._closed or self._closed:
+                raise ClosedError("session or engine is closed")
             at = session._reserve(view.len, True)
             memcpy(at, view.buf, view.len)
             session._cur_len += view.len

@@ -20,6 +20,7 @@ from cpython.bytes cimport (
 from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_Check
 from cpython.memoryview cimport PyMemoryView_FromObject
+from cpython.ref cimport PyObject, Py_INCREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
@@ -1209,11 +1210,15 @@ cdef inline int _bind(FrameView* mine, Py_buffer* view, const FrameView* fv, obj
     Its pointers are rebased from the caller's export at ``base`` onto the new
     one (the same memory for any sane exporter, and bytes never move).
     """
-    cdef const uint8_t* own
-    PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
-    if view.len != n:
-        raise BufferError("input buffer changed size during decoding")
-    own = <const uint8_t*>view.buf
+    cdef const uint8_t* own = base
+    if PyBytes_CheckExact(data):  # bytes never move: holding a reference is enough
+        Py_INCREF(data)
+        view.obj = <PyObject*>data
+    else:
+        PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
+        if view.len != n:
+            raise BufferError("input buffer changed size during decoding")
+        own = <const uint8_t*>view.buf
     mine[0] = fv[0]
     mine.payload = own + (fv.payload - base)
     if fv.protocol != NULL:
@@ -1276,7 +1281,7 @@ cdef inline int _check_offset(Py_ssize_t offset, Py_ssize_t n) except -1:
     return 0
 
 
-cdef tuple _decode_one(object data, const uint8_t* buf, Py_ssize_t n, Py_ssize_t offset):
+cdef inline tuple _decode_one(object data, const uint8_t* buf, Py_ssize_t n, Py_ssize_t offset):
     cdef FrameView fv
     cdef int rc
     _check_offset(offset, n)

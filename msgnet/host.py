@@ -22,6 +22,7 @@ from ._engine import Message, Session
 from .addr import parse_multiaddr
 from .errors import (
     ClosedError,
+    MsgnetError,
     PeerUnreachableError,
     ProtocolResetError,
     RequestTimeoutError,
@@ -239,7 +240,7 @@ class MessageHost:
     def _on_unreachable(self, peer: PeerID, error: BaseException) -> None:
         for (pending_peer, _), (future, _protocol) in list(self._pending.items()):
             if pending_peer == peer and not future.done():
-                if isinstance(error, PeerUnreachableError):
+                if isinstance(error, MsgnetError):  # e.g. SecurityError for a wrong PeerID
                     future.set_exception(error)
                 else:
                     future.set_exception(PeerUnreachableError(str(error)))

@@ -490,7 +490,8 @@ def test_send_validation(run, mode):
             with pytest.raises(UsageError):
                 engine.send_message(session, "/p", b"", limits.FLAG_SEQ)
             with pytest.raises(UsageError):
-                engine.send_message(session, "/p", b"", limits.FLAG_REQUEST | limits.FLAG_RESPONSE, 1)
+                both = limits.FLAG_REQUEST | limits.FLAG_RESPONSE
+                engine.send_message(session, "/p", b"", both, 1)
             with pytest.raises(UsageError):
                 engine.send_message(session, "/p", b"", 0, 5)
             with pytest.raises(UsageError):
@@ -531,12 +532,15 @@ def test_control_frames_reach_the_delegate(run, mode):
 
 @pytest.mark.timeout(20)
 def test_first_frames_ride_in_the_handshake(run, mode):
-    """Before keys: the queue holds; take_payload pops whole frames for the FINISH, and
-    process_payload runs them at the responder; flush_session(force) confirms."""
+    """Before keys the queue holds: take_payload pops whole frames for the FINISH, the
+    responder runs them with process_payload, install_keys sends the rest, and
+    flush_session(force) confirms with one DATA packet even when nothing is queued."""
     async def main():
         async with pair(mode) as (a, b):
             b.collect("/early")
-            pending = a.engine.new_session("peer-b", 0x0C0C0C0C, True)
+            index_a2, index_b2 = 0x0D0D0D0D, 0x0C0C0C0C
+            pending = a.engine.new_session("peer-b", index_a2, True)
+            a.engine.add_session(pending)
             for i in range(3):
                 assert a.engine.send_message(pending, "/early", b"early%d" % i)
             await asyncio.sleep(0.01)
@@ -544,15 +548,38 @@ def test_first_frames_ride_in_the_handshake(run, mode):
             one = len(encode_init(1, "/early", 0, b"early0"))
             frames = a.engine.take_payload(pending, 2 * one + 3)  # room for two whole frames
             assert len(frames) == 2 * one
-            b.engine.process_payload(b.session, frames, a.addr)
+
+            key_ab, key_ba = os.urandom(32), os.urandom(32)
+            responder = b.engine.new_session("peer-a", index_b2, False)
+            b.engine.add_session(responder)
+            b.engine.install_keys(responder, index_a2,
+                                  SessionCrypto(index_b2, index_a2, key_ba, key_ab), a.addr)
+            b.engine.process_payload(responder, frames, a.addr)
             assert [m.data for m in b.received] == [b"early0", b"early1"]
-            assert len(a.engine.take_payload(pending, 1000)) == one
-            assert pending.queued_bytes == 0
+            assert b.received[0].session is responder
+
+            a.engine.install_keys(pending, index_b2,
+                                  SessionCrypto(index_a2, index_b2, key_ab, key_ba), b.addr)
+            await until(lambda: len(b.received) == 3)
+            assert b.received[2].data == b"early2" and pending.queued_bytes == 0
 
             received = b.counters()["packets_in"]
             a.engine.flush_session(a.session, True)  # nothing queued: one empty DATA packet
             await until(lambda: b.counters()["packets_in"] == received + 1)
             assert b.counters()["bad_frame"] == 0
+    run(main())
+
+
+@pytest.mark.timeout(20)
+def test_more_packets_than_the_send_ring(run, mode):
+    async def main():
+        async with pair(mode, batch=2) as (a, b):
+            b.collect("/big")
+            for i in range(9):
+                assert a.engine.send_message(a.session, "/big", bytes([i]) * 1100)
+            await until(lambda: len(b.received) == 9)
+            assert [m.data[0] for m in b.received] == list(range(9))
+            assert a.counters()["packets_out"] == 9
     run(main())
 
 
@@ -567,18 +594,21 @@ def test_retained_packets_answer_session_unknown(run, mode):
                 a.engine.install_keys(a.session, INDEX_B, a.session.crypto,
                                       sniffer.getsockname())
                 packets = []
-                for i in range(3):
+                for i in range(limits.RETAIN_SENT_PACKETS + 6):
                     a.engine.send_message(a.session, "/p", b"msg%d" % i)
                     a.engine.flush()
                     packets.append(sniffer.recv(2000))
                 counters = [struct.unpack(">Q", p[5:13])[0] for p in packets]
                 tags = [p[-16:] for p in packets]
                 payloads = [opener.open(p) for p in packets]
-                assert [f.payload for p in payloads for f in decode_packet(p)] == [
-                    b"msg0", b"msg1", b"msg2"]
-                assert a.session.retained_since(counters[1], tags[1]) == payloads[1:]
-                assert a.session.retained_since(counters[1], tags[0]) is None
-                assert a.session.retained_since(counters[2] + 1, tags[2]) is None
+                assert [f.payload for f in decode_packet(payloads[-1])] == [b"msg69"]
+                assert a.session.retained_since(counters[-3], tags[-3]) == payloads[-3:]
+                oldest = -limits.RETAIN_SENT_PACKETS
+                assert a.session.retained_since(counters[oldest], tags[oldest]) == (
+                    payloads[oldest:])
+                assert a.session.retained_since(counters[5], tags[5]) is None  # evicted
+                assert a.session.retained_since(counters[-2], tags[-3]) is None
+                assert a.session.retained_since(counters[-1] + 1, tags[-1]) is None
             finally:
                 sniffer.close()
     run(main())

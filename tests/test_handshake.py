@@ -345,6 +345,7 @@ def test_flipped_initiation_never_establishes() -> None:
 
 def test_flipped_response_never_establishes_a_session_pair() -> None:
     _, _, _, response = seeded_pair()
+    provisional = 0
     for mutated in flips(response, random.Random(2)):
         a, b, _, genuine = seeded_pair()
         assert genuine == response
@@ -359,9 +360,11 @@ def test_flipped_response_never_establishes_a_session_pair() -> None:
         # docstring): the dialer's session names an index the responder never gave out,
         # is never confirmed, and fails once FINISH retries run out.
         assert mutated[1:5] != response[1:5] and mutated[5:] == response[5:]
+        provisional += 1
         while (deadline := a.hs.next_deadline()) is not None:
             relay(a, b, a.timer(deadline), deadline)
         assert [f.reason for f in a.failed] == ["unconfirmed"] and not b.established
+    assert provisional == 32  # every bit of sender_index, and nothing else
 
 
 def test_flipped_finish_never_establishes(a: Node, b: Node) -> None:
