@@ -98,7 +98,7 @@ cdef int write_varint(uint8_t* buf, uint64_t value) noexcept nogil
 # Read the next frame of a packet payload at buf[pos[0]:length], skipping PADDING bytes and
 # skippable unknown frames; advance pos past it. Returns READ_OK (out filled), READ_END
 # (no frame left), or a negative ERR_* (the rest of the packet must be dropped).
-# On an error pos[0] is the offset of the offending byte or field (for messages).
+# On an error pos[0] is the offset of the offending byte or field (for error messages).
 cdef int read_frame(const uint8_t* buf, Py_ssize_t length, Py_ssize_t* pos,
                     FrameView* out) noexcept nogil
 

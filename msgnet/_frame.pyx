@@ -1,4 +1,4 @@
-# cython: auto_pickle=False
+# cython: auto_pickle=False, binding=False
 """Frame codec (docs/wire.md section 3): a C layer for the engine, a Python API on top.
 
 The C functions (declared in ``_frame.pxd``) parse straight from a pointer into a
@@ -20,7 +20,6 @@ from cpython.bytes cimport (
 from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_Check
 from cpython.memoryview cimport PyMemoryView_FromObject
-from cpython.ref cimport PyObject, Py_INCREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport uint8_t, uint16_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
@@ -159,6 +158,17 @@ cdef int read_varint(const uint8_t* buf, Py_ssize_t length, Py_ssize_t* pos,
     return ERR_VARINT_TOO_LONG
 
 
+cdef inline int _varint(const uint8_t* buf, Py_ssize_t length, Py_ssize_t* pos,
+                        uint64_t* out) noexcept nogil:
+    """read_varint with its one-byte case inlined: most lengths and aliases are one byte."""
+    cdef Py_ssize_t p = pos[0]
+    if p < length and buf[p] < 0x80:
+        out[0] = buf[p]
+        pos[0] = p + 1
+        return READ_OK
+    return read_varint(buf, length, pos, out)
+
+
 cdef int varint_size(uint64_t value) noexcept nogil:
     cdef int n = 1
     while value >= 0x80:
@@ -222,7 +232,7 @@ cdef inline int _read_alias(const uint8_t* buf, Py_ssize_t end, Py_ssize_t* p,
                             uint64_t* out) noexcept nogil:
     """Read a protocol_int varint (an alias, below 2**16) at p, bounded by end."""
     cdef Py_ssize_t start = p[0]
-    cdef int rc = read_varint(buf, end, p, out)
+    cdef int rc = _varint(buf, end, p, out)
     if rc == READ_OK and out[0] > C_MAX_PROTOCOL_INT:
         p[0] = start
         return ERR_PROTOCOL_INT_RANGE
@@ -248,19 +258,19 @@ cdef int _read_message(const uint8_t* buf, Py_ssize_t end, Py_ssize_t* p,
     out.flags = f
     p[0] += 1
     if f & _FLAG_KIND:
-        rc = read_varint(buf, end, p, &out.request_id)
+        rc = _varint(buf, end, p, &out.request_id)
         if rc != READ_OK:
             return rc
     if f & FLAG_SEQ:
-        rc = read_varint(buf, end, p, &out.seq)
+        rc = _varint(buf, end, p, &out.seq)
         if rc != READ_OK:
             return rc
     if f & FLAG_FRAGMENT:
         frag_at = p[0]
-        rc = read_varint(buf, end, p, &out.frag_index)
+        rc = _varint(buf, end, p, &out.frag_index)
         if rc != READ_OK:
             return rc
-        rc = read_varint(buf, end, p, &out.frag_count)
+        rc = _varint(buf, end, p, &out.frag_count)
         if rc != READ_OK:
             return rc
         if (out.frag_count == 0 or out.frag_count > C_MAX_FRAGMENTS
@@ -292,7 +302,7 @@ cdef int _read_body(uint8_t t, const uint8_t* buf, Py_ssize_t end, Py_ssize_t* p
         out.transport_id = (buf[p[0]] << 8) | buf[p[0] + 1]
         p[0] += 2
         start = p[0]
-        rc = read_varint(buf, end, p, &n)
+        rc = _varint(buf, end, p, &n)
         if rc != READ_OK:
             return rc
         if n == 0 or n > C_MAX_PROTOCOL_LENGTH:
@@ -329,13 +339,13 @@ cdef int _read_body(uint8_t t, const uint8_t* buf, Py_ssize_t end, Py_ssize_t* p
         if rc != READ_OK:
             return rc
     elif t == FRAME_DELIVERY_ACK:
-        rc = read_varint(buf, end, p, &out.seq)
+        rc = _varint(buf, end, p, &out.seq)
         if rc == READ_OK:
-            rc = read_varint(buf, end, p, &out.code)
+            rc = _varint(buf, end, p, &out.code)
         if rc != READ_OK:
             return rc
         start = p[0]
-        rc = read_varint(buf, end, p, &n)
+        rc = _varint(buf, end, p, &n)
         if rc != READ_OK:
             return rc
         if n > C_MAX_ACK_RANGES:
@@ -343,7 +353,7 @@ cdef int _read_body(uint8_t t, const uint8_t* buf, Py_ssize_t end, Py_ssize_t* p
             return ERR_TOO_MANY_RANGES
         n = 2 * n + 1  # first_range, then (gap, range) pairs
         while n:
-            rc = read_varint(buf, end, p, &value)
+            rc = _varint(buf, end, p, &value)
             if rc != READ_OK:
                 return rc
             n -= 1
@@ -356,7 +366,7 @@ cdef int _read_body(uint8_t t, const uint8_t* buf, Py_ssize_t end, Py_ssize_t* p
         out.payload_len = end - p[0]
         p[0] = end
     else:  # FRAME_CLOSE
-        rc = read_varint(buf, end, p, &out.code)
+        rc = _varint(buf, end, p, &out.code)
         if rc != READ_OK:
             return rc
         if end - p[0] > C_MAX_CLOSE_REASON:
@@ -394,7 +404,7 @@ cdef int read_frame(const uint8_t* buf, Py_ssize_t length, Py_ssize_t* pos,
             pos[0] = p
             return ERR_UNKNOWN_FRAME_TYPE
         q = p + 1
-        rc = read_varint(buf, length, &q, &body_len)
+        rc = _varint(buf, length, &q, &body_len)
         if rc != READ_OK:
             pos[0] = q
             return rc
@@ -790,7 +800,7 @@ cdef class Init:
     cdef Py_buffer _view
     cdef object _protocol  # the str, made on first access when decoded
 
-    def __init__(self, transport_id, str protocol, protocol_int, payload, flags=0,
+    def __init__(self, transport_id, str protocol not None, protocol_int, payload, flags=0,
                  request_id=None, seq=None, frag_index=None, frag_count=None):
         _reset(&self._fv, &self._view, FRAME_INIT)
         self._fv.transport_id = <uint16_t>_uint(transport_id, 0xFFFF, "transport_id")
@@ -1141,7 +1151,7 @@ cdef class Close:
     cdef Py_buffer _view
     cdef object _reason  # the str, made on first access when decoded
 
-    def __init__(self, code, str reason):
+    def __init__(self, code, str reason not None):
         _reset(&self._fv, &self._view, FRAME_CLOSE)
         self._fv.code = _uint(code, _MAX_VARINT, "code")
         self._fv.payload = _utf8(reason, 0, C_MAX_CLOSE_REASON, "reason",
@@ -1211,9 +1221,8 @@ cdef inline int _bind(FrameView* mine, Py_buffer* view, const FrameView* fv, obj
     one (the same memory for any sane exporter, and bytes never move).
     """
     cdef const uint8_t* own = base
-    if PyBytes_CheckExact(data):  # bytes never move: holding a reference is enough
-        Py_INCREF(data)
-        view.obj = <PyObject*>data
+    if PyBytes_CheckExact(data):  # what bytes' own getbuffer does, minus the dispatch
+        PyBuffer_FillInfo(view, data, <void*>base, n, 1, PyBUF_SIMPLE)
     else:
         PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
         if view.len != n:
@@ -1457,8 +1466,8 @@ def encode_continuation(protocol_int, payload, flags=0, request_id=0, seq=0,
                            request_id, seq, frag_index, frag_count)
 
 
-def encode_init(transport_id, str protocol, protocol_int, payload, flags=0, request_id=0,
-                seq=0, frag_index=0, frag_count=0):
+def encode_init(transport_id, str protocol not None, protocol_int, payload, flags=0,
+                request_id=0, seq=0, frag_index=0, frag_count=0):
     """INIT wire bytes without a frame object; ``flags`` as in encode_continuation()."""
     cdef Py_ssize_t n
     cdef uint16_t tid = <uint16_t>_uint(transport_id, 0xFFFF, "transport_id")
