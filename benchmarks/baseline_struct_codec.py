@@ -198,7 +198,7 @@ def decode_frame(data: bytes | bytearray | memoryview, offset: int = 0) -> tuple
 
 
 def decode_packet(data: bytes | bytearray | memoryview) -> list[Frame]:
-    frames = []
+    frames: list[Frame] = []
     offset = 0
     while True:
         frame, offset = decode_frame(data, offset)

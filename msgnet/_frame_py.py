@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NoReturn, Union
+from typing import NoReturn, TypeAlias
 
 from msgnet.errors import FrameError, MessageTooLargeError, UsageError
 from msgnet.limits import (
@@ -96,7 +96,7 @@ __all__ = [
 MAX_VARINT = (1 << 63) - 1
 """Largest varint value: 9 bytes of 7 bits."""
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer: TypeAlias = bytes | bytearray | memoryview
 _KIND = FLAG_REQUEST | FLAG_RESPONSE
 
 

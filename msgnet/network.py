@@ -201,7 +201,6 @@ class MessageNetwork:
         self._sockets: list[UdpSocket] = []
         self._handshaker = Handshaker(
             self.keypair,
-            transport="udp",
             plaintext=plaintext,
             transport_ids=tuple(t.transport_id for t in self._transports),
         )

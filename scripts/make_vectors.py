@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing msgnet
 
 from msgnet.core.handshake import (  # noqa: E402
     NOISE_PROTOCOL,
-    PROLOGUES,
+    PROLOGUE,
     SIGNATURE_PREFIX,
     Handshaker,
     SessionEstablished,
@@ -185,7 +185,7 @@ def generate() -> dict[str, Any]:
             "UDP payload; integers are decimal, byte strings hex. See tests/vectors/README.md."
         ),
         "noise_protocol": NOISE_PROTOCOL,
-        "prologue": PROLOGUES["udp"].hex(),
+        "prologue": PROLOGUE.hex(),
         "signature_prefix": SIGNATURE_PREFIX.hex(),
         "initiator": describe(INITIATOR) | {"handshake_payload": initiator.handshake_payload.hex()},
         "responder": describe(RESPONDER) | {"handshake_payload": responder.handshake_payload.hex()},

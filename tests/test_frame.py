@@ -27,7 +27,7 @@ _spec = importlib.util.spec_from_file_location(
 assert _spec is not None and _spec.loader is not None
 fuzz = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fuzz)
-describe = fuzz.describe
+describe, outcome = fuzz.describe, fuzz.outcome
 
 CODECS = [pytest.param(_frame, id="cython"), pytest.param(_frame_py, id="pure")]
 with_codecs = pytest.mark.parametrize("codec", CODECS)
@@ -42,14 +42,6 @@ def build(codec: ModuleType, spec: tuple[str, tuple, dict]) -> Any:
     """The frame a (class name, args, kwargs) spec describes, from either codec."""
     name, args, kwargs = spec
     return getattr(codec, name)(*args, **kwargs)
-
-
-def outcome(codec: ModuleType, data: Any) -> tuple:
-    """decode_packet's result in an implementation-neutral form."""
-    try:
-        return ("ok", [describe(f) for f in codec.decode_packet(data)])
-    except FrameError as exc:
-        return ("error", str(exc), [describe(f) for f in exc.frames])
 
 
 # --- module surface ---------------------------------------------------------------
@@ -223,7 +215,8 @@ MALFORMED = [
     # INIT: type 0, length 1, transport_id 2-3, protocol_length 4, protocol 5..
     ("INIT without transport_id", "0101" "00", "truncated frame body at offset 2"),
     ("empty protocol", "0105" "0001" "00" "00" "00", "empty protocol id at offset 4"),
-    ("protocol of 257 bytes", "0104" "0001" "8102", "protocol id longer than 256 bytes at offset 4"),
+    ("protocol of 257 bytes", "0104" "0001" "8102",
+     "protocol id longer than 256 bytes at offset 4"),
     ("protocol beyond the body", "0105" "0001" "05" "2f61", "truncated frame body at offset 5"),
     ("protocol overlong UTF-8", "0107" "0001" "02" "c080" "00" "00",
      "protocol id is not valid UTF-8 at offset 5"),
@@ -246,8 +239,10 @@ MALFORMED = [
     ("BOUND empty", "0500", "truncated varint at offset 2"),
     ("BOUND non-minimal", "05028000", "non-minimal varint at offset 2"),
     ("BOUND with trailing byte", "05020700", "trailing bytes in frame body at offset 3"),
-    ("CONTINUATION protocol_int 65536", "0304" "808004" "00", "protocol_int above 65535 at offset 2"),
-    ("DELIVERY_ACK with 65 ranges", "0604" "00" "00" "41" "00", "more than 64 ack ranges at offset 4"),
+    ("CONTINUATION protocol_int 65536", "0304" "808004" "00",
+     "protocol_int above 65535 at offset 2"),
+    ("DELIVERY_ACK with 65 ranges", "0604" "00" "00" "41" "00",
+     "more than 64 ack ranges at offset 4"),
     ("DELIVERY_ACK range missing", "0605" "00" "00" "01" "00" "00", "truncated varint at offset 7"),
     ("DELIVERY_ACK trailing byte", "0605" "00" "00" "00" "00" "00",
      "trailing bytes in frame body at offset 6"),
@@ -256,7 +251,8 @@ MALFORMED = [
     ("CLOSE without code", "0900", "truncated varint at offset 2"),
     ("CLOSE reason of 129 bytes", "098201" "00" + "61" * 129,
      "close reason longer than 128 bytes at offset 4"),
-    ("CLOSE reason not UTF-8", "0903" "00" "61" "ff", "close reason is not valid UTF-8 at offset 4"),
+    ("CLOSE reason not UTF-8", "0903" "00" "61" "ff",
+     "close reason is not valid UTF-8 at offset 4"),
     ("257 frames", "050100" * 257, "more than 256 frames in packet at offset 768"),
 ]
 

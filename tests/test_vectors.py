@@ -22,7 +22,7 @@ import pytest
 from msgnet import _frame_py, _packet_py
 from msgnet.core.handshake import (
     NOISE_PROTOCOL,
-    PROLOGUES,
+    PROLOGUE,
     SIGNATURE_PREFIX,
     Handshaker,
     SessionEstablished,
@@ -156,7 +156,7 @@ def test_handshake_payload(end: dict[str, Any]) -> None:
 
 def test_constants() -> None:
     assert VECTORS["noise_protocol"] == NOISE_PROTOCOL
-    assert bytes.fromhex(VECTORS["prologue"]) == PROLOGUES["udp"] == b"msgnet/1 udp"
+    assert bytes.fromhex(VECTORS["prologue"]) == PROLOGUE == b"msgnet/1"
     assert bytes.fromhex(VECTORS["signature_prefix"]) == SIGNATURE_PREFIX
 
 

@@ -66,7 +66,7 @@ import struct
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from msgnet.core.noise import HandshakeState, x25519_public
 from msgnet.errors import (
@@ -122,7 +122,7 @@ __all__ = [
     "Handshaker",
     "NOISE_PROTOCOL",
     "PLAINTEXT_FLAG",
-    "PROLOGUES",
+    "PROLOGUE",
     "RATE_TABLE_SIZE",
     "SIGNATURE_PREFIX",
     "SessionEstablished",
@@ -135,7 +135,9 @@ Address = tuple[Any, ...]
 Datagram = tuple[bytes, Address]
 
 NOISE_PROTOCOL = "Noise_XX_25519_ChaChaPoly_SHA256"
-PROLOGUES: dict[str, bytes] = {"udp": b"msgnet/1 udp", "tcp": b"msgnet/1 tcp"}
+PROLOGUE = b"msgnet/1"
+"""The Noise prologue: separates msgnet from libp2p's stream Noise (empty prologue); it
+names no transport because a session outlives the path of its handshake (docs/wire.md §5)."""
 SIGNATURE_PREFIX = b"noise-libp2p-static-key:"
 RATE_TABLE_SIZE = 4096
 """Addresses each per-IP rate table remembers (least recently seen evicted)."""
@@ -484,7 +486,6 @@ class Handshaker:
         self,
         keypair: KeyPair,
         *,
-        transport: Literal["udp", "tcp"] = "udp",
         plaintext: bool = False,
         transport_ids: tuple[int, ...] = (1,),
         static_key: bytes | None = None,
@@ -494,14 +495,12 @@ class Handshaker:
         require_cookie: bool = False,
         rate_table_size: int = RATE_TABLE_SIZE,
     ) -> None:
-        if transport not in PROLOGUES:
-            raise UsageError(f"transport must be 'udp' or 'tcp', not {transport!r}")
         if not MAX_DATAGRAM <= max_packet <= MAX_STREAM_PACKET:
             raise UsageError(f"max_packet must be in [{MAX_DATAGRAM}, {MAX_STREAM_PACKET}]")
         if max_pending < 1 or rate_table_size < 1:
             raise UsageError("max_pending and rate_table_size must be at least 1")
         self._keypair = keypair
-        self._prologue = PROLOGUES[transport]
+        self._prologue = PROLOGUE
         self._plaintext = plaintext
         self._random = random_bytes
         self._static = static_key if static_key is not None else random_bytes(_KEY)
