@@ -706,8 +706,7 @@ cdef const uint8_t* _utf8(str text, Py_ssize_t min_len, Py_ssize_t max_len, str 
 
 
 cdef int _hold(Py_buffer* view, object data, const uint8_t** ptr, Py_ssize_t* n) except -1:
-    """Export data's buffer into view (kept until release) and point ptr/n at it."""
-    PyBuffer_Release(view)  # a second __init__ call must not leak the first export
+    """Export data's buffer into view (an empty one: see _reset) and point ptr/n at it."""
     PyObject_GetBuffer(data, view, PyBUF_SIMPLE)
     ptr[0] = <const uint8_t*>view.buf
     n[0] = view.len

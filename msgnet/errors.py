@@ -52,7 +52,15 @@ class ProtocolViolation(MsgnetError):
 
 
 class FrameError(ProtocolViolation, ValueError):
-    """Bytes that do not decode as a valid frame, varint or packet header."""
+    """Bytes that do not decode as a valid frame, varint or packet header.
+
+    ``offset`` is where in the input the problem is, when known; from
+    ``decode_packet``, ``frames`` holds the valid frames before the bad one
+    (docs/wire.md §3.1 keeps them).
+    """
+
+    offset: int | None = None
+    frames: list[object] | None = None
 
 
 class SecurityError(MsgnetError):

@@ -35,6 +35,8 @@ __all__ = [
     "decode",
     "sha256_multihash",
     "check_multihash",
+    "encode_uvarint",
+    "read_uvarint",
     "DAG_CBOR",
     "RAW",
     "SHA2_256",
@@ -61,7 +63,8 @@ class DagCborError(ValueError):
 # --- multiformats helpers ---------------------------------------------------------------
 
 
-def _uvarint(value: int) -> bytes:
+def encode_uvarint(value: int) -> bytes:
+    """Multiformats unsigned varint of a non-negative ``value``."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -73,8 +76,11 @@ def _uvarint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
-    """Decode a minimal unsigned varint (multiformats rules: at most 9 bytes)."""
+def read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode a minimal unsigned varint at ``pos``: (value, next position).
+
+    Multiformats rules: at most 9 bytes, no redundant trailing zero groups.
+    """
     value = shift = 0
     for i in range(_MAX_VARINT_BYTES):
         if pos + i >= len(data):
@@ -96,8 +102,8 @@ def sha256_multihash(data: bytes) -> bytes:
 
 def check_multihash(mh: bytes) -> bytes:
     """Return ``mh`` if it is one well-formed multihash (code, length, digest), else raise."""
-    _code, pos = _read_uvarint(mh, 0)
-    length, pos = _read_uvarint(mh, pos)
+    _code, pos = read_uvarint(mh, 0)
+    length, pos = read_uvarint(mh, pos)
     if len(mh) - pos != length:
         raise DagCborError(f"multihash declares {length} digest bytes but holds {len(mh) - pos}")
     return mh
@@ -139,17 +145,17 @@ class CID:
         if len(data) == 34 and data[:2] == b"\x12\x20":
             self._version, self._codec, self._multihash = 0, 0x70, data  # dag-pb implied
         else:
-            version, pos = _read_uvarint(data, 0)
+            version, pos = read_uvarint(data, 0)
             if version != 1:
                 raise DagCborError(f"unsupported CID version {version}")
-            self._codec, pos = _read_uvarint(data, pos)
+            self._codec, pos = read_uvarint(data, pos)
             self._version = 1
             self._multihash = check_multihash(data[pos:])
         self._bytes = data
 
     @classmethod
     def v1(cls, codec: int, multihash: bytes) -> CID:
-        return cls(_uvarint(1) + _uvarint(codec) + check_multihash(multihash))
+        return cls(encode_uvarint(1) + encode_uvarint(codec) + check_multihash(multihash))
 
     @classmethod
     def of(cls, data: bytes, codec: int = RAW) -> CID:

@@ -1,0 +1,1325 @@
+"""The delivery layer (docs/wire.md section 3.6) as a sans-IO core.
+
+One :class:`DeliveryConnection` per session carries both directions of the
+SEQ messages: fragmented best effort, reliable and reliable-ordered.  It owns
+sequence numbers, fragmentation, reassembly, duplicate suppression,
+acknowledgements, loss detection, RTT estimation, retransmission timers and
+NewReno congestion control.  It never touches a socket, a clock or a random
+source: the engine passes ``now`` (monotonic seconds) into every call, asks
+:meth:`DeliveryConnection.next_deadline` when to call
+:meth:`DeliveryConnection.handle_timer`, and does all encoding, coalescing and
+encryption itself.
+
+How the engine drives it
+------------------------
+
+Sending (per session)::
+
+    handle = conn.send(protocol, payload, reliable=..., ordered=..., now=now)
+    # whenever the session is flushed (after input, after send, after a timer):
+    fragments = conn.poll_transmit(now, max_fragments)
+    # encode each Fragment as INIT/CONTINUATION with its flags, request_id, seq and,
+    # when FLAG_FRAGMENT is set, frag_index/frag_count; coalesce into packets; then
+    # for EVERY DATA packet of the session (also those without fragments):
+    conn.on_packet_sent(counter, fragments_in_that_packet, packet_size, now)
+
+Receiving, for each DATA packet that opened (after the replay check)::
+
+    events = conn.on_ack(*delivery_ack_fields, now)           # per DELIVERY_ACK frame
+    delivered = conn.on_fragment(counter, protocol, flags, request_id, seq,
+                                 frag_index, frag_count, payload, now)   # per SEQ message
+    conn.on_packet_received(counter, now, acknowledge=...)    # once, after all frames
+
+then ``conn.ack_frame_due(now)`` says an ack must go out now (alone if need be);
+``conn.ack_pending`` says one should ride along if a packet goes out anyway; in
+both cases ``conn.build_ack(now)`` gives the DELIVERY_ACK fields.  Timers:
+``conn.handle_timer(now)`` at ``conn.next_deadline()``, then the same ack and
+poll_transmit checks.  When the session ends, ``conn.close()`` fails what is
+outstanding and returns the session's reassembly memory to the host budget.
+
+Reliability rests on one rule: a packet is acknowledged only if every reliable
+fragment in it was either accepted or is a duplicate of one accepted before.
+:meth:`~DeliveryConnection.on_fragment` vetoes the acknowledgement of its
+packet when it drops a reliable fragment for memory or window reasons, and the
+engine does the same (``acknowledge=False``) when it drops a reliable frame
+itself (unknown alias); the sender then retransmits, and duplicates are
+suppressed by sequence number.
+
+Counters (:attr:`DeliveryConnection.counters`):
+
+================  ==============================================================
+retransmissions   fragments handed out again after their packet was lost
+lost_packets      in-flight packets declared lost (threshold or timeout)
+timeouts          retransmission timer expiries
+failed            messages failed (PeerUnreachableError, or close())
+acks_received     DELIVERY_ACK frames processed
+acks_sent         DELIVERY_ACK frames built
+bad_ack           malformed DELIVERY_ACK (ranges below 0, too many ranges): ignored
+ack_unsent        DELIVERY_ACK for a counter never sent: ignored
+duplicates        fragment or message already received: dropped, acknowledged
+bad_fragment      fragment inconsistent with its message or the limits: dropped
+reassembly_full   fragment beyond a memory bound: dropped (reliable: unacknowledged)
+seq_window        ordered seq beyond the window: dropped unacknowledged
+window_slides     unordered window moved up by a seq beyond it (see below)
+expired           best-effort reassembly abandoned after its timeout
+================  ==============================================================
+
+Interpretations of wire.md 3.6 (reported upstream)
+--------------------------------------------------
+
+* Fragmented best effort shares the unordered sequence space with reliable
+  messages, so a lost best-effort message is a permanent gap: a window "above
+  the lowest missing seq" would stop for good 4096 messages later.  Here the
+  *sender* never hands out a seq at or beyond (its oldest unacknowledged
+  reliable seq in that space) + SEQ_WINDOW.  A seq ``s`` beyond the receiver's
+  unordered window therefore proves every reliable seq up to ``s - SEQ_WINDOW``
+  was received, and the window slides up to it instead of dropping ``s``.
+  Ordered spaces have no permanent gaps and keep the wire's rule: beyond the
+  window is dropped unacknowledged (``seq_window``).
+* Reassembly memory is reserved for the whole message when its first fragment
+  arrives, so an admitted message can always complete, and the last
+  ``_HEAD_ROOM`` bytes of each bound are kept for the message an ordered space
+  waits for: out-of-order messages held for ordering cannot starve the one that
+  releases them.
+* On a retransmission timeout every in-flight packet is deemed lost (RFC 6298
+  5.4-5.6 with SACK), the window drops to ``MIN_WINDOW`` and the timer backs
+  off.  A message fails after ``MAX_RETRANSMISSIONS`` timeouts that found it
+  outstanding, and every outstanding message fails after ``MAX_RETRANSMISSIONS``
+  consecutive timeouts with no acknowledgement at all (the peer is gone).  A
+  failed message may still have been delivered once; it is never delivered
+  twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import NamedTuple, Union
+
+from msgnet.errors import ClosedError, MessageTooLargeError, PeerUnreachableError, UsageError
+from msgnet.limits import (
+    FLAG_FRAGMENT,
+    FLAG_ORDERED,
+    FLAG_RELIABLE,
+    FLAG_REQUEST,
+    FLAG_RESPONSE,
+    FLAG_SEQ,
+    MAX_ACK_RANGES,
+    MAX_DATAGRAM,
+    MAX_DATAGRAM_CEILING,
+    MAX_FRAGMENTS,
+    MAX_MESSAGE_PAYLOAD,
+)
+
+# --- constants ---------------------------------------------------------------------------
+# Delivery limits named by docs/wire.md 3.6 (defined in msgnet.limits with the others).
+from msgnet.limits import (
+    INITIAL_RTO,
+    INITIAL_WINDOW,
+    MAX_ACK_DELAY,
+    MAX_BEST_EFFORT_FRAGMENTS,
+    MAX_BEST_EFFORT_REASSEMBLIES,
+    MAX_REASSEMBLY_PER_SESSION,
+    MAX_REASSEMBLY_TOTAL,
+    MAX_RETRANSMISSIONS,
+    MAX_RTO,
+    MIN_RTO,
+    MIN_WINDOW,
+    SEQ_WINDOW,
+)
+
+PACKET_THRESHOLD = 3
+"""RFC 9002 kPacketThreshold: lost when this many later packets were acknowledged."""
+TIME_THRESHOLD = 9 / 8
+"""RFC 9002 kTimeThreshold: lost when older than this many RTTs and a later one was acked."""
+GRANULARITY = 0.001
+"""RFC 9002 kGranularity: the smallest timer interval worth scheduling."""
+INITIAL_RTT = 0.333
+"""RFC 9002 kInitialRtt: the loss delay's RTT before the first sample."""
+BEST_EFFORT_TIMEOUT = 2.0
+"""A best-effort reassembly is abandoned after max(this, 3 RTO) (wire.md 3.6)."""
+
+_FRAGMENT_OVERHEAD = 16
+"""Estimated frame header bytes of one fragment, to charge handed-out fragments to the
+window until on_packet_sent reports the real packet size."""
+_PER_FRAGMENT_COST = 48
+"""Reassembly memory charged per fragment slot beyond its payload (bytes header + list
+slot): keeps tiny-fragment floods honest."""
+_PER_MESSAGE_COST = 256
+"""Reassembly memory charged per message (its bookkeeping objects)."""
+_HEAD_ROOM = (
+    MAX_MESSAGE_PAYLOAD + MAX_DATAGRAM_CEILING + MAX_FRAGMENTS * _PER_FRAGMENT_COST
+    + _PER_MESSAGE_COST
+)
+"""Charge of the largest message: the part of every memory bound that only the message an
+ordered space waits for may use, so held later messages cannot deadlock it."""
+
+_KIND = FLAG_REQUEST | FLAG_RESPONSE
+_INF = math.inf
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+__all__ = [
+    "AckFields",
+    "Delivered",
+    "DeliveryConnection",
+    "DeliveryEvent",
+    "Fragment",
+    "MessageDelivered",
+    "MessageFailed",
+    "OutgoingMessage",
+    "ReassemblyBudget",
+]
+
+
+# --- values exchanged with the engine ----------------------------------------------------
+
+
+class Delivered(NamedTuple):
+    """A whole received message, ready for the application (exactly once)."""
+
+    protocol: str
+    flags: int
+    request_id: int
+    payload: bytes
+
+
+class AckFields(NamedTuple):
+    """The fields of a DELIVERY_ACK frame (wire.md 3.5), ready for the frame codec."""
+
+    largest: int
+    ack_delay_us: int
+    first_range: int
+    ranges: tuple[tuple[int, int], ...]
+
+
+class MessageDelivered(NamedTuple):
+    """Every fragment of a reliable message was acknowledged by the peer."""
+
+    message: OutgoingMessage
+
+
+class MessageFailed(NamedTuple):
+    """A message will not be confirmed: ``error`` is PeerUnreachableError (or close()'s)."""
+
+    message: OutgoingMessage
+    error: Exception
+
+
+DeliveryEvent = Union[MessageDelivered, MessageFailed]
+
+
+class OutgoingMessage:
+    """The handle :meth:`DeliveryConnection.send` returns.
+
+    ``done`` turns True when the message is finished: for a reliable message when
+    every fragment was acknowledged (``error`` None, a :class:`MessageDelivered`
+    event) or when it failed (``error`` set, a :class:`MessageFailed` event); for
+    fragmented best effort when its last fragment was handed out by poll_transmit
+    (nothing is ever confirmed, so no event).
+    """
+
+    __slots__ = (
+        "protocol",
+        "seq",
+        "flags",
+        "request_id",
+        "size",
+        "frag_count",
+        "queued_at",
+        "done",
+        "error",
+        "_space",
+        "_unacked",
+        "_timeouts",
+    )
+
+    def __init__(
+        self,
+        protocol: str,
+        seq: int,
+        flags: int,
+        request_id: int,
+        size: int,
+        frag_count: int,
+        queued_at: float,
+        space: _OutSpace,
+    ) -> None:
+        self.protocol = protocol
+        self.seq = seq
+        self.flags = flags
+        self.request_id = request_id
+        self.size = size
+        self.frag_count = frag_count
+        self.queued_at = queued_at
+        self.done = False
+        self.error: Exception | None = None
+        self._space = space
+        self._unacked = frag_count  # reliable: fragments not yet acknowledged
+        self._timeouts = 0  # retransmission timeouts that found this message outstanding
+
+    @property
+    def reliable(self) -> bool:
+        return bool(self.flags & FLAG_RELIABLE)
+
+    @property
+    def ordered(self) -> bool:
+        return bool(self.flags & FLAG_ORDERED)
+
+    def __repr__(self) -> str:
+        state = "failed" if self.error else "done" if self.done else "pending"
+        return (
+            f"<OutgoingMessage {self.protocol!r} seq={self.seq} flags=0x{self.flags:02x} "
+            f"size={self.size} fragments={self.frag_count} {state}>"
+        )
+
+
+class Fragment:
+    """One fragment to send: the wire fields of one INIT/CONTINUATION message.
+
+    The object itself is the token the core tracks: the engine hands back the same
+    objects to :meth:`DeliveryConnection.on_packet_sent`, and a lost fragment comes
+    out of poll_transmit again, unchanged (same seq and frag_index).  ``chunk`` is
+    a slice of the application's payload (bytes, or a memoryview for fragments of a
+    larger message).  Without FLAG_FRAGMENT, frag_index/frag_count are 0/1 and are
+    not written.
+    """
+
+    __slots__ = ("message", "protocol", "flags", "request_id", "seq", "frag_index",
+                 "frag_count", "chunk")
+
+    def __init__(
+        self,
+        message: OutgoingMessage,
+        protocol: str,
+        flags: int,
+        request_id: int,
+        seq: int,
+        frag_index: int,
+        frag_count: int,
+        chunk: bytes | memoryview,
+    ) -> None:
+        self.message = message
+        self.protocol = protocol
+        self.flags = flags
+        self.request_id = request_id
+        self.seq = seq
+        self.frag_index = frag_index
+        self.frag_count = frag_count
+        self.chunk = chunk
+
+    def __repr__(self) -> str:
+        return (
+            f"<Fragment {self.protocol!r} seq={self.seq} {self.frag_index}/{self.frag_count} "
+            f"flags=0x{self.flags:02x} {len(self.chunk)} B>"
+        )
+
+
+class ReassemblyBudget:
+    """Reassembly memory shared by every connection of one host (MAX_REASSEMBLY_TOTAL).
+
+    ``used`` is the bytes currently reserved by all connections together; a
+    connection returns its share in close().
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int = MAX_REASSEMBLY_TOTAL) -> None:
+        if limit < 0:
+            raise UsageError(f"limit must be >= 0, got {limit}")
+        self.limit = limit
+        self.used = 0
+
+    def __repr__(self) -> str:
+        return f"<ReassemblyBudget {self.used}/{self.limit} bytes>"
+
+
+# --- internal state ----------------------------------------------------------------------
+
+
+class _OutSpace:
+    """One sending sequence space (protocol, ORDERED bit)."""
+
+    __slots__ = ("next_seq", "oldest", "unacked", "closed")
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+        self.oldest = 0  # lower bound of the oldest unacknowledged reliable seq (lazy)
+        self.unacked: dict[int, OutgoingMessage] = {}  # reliable messages not yet done
+        self.closed = False  # ordered space after a failure (wire.md 3.6)
+
+
+class _InSpace:
+    """One receiving sequence space.
+
+    ``base`` is the lowest seq not yet received (unordered) or delivered (ordered).
+    Unordered spaces keep ``bits``: bit i set = seq base+i received (bit 0 is never
+    set).  Ordered spaces keep ``ready``: complete messages waiting for base.
+    """
+
+    __slots__ = ("base", "bits", "partial", "ready")
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.bits = 0
+        self.partial: dict[int, _Reassembly] = {}
+        self.ready: dict[int, Delivered] = {}
+
+
+class _Reassembly:
+    """One message being reassembled; ``charge`` bytes are reserved for it."""
+
+    __slots__ = ("space", "seq", "flags", "request_id", "parts", "missing", "full", "charge",
+                 "expires")
+
+    def __init__(
+        self, space: _InSpace, seq: int, flags: int, request_id: int, count: int, full: int,
+        charge: int,
+    ) -> None:
+        self.space = space
+        self.seq = seq
+        self.flags = flags
+        self.request_id = request_id
+        self.parts: list[bytes | None] = [None] * count
+        self.missing = count
+        self.full = full  # size of every fragment but the last; 0 until one is seen
+        self.charge = charge
+        self.expires = _INF
+
+
+class _SentPacket:
+    """A sent packet that carried reliable fragments (the only kind tracked)."""
+
+    __slots__ = ("time", "size", "fragments")
+
+    def __init__(self, time: float, size: int, fragments: list[Fragment]) -> None:
+        self.time = time
+        self.size = size
+        self.fragments = fragments
+
+
+def _charge_for(count: int, unit: int) -> int:
+    return count * (unit + _PER_FRAGMENT_COST) + _PER_MESSAGE_COST
+
+
+# --- the connection ----------------------------------------------------------------------
+
+
+class DeliveryConnection:
+    """Delivery state of one session, both directions (see the module docstring).
+
+    ``fragment_size`` is the payload room of one fragment in a packet;
+    ``max_datagram`` the engine's packet size, the congestion window's unit;
+    ``max_message`` the largest reliable message accepted by send (hard cap
+    MAX_MESSAGE_PAYLOAD); ``budget`` the host's shared reassembly budget (a
+    private one if None).
+    """
+
+    def __init__(
+        self,
+        *,
+        fragment_size: int,
+        max_datagram: int = MAX_DATAGRAM,
+        max_message: int = MAX_MESSAGE_PAYLOAD,
+        budget: ReassemblyBudget | None = None,
+    ) -> None:
+        if not 0 < fragment_size <= max_datagram <= MAX_DATAGRAM_CEILING:
+            raise UsageError(
+                f"need 0 < fragment_size <= max_datagram <= {MAX_DATAGRAM_CEILING}, got "
+                f"{fragment_size} and {max_datagram}"
+            )
+        if not 0 <= max_message <= MAX_MESSAGE_PAYLOAD:
+            raise UsageError(f"max_message must be in 0..{MAX_MESSAGE_PAYLOAD}, got {max_message}")
+        if -(-max_message // fragment_size) > MAX_FRAGMENTS:
+            raise UsageError(
+                f"fragment_size {fragment_size} needs more than {MAX_FRAGMENTS} fragments "
+                f"for a {max_message}-byte message"
+            )
+        self._fragment_size = fragment_size
+        self._max_message = max_message
+        self._budget = budget if budget is not None else ReassemblyBudget()
+        self._closed = False
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "retransmissions", "lost_packets", "timeouts", "failed", "acks_received",
+                "acks_sent", "bad_ack", "ack_unsent", "duplicates", "bad_fragment",
+                "reassembly_full", "seq_window", "window_slides", "expired",
+            ),
+            0,
+        )
+
+        # Sending.
+        self._out_unordered: dict[str, _OutSpace] = {}
+        self._out_ordered: dict[str, _OutSpace] = {}
+        self._queue: deque[Fragment] = deque()  # new reliable fragments, in send order
+        self._retransmit: deque[Fragment] = deque()  # lost reliable fragments
+        self._be_queue: deque[Fragment] = deque()  # best-effort fragments
+        self._sent: dict[int, _SentPacket] = {}  # in flight, by counter (ascending)
+        self._largest_sent = -1
+        self._largest_acked = -1
+        self._bytes_in_flight = 0
+        self._handed_out = 0  # window bytes of fragments polled but not yet reported sent
+
+        # RTT (RFC 6298 / RFC 9002 5) and the retransmission timer.
+        self._has_rtt = False
+        self._srtt = INITIAL_RTT
+        self._rttvar = INITIAL_RTT / 2
+        self._min_rtt = _INF
+        self._latest_rtt = 0.0
+        self._rto_value = INITIAL_RTO  # without backoff
+        self._backoff = 0  # consecutive timeouts without an acknowledgement
+        self._rto_base = 0.0  # the timer runs from here (last send into an idle pipe or ack)
+        self._loss_time = 0.0  # time-threshold loss check due (0: none)
+
+        # NewReno (RFC 9002 7), in bytes.
+        self._mss = max_datagram
+        self._min_cwnd = MIN_WINDOW * max_datagram
+        self._cwnd = float(INITIAL_WINDOW * max_datagram)
+        self._ssthresh = _INF
+        self._recovery_start = -_INF
+        self._cwnd_limited = False  # grow only while the window is what limits sending
+
+        # Best-effort pacing: a token bucket refilled at cwnd / srtt.
+        self._pace_tokens = self._cwnd
+        self._pace_time = 0.0
+        self._pace_at = 0.0  # when the bucket allows the next fragment (0: not waiting)
+
+        # Receiving.
+        self._in_unordered: dict[str, _InSpace] = {}
+        self._in_ordered: dict[str, _InSpace] = {}
+        self._be_partials: dict[_Reassembly, None] = {}  # best effort, oldest first
+        self._held = 0  # reassembly bytes reserved by this connection
+        self._veto = -1  # counter whose acknowledgement on_fragment refused
+        self._eliciting = -1  # counter of the packet with a reliable fragment last seen
+
+        # Acknowledgements to send.
+        self._ranges: list[list[int]] = []  # received counters, [lo, hi] ascending
+        self._largest_received_at = 0.0
+        self._unacked_eliciting = 0
+        self._ack_at = _INF
+
+    # -- introspection ------------------------------------------------------------------
+
+    @property
+    def srtt(self) -> float | None:
+        """Smoothed RTT in seconds, None before the first sample."""
+        return self._srtt if self._has_rtt else None
+
+    @property
+    def rttvar(self) -> float | None:
+        return self._rttvar if self._has_rtt else None
+
+    @property
+    def min_rtt(self) -> float | None:
+        return self._min_rtt if self._has_rtt else None
+
+    @property
+    def latest_rtt(self) -> float | None:
+        return self._latest_rtt if self._has_rtt else None
+
+    @property
+    def rto(self) -> float:
+        """The retransmission timeout now in force, backoff included."""
+        return min(MAX_RTO, self._rto_value * (1 << self._backoff))
+
+    @property
+    def cwnd(self) -> int:
+        """Congestion window in bytes."""
+        return int(self._cwnd)
+
+    @property
+    def ssthresh(self) -> float:
+        return self._ssthresh
+
+    @property
+    def bytes_in_flight(self) -> int:
+        return self._bytes_in_flight
+
+    @property
+    def packets_in_flight(self) -> int:
+        return len(self._sent)
+
+    @property
+    def reassembly_bytes(self) -> int:
+        """Receive memory this connection has reserved (counted in the host budget)."""
+        return self._held
+
+    @property
+    def transmit_pending(self) -> bool:
+        """Fragments are waiting (poll_transmit may still return none: window, pacing)."""
+        return bool(self._retransmit or self._queue or self._be_queue)
+
+    @property
+    def ack_pending(self) -> bool:
+        """An ack-eliciting packet is unacknowledged: put an ack in any packet that goes out."""
+        return self._unacked_eliciting > 0
+
+    # -- sending ------------------------------------------------------------------------
+
+    def send(
+        self,
+        protocol: str,
+        payload: Buffer,
+        *,
+        reliable: bool,
+        ordered: bool,
+        flags_extra: int = 0,
+        request_id: int = 0,
+        now: float,
+    ) -> OutgoingMessage:
+        """Queue one SEQ message and return its handle.
+
+        ``flags_extra`` may carry FLAG_REQUEST or FLAG_RESPONSE (with ``request_id``).
+        Raises MessageTooLargeError beyond MAX_BEST_EFFORT_FRAGMENTS fragments (best
+        effort) or ``max_message`` bytes (reliable), PeerUnreachableError on an
+        ordered space closed by a failed message, ClosedError after close().
+        """
+        if self._closed:
+            raise ClosedError("delivery connection is closed")
+        if flags_extra & ~_KIND or flags_extra == _KIND:
+            raise UsageError("flags_extra may be FLAG_REQUEST or FLAG_RESPONSE (not both)")
+        if not 0 <= request_id < 1 << 63 or (request_id and not flags_extra):
+            raise UsageError("request_id in 0..2**63-1, and only with REQUEST or RESPONSE")
+        if ordered and not reliable:
+            raise UsageError("ordered delivery requires reliable")
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        size = len(payload)
+        fs = self._fragment_size
+        count = -(-size // fs) or 1
+        if reliable:
+            if size > self._max_message:
+                raise MessageTooLargeError(
+                    f"reliable message of {size} bytes exceeds {self._max_message}"
+                )
+        elif count > MAX_BEST_EFFORT_FRAGMENTS:
+            raise MessageTooLargeError(
+                f"best-effort message of {size} bytes needs {count} fragments of {fs}, "
+                f"more than {MAX_BEST_EFFORT_FRAGMENTS}"
+            )
+        spaces = self._out_ordered if ordered else self._out_unordered
+        space = spaces.get(protocol)
+        if space is None:
+            space = spaces[protocol] = _OutSpace()
+        elif space.closed:
+            raise PeerUnreachableError(
+                f"ordered delivery on {protocol!r} stopped after a failed message"
+            )
+        seq = space.next_seq
+        space.next_seq = seq + 1
+        flags = FLAG_SEQ | flags_extra
+        if reliable:
+            flags |= (FLAG_RELIABLE | FLAG_ORDERED) if ordered else FLAG_RELIABLE
+        if count > 1:
+            flags |= FLAG_FRAGMENT
+        message = OutgoingMessage(protocol, seq, flags, request_id, size, count, now, space)
+        queue = self._queue if reliable else self._be_queue
+        if count == 1:
+            queue.append(Fragment(message, protocol, flags, request_id, seq, 0, 1, payload))
+        else:
+            view = memoryview(payload)
+            queue.extend(
+                Fragment(message, protocol, flags, request_id, seq, i, count,
+                         view[i * fs:(i + 1) * fs])
+                for i in range(count)
+            )
+        if reliable:
+            space.unacked[seq] = message
+        return message
+
+    def poll_transmit(self, now: float, max_fragments: int) -> list[Fragment]:
+        """Up to ``max_fragments`` fragments to send now, retransmissions first.
+
+        Reliable fragments stop at the congestion window, best effort at the pacing
+        rate.  Every fragment returned must be reported in on_packet_sent (they are
+        charged to the window until then).
+        """
+        out: list[Fragment] = []
+        budget = self._cwnd - self._bytes_in_flight - self._handed_out
+        retransmit = self._retransmit
+        queue = self._queue
+        while budget > 0 and len(out) < max_fragments:
+            if retransmit:
+                fragment = retransmit.popleft()
+                if fragment.message.error is not None:
+                    continue
+                self.counters["retransmissions"] += 1
+            elif queue:
+                fragment = queue[0]
+                message = fragment.message
+                if message.error is not None:
+                    queue.popleft()
+                    continue
+                if fragment.seq - message._space.oldest >= SEQ_WINDOW and not self._within_window(
+                    message._space, fragment.seq
+                ):
+                    break
+                queue.popleft()
+            else:
+                break
+            cost = len(fragment.chunk) + _FRAGMENT_OVERHEAD
+            budget -= cost
+            self._handed_out += cost
+            out.append(fragment)
+        if budget <= 0:
+            self._cwnd_limited = True
+        elif not (retransmit or queue):
+            self._cwnd_limited = False
+        if self._be_queue and len(out) < max_fragments:
+            self._poll_best_effort(now, max_fragments, out)
+        return out
+
+    def _poll_best_effort(self, now: float, max_fragments: int, out: list[Fragment]) -> None:
+        """Best-effort fragments, paced at cwnd / srtt once an RTT sample exists."""
+        queue = self._be_queue
+        paced = self._has_rtt
+        rate = self._cwnd / max(self._srtt, GRANULARITY)
+        if paced:
+            tokens = min(self._cwnd, self._pace_tokens + (now - self._pace_time) * rate)
+            self._pace_time = now
+        else:
+            tokens = _INF
+        while queue and len(out) < max_fragments and tokens > 0:
+            fragment = queue[0]
+            message = fragment.message
+            if fragment.seq - message._space.oldest >= SEQ_WINDOW and not self._within_window(
+                message._space, fragment.seq
+            ):
+                break
+            queue.popleft()
+            out.append(fragment)
+            tokens -= len(fragment.chunk) + _FRAGMENT_OVERHEAD
+            if fragment.frag_index == fragment.frag_count - 1:
+                message.done = True
+        if paced:
+            self._pace_tokens = tokens
+            self._pace_at = now + max(-tokens / rate, GRANULARITY) if tokens <= 0 else 0.0
+
+    @staticmethod
+    def _within_window(space: _OutSpace, seq: int) -> bool:
+        """Whether ``seq`` may go out: below the oldest unacked reliable seq + SEQ_WINDOW.
+
+        This is what lets the receiver slide its unordered window (module docstring).
+        ``space.oldest`` only moves up here, one seq at a time, so the scan is
+        amortised O(1) per message.
+        """
+        oldest, unacked, end = space.oldest, space.unacked, space.next_seq
+        while oldest < end and oldest not in unacked:
+            oldest += 1
+        space.oldest = oldest
+        return seq - oldest < SEQ_WINDOW
+
+    def on_packet_sent(
+        self, counter: int, fragments: list[Fragment], size: int, now: float
+    ) -> None:
+        """Report DATA packet ``counter`` (every one, fragments or not) of ``size`` bytes.
+
+        Packets with reliable fragments are in flight and ack-eliciting; the core
+        keeps ``fragments`` (do not reuse the list).
+        """
+        if counter <= self._largest_sent:
+            raise UsageError(f"packet counters must increase: {counter} after {self._largest_sent}")
+        self._largest_sent = counter
+        if not fragments:
+            return
+        handed = 0
+        mixed = False
+        for fragment in fragments:
+            if fragment.flags & FLAG_RELIABLE:
+                handed += len(fragment.chunk) + _FRAGMENT_OVERHEAD
+            else:
+                mixed = True
+        if not handed:
+            return
+        if mixed:
+            fragments = [f for f in fragments if f.flags & FLAG_RELIABLE]
+        self._handed_out -= handed
+        if not self._sent:
+            self._rto_base = now  # RFC 6298 5.1: start the timer if it is not running
+        self._sent[counter] = _SentPacket(now, size, fragments)
+        self._bytes_in_flight += size
+
+    # -- acknowledgements in ------------------------------------------------------------
+
+    def on_ack(
+        self,
+        largest: int,
+        ack_delay_us: int,
+        first_range: int,
+        ranges: tuple[tuple[int, int], ...],
+        now: float,
+    ) -> list[DeliveryEvent]:
+        """Process one DELIVERY_ACK; the reliable messages it completes.
+
+        Malformed acks and acks of counters never sent are ignored and counted.
+        """
+        counters = self.counters
+        if largest > self._largest_sent:
+            counters["ack_unsent"] += 1
+            return []
+        low = largest - first_range
+        if low < 0 or first_range < 0 or ack_delay_us < 0 or len(ranges) > MAX_ACK_RANGES:
+            counters["bad_ack"] += 1
+            return []
+        spans = [(low, largest)]
+        for gap, length in ranges:
+            high = low - gap - 2
+            low = high - length
+            if gap < 0 or length < 0 or low < 0:
+                counters["bad_ack"] += 1
+                return []
+            spans.append((low, high))
+        counters["acks_received"] += 1
+        if largest > self._largest_acked:
+            self._largest_acked = largest
+        sent = self._sent
+        if not sent:
+            return []
+        events: list[DeliveryEvent] = []
+        oldest = next(iter(sent))
+        newest: _SentPacket | None = None
+        acked = False
+        ssthresh = self._ssthresh
+        grow = self._cwnd_limited
+        for low, high in spans:
+            if high < oldest:
+                break
+            if low < oldest:
+                low = oldest
+            # A range wider than what is in flight: walk the packets, not the counters.
+            keys = (
+                [c for c in sent if low <= c <= high] if high - low >= len(sent)
+                else range(low, high + 1)
+            )
+            for counter in keys:
+                packet = sent.pop(counter, None)
+                if packet is None:
+                    continue
+                acked = True
+                if counter == largest:
+                    newest = packet
+                self._bytes_in_flight -= packet.size
+                if grow and packet.time > self._recovery_start:
+                    if self._cwnd < ssthresh:
+                        self._cwnd += packet.size  # slow start
+                    else:
+                        self._cwnd += self._mss * packet.size / self._cwnd
+                for fragment in packet.fragments:
+                    message = fragment.message
+                    if message.error is not None:
+                        continue
+                    message._unacked -= 1
+                    if not message._unacked:
+                        message.done = True
+                        del message._space.unacked[message.seq]
+                        events.append(MessageDelivered(message))
+        if not acked:
+            return events
+        if self._cwnd > MAX_REASSEMBLY_PER_SESSION:
+            # More than the peer may buffer for us is never useful in flight.
+            self._cwnd = float(MAX_REASSEMBLY_PER_SESSION)
+        if newest is not None:
+            self._update_rtt(now - newest.time, min(ack_delay_us * 1e-6, MAX_ACK_DELAY))
+        self._backoff = 0
+        self._rto_base = now  # RFC 6298 5.3: restart the timer on new acknowledgements
+        self._detect_losses(now)
+        return events
+
+    def _update_rtt(self, latest: float, ack_delay: float) -> None:
+        """RFC 9002 5.3 (the RFC 6298 gains), then RTO per wire.md 3.6."""
+        self._latest_rtt = latest
+        if not self._has_rtt:
+            self._has_rtt = True
+            self._min_rtt = self._srtt = latest
+            self._rttvar = latest / 2
+        else:
+            if latest < self._min_rtt:
+                self._min_rtt = latest
+            # The peer's ack delay is subtracted unless that would go below min_rtt.
+            adjusted = latest - ack_delay if latest >= self._min_rtt + ack_delay else latest
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - adjusted)
+            self._srtt = 0.875 * self._srtt + 0.125 * adjusted
+        rto = self._srtt + max(4 * self._rttvar, GRANULARITY) + MAX_ACK_DELAY
+        self._rto_value = min(MAX_RTO, max(MIN_RTO, rto))
+
+    def _detect_losses(self, now: float) -> None:
+        """RFC 9002 6.1: packet and time thresholds below the largest acknowledged."""
+        self._loss_time = 0.0
+        largest = self._largest_acked
+        delay = max(TIME_THRESHOLD * max(self._srtt, self._latest_rtt), GRANULARITY)
+        lost_before = now - delay
+        lost: list[int] = []
+        # Counters ascend with send times: the first packet not lost ends the scan.
+        for counter, packet in self._sent.items():
+            if counter > largest:
+                break
+            if packet.time <= lost_before or largest - counter >= PACKET_THRESHOLD:
+                lost.append(counter)
+            else:
+                self._loss_time = packet.time + delay
+                break
+        if lost:
+            self._declare_lost(lost, now)
+
+    def _declare_lost(self, counters: list[int], now: float) -> None:
+        """Re-queue the lost packets' fragments; NewReno halves once per round trip."""
+        sent = self._sent
+        retransmit = self._retransmit
+        packet = None
+        for counter in counters:
+            packet = sent.pop(counter)
+            self._bytes_in_flight -= packet.size
+            retransmit.extend(f for f in packet.fragments if f.message.error is None)
+        self.counters["lost_packets"] += len(counters)
+        if packet is not None and packet.time > self._recovery_start:
+            self._recovery_start = now
+            self._cwnd = self._ssthresh = max(self._cwnd / 2, self._min_cwnd)
+
+    # -- timers -------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When handle_timer is due (then check ack_frame_due too), or None."""
+        deadline = _INF
+        if self._sent:
+            deadline = self._rto_base + self.rto
+            if self._loss_time and self._loss_time < deadline:
+                deadline = self._loss_time
+        if self._unacked_eliciting and self._ack_at < deadline:
+            deadline = self._ack_at
+        if self._pace_at and self._be_queue and self._pace_at < deadline:
+            deadline = self._pace_at
+        if self._be_partials:
+            expires = next(iter(self._be_partials)).expires
+            if expires < deadline:
+                deadline = expires
+        return None if deadline == _INF else deadline
+
+    def handle_timer(self, now: float) -> list[DeliveryEvent]:
+        """Run what is due: loss detection, the retransmission timeout, reassembly expiry."""
+        events: list[DeliveryEvent] = []
+        if self._sent:
+            if self._loss_time and now >= self._loss_time:
+                self._detect_losses(now)
+            elif now >= self._rto_base + self.rto:
+                self._on_timeout(now, events)
+        if self._be_partials:
+            self._expire(now)
+        return events
+
+    def _on_timeout(self, now: float, events: list[DeliveryEvent]) -> None:
+        """Retransmission timeout: every in-flight packet is lost, the window collapses."""
+        self.counters["timeouts"] += 1
+        lost = self._sent
+        self._sent = {}
+        self._bytes_in_flight = 0
+        self._loss_time = 0.0
+        outstanding: dict[OutgoingMessage, None] = {}
+        retransmit = self._retransmit
+        for packet in lost.values():
+            for fragment in packet.fragments:
+                message = fragment.message
+                if message.error is None:
+                    retransmit.append(fragment)
+                    outstanding[message] = None
+        self.counters["lost_packets"] += len(lost)
+        self._ssthresh = max(self._cwnd / 2, self._min_cwnd)
+        self._cwnd = float(self._min_cwnd)
+        self._recovery_start = now
+        self._rto_base = now
+        self._backoff += 1
+        if self._backoff >= MAX_RETRANSMISSIONS:
+            self._backoff = 0
+            self._fail_all(PeerUnreachableError(
+                f"no acknowledgement after {MAX_RETRANSMISSIONS} retransmission timeouts"
+            ), events)
+            return
+        for message in outstanding:
+            message._timeouts += 1
+            if message._timeouts >= MAX_RETRANSMISSIONS:
+                self._fail(message, PeerUnreachableError(
+                    f"message unacknowledged after {MAX_RETRANSMISSIONS} retransmission timeouts"
+                ), events)
+
+    def _fail(self, message: OutgoingMessage, error: Exception,
+              events: list[DeliveryEvent]) -> None:
+        """Finish ``message`` with ``error``; a failure closes its ordered space."""
+        if message.done:
+            return
+        message.done = True
+        message.error = error
+        self.counters["failed"] += 1
+        events.append(MessageFailed(message, error))
+        space = message._space
+        space.unacked.pop(message.seq, None)
+        if message.flags & FLAG_ORDERED and not space.closed:
+            space.closed = True  # the peer can never deliver past this seq
+            for other in list(space.unacked.values()):
+                self._fail(other, error, events)
+
+    def _fail_all(self, error: Exception, events: list[DeliveryEvent]) -> None:
+        """Fail every outstanding reliable message (their fragments are dropped)."""
+        for spaces in (self._out_unordered, self._out_ordered):
+            for space in spaces.values():
+                for message in list(space.unacked.values()):
+                    self._fail(message, error, events)
+        self._queue.clear()
+        self._retransmit.clear()
+
+    def close(self, error: Exception | None = None) -> list[DeliveryEvent]:
+        """End the session: fail what is outstanding, return reassembly memory.
+
+        Every message not done fails with ``error`` (ClosedError by default),
+        best effort not yet fully handed out included.
+        """
+        if self._closed:
+            return []
+        self._closed = True
+        error = error if error is not None else ClosedError("session closed")
+        events: list[DeliveryEvent] = []
+        self._fail_all(error, events)
+        for fragment in self._be_queue:
+            self._fail(fragment.message, error, events)
+        self._be_queue.clear()
+        self._sent.clear()
+        self._bytes_in_flight = self._handed_out = 0
+        self._budget.used -= self._held
+        self._held = 0
+        self._in_unordered.clear()
+        self._in_ordered.clear()
+        self._be_partials.clear()
+        return events
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def on_fragment(
+        self,
+        counter: int,
+        protocol: str,
+        flags: int,
+        request_id: int,
+        seq: int,
+        frag_index: int,
+        frag_count: int,
+        payload: Buffer,
+        now: float,
+    ) -> list[Delivered]:
+        """One received SEQ message (a fragment, or whole with frag_index/count 0/1).
+
+        Returns the messages now deliverable: this one if complete, and for ordered
+        spaces those it releases.  Fields are as the frame codec validated them
+        (flag combinations, frag_index < frag_count <= MAX_FRAGMENTS); consistency
+        across fragments and the memory bounds are checked here.  Call
+        on_packet_received(counter) after the packet's last frame.
+        """
+        if self._closed:
+            return []
+        if flags & FLAG_RELIABLE:
+            self._eliciting = counter
+        if flags & FLAG_ORDERED:
+            return self._on_ordered(counter, protocol, flags, request_id, seq, frag_index,
+                                    frag_count, payload, now)
+        space = self._in_unordered.get(protocol)
+        if space is None:
+            space = self._in_unordered[protocol] = _InSpace()
+        if seq == space.base and frag_count == 1 and not space.bits and not space.partial:
+            space.base = seq + 1  # the common case: the next message, whole
+            return [Delivered(protocol, flags, request_id,
+                              payload if type(payload) is bytes else bytes(payload))]
+        offset = seq - space.base
+        if offset < 0 or space.bits >> offset & 1:
+            self.counters["duplicates"] += 1
+            return []
+        if offset >= SEQ_WINDOW:
+            self._slide(space, seq - SEQ_WINDOW + 1)
+        if frag_count == 1:
+            if seq in space.partial:
+                self.counters["bad_fragment"] += 1
+                return []
+            data = payload if type(payload) is bytes else bytes(payload)
+        else:
+            whole = self._reassemble(space, counter, flags, request_id, seq, frag_index,
+                                     frag_count, payload, now, False)
+            if whole is None:
+                return []
+            data = whole
+        self._mark_received(space, seq)
+        return [Delivered(protocol, flags, request_id, data)]
+
+    def _on_ordered(
+        self, counter: int, protocol: str, flags: int, request_id: int, seq: int,
+        frag_index: int, frag_count: int, payload: Buffer, now: float,
+    ) -> list[Delivered]:
+        space = self._in_ordered.get(protocol)
+        if space is None:
+            space = self._in_ordered[protocol] = _InSpace()
+        base = space.base
+        offset = seq - base
+        if offset < 0 or seq in space.ready:
+            self.counters["duplicates"] += 1
+            return []
+        if not flags & FLAG_RELIABLE:
+            self.counters["bad_fragment"] += 1
+            return []
+        if offset >= SEQ_WINDOW:
+            self.counters["seq_window"] += 1
+            self._veto = counter
+            return []
+        if frag_count == 1:
+            if seq in space.partial:
+                self.counters["bad_fragment"] += 1
+                return []
+            data = payload if type(payload) is bytes else bytes(payload)
+        else:
+            whole = self._reassemble(space, counter, flags, request_id, seq, frag_index,
+                                     frag_count, payload, now, offset == 0)
+            if whole is None:
+                return []
+            data = whole
+        message = Delivered(protocol, flags, request_id, data)
+        if offset:
+            charge = len(data) + _PER_MESSAGE_COST
+            if frag_count > 1:
+                self._held += charge  # its reassembly just released more than this
+                self._budget.used += charge
+            elif not self._try_charge(charge, False):
+                self._veto = counter
+                return []
+            space.ready[seq] = message
+            return []
+        out = [message]
+        base += 1
+        ready = space.ready
+        while ready:
+            waiting = ready.pop(base, None)
+            if waiting is None:
+                break
+            out.append(waiting)
+            self._release(len(waiting.payload) + _PER_MESSAGE_COST)
+            base += 1
+        space.base = base
+        return out
+
+    def _reassemble(
+        self, space: _InSpace, counter: int, flags: int, request_id: int, seq: int,
+        index: int, count: int, payload: Buffer, now: float, head: bool,
+    ) -> bytes | None:
+        """Add one fragment of a multi-fragment message; the message once complete.
+
+        Memory for the whole message is reserved with its first fragment.  Every
+        fragment but the last must have the same size; the last one at most that.
+        """
+        reliable = flags & FLAG_RELIABLE
+        size = len(payload)
+        last = index == count - 1
+        partial = space.partial.get(seq)
+        if partial is None:
+            limit = MAX_FRAGMENTS if reliable else MAX_BEST_EFFORT_FRAGMENTS
+            if (not 0 <= index < count <= limit or size == 0
+                    or (not last and (count - 1) * size >= MAX_MESSAGE_PAYLOAD)):
+                self.counters["bad_fragment"] += 1
+                return None
+            if not reliable and len(self._be_partials) >= MAX_BEST_EFFORT_REASSEMBLIES:
+                self.counters["reassembly_full"] += 1
+                return None
+            if last:  # the full size is unknown: guess ours, within what the total allows
+                unit = max(size, min(self._fragment_size,
+                                     (MAX_MESSAGE_PAYLOAD - size) // (count - 1)))
+            else:
+                unit = size
+            charge = _charge_for(count, unit)
+            if not self._try_charge(charge, head):
+                if reliable:
+                    self._veto = counter
+                return None
+            partial = _Reassembly(space, seq, flags, request_id, count, 0 if last else size,
+                                  charge)
+            space.partial[seq] = partial
+            if not reliable:
+                partial.expires = now + max(BEST_EFFORT_TIMEOUT, 3 * self._rto_value)
+                self._be_partials[partial] = None
+        else:
+            parts = partial.parts
+            if (count != len(parts) or flags != partial.flags
+                    or request_id != partial.request_id or not 0 <= index < count):
+                self.counters["bad_fragment"] += 1
+                return None
+            if parts[index] is not None:
+                self.counters["duplicates"] += 1
+                return None
+            full = partial.full
+            if last:
+                if size == 0 or (full and size > full):
+                    self.counters["bad_fragment"] += 1
+                    return None
+            elif not full:  # the first full-sized fragment after the last: size known now
+                tail = len(parts[-1] or b"")
+                if size < tail or (count - 1) * size >= MAX_MESSAGE_PAYLOAD:
+                    self.counters["bad_fragment"] += 1
+                    return None
+                charge = _charge_for(count, size)
+                if charge > partial.charge:
+                    if not self._try_charge(charge - partial.charge, head):
+                        if reliable:
+                            self._veto = counter
+                        return None
+                else:
+                    self._release(partial.charge - charge)
+                partial.charge = charge
+                partial.full = size
+            elif size != full:
+                self.counters["bad_fragment"] += 1
+                return None
+        partial.parts[index] = payload if type(payload) is bytes else bytes(payload)
+        partial.missing -= 1
+        if partial.missing:
+            return None
+        del space.partial[seq]
+        self._release(partial.charge)
+        if not reliable:
+            del self._be_partials[partial]
+        return b"".join(partial.parts)  # type: ignore[arg-type]  # all present now
+
+    def _try_charge(self, charge: int, head: bool) -> bool:
+        """Reserve receive memory within both bounds (the head room only for ``head``)."""
+        room = 0 if head else _HEAD_ROOM
+        budget = self._budget
+        if (self._held + charge > MAX_REASSEMBLY_PER_SESSION - room
+                or budget.used + charge > budget.limit - room):
+            self.counters["reassembly_full"] += 1
+            return False
+        self._held += charge
+        budget.used += charge
+        return True
+
+    def _release(self, charge: int) -> None:
+        self._held -= charge
+        self._budget.used -= charge
+
+    def _mark_received(self, space: _InSpace, seq: int) -> None:
+        """Set seq's bit in an unordered window; move base past a received run."""
+        offset = seq - space.base
+        if offset:
+            space.bits |= 1 << offset
+            return
+        bits = space.bits >> 1
+        base = seq + 1
+        if bits & 1:
+            run = (~bits & (bits + 1)).bit_length() - 1  # trailing one bits
+            bits >>= run
+            base += run
+        space.bits = bits
+        space.base = base
+
+    def _slide(self, space: _InSpace, base: int) -> None:
+        """Move an unordered window up to ``base`` (safe: see the module docstring)."""
+        self.counters["window_slides"] += 1
+        bits = space.bits >> (base - space.base)
+        for seq in [s for s in space.partial if s < base]:
+            self._drop(space.partial.pop(seq))
+        if bits & 1:
+            run = (~bits & (bits + 1)).bit_length() - 1
+            bits >>= run
+            base += run
+        space.bits = bits
+        space.base = base
+
+    def _drop(self, partial: _Reassembly) -> None:
+        self._release(partial.charge)
+        self._be_partials.pop(partial, None)
+
+    def _expire(self, now: float) -> None:
+        """Abandon best-effort reassemblies past their timeout; they stay undelivered."""
+        partials = self._be_partials
+        while partials:
+            partial = next(iter(partials))
+            if partial.expires > now:
+                break
+            del partials[partial]
+            space = partial.space
+            del space.partial[partial.seq]
+            self._release(partial.charge)
+            self._mark_received(space, partial.seq)  # late fragments are duplicates now
+            self.counters["expired"] += 1
+
+    # -- acknowledgements out -----------------------------------------------------------
+
+    def on_packet_received(self, counter: int, now: float, *, acknowledge: bool = True) -> None:
+        """Record DATA packet ``counter`` after all its frames were processed.
+
+        Every opened packet is reported.  It will be acknowledged unless
+        on_fragment vetoed it or the engine passes ``acknowledge=False`` because it
+        dropped a reliable frame of it itself (so that the peer retransmits).
+        """
+        if not acknowledge or counter == self._veto:
+            return
+        ranges = self._ranges
+        if not ranges:
+            ranges.append([counter, counter])
+            in_order = True
+        elif counter == ranges[-1][1] + 1:
+            ranges[-1][1] = counter
+            in_order = True
+        elif self._add_range(counter):
+            in_order = False
+        else:
+            return  # already recorded
+        if counter == ranges[-1][1]:
+            self._largest_received_at = now
+        if counter == self._eliciting:
+            self._unacked_eliciting += 1
+            if not in_order:
+                self._ack_at = now  # RFC 9000 13.2.1: a gap or a late packet, ack at once
+            elif self._unacked_eliciting == 1:
+                self._ack_at = now + MAX_ACK_DELAY
+
+    def _add_range(self, counter: int) -> bool:
+        """Insert ``counter`` out of order; False if it was recorded already.
+
+        At most MAX_ACK_RANGES + 1 ranges are kept, the newest: an older counter
+        falls out and its packet, if still unacknowledged, is retransmitted.
+        """
+        ranges = self._ranges
+        i = len(ranges)
+        while i and ranges[i - 1][0] > counter:
+            i -= 1
+        below = ranges[i - 1] if i else None
+        if below is not None and counter <= below[1]:
+            return False
+        above = ranges[i] if i < len(ranges) else None
+        joins_below = below is not None and below[1] + 1 == counter
+        joins_above = above is not None and above[0] - 1 == counter
+        if joins_below and joins_above:
+            below[1] = above[1]  # type: ignore[index]
+            del ranges[i]
+        elif joins_below:
+            below[1] = counter  # type: ignore[index]
+        elif joins_above:
+            above[0] = counter  # type: ignore[index]
+        else:
+            ranges.insert(i, [counter, counter])
+            if len(ranges) > MAX_ACK_RANGES + 1:
+                del ranges[0]
+        return True
+
+    def ack_frame_due(self, now: float) -> bool:
+        """An ack must go out now: a second ack-eliciting packet, a gap, or MAX_ACK_DELAY."""
+        return self._unacked_eliciting >= 2 or (
+            self._unacked_eliciting > 0 and now >= self._ack_at
+        )
+
+    def build_ack(self, now: float) -> AckFields | None:
+        """DELIVERY_ACK fields for the received counters (newest ranges), None if none."""
+        ranges = self._ranges
+        if not ranges:
+            return None
+        low, largest = ranges[-1]
+        gaps = []
+        for i in range(len(ranges) - 2, -1, -1):
+            below_low, below_high = ranges[i]
+            gaps.append((low - below_high - 2, below_high - below_low))
+            low = below_low
+        self._unacked_eliciting = 0
+        self._ack_at = _INF
+        self.counters["acks_sent"] += 1
+        delay_us = int((now - self._largest_received_at) * 1e6)
+        return AckFields(largest, max(delay_us, 0), largest - ranges[-1][0], tuple(gaps))

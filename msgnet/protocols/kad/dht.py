@@ -1,0 +1,761 @@
+"""A libp2p-style Kademlia DHT whose RPCs are msgnet request/response messages.
+
+Each RPC is one ``host.request`` on :data:`~.wire.PROTOCOL` answered with
+``Message.reply``: no stream, no multistream negotiation, and the sender of
+every request is the peer its session proved, so routing tables and
+provider records are keyed by authenticated identities.
+
+Lookups are iterative (alpha parallel queries towards the k closest peers).
+Each query has a *soft* deadline derived from the RTT measured to that peer
+(``max(3*srtt, srtt + 4*rttvar, 50 ms)``): past it the query stops holding
+one of the alpha slots and the lookup moves on, while a late reply is still
+used until the *hard* deadline (``max_query_timeout``).  A peer that stalls,
+answers garbage or invents peers therefore costs a lookup at most one soft
+deadline per slot, and the invented peers only cost queries that time out
+the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any
+
+from multiaddr import Multiaddr
+
+from ...errors import MsgnetError, ProtocolResetError, UsageError
+from ...host import MessageHost
+from ...identity import PeerID
+from ..dagcbor import CID, DagCborError, check_multihash
+from .errors import InvalidRecordError, MalformedMessageError, NotFoundError, ValueTooLargeError
+from .records import ProviderStore, RecordStore, Validator, default_validator
+from .routing import PeerEntry, RoutingTable, kad_id, key_in_bucket
+from .wire import (
+    MAX_ADDR_SIZE,
+    MAX_ADDRS_PER_PEER,
+    MAX_KEY_SIZE,
+    MAX_PEERS_PER_REPLY,
+    MAX_PROVIDERS_PER_REPLY,
+    MAX_VALUE_SIZE,
+    PROTOCOL,
+    MessageType,
+    PeerInfo,
+    Reply,
+    Request,
+    decode_reply,
+    decode_request,
+    encode_reply_page,
+    encode_request,
+    peer_of_addr,
+)
+
+__all__ = ["KadDHT", "KadConfig", "LookupResult"]
+
+log = logging.getLogger("msgnet.kad")
+
+# Metrics that are current values rather than running totals.
+GAUGES = frozenset({"routing_table_peers", "records_stored", "provider_entries",
+                    "lookups_in_flight"})
+
+
+@dataclass(frozen=True)
+class KadConfig:
+    """Tunables; the defaults follow libp2p's Kad-DHT where it has one."""
+
+    k: int = 20
+    alpha: int = 3
+    # GET_VALUE stops once this many valid records were seen (then selects the best).
+    quorum: int = 3
+    min_query_timeout: float = 0.05
+    # First contact includes a handshake: no RTT is known yet.
+    first_contact_timeout: float = 0.25
+    max_query_timeout: float = 2.0
+    lookup_timeout: float = 10.0
+    max_queries_per_lookup: int = 200
+    max_lookups: int = 32
+    # Failed queries in a row before a peer leaves the routing table.
+    evict_after_failures: int = 2
+    max_liveness_checks: int = 16
+    record_ttl: float = 36 * 3600.0
+    provider_ttl: float = 48 * 3600.0
+    republish_interval: float = 3600.0
+    refresh_interval: float = 600.0
+    max_refresh_cpl: int = 15
+    maintenance_interval: float = 30.0
+    max_records: int = 10_000
+    max_records_per_peer: int = 100
+    max_providers_per_key: int = 32
+    max_provider_entries: int = 50_000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_PEERS_PER_REPLY:
+            raise UsageError(f"k must be within 1..{MAX_PEERS_PER_REPLY}")
+        if not 3 <= self.alpha <= 10:
+            raise UsageError("alpha must be within 3..10")
+        if self.quorum < 1:
+            raise UsageError("quorum must be at least 1")
+        if not 0 < self.min_query_timeout <= self.max_query_timeout:
+            raise UsageError("need 0 < min_query_timeout <= max_query_timeout")
+        if not 0 <= self.max_refresh_cpl <= 20:
+            raise UsageError("max_refresh_cpl must be within 0..20 (refresh grinds keys)")
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """What a lookup found and what it cost."""
+
+    closest: list[PeerInfo]  # the k closest peers that answered, nearest first
+    queries: int
+    failures: int
+    hops: int  # rounds of the lookup: depth of the deepest peer that answered
+    seconds: float
+
+
+class _RttEstimator:
+    """Smoothed RTT per peer (RFC 6298 weights), bounded LRU, plus an all-peer average."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._peers: OrderedDict[PeerID, tuple[float, float]] = OrderedDict()
+        self._capacity = capacity
+        self.contacted: OrderedDict[PeerID, None] = OrderedDict()
+
+    def sample(self, peer: PeerID, rtt: float) -> None:
+        if peer not in self.contacted:
+            # The first exchange included a handshake: not an RTT sample.
+            self.contacted[peer] = None
+            if len(self.contacted) > self._capacity:
+                self.contacted.popitem(last=False)
+            return
+        old = self._peers.pop(peer, None)
+        if old is None:
+            srtt, rttvar = rtt, rtt / 2
+        else:
+            srtt, rttvar = old
+            rttvar = 0.75 * rttvar + 0.25 * abs(srtt - rtt)
+            srtt = 0.875 * srtt + 0.125 * rtt
+        self._peers[peer] = (srtt, rttvar)
+        if len(self._peers) > self._capacity:
+            self._peers.popitem(last=False)
+
+    def soft_timeout(self, peer: PeerID, config: KadConfig) -> float:
+        stats = self._peers.get(peer)
+        if stats is None:
+            timeout = config.first_contact_timeout
+        else:
+            srtt, rttvar = stats
+            timeout = max(3 * srtt, srtt + 4 * rttvar, config.min_query_timeout)
+        return min(timeout, config.max_query_timeout)
+
+
+_NEW, _INFLIGHT, _SLOW, _OK, _FAILED = range(5)
+
+# Where a lookup candidate's addresses come from, which decides whether we
+# believe them: the caller's bootstrap list, our routing table, or a reply.
+_SEED, _TABLE, _REPLY = range(3)
+
+
+class _Candidate:
+    __slots__ = ("info", "source", "distance", "depth", "state", "deadline")
+
+    def __init__(self, info: PeerInfo, source: int, distance: int, depth: int) -> None:
+        self.info = info
+        self.source = source
+        self.distance = distance
+        self.depth = depth
+        self.state = _NEW
+        self.deadline = 0.0
+
+
+# A lookup's reply callback: True stops the lookup (e.g. quorum reached).
+ReplyHook = Callable[[PeerInfo, Reply], bool]
+
+
+class KadDHT:
+    """Kademlia over a :class:`~msgnet.host.MessageHost` (public API only).
+
+    ``server=True`` answers DHT requests and advertises our addresses so
+    other nodes add us to their routing tables; ``server=False`` (client
+    mode, for short-lived tools) only asks.  Use ``async with`` or
+    :meth:`start`/:meth:`close` inside a started host.
+    """
+
+    def __init__(self, host: MessageHost, *, config: KadConfig | None = None,
+                 validator: Validator | None = None, server: bool = True) -> None:
+        self.host = host
+        self.config = config or KadConfig()
+        self.validator: Validator = validator or default_validator()
+        self.server = server
+        self.table = RoutingTable(host.peer_id, self.config.k)
+        self.records = RecordStore(self.config.max_records, self.config.max_records_per_peer)
+        self.providers = ProviderStore(self.config.max_providers_per_key,
+                                       self.config.max_provider_entries)
+        self._counters: Counter[str] = Counter()
+        self._rtt = _RttEstimator()
+        self._own_addrs: tuple[bytes, ...] = ()
+        self._own_values: dict[bytes, bytes] = {}  # what we put: republished
+        self._own_provides: set[bytes] = set()
+        self._lookup_slots = asyncio.Semaphore(self.config.max_lookups)
+        self._lookups_in_flight = 0
+        self._checks = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._next_refresh = 0.0
+        self._next_republish = 0.0
+        self._handlers: dict[MessageType, Callable[[PeerID, Request], bytes]] = {
+            MessageType.FIND_NODE: self._handle_find_node,
+            MessageType.GET_VALUE: self._handle_get_value,
+            MessageType.PUT_VALUE: self._handle_put_value,
+            MessageType.ADD_PROVIDER: self._handle_add_provider,
+            MessageType.GET_PROVIDERS: self._handle_get_providers,
+            MessageType.PING: self._handle_ping,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Answer requests (server mode) and start refresh, expiry and republish."""
+        self._own_addrs = tuple(a for a in (m.to_bytes() for m in self.host.addrs)
+                                if len(a) <= MAX_ADDR_SIZE)[:MAX_ADDRS_PER_PEER]
+        if self.server:
+            self.host.set_message_handler(PROTOCOL, self._on_message)
+        now = time.monotonic()
+        self._next_refresh = now + self.config.refresh_interval
+        self._next_republish = now + self.config.republish_interval
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def close(self) -> None:
+        if self.server:
+            self.host.remove_message_handler(PROTOCOL)
+        tasks = list(self._tasks)
+        if self._maintenance is not None:
+            tasks.append(self._maintenance)
+            self._maintenance = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> KadDHT:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    # -- public operations -----------------------------------------------------------------
+
+    async def bootstrap(self, addrs: Iterable[Multiaddr | str]) -> int:
+        """Join through ``addrs`` (each with ``/p2p/``): look ourselves up, then refresh.
+
+        Returns the number of peers in the routing table afterwards.
+        """
+        seeds = []
+        for addr in addrs:
+            raw = Multiaddr(str(addr)).to_bytes()
+            try:
+                seeds.append(PeerInfo(peer_of_addr(raw), (raw,)))
+            except MalformedMessageError as exc:
+                raise UsageError(f"bad bootstrap address {addr}: {exc}") from None
+        own = self.host.peer_id.to_bytes()
+        await self._lookup(self.table.local_kid, Request(MessageType.FIND_NODE, own),
+                           seeds=seeds)
+        await self.refresh(force=True)
+        return len(self.table)
+
+    async def get_closest_peers(self, key: bytes) -> LookupResult:
+        """The k peers closest to ``key`` (FIND_NODE lookup)."""
+        _check_key(key)
+        return await self._lookup(kad_id(key), Request(MessageType.FIND_NODE, key))
+
+    async def find_peer(self, peer: PeerID) -> PeerInfo | None:
+        """Addresses of ``peer``, from the table or by a lookup."""
+        entry = self.table.get(peer)
+        if entry is not None:
+            return entry.info()
+        result = await self.get_closest_peers(peer.to_bytes())
+        return next((p for p in result.closest if p.peer_id == peer), None)
+
+    async def put_value(self, key: bytes, value: bytes) -> int:
+        """Store ``value`` under ``key`` here and on the k closest peers; republished.
+
+        Raises ValueTooLargeError past MAX_VALUE_SIZE and InvalidRecordError if
+        the key's validator refuses it.  Returns how many remote peers stored it.
+        """
+        _check_key(key)
+        if len(value) > MAX_VALUE_SIZE:
+            raise ValueTooLargeError(
+                f"value of {len(value)} bytes exceeds {MAX_VALUE_SIZE} "
+                "(one datagram until reliable QoS lands)")
+        self.validator.validate(key, value)
+        self._own_values[key] = value
+        self.records.put(key, value, self.host.peer_id, time.monotonic() + self.config.record_ttl)
+        return await self._put_remote(key, value)
+
+    async def get_value(self, key: bytes, *, quorum: int | None = None) -> bytes:
+        """The best valid value for ``key`` (the validator's ``select``) or NotFoundError.
+
+        Stops after ``quorum`` valid records; peers that returned an outdated
+        record are sent the best one.
+        """
+        _check_key(key)
+        quorum = quorum or self.config.quorum
+        found: dict[PeerID, bytes] = {}
+        local = self.records.get(key, time.monotonic())
+        if local is not None:
+            found[self.host.peer_id] = local
+
+        def on_reply(peer: PeerInfo, reply: Reply) -> bool:
+            if reply.value is not None:
+                try:
+                    self.validator.validate(key, reply.value)
+                except InvalidRecordError:
+                    self._counters["invalid_records_in"] += 1
+                else:
+                    found[peer.peer_id] = reply.value
+            return len(found) >= quorum
+
+        if len(found) < quorum:
+            await self._lookup(kad_id(key), Request(MessageType.GET_VALUE, key), on_reply)
+        if not found:
+            raise NotFoundError(f"no record for key {key[:24]!r}")
+        values = list(found.values())
+        best = values[self.validator.select(key, values)]
+        stale = [p for p, v in found.items() if v != best and p != self.host.peer_id]
+        for peer in stale:
+            self._counters["stale_records_corrected"] += 1
+            self._spawn(self._store_at(peer, key, best))
+        return best
+
+    async def provide(self, key: CID | bytes) -> int:
+        """Announce us as a provider of ``key`` (a CID or a multihash); republished.
+
+        Returns how many remote peers accepted the provider record.
+        """
+        mh = _provider_key(key)
+        self._own_provides.add(mh)
+        self.providers.add(mh, self.host.peer_id, self._own_addrs,
+                           time.monotonic() + self.config.provider_ttl)
+        return await self._provide_remote(mh)
+
+    async def find_providers(self, key: CID | bytes, count: int = 20) -> list[PeerInfo]:
+        """Up to ``count`` providers of ``key`` (a CID or a multihash)."""
+        mh = _provider_key(key)
+        found: dict[PeerID, PeerInfo] = {}
+        for peer, addrs in self.providers.get(mh, time.monotonic(), count):
+            found[peer] = PeerInfo(peer, addrs)
+
+        def on_reply(_peer: PeerInfo, reply: Reply) -> bool:
+            for provider in reply.providers:
+                found.setdefault(provider.peer_id, provider)
+            return len(found) >= count
+
+        if len(found) < count:
+            await self._lookup(kad_id(mh), Request(MessageType.GET_PROVIDERS, mh), on_reply)
+        return list(found.values())[:count]
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Refresh stale buckets with random lookups and ping peers not heard from lately."""
+        now = time.monotonic()
+        horizon = now - self.config.refresh_interval
+        lookups = []
+        for cpl in self.table.stale_buckets(now if force else horizon,
+                                            self.config.max_refresh_cpl):
+            self.table.mark_refreshed(cpl, now)
+            key = key_in_bucket(self.table.local_kid, cpl)
+            lookups.append(self._lookup(kad_id(key), Request(MessageType.FIND_NODE, key)))
+        quiet = [e for e in self.table.entries() if e.last_seen < horizon]
+        await asyncio.gather(*lookups, *(self._ping_entry(e) for e in quiet))
+        self._counters["refreshes"] += 1
+
+    async def republish(self) -> None:
+        """Put our own values and provider records again (before they expire elsewhere)."""
+        await asyncio.gather(*(self._put_remote(k, v) for k, v in self._own_values.items()),
+                             *(self._provide_remote(mh) for mh in self._own_provides))
+        self._counters["republished"] += len(self._own_values) + len(self._own_provides)
+
+    async def ping(self, peer: PeerID, *, timeout: float | None = None) -> float:
+        """Round-trip time of one DHT PING to ``peer``, in seconds."""
+        start = time.monotonic()
+        await self.host.request(peer, PROTOCOL, encode_request(Request(MessageType.PING)),
+                                timeout=timeout or self.config.max_query_timeout)
+        return time.monotonic() - start
+
+    def metrics(self) -> dict[str, int]:
+        """Counters (malformed drops, queries, lookups...) and gauges of this node."""
+        counters = dict(self._counters)
+        counters["routing_table_peers"] = len(self.table)
+        counters["records_stored"] = len(self.records)
+        counters["provider_entries"] = len(self.providers)
+        counters["lookups_in_flight"] = self._lookups_in_flight
+        return dict(sorted(counters.items()))
+
+    def metrics_text(self) -> str:
+        """:meth:`metrics` in the Prometheus text format, prefixed ``msgnet_kad_``."""
+        lines = []
+        for name, value in self.metrics().items():
+            gauge = name in GAUGES
+            metric = f"msgnet_kad_{name}" if gauge else f"msgnet_kad_{name}_total"
+            lines.append(f"# TYPE {metric} {'gauge' if gauge else 'counter'}")
+            lines.append(f"{metric} {value}")
+        return "\n".join(lines) + "\n"
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _on_message(self, msg: Any) -> None:
+        """Answer one request synchronously (the engine's fast path: no task per message)."""
+        counters = self._counters
+        counters["requests_in"] += 1
+        sender: PeerID = msg.from_peer
+        try:
+            if not msg.is_request:
+                raise MalformedMessageError("not a request")
+            request = decode_request(msg.data, sender)
+        except MalformedMessageError as exc:
+            counters["dropped_malformed_requests"] += 1
+            log.debug("dropped malformed request from %s: %s", sender, exc)
+            return
+        if request.addrs:
+            self._learn(sender, request.addrs)
+        msg.reply(self._handlers[request.type](sender, request))
+
+    def _closer_for(self, key: bytes, requester: PeerID) -> list[PeerInfo]:
+        return [e.info() for e in self.table.closest(kad_id(key), self.config.k, requester)]
+
+    def _handle_find_node(self, sender: PeerID, request: Request) -> bytes:
+        return encode_reply_page(MessageType.FIND_NODE, request.page,
+                                 closer=self._closer_for(request.key, sender))
+
+    def _handle_get_value(self, sender: PeerID, request: Request) -> bytes:
+        value = self.records.get(request.key, time.monotonic())
+        if value is not None:
+            # The value fills the datagram; the requester learns closer peers from others.
+            return encode_reply_page(MessageType.GET_VALUE, request.page,
+                                     value=value if request.page == 0 else None)
+        return encode_reply_page(MessageType.GET_VALUE, request.page,
+                                 closer=self._closer_for(request.key, sender))
+
+    def _handle_get_providers(self, sender: PeerID, request: Request) -> bytes:
+        found = self.providers.get(request.key, time.monotonic(), MAX_PROVIDERS_PER_REPLY)
+        return encode_reply_page(MessageType.GET_PROVIDERS, request.page,
+                                 providers=[PeerInfo(p, a) for p, a in found],
+                                 closer=self._closer_for(request.key, sender))
+
+    def _handle_put_value(self, sender: PeerID, request: Request) -> bytes:
+        key, value = request.key, request.value
+        assert value is not None  # decode_request guarantees it for PUT_VALUE
+        try:
+            self.validator.validate(key, value)
+        except InvalidRecordError as exc:
+            self._counters["invalid_records_in"] += 1
+            return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error=str(exc))
+        now = time.monotonic()
+        current = self.records.get(key, now)
+        if current is not None and current != value:
+            if self.validator.select(key, [current, value]) == 0:
+                return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False,
+                                         error="older than the stored record")
+        if not self.records.has_room(key, sender):
+            self._counters["puts_refused_quota"] += 1
+            return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error="storage quota")
+        self.records.put(key, value, sender, now + self.config.record_ttl)
+        return encode_reply_page(MessageType.PUT_VALUE, 0, ok=True)
+
+    def _handle_add_provider(self, sender: PeerID, request: Request) -> bytes:
+        stored = self.providers.add(request.key, sender, request.provider,
+                                    time.monotonic() + self.config.provider_ttl)
+        if not stored:
+            self._counters["providers_refused_quota"] += 1
+        return encode_reply_page(MessageType.ADD_PROVIDER, 0, ok=stored)
+
+    def _handle_ping(self, sender: PeerID, request: Request) -> bytes:
+        return encode_reply_page(MessageType.PING, 0)
+
+    def _learn(self, peer: PeerID, addrs: tuple[bytes, ...]) -> None:
+        """A DHT server contacted us with its addresses (proven to name it): remember it."""
+        entry = self.table.get(peer)
+        if entry is None or entry.addrs != addrs or peer not in self.host.peerstore:
+            try:
+                self._add_to_peerstore(peer, addrs, replace_known=True)
+            except UsageError:  # the multiaddr package refused what our parser let through
+                self._counters["dropped_bad_addrs"] += 1
+                return
+        self._seen(peer, addrs)
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    async def _lookup(self, target: int, request: Request, on_reply: ReplyHook | None = None,
+                      *, seeds: Sequence[PeerInfo] = ()) -> LookupResult:
+        async with self._lookup_slots:
+            self._lookups_in_flight += 1
+            self._counters["lookups"] += 1
+            try:
+                return await self._run_lookup(target, request, on_reply, seeds)
+            finally:
+                self._lookups_in_flight -= 1
+
+    async def _run_lookup(self, target: int, request: Request, on_reply: ReplyHook | None,
+                          seeds: Sequence[PeerInfo]) -> LookupResult:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + config.lookup_timeout
+        me = self.host.peer_id
+        candidates: dict[PeerID, _Candidate] = {}
+
+        def add(info: PeerInfo, source: int, depth: int) -> None:
+            known = candidates.get(info.peer_id)
+            if known is not None:
+                known.depth = min(known.depth, depth)
+            elif info.peer_id != me:
+                candidates[info.peer_id] = _Candidate(
+                    info, source, kad_id(info.peer_id.to_bytes()) ^ target, depth)
+
+        for info in seeds:
+            add(info, _SEED, 1)
+        for entry in self.table.closest(target, config.k):
+            add(entry.info(), _TABLE, 1)
+
+        tasks: dict[asyncio.Task[Reply], _Candidate] = {}
+        queries = failures = 0
+        stop = False
+        try:
+            while not stop:
+                now = loop.time()
+                if now >= deadline:
+                    self._counters["lookup_deadlines"] += 1
+                    break
+                active = 0
+                for candidate in tasks.values():
+                    if candidate.state == _INFLIGHT and now >= candidate.deadline:
+                        candidate.state = _SLOW  # keeps running, no longer holds a slot
+                        self._counters["queries_slow"] += 1
+                    active += candidate.state == _INFLIGHT
+                closest = sorted((c for c in candidates.values() if c.state != _FAILED),
+                                 key=lambda c: c.distance)[:config.k]
+                waiting = False
+                for candidate in closest:
+                    if candidate.state == _NEW and queries < config.max_queries_per_lookup:
+                        if active >= config.alpha:
+                            waiting = True
+                            break
+                        candidate.state = _INFLIGHT
+                        candidate.deadline = now + self._rtt.soft_timeout(
+                            candidate.info.peer_id, config)
+                        task = loop.create_task(
+                            self._query(candidate.info, candidate.source, request))
+                        tasks[task] = candidate
+                        queries += 1
+                        active += 1
+                    elif candidate.state == _INFLIGHT:
+                        waiting = True
+                if not waiting and not any(c.state == _INFLIGHT for c in closest):
+                    break  # the k closest have all answered, failed or gone slow
+                pending = [c.deadline for c in tasks.values() if c.state == _INFLIGHT]
+                wake = min([deadline, *pending])
+                done, _ = await asyncio.wait(tasks, timeout=max(wake - now, 0),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    candidate = tasks.pop(task)
+                    reply = self._query_outcome(task, candidate.info.peer_id)
+                    if reply is None:
+                        candidate.state = _FAILED
+                        failures += 1
+                        continue
+                    candidate.state = _OK
+                    for info in reply.closer:
+                        add(info, _REPLY, candidate.depth + 1)
+                    if on_reply is not None and on_reply(candidate.info, reply):
+                        stop = True
+        finally:
+            for task in tasks:
+                task.cancel()
+        answered = sorted((c for c in candidates.values() if c.state == _OK),
+                          key=lambda c: c.distance)
+        return LookupResult(
+            closest=[c.info for c in answered[:config.k]],
+            queries=queries,
+            failures=failures,
+            hops=max((c.depth for c in answered), default=0),
+            seconds=loop.time() - started,
+        )
+
+    def _query_outcome(self, task: asyncio.Task[Reply], peer: PeerID) -> Reply | None:
+        """The reply of a finished query, or None after counting why it failed."""
+        exc = task.exception()
+        if exc is None:
+            self._counters["queries_ok"] += 1
+            return task.result()
+        if isinstance(exc, MalformedMessageError):
+            self._counters["dropped_malformed_replies"] += 1
+            self.table.failed(peer)  # garbage is not an accident: evict at once
+        elif isinstance(exc, ProtocolResetError):
+            self._counters["queries_refused"] += 1
+            self.table.failed(peer)  # not a DHT server
+        elif isinstance(exc, MsgnetError):
+            self._counters["queries_failed"] += 1
+            self.table.failed(peer, evict_after=self.config.evict_after_failures)
+        else:
+            raise exc
+        log.debug("query to %s failed: %s", peer, exc)
+        return None
+
+    async def _query(self, info: PeerInfo, source: int, request: Request) -> Reply:
+        """One RPC to ``info`` with all its reply pages; the peer joins our table on success.
+
+        Addresses from a reply are believed only if they are the ones we
+        dialed (the peer was unknown): a successful query then proves them.
+        """
+        peer = info.peer_id
+        if self.server and self._own_addrs:
+            request = replace(request, addrs=self._own_addrs)
+        added = self._add_to_peerstore(peer, info.addrs, replace_known=source == _SEED)
+        verified = info.addrs if source != _REPLY or added else ()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = await self._rpc(peer, request)
+        self._rtt.sample(peer, loop.time() - started)
+        if first.pages > 1:
+            rest = await asyncio.gather(*(self._rpc(peer, replace(request, page=n))
+                                          for n in range(1, first.pages)))
+            first = _merge_pages(first, rest)
+        self._seen(peer, verified)
+        return first
+
+    async def _rpc(self, peer: PeerID, request: Request) -> Reply:
+        self._counters["requests_out"] += 1
+        raw = await self.host.request(peer, PROTOCOL, encode_request(request),
+                                      timeout=self.config.max_query_timeout)
+        return decode_reply(raw, request.type, request.page)
+
+    # -- routing table upkeep -----------------------------------------------------------------
+
+    def _seen(self, peer: PeerID, addrs: tuple[bytes, ...]) -> None:
+        known = peer in self.table
+        oldest = self.table.seen(peer, addrs)
+        if not known and peer in self.table:
+            self._counters["routing_table_added"] += 1
+        if oldest is not None:
+            if self._checks >= self.config.max_liveness_checks:
+                self.table.check_done(oldest)
+            else:
+                self._spawn(self._liveness_check(oldest))
+
+    async def _liveness_check(self, entry: PeerEntry) -> None:
+        """Ping a full bucket's least-recently-seen peer; evict it if it is gone."""
+        self._checks += 1
+        try:
+            await self._ping_entry(entry, evict_after=1)
+        finally:
+            self._checks -= 1
+            self.table.check_done(entry)
+
+    async def _ping_entry(self, entry: PeerEntry, evict_after: int | None = None) -> None:
+        self._counters["liveness_pings"] += 1
+        try:
+            await self._rpc(entry.peer_id, Request(MessageType.PING))
+        except MsgnetError:
+            evict = evict_after or self.config.evict_after_failures
+            if self.table.failed(entry.peer_id, evict_after=evict):
+                self._counters["routing_table_evicted"] += 1
+            return
+        self.table.seen(entry.peer_id, ())
+
+    def _add_to_peerstore(self, peer: PeerID, addrs: tuple[bytes, ...], *,
+                          replace_known: bool = False) -> bool:
+        """Make ``addrs`` dialable unless we already know where ``peer`` is; True if added.
+
+        Addresses from third parties never override known ones: a lying peer
+        could otherwise point us at the wrong place for an honest one.  Only
+        the peer itself or the caller's bootstrap list (``replace_known``)
+        update known addresses.
+        """
+        if peer in self.host.peerstore and not replace_known:
+            return False
+        for addr in reversed(addrs):  # the peerstore keeps the newest first
+            self.host.add_peer(Multiaddr(addr), peer)
+        return True
+
+    # -- storing -------------------------------------------------------------------------------
+
+    async def _put_remote(self, key: bytes, value: bytes) -> int:
+        result = await self._lookup(kad_id(key), Request(MessageType.FIND_NODE, key))
+        stored = await asyncio.gather(*(self._store_at(p.peer_id, key, value)
+                                        for p in result.closest))
+        return sum(stored)
+
+    async def _store_at(self, peer: PeerID, key: bytes, value: bytes) -> bool:
+        try:
+            reply = await self._rpc(peer, Request(MessageType.PUT_VALUE, key, value=value))
+        except MalformedMessageError:
+            self._counters["dropped_malformed_replies"] += 1
+            return False
+        except MsgnetError:
+            return False
+        return bool(reply.ok)
+
+    async def _provide_remote(self, mh: bytes) -> int:
+        result = await self._lookup(kad_id(mh), Request(MessageType.FIND_NODE, mh))
+        request = Request(MessageType.ADD_PROVIDER, mh, provider=self._own_addrs)
+
+        async def announce(peer: PeerID) -> bool:
+            try:
+                return bool((await self._rpc(peer, request)).ok)
+            except MsgnetError:
+                return False
+
+        return sum(await asyncio.gather(*(announce(p.peer_id) for p in result.closest)))
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Expire, refresh and republish on schedule; an error is logged, never fatal."""
+        while True:
+            await asyncio.sleep(self.config.maintenance_interval)
+            now = time.monotonic()
+            try:
+                self._counters["records_expired"] += self.records.expire(now)
+                self._counters["providers_expired"] += self.providers.expire(now)
+                if now >= self._next_refresh:
+                    self._next_refresh = now + self.config.refresh_interval
+                    await self.refresh()
+                if now >= self._next_republish:
+                    self._next_republish = now + self.config.republish_interval
+                    await self.republish()
+            except Exception:  # keep maintaining: one bad round must not stop the node
+                log.exception("DHT maintenance failed")
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _merge_pages(first: Reply, rest: Sequence[Reply]) -> Reply:
+    """One reply from its pages: peers deduplicated, totals still within the wire limits."""
+    closer = {p.peer_id: p for page in (first, *rest) for p in page.closer}
+    providers = {p.peer_id: p for page in (first, *rest) for p in page.providers}
+    if len(closer) > MAX_PEERS_PER_REPLY or len(providers) > MAX_PROVIDERS_PER_REPLY:
+        raise MalformedMessageError("reply pages name more peers than one reply may")
+    return replace(first, closer=list(closer.values()), providers=list(providers.values()))
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes) or not key:
+        raise UsageError("a DHT key must be non-empty bytes")
+    if len(key) > MAX_KEY_SIZE:
+        raise ValueTooLargeError(f"key of {len(key)} bytes exceeds {MAX_KEY_SIZE}")
+
+
+def _provider_key(key: CID | bytes) -> bytes:
+    """Providers are keyed by multihash, as in libp2p (any CID version maps to one key)."""
+    if isinstance(key, CID):
+        return key.multihash
+    try:
+        return check_multihash(bytes(key))
+    except DagCborError as exc:
+        raise UsageError(f"provider key must be a CID or a multihash: {exc}") from None

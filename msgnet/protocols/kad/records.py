@@ -1,0 +1,325 @@
+"""Record validation and the bounded stores of records and provider entries.
+
+Validation follows libp2p's ``record.Validator``: a DHT stores opaque values
+under namespaced keys (``/<namespace>/...``) and the namespace's validator
+decides whether a value is acceptable (``validate``) and which of several is
+the current one (``select``).  Without a validator for its namespace a key
+is refused, so a DHT never becomes free storage for arbitrary data.
+
+The built-in ``/pk/`` namespace holds *signed* records: the key names a
+peer (``/pk/<peer-id multihash>[/<name>]``) and the value is a DAG-CBOR
+envelope ``{"seq": int, "sig": bytes, "value": bytes}`` signed by that
+peer's Ed25519 key, so only the peer can write under its keys and the
+highest ``seq`` wins.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ...errors import UsageError
+from ...identity import KeyPair, PeerID, verify_signature
+from .. import dagcbor
+from ..dagcbor import DagCborError, read_uvarint
+from .errors import InvalidRecordError, ValueTooLargeError
+from .wire import MAX_KEY_SIZE, MAX_VALUE_SIZE
+
+__all__ = [
+    "Validator",
+    "NamespacedValidator",
+    "PublicKeyValidator",
+    "SignedRecord",
+    "pk_key",
+    "parse_pk_key",
+    "format_key",
+    "parse_key",
+    "sign_record",
+    "default_validator",
+    "RecordStore",
+    "ProviderStore",
+]
+
+_PK_PREFIX = b"/pk/"
+_SIGNATURE_DOMAIN = b"msgnet-kad-pk-record:"
+
+
+class Validator(Protocol):
+    """Decides which values the DHT accepts under a key, and which one is current."""
+
+    def validate(self, key: bytes, value: bytes) -> None:
+        """Raise InvalidRecordError unless ``value`` is acceptable under ``key``."""
+
+    def select(self, key: bytes, values: Sequence[bytes]) -> int:
+        """Index of the best of several valid ``values`` (never empty)."""
+
+
+class NamespacedValidator:
+    """Dispatches on the key's namespace: ``/<namespace>/...``; unknown namespaces fail."""
+
+    def __init__(self, validators: dict[str, Validator]) -> None:
+        self._validators = {ns.encode(): v for ns, v in validators.items()}
+
+    def _for(self, key: bytes) -> Validator:
+        if key[:1] == b"/":
+            end = key.find(b"/", 1)
+            if end > 1:
+                validator = self._validators.get(key[1:end])
+                if validator is not None:
+                    return validator
+        raise InvalidRecordError(f"no validator for the namespace of key {key[:24]!r}")
+
+    def validate(self, key: bytes, value: bytes) -> None:
+        self._for(key).validate(key, value)
+
+    def select(self, key: bytes, values: Sequence[bytes]) -> int:
+        return self._for(key).select(key, values)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRecord:
+    """A decoded ``/pk/`` envelope."""
+
+    value: bytes
+    seq: int
+    signature: bytes
+
+
+def _signed_bytes(key: bytes, seq: int, value: bytes) -> bytes:
+    return _SIGNATURE_DOMAIN + dagcbor.encode({"key": key, "seq": seq, "value": value})
+
+
+def pk_key(peer_id: PeerID, name: str | bytes = b"") -> bytes:
+    """The ``/pk/`` key of ``peer_id``, optionally with a name below it."""
+    if isinstance(name, str):
+        name = name.encode()
+    key = _PK_PREFIX + peer_id.to_bytes() + (b"/" + name if name else b"")
+    if len(key) > MAX_KEY_SIZE:
+        raise ValueTooLargeError(f"key is {len(key)} bytes (max {MAX_KEY_SIZE})")
+    return key
+
+
+def parse_pk_key(key: bytes) -> PeerID:
+    """The peer that owns a ``/pk/`` key (InvalidRecordError if it is not one)."""
+    if not key.startswith(_PK_PREFIX):
+        raise InvalidRecordError("not a /pk/ key")
+    pos = len(_PK_PREFIX)
+    try:
+        _code, at = read_uvarint(key, pos)
+        size, at = read_uvarint(key, at)
+        end = at + size
+        if end > len(key) or (end < len(key) and key[end:end + 1] != b"/"):
+            raise InvalidRecordError("/pk/ key: bad peer ID length")
+        return PeerID(key[pos:end])
+    except (DagCborError, UsageError) as exc:
+        raise InvalidRecordError(f"/pk/ key does not hold a peer ID: {exc}") from None
+
+
+def format_key(key: bytes) -> str:
+    """Text for a key: ``/pk/<base58 peer id>/<name>`` for /pk/ keys, else hex."""
+    try:
+        peer = parse_pk_key(key)
+    except InvalidRecordError:
+        return key.hex()
+    rest = key[len(_PK_PREFIX) + len(peer.to_bytes()):]
+    return f"/pk/{peer}{rest.decode(errors='backslashreplace')}"
+
+
+def parse_key(text: str) -> bytes:
+    """Inverse of :func:`format_key` (``/pk/<peer>[/<name>]`` or hex)."""
+    if text.startswith("/pk/"):
+        peer_text, _, name = text[len("/pk/"):].partition("/")
+        try:
+            peer = PeerID.from_string(peer_text)
+        except UsageError as exc:
+            raise InvalidRecordError(f"bad key {text!r}: {exc}") from None
+        return pk_key(peer, name)
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise InvalidRecordError(f"key {text!r} is neither /pk/<peer>/<name> nor hex") from None
+
+
+def sign_record(keypair: KeyPair, name: str | bytes, value: bytes,
+                seq: int | None = None) -> tuple[bytes, bytes]:
+    """A signed ``/pk/`` record of ``keypair``'s peer: (key, envelope to put).
+
+    ``seq`` defaults to the time in nanoseconds, so later puts win.  Raises
+    ValueTooLargeError when the envelope exceeds MAX_VALUE_SIZE.
+    """
+    key = pk_key(keypair.peer_id, name)
+    if seq is None:
+        seq = time.time_ns()
+    envelope = dagcbor.encode({"seq": seq, "sig": keypair.sign(_signed_bytes(key, seq, value)),
+                               "value": value})
+    if len(envelope) > MAX_VALUE_SIZE:
+        overhead = len(envelope) - len(value)
+        raise ValueTooLargeError(
+            f"value of {len(value)} bytes is too large for a signed record "
+            f"(max {MAX_VALUE_SIZE - overhead} bytes until reliable QoS lands)")
+    return key, envelope
+
+
+class PublicKeyValidator:
+    """``/pk/<peer>[/<name>]``: envelopes signed by the peer's own (inline Ed25519) key."""
+
+    def decode(self, key: bytes, value: bytes) -> SignedRecord:
+        """The verified envelope of ``value`` under ``key`` (InvalidRecordError if not)."""
+        peer = parse_pk_key(key)
+        public_key = peer.extract_public_key()
+        if public_key is None:
+            raise InvalidRecordError("/pk/ keys need an inline Ed25519 peer ID")
+        try:
+            body = dagcbor.decode(value)
+        except DagCborError as exc:
+            raise InvalidRecordError(f"record is not DAG-CBOR: {exc}") from None
+        if type(body) is not dict or set(body) != {"seq", "sig", "value"}:
+            raise InvalidRecordError("record must be a map of exactly seq, sig and value")
+        seq, sig, inner = body["seq"], body["sig"], body["value"]
+        if type(seq) is not int or seq < 0 or type(sig) is not bytes or type(inner) is not bytes:
+            raise InvalidRecordError("record fields have the wrong types")
+        if not verify_signature(public_key, _signed_bytes(key, seq, inner), sig):
+            raise InvalidRecordError("bad record signature")
+        return SignedRecord(inner, seq, sig)
+
+    def validate(self, key: bytes, value: bytes) -> None:
+        self.decode(key, value)
+
+    def select(self, key: bytes, values: Sequence[bytes]) -> int:
+        """Highest ``seq``; ties go to the greatest envelope bytes, so every node agrees."""
+        def rank(i: int) -> tuple[int, bytes]:
+            return self.decode(key, values[i]).seq, values[i]
+        return max(range(len(values)), key=rank)
+
+
+def default_validator() -> NamespacedValidator:
+    return NamespacedValidator({"pk": PublicKeyValidator()})
+
+
+# --- stores -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StoredRecord:
+    value: bytes
+    owner: PeerID  # who stored it here (counts against that peer's quota)
+    expires: float
+
+
+class RecordStore:
+    """Values by key, bounded in total and per storing peer; expired lazily and by sweep."""
+
+    def __init__(self, max_records: int, max_per_peer: int) -> None:
+        self._records: dict[bytes, StoredRecord] = {}
+        self._per_peer: dict[PeerID, int] = {}
+        self._max_records = max_records
+        self._max_per_peer = max_per_peer
+
+    def get(self, key: bytes, now: float) -> bytes | None:
+        record = self._records.get(key)
+        if record is None:
+            return None
+        if record.expires <= now:
+            self._remove(key)
+            return None
+        return record.value
+
+    def has_room(self, key: bytes, owner: PeerID, *, exempt: bool = False) -> bool:
+        """Whether ``owner`` may store (or replace) ``key``; ``exempt`` skips the per-peer quota."""
+        current = self._records.get(key)
+        if current is not None:
+            return exempt or current.owner == owner or self._per_peer.get(owner, 0) < self._max_per_peer
+        if len(self._records) >= self._max_records:
+            return False
+        return exempt or self._per_peer.get(owner, 0) < self._max_per_peer
+
+    def put(self, key: bytes, value: bytes, owner: PeerID, expires: float) -> None:
+        if key in self._records:
+            self._remove(key)
+        self._records[key] = StoredRecord(value, owner, expires)
+        self._per_peer[owner] = self._per_peer.get(owner, 0) + 1
+
+    def expire(self, now: float) -> int:
+        dead = [k for k, r in self._records.items() if r.expires <= now]
+        for key in dead:
+            self._remove(key)
+        return len(dead)
+
+    def _remove(self, key: bytes) -> None:
+        record = self._records.pop(key)
+        left = self._per_peer[record.owner] - 1
+        if left:
+            self._per_peer[record.owner] = left
+        else:
+            del self._per_peer[record.owner]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self._records))
+
+
+@dataclass(slots=True)
+class ProviderEntry:
+    addrs: tuple[bytes, ...]
+    expires: float
+
+
+class ProviderStore:
+    """Who provides which multihash: bounded per key (oldest evicted) and in total."""
+
+    def __init__(self, max_per_key: int, max_total: int) -> None:
+        self._by_key: dict[bytes, OrderedDict[PeerID, ProviderEntry]] = {}
+        self._total = 0
+        self._max_per_key = max_per_key
+        self._max_total = max_total
+
+    def add(self, key: bytes, peer: PeerID, addrs: tuple[bytes, ...], expires: float) -> bool:
+        """Record ``peer`` as a provider of ``key``; False when the store is full."""
+        entries = self._by_key.get(key)
+        if entries is not None and peer in entries:
+            entries[peer] = ProviderEntry(addrs, expires)
+            entries.move_to_end(peer)
+            return True
+        if self._total >= self._max_total:
+            return False
+        if entries is None:
+            entries = self._by_key[key] = OrderedDict()
+        if len(entries) >= self._max_per_key:
+            entries.popitem(last=False)
+            self._total -= 1
+        entries[peer] = ProviderEntry(addrs, expires)
+        self._total += 1
+        return True
+
+    def get(self, key: bytes, now: float, limit: int) -> list[tuple[PeerID, tuple[bytes, ...]]]:
+        """Unexpired providers of ``key``, newest first, at most ``limit``."""
+        entries = self._by_key.get(key)
+        if not entries:
+            return []
+        found = []
+        for peer, entry in reversed(entries.items()):
+            if entry.expires > now:
+                found.append((peer, entry.addrs))
+                if len(found) == limit:
+                    break
+        return found
+
+    def expire(self, now: float) -> int:
+        removed = 0
+        for key in list(self._by_key):
+            entries = self._by_key[key]
+            for peer in [p for p, e in entries.items() if e.expires <= now]:
+                del entries[peer]
+                removed += 1
+            if not entries:
+                del self._by_key[key]
+        self._total -= removed
+        return removed
+
+    def __len__(self) -> int:
+        return self._total

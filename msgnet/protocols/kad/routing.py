@@ -1,0 +1,181 @@
+"""Kademlia distance and the routing table (k-buckets with a replacement cache).
+
+Distances are XOR over the SHA-256 of the key bytes (a PeerID's multihash,
+a record key, a provider multihash), as in libp2p.  Buckets are indexed by
+the common prefix length with our own ID; each holds at most ``k`` peers
+in least-recently-seen order.  A full bucket prefers the peers it has:
+a newcomer waits in the bucket's replacement cache while the
+least-recently-seen member is pinged, and replaces it only if that ping
+fails (old live peers are the most likely to stay live, and an attacker
+cannot flush a bucket by announcing many new identities).
+
+The table is plain data; the DHT performs the pings it asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ...identity import PeerID
+from .wire import MAX_ADDRS_PER_PEER, PeerInfo
+
+__all__ = ["kad_id", "common_prefix_length", "key_in_bucket", "PeerEntry", "RoutingTable",
+           "KEY_BITS"]
+
+KEY_BITS = 256
+
+
+def kad_id(key: bytes) -> int:
+    """A key's position in the XOR space: SHA-256 of its bytes, as an integer."""
+    return int.from_bytes(hashlib.sha256(key).digest(), "big")
+
+
+def common_prefix_length(a: int, b: int) -> int:
+    return KEY_BITS - (a ^ b).bit_length()
+
+
+def key_in_bucket(local: int, cpl: int) -> bytes:
+    """Random key bytes whose kad_id shares exactly ``cpl`` leading bits with ``local``.
+
+    SHA-256 cannot be inverted, so this draws keys until one lands in the
+    bucket: 2**(cpl+1) tries on average, which is why refresh stops at a
+    small cpl (as libp2p's does at 15).
+    """
+    while True:
+        key = os.urandom(32)
+        if common_prefix_length(kad_id(key), local) == cpl:
+            return key
+
+
+@dataclass(slots=True)
+class PeerEntry:
+    """A peer in the table, with what we measured about it."""
+
+    peer_id: PeerID
+    kid: int
+    addrs: tuple[bytes, ...]
+    last_seen: float
+    failures: int = 0
+
+    def info(self) -> PeerInfo:
+        return PeerInfo(self.peer_id, self.addrs)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    peers: OrderedDict[PeerID, PeerEntry] = field(default_factory=OrderedDict)
+    replacements: OrderedDict[PeerID, PeerEntry] = field(default_factory=OrderedDict)
+    checking: bool = False  # a liveness ping of the oldest peer is in flight
+    refreshed: float = 0.0
+
+
+class RoutingTable:
+    """Buckets 0..255 by common prefix length with the local ID."""
+
+    def __init__(self, local: PeerID, k: int = 20) -> None:
+        self.local = local
+        self.local_kid = kad_id(local.to_bytes())
+        self.k = k
+        self._buckets = [_Bucket() for _ in range(KEY_BITS)]
+        self._index: dict[PeerID, PeerEntry] = {}
+
+    def _bucket_of(self, kid: int) -> _Bucket:
+        return self._buckets[min(common_prefix_length(kid, self.local_kid), KEY_BITS - 1)]
+
+    def get(self, peer: PeerID) -> PeerEntry | None:
+        return self._index.get(peer)
+
+    def seen(self, peer: PeerID, addrs: Iterable[bytes], now: float | None = None
+             ) -> PeerEntry | None:
+        """A live contact with ``peer``: add it, or refresh it, or queue it as a replacement.
+
+        Returns the bucket's least-recently-seen entry when the bucket is full
+        and that entry should be pinged (the caller pings it and reports back
+        with :meth:`seen` or :meth:`failed`); None otherwise.
+        """
+        if peer == self.local:
+            return None
+        now = time.monotonic() if now is None else now
+        addrs = tuple(addrs)[:MAX_ADDRS_PER_PEER]
+        entry = self._index.get(peer)
+        if entry is not None:
+            entry.last_seen = now
+            entry.failures = 0
+            if addrs:
+                entry.addrs = addrs
+            self._bucket_of(entry.kid).peers.move_to_end(peer)
+            return None
+        if not addrs:
+            return None  # nothing to dial it back with
+        kid = kad_id(peer.to_bytes())
+        bucket = self._bucket_of(kid)
+        if len(bucket.peers) < self.k:
+            entry = PeerEntry(peer, kid, addrs, now)
+            bucket.peers[peer] = entry
+            self._index[peer] = entry
+            bucket.replacements.pop(peer, None)
+            return None
+        bucket.replacements.pop(peer, None)
+        bucket.replacements[peer] = PeerEntry(peer, kid, addrs, now)
+        while len(bucket.replacements) > self.k:
+            bucket.replacements.popitem(last=False)
+        if bucket.checking:
+            return None
+        bucket.checking = True
+        return next(iter(bucket.peers.values()))
+
+    def check_done(self, entry: PeerEntry) -> None:
+        """The liveness ping asked for by :meth:`seen` finished (either way)."""
+        self._bucket_of(entry.kid).checking = False
+
+    def failed(self, peer: PeerID, *, evict_after: int = 1) -> bool:
+        """``peer`` did not answer; evict it after ``evict_after`` failures in a row.
+
+        An evicted peer is replaced by the newest replacement candidate.
+        Returns whether it was evicted.
+        """
+        entry = self._index.get(peer)
+        if entry is None:
+            return False
+        entry.failures += 1
+        if entry.failures < evict_after:
+            return False
+        bucket = self._bucket_of(entry.kid)
+        del bucket.peers[peer]
+        del self._index[peer]
+        if bucket.replacements:
+            _, fresh = bucket.replacements.popitem(last=True)
+            bucket.peers[fresh.peer_id] = fresh
+            self._index[fresh.peer_id] = fresh
+        return True
+
+    def closest(self, kid: int, count: int, exclude: PeerID | None = None) -> list[PeerEntry]:
+        """The ``count`` known peers closest to ``kid`` (XOR), nearest first."""
+        entries = (e for e in self._index.values() if e.peer_id != exclude)
+        return sorted(entries, key=lambda e: e.kid ^ kid)[:count]
+
+    def stale_buckets(self, older_than: float, max_cpl: int) -> list[int]:
+        """Buckets up to the deepest non-empty one (capped) not refreshed since ``older_than``."""
+        deepest = max((i for i, b in enumerate(self._buckets) if b.peers), default=0)
+        return [i for i in range(min(deepest, max_cpl) + 1)
+                if self._buckets[i].refreshed < older_than]
+
+    def mark_refreshed(self, cpl: int, now: float) -> None:
+        self._buckets[min(cpl, KEY_BITS - 1)].refreshed = now
+
+    def peers(self) -> list[PeerID]:
+        return list(self._index)
+
+    def entries(self) -> list[PeerEntry]:
+        return list(self._index.values())
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._index

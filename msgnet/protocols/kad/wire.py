@@ -1,0 +1,407 @@
+"""Kademlia messages on msgnet: DAG-CBOR maps that each fit one datagram.
+
+libp2p's Kad-DHT sends one protobuf per stream and lets replies grow to
+megabytes; msgnet messages are datagrams, so every limit here exists to keep
+a request or a reply within :data:`MAX_MESSAGE` bytes (what one datagram
+carries today with room for the frame headers):
+
+* peer lists (FIND_NODE, GET_VALUE, GET_PROVIDERS) are split into *pages*:
+  the reply to page ``n`` says how many ``pages`` there are and the
+  requester fetches the rest.  A responder never drops a peer to make a
+  reply fit, and a requester rejects a reply that claims more than the
+  limits below instead of truncating it;
+* values are capped at :data:`MAX_VALUE_SIZE` bytes until msgnet's
+  reliable QoS can carry larger messages (puts beyond that fail with
+  :class:`~msgnet.protocols.kad.errors.ValueTooLargeError`).
+
+A request is ``{"type": int, "key": bytes, ...}`` and its reply echoes
+``type``.  Peers travel as binary multiaddrs ending in ``/p2p/<peer-id>``,
+so a reply names both who a peer is and where to reach it.  Keys are bytes:
+record keys are namespaced (``/pk/...``), provider keys are multihashes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from multiaddr import Multiaddr
+
+from ...errors import UsageError
+from ...identity import PeerID
+from .. import dagcbor
+from ..dagcbor import DagCborError, read_uvarint
+from .errors import MalformedMessageError
+
+__all__ = [
+    "PROTOCOL",
+    "MessageType",
+    "PeerInfo",
+    "Request",
+    "Reply",
+    "MAX_MESSAGE",
+    "MAX_KEY_SIZE",
+    "MAX_VALUE_SIZE",
+    "MAX_ADDR_SIZE",
+    "MAX_ADDRS_PER_PEER",
+    "MAX_PAGES",
+    "MAX_PEERS_PER_REPLY",
+    "MAX_PROVIDERS_PER_REPLY",
+    "peer_of_addr",
+    "peers_from_addrs",
+    "encode_request",
+    "decode_request",
+    "encode_reply_page",
+    "decode_reply",
+]
+
+PROTOCOL = "/msgnet/kad/1.0.0"
+
+# One encoded message (request or reply page).  A 1200-byte datagram carries
+# 1164 payload bytes today; the rest is headroom for the protocol id of a
+# session's first message and for the reliable QoS headers being added.
+MAX_MESSAGE = 1100
+# Record keys: "/pk/" + a 38-byte peer ID + "/" + a name of up to 57 bytes.
+MAX_KEY_SIZE = 100
+# Stored values (for /pk records: the signed envelope).  MAX_MESSAGE less a
+# PUT_VALUE request's key and map overhead; see the module docstring.
+MAX_VALUE_SIZE = 960
+# One binary multiaddr: room for /dns4/<name of ~40 chars>/udp/N/p2p/<id>.
+MAX_ADDR_SIZE = 96
+# A peer is advertised with at most its first (newest) addresses.
+MAX_ADDRS_PER_PEER = 4
+# Enough pages for k closer peers and MAX_PROVIDERS_PER_REPLY providers with
+# MAX_ADDRS_PER_PEER addresses of MAX_ADDR_SIZE bytes each.
+MAX_PAGES = 16
+# k: the closer peers one reply may name (a node's k may be smaller, not larger).
+MAX_PEERS_PER_REPLY = 20
+MAX_PROVIDERS_PER_REPLY = 20
+
+# Multiaddr protocol codes (multiformats/multiaddr protocols.csv).
+_IP4, _IP6, _DNS, _DNS4, _DNS6 = 4, 41, 53, 54, 55
+_UDP, _TCP, _P2P = 273, 6, 421
+_FIXED_HOST = {_IP4: 4, _IP6: 16}
+_NAMED_HOST = {_DNS, _DNS4, _DNS6}
+_MAX_DNS_NAME = 253
+
+
+class MessageType(IntEnum):
+    """Message types, numbered as in libp2p's Kad-DHT protobuf."""
+
+    PUT_VALUE = 0
+    GET_VALUE = 1
+    ADD_PROVIDER = 2
+    GET_PROVIDERS = 3
+    FIND_NODE = 4
+    PING = 5
+
+
+_PAGED = frozenset({MessageType.FIND_NODE, MessageType.GET_VALUE, MessageType.GET_PROVIDERS})
+_TYPES = {int(t): t for t in MessageType}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A peer and its binary multiaddrs (each ending in ``/p2p/<peer_id>``)."""
+
+    peer_id: PeerID
+    addrs: tuple[bytes, ...] = ()
+
+    def multiaddrs(self) -> list[Multiaddr]:
+        return [Multiaddr(a) for a in self.addrs]
+
+
+def peer_of_addr(data: bytes) -> PeerID:
+    """The peer named by a binary multiaddr ``/ip4|ip6|dns*/.../udp|tcp/N/p2p/<id>``.
+
+    A hand-rolled parse: the ``multiaddr`` package needs ~150 us per address
+    and a reply carries up to dozens, while this walks the bytes once.
+    Raises MalformedMessageError for anything else.
+    """
+    try:
+        if len(data) > MAX_ADDR_SIZE:
+            raise MalformedMessageError(f"multiaddr longer than {MAX_ADDR_SIZE} bytes")
+        code, pos = read_uvarint(data, 0)
+        if code in _FIXED_HOST:
+            pos += _FIXED_HOST[code]
+        elif code in _NAMED_HOST:
+            size, pos = read_uvarint(data, pos)
+            if not 0 < size <= _MAX_DNS_NAME:
+                raise MalformedMessageError("bad DNS name length in multiaddr")
+            pos += size
+        else:
+            raise MalformedMessageError(f"multiaddr starts with unsupported protocol {code}")
+        code, pos = read_uvarint(data, pos)
+        if code not in (_UDP, _TCP):
+            raise MalformedMessageError(f"multiaddr transport {code} is not udp or tcp")
+        pos += 2
+        code, pos = read_uvarint(data, pos)
+        if code != _P2P:
+            raise MalformedMessageError("multiaddr does not end in /p2p/<peer-id>")
+        size, pos = read_uvarint(data, pos)
+        if pos + size != len(data):
+            raise MalformedMessageError("multiaddr /p2p part has the wrong length")
+        return PeerID(data[pos:])
+    except (DagCborError, UsageError) as exc:
+        raise MalformedMessageError(f"bad multiaddr: {exc}") from None
+
+
+def peers_from_addrs(addrs: Sequence[bytes], limit: int) -> list[PeerInfo]:
+    """Group a flat list of ``/p2p/`` multiaddrs into peers (first-seen order).
+
+    At most ``limit`` peers and MAX_ADDRS_PER_PEER addresses per peer: more
+    is a malformed reply, never silently cut.
+    """
+    by_peer: dict[PeerID, list[bytes]] = {}
+    for addr in addrs:
+        peer = peer_of_addr(addr)
+        known = by_peer.setdefault(peer, [])
+        if addr in known:
+            continue
+        if len(known) == MAX_ADDRS_PER_PEER:
+            raise MalformedMessageError(f"more than {MAX_ADDRS_PER_PEER} addresses for a peer")
+        known.append(addr)
+        if len(by_peer) > limit:
+            raise MalformedMessageError(f"more than {limit} peers in a reply")
+    return [PeerInfo(peer, tuple(a)) for peer, a in by_peer.items()]
+
+
+def _flatten(peers: Iterable[PeerInfo]) -> list[bytes]:
+    return [a for p in peers for a in p.addrs[:MAX_ADDRS_PER_PEER]]
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded, validated request."""
+
+    type: MessageType
+    key: bytes = b""
+    page: int = 0
+    value: bytes | None = None
+    # Addresses the sender can be reached at (only from DHT servers).
+    addrs: tuple[bytes, ...] = ()
+    # ADD_PROVIDER: the sender's addresses as a provider.
+    provider: tuple[bytes, ...] = ()
+
+
+def encode_request(request: Request) -> bytes:
+    body: dict[str, Any] = {"type": int(request.type)}
+    if request.type != MessageType.PING:
+        body["key"] = request.key
+    if request.page:
+        body["page"] = request.page
+    if request.value is not None:
+        body["value"] = request.value
+    if request.addrs:
+        body["addrs"] = list(request.addrs[:MAX_ADDRS_PER_PEER])
+    if request.provider:
+        body["provider"] = list(request.provider[:MAX_ADDRS_PER_PEER])
+    data = dagcbor.encode(body)
+    if len(data) > MAX_MESSAGE:
+        raise UsageError(f"{request.type.name} request is {len(data)} bytes (max {MAX_MESSAGE})")
+    return data
+
+
+def decode_request(data: bytes, sender: PeerID) -> Request:
+    """Decode and validate a request from ``sender`` (the peer its session proved).
+
+    Unknown fields are ignored (room to grow); known ones must have the right
+    type and size.  Addresses the sender gives for itself must name it.
+    """
+    body = _decode_map(data)
+    kind = _message_type(body)
+    key = b""
+    if kind != MessageType.PING:
+        key = _bytes(body, "key", MAX_KEY_SIZE, required=True)
+        if not key:
+            raise MalformedMessageError("empty key")
+    page = _int(body, "page", MAX_PAGES - 1) if kind in _PAGED else 0
+    value = None
+    if kind == MessageType.PUT_VALUE:
+        value = _bytes(body, "value", MAX_VALUE_SIZE, required=True)
+    provider: tuple[bytes, ...] = ()
+    if kind == MessageType.ADD_PROVIDER:
+        try:
+            dagcbor.check_multihash(key)
+        except DagCborError as exc:
+            raise MalformedMessageError(f"provider key is not a multihash: {exc}") from None
+        provider = _own_addrs(body, "provider", sender)
+        if not provider:
+            raise MalformedMessageError("ADD_PROVIDER without provider addresses")
+    return Request(kind, key, page, value, _own_addrs(body, "addrs", sender), provider)
+
+
+def _own_addrs(body: dict[str, Any], name: str, sender: PeerID) -> tuple[bytes, ...]:
+    addrs = _addr_list(body, name, MAX_ADDRS_PER_PEER)
+    for addr in addrs:
+        if peer_of_addr(addr) != sender:
+            raise MalformedMessageError(f"{name} names another peer than the sender")
+    return tuple(dict.fromkeys(addrs))
+
+
+# --- replies --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A decoded, validated reply page (or, after merging, all of a reply's pages)."""
+
+    type: MessageType
+    closer: list[PeerInfo] = field(default_factory=list)
+    providers: list[PeerInfo] = field(default_factory=list)
+    value: bytes | None = None
+    ok: bool | None = None
+    error: str | None = None
+    page: int = 0
+    pages: int = 1
+
+
+def _item_size(addr: bytes) -> int:
+    return len(addr) + (1 if len(addr) < 24 else 2)
+
+
+def _paginate(providers: Sequence[PeerInfo], closer: Sequence[PeerInfo], first_budget: int,
+              budget: int) -> list[tuple[list[PeerInfo], list[PeerInfo]]]:
+    """Split peers into pages of at most ``budget`` bytes of addresses (page 0: first_budget).
+
+    A peer's addresses stay on one page, so each page is well-formed on its own.
+    """
+    pages: list[tuple[list[PeerInfo], list[PeerInfo]]] = [([], [])]
+    room = first_budget
+    for kind, peers in ((0, providers), (1, closer)):
+        for peer in peers:
+            size = sum(_item_size(a) for a in peer.addrs[:MAX_ADDRS_PER_PEER])
+            if size > room and (pages[-1][0] or pages[-1][1]):
+                pages.append(([], []))
+                room = budget
+            pages[-1][kind].append(peer)
+            room -= size
+    return pages
+
+
+def _skeleton_size(kind: MessageType, extra: dict[str, Any]) -> int:
+    """Encoded size of a page with empty peer lists and the largest page numbers,
+    plus two bytes per list for its header growing past 23 items."""
+    skeleton = {"type": int(kind), "page": MAX_PAGES, "pages": MAX_PAGES,
+                "closer": [], "providers": [], **extra}
+    return len(dagcbor.encode(skeleton)) + 4
+
+
+_PAGE_BUDGET = {kind: MAX_MESSAGE - _skeleton_size(kind, {}) for kind in _PAGED}
+
+
+def encode_reply_page(kind: MessageType, page: int, *, providers: Sequence[PeerInfo] = (),
+                      closer: Sequence[PeerInfo] = (), value: bytes | None = None,
+                      ok: bool | None = None, error: str | None = None) -> bytes:
+    """Encode page ``page`` of a reply (a page past the end holds no peers).
+
+    ``value``, ``ok`` and ``error`` go on page 0, peers fill the pages in
+    order, providers first.
+    """
+    extra: dict[str, Any] = {}
+    if value is not None:
+        extra["value"] = value
+    if ok is not None:
+        extra["ok"] = ok
+    if error is not None:
+        extra["error"] = error[:200]
+    if kind not in _PAGED:
+        return dagcbor.encode({"type": int(kind), **extra})
+    budget = _PAGE_BUDGET[kind]
+    first = MAX_MESSAGE - _skeleton_size(kind, extra) if extra else budget
+    pages = _paginate(providers, closer, first, budget)
+    if len(pages) > MAX_PAGES:
+        raise UsageError(f"reply needs {len(pages)} pages (max {MAX_PAGES})")
+    chosen_providers, chosen_closer = pages[page] if page < len(pages) else ([], [])
+    body = {"type": int(kind), "page": page, "pages": len(pages),
+            "closer": _flatten(chosen_closer), "providers": _flatten(chosen_providers)}
+    if page == 0:
+        body.update(extra)
+    data = dagcbor.encode(body)
+    if len(data) > MAX_MESSAGE:  # pragma: no cover - the budget above makes this unreachable
+        raise UsageError(f"reply page is {len(data)} bytes (max {MAX_MESSAGE})")
+    return data
+
+
+def decode_reply(data: bytes, expected: MessageType, page: int = 0) -> Reply:
+    """Decode and validate reply page ``page`` to a request of type ``expected``."""
+    body = _decode_map(data)
+    kind = _message_type(body)
+    if kind != expected:
+        raise MalformedMessageError(f"reply of type {kind.name} to a {expected.name} request")
+    page, pages = 0, 1
+    if kind in _PAGED:
+        pages = _int(body, "pages", MAX_PAGES)
+        if pages < 1:
+            raise MalformedMessageError("reply with zero pages")
+        if _int(body, "page", MAX_PAGES - 1) != page:
+            raise MalformedMessageError(f"reply is not page {page}")
+    closer = peers_from_addrs(
+        _addr_list(body, "closer", MAX_PEERS_PER_REPLY * MAX_ADDRS_PER_PEER),
+        MAX_PEERS_PER_REPLY)
+    providers = peers_from_addrs(
+        _addr_list(body, "providers", MAX_PROVIDERS_PER_REPLY * MAX_ADDRS_PER_PEER),
+        MAX_PROVIDERS_PER_REPLY)
+    value = _bytes(body, "value", MAX_VALUE_SIZE) if kind == MessageType.GET_VALUE else None
+    ok = body.get("ok")
+    if ok is not None and type(ok) is not bool:
+        raise MalformedMessageError("'ok' is not a bool")
+    error = body.get("error")
+    if error is not None and type(error) is not str:
+        raise MalformedMessageError("'error' is not a string")
+    return Reply(kind, closer, providers, value, ok, error, page, pages)
+
+
+# --- field helpers ---------------------------------------------------------------------------
+
+
+def _decode_map(data: bytes) -> dict[str, Any]:
+    if len(data) > MAX_MESSAGE + 100:  # a little slack: peers may budget differently
+        raise MalformedMessageError(f"message of {len(data)} bytes")
+    try:
+        body = dagcbor.decode(data)
+    except DagCborError as exc:
+        raise MalformedMessageError(str(exc)) from None
+    if type(body) is not dict:
+        raise MalformedMessageError("message is not a map")
+    return body
+
+
+def _message_type(body: dict[str, Any]) -> MessageType:
+    kind = body.get("type")
+    if type(kind) is not int or kind not in _TYPES:
+        raise MalformedMessageError(f"unknown message type {kind!r}")
+    return _TYPES[kind]
+
+
+def _bytes(body: dict[str, Any], name: str, limit: int, *, required: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise MalformedMessageError(f"missing {name!r}")
+        return None
+    if type(value) is not bytes or len(value) > limit:
+        raise MalformedMessageError(f"{name!r} is not bytes of at most {limit}")
+    return value
+
+
+def _int(body: dict[str, Any], name: str, limit: int) -> int:
+    value = body.get(name, 0)
+    if type(value) is not int or not 0 <= value <= limit:
+        raise MalformedMessageError(f"{name!r} is not an int in 0..{limit}")
+    return value
+
+
+def _addr_list(body: dict[str, Any], name: str, limit: int) -> list[bytes]:
+    value = body.get(name, [])
+    if type(value) is not list or len(value) > limit:
+        raise MalformedMessageError(f"{name!r} is not a list of at most {limit} addresses")
+    for addr in value:
+        if type(addr) is not bytes:
+            raise MalformedMessageError(f"{name!r} holds a non-bytes address")
+    return value
