@@ -1,6 +1,7 @@
 # C-level declarations of the UDP engine (msgnet/_engine.pyx): the socket API it calls
 # directly, and the fields of Message, Session and UdpEngine.
 
+from cpython.ref cimport PyObject
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
@@ -122,12 +123,29 @@ cdef enum:
 
 cdef enum:
     C_MAX_ALIASES = 256                # MAX_ALIASES_PER_SESSION
+    C_BOUND_WORDS = 4                  # C_MAX_ALIASES / 64: one bit per alias
     C_RETAIN_PACKETS = 64              # RETAIN_SENT_PACKETS
     C_DATAGRAM_CEILING = 9000          # MAX_DATAGRAM_CEILING
     C_RX_SLOT = C_DATAGRAM_CEILING + 1 # one byte more: a datagram that fills it is oversize
 
 
 cdef class UdpEngine
+
+
+# A peer's address as sendmmsg and the receive-side comparison want it: 28 bytes, where a
+# sockaddr_storage would be 128 in every session.
+cdef union SockAddr:
+    sockaddr sa
+    sockaddr_in v4
+    sockaddr_in6 v6
+
+
+# One sent packet kept for SESSION_UNKNOWN recovery (docs/wire.md §2.5).
+cdef struct Retained:
+    uint64_t counter
+    double time
+    PyObject* payload      # owned reference to the plaintext payload (bytes)
+    uint8_t tag[16]
 
 
 cdef class Message:
@@ -139,11 +157,15 @@ cdef class Message:
     cdef readonly Session session
 
 
+# Per-session state is allocated when first needed and released when idle, so that an idle
+# session costs a few hundred bytes (the idle-session memory target): the alias tables on the
+# first message each way, the open payload on the first frame (and handed on when sealed), the
+# retention ring on the first packet sent (and freed once its packets are older than
+# RETAIN_SENT_TIME).
 cdef class Session:
     cdef readonly object peer_id
     cdef readonly uint32_t local_index
     cdef readonly uint32_t remote_index
-    cdef readonly object address
     cdef readonly bint established
     cdef readonly bint initiator
     cdef readonly double created
@@ -153,22 +175,27 @@ cdef class Session:
 
     cdef UdpEngine _engine
     cdef bint _closed
-    # The remote address as a C sockaddr, for sendmmsg and the receive-side comparison.
-    cdef sockaddr_storage _sa
+    # The remote address as a C sockaddr; its Python tuple (the address property) is built
+    # when asked for.
+    cdef SockAddr _sa
     cdef socklen_t _salen
+    cdef object _address
 
-    # Inbound aliases (the peer's numbering): alias int -> protocol str.
+    # Inbound aliases (the peer's numbering): alias int -> protocol str. None until the first.
     cdef dict _in_protocols
     # Outbound aliases (ours, numbered from 0): protocol str -> alias int; per alias the
-    # protocol, its UTF-8 bytes and whether the peer answered BOUND.
+    # protocol and its UTF-8 bytes (all three None until the first); a bit per alias set once
+    # the peer answered BOUND.
     cdef dict _out_aliases
     cdef list _out_protocols
     cdef list _out_encoded
-    cdef uint8_t _out_bound[C_MAX_ALIASES]
+    cdef uint64_t _out_bound[C_BOUND_WORDS]
 
-    # Send queue: frames go into the open payload _cur; full payloads become bytes in _queue
-    # (from _queue_head on).
-    cdef uint8_t* _cur
+    # Send queue: frames are written into the open payload _cur, a bytes object of _cap bytes
+    # that nothing else references until it is closed (shrunk to _cur_len and handed on), so it
+    # is sealed and retained without a copy. Full payloads wait in _queue (from _queue_head
+    # on) when one flush has more than one packet to send.
+    cdef bytes _cur
     cdef Py_ssize_t _cur_len
     cdef Py_ssize_t _cap
     cdef list _queue
@@ -178,24 +205,37 @@ cdef class Session:
     cdef bint _dirty
     cdef list _drain_waiters
 
-    # The last C_RETAIN_PACKETS sealed packets, for SESSION_UNKNOWN recovery (ring).
-    cdef uint64_t _ret_counter[C_RETAIN_PACKETS]
-    cdef uint8_t _ret_tag[C_RETAIN_PACKETS][16]
-    cdef double _ret_time[C_RETAIN_PACKETS]
-    cdef list _ret_payload
-    cdef int _ret_next
+    # The last sealed packets (at most C_RETAIN_PACKETS, none older than RETAIN_SENT_TIME), for
+    # SESSION_UNKNOWN recovery: a ring of _ret_cap entries (grown on demand, NULL when empty)
+    # whose oldest is at _ret_head.
+    cdef Retained* _ret
+    cdef int _ret_cap
+    cdef int _ret_head
     cdef int _ret_count
 
     cdef inline Py_ssize_t _queue_len(self) noexcept:
-        return len(self._queue) - self._queue_head
+        return 0 if self._queue is None else len(self._queue) - self._queue_head
 
+    cdef inline bint _is_bound(self, uint64_t alias) noexcept:
+        return (self._out_bound[alias >> 6] >> (alias & 63)) & 1
+
+    cdef inline void _set_bound(self, uint64_t alias, bint bound) noexcept:
+        if bound:
+            self._out_bound[alias >> 6] |= (<uint64_t>1) << (alias & 63)
+        else:
+            self._out_bound[alias >> 6] &= ~((<uint64_t>1) << (alias & 63))
+
+    cdef object _get_address(self)
     cdef int _alias(self, str protocol) except -1
     cdef uint8_t* _reserve(self, Py_ssize_t size, bint force) except? NULL
+    cdef bytes _take_cur(self)
     cdef int _close_payload(self) except -1
     cdef bytes _pop_payload(self)
     cdef int _wake_drained(self, object error) except -1
     cdef int _retain(self, uint64_t counter, const uint8_t* tag, bytes payload,
                      double now) except -1
+    cdef bint _purge_retained(self, double now) noexcept
+    cdef void _release_retained(self) noexcept
     cdef int _set_address(self, object addr, int family) except -1
 
 
@@ -248,6 +288,8 @@ cdef class UdpEngine:
     cdef list _dirty
     cdef object _flush_handle
     cdef bint _writer_armed
+    cdef bint _in_batch            # inside _on_readable: its end flushes, no call_soon needed
+    cdef list _retaining           # sessions whose retention ring is allocated
 
     cdef uint64_t _counters[CNT_COUNT]
 
@@ -263,7 +305,8 @@ cdef class UdpEngine:
     cdef int _queue_pong(self, Session s, const uint8_t* data, Py_ssize_t n) except -1
     cdef bint _send(self, Session s, str protocol, object payload, int flags,
                     object request_id) except -1
-    cdef int _mark_dirty(self, Session s) except -1
+    cdef int _mark_dirty(self, Session s, bint urgent=*) except -1
+    cdef int _read_batches(self) except -1
     cdef int _flush_all(self) except -1
     cdef bint _seal_session(self, Session s, double now, bint force) except -1
     cdef bint _drain_tx(self) except -1

@@ -16,6 +16,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_FromString
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -114,6 +115,11 @@ cdef enum:
 cdef double _RETAIN_SENT_TIME = limits.RETAIN_SENT_TIME
 cdef uint8_t _ZERO_TAG[16]   # the "tag" retained for PLAIN_DATA packets, which have none
 
+cdef extern from "Python.h":
+    # Shrinks a bytes object nobody else references yet (refcount 1), in place where the
+    # allocator can; on failure *string is released and set to NULL.
+    int _PyBytes_Resize(PyObject** string, Py_ssize_t newsize) except -1
+
 
 # ---------------------------------------------------------------------------
 # C helpers
@@ -138,21 +144,17 @@ cdef inline int _drop_counter(int reason) noexcept nogil:
     return CNT_TRUNCATED  # DROP_TRUNCATED; DROP_OUT_OF_ROOM cannot happen (cap = n - 13)
 
 
-cdef inline bint _same_addr(const sockaddr* a, const sockaddr_storage* b) noexcept nogil:
+cdef inline bint _same_addr(const sockaddr* a, const SockAddr* b) noexcept nogil:
     cdef const sockaddr_in* a4
-    cdef const sockaddr_in* b4
     cdef const sockaddr_in6* a6
-    cdef const sockaddr_in6* b6
-    if a.sa_family != b.ss_family:
+    if a.sa_family != b.sa.sa_family:
         return False
     if a.sa_family == AF_INET:
         a4 = <const sockaddr_in*>a
-        b4 = <const sockaddr_in*>b
-        return a4.sin_port == b4.sin_port and a4.sin_addr.s_addr == b4.sin_addr.s_addr
+        return a4.sin_port == b.v4.sin_port and a4.sin_addr.s_addr == b.v4.sin_addr.s_addr
     a6 = <const sockaddr_in6*>a
-    b6 = <const sockaddr_in6*>b
-    return (a6.sin6_port == b6.sin6_port and a6.sin6_scope_id == b6.sin6_scope_id
-            and memcmp(&a6.sin6_addr, &b6.sin6_addr, 16) == 0)
+    return (a6.sin6_port == b.v6.sin6_port and a6.sin6_scope_id == b.v6.sin6_scope_id
+            and memcmp(&a6.sin6_addr, &b.v6.sin6_addr, 16) == 0)
 
 
 cdef object _sockaddr_to_py(const sockaddr* sa):
@@ -242,7 +244,18 @@ cdef class Session:
         raise TypeError("sessions are created by UdpEngine.new_session")
 
     def __dealloc__(self):
-        PyMem_Free(self._cur)
+        self._release_retained()
+
+    @property
+    def address(self):
+        """The peer's (host, port), or (host, port, flowinfo, scope_id) for IPv6; None before
+        the keys are installed."""
+        return self._get_address()
+
+    @property
+    def engine(self):
+        """The UdpEngine this session belongs to."""
+        return self._engine
 
     @property
     def queued_bytes(self) -> int:
@@ -252,17 +265,19 @@ cdef class Session:
     @property
     def protocols_in(self) -> dict:
         """The peer's aliases we learnt from INIT: {alias: protocol}."""
-        return dict(self._in_protocols)
+        return dict(self._in_protocols) if self._in_protocols is not None else {}
 
     @property
     def protocols_out(self) -> dict:
         """Our aliases: {protocol: alias}."""
-        return dict(self._out_aliases)
+        return dict(self._out_aliases) if self._out_aliases is not None else {}
 
     def is_bound(self, str protocol not None) -> bool:
         """Whether the peer confirmed our alias for protocol (we then send CONTINUATION)."""
+        if self._out_aliases is None:
+            return False
         alias = self._out_aliases.get(protocol)
-        return alias is not None and self._out_bound[<int>alias] != 0
+        return alias is not None and self._is_bound(alias)
 
     def retained_since(self, uint64_t counter, bytes tag not None):
         """The plaintext payloads of the retained packets from ``counter`` on, if (counter, tag)
@@ -271,19 +286,16 @@ cdef class Session:
         This is how a SESSION_UNKNOWN is authenticated (only a party that saw the packet knows
         its tag) and how the frames the peer lost are recovered (docs/wire.md §2.5).
         """
-        cdef int k, j, i
-        cdef int oldest = (self._ret_next - self._ret_count + C_RETAIN_PACKETS) % C_RETAIN_PACKETS
-        cdef double now
+        cdef int k, j
+        cdef Retained* r
         if len(tag) != AEAD_TAG_SIZE:
             return None
-        now = self._engine._loop_time()
+        self._purge_retained(self._engine._loop_time())
         for k in range(self._ret_count):
-            i = (oldest + k) % C_RETAIN_PACKETS
-            if (self._ret_counter[i] == counter
-                    and memcmp(self._ret_tag[i], PyBytes_AS_STRING(tag), AEAD_TAG_SIZE) == 0):
-                if now - self._ret_time[i] >= _RETAIN_SENT_TIME:
-                    return None
-                return [self._ret_payload[(oldest + j) % C_RETAIN_PACKETS]
+            r = &self._ret[(self._ret_head + k) % self._ret_cap]
+            if (r.counter == counter
+                    and memcmp(r.tag, PyBytes_AS_STRING(tag), AEAD_TAG_SIZE) == 0):
+                return [<bytes>self._ret[(self._ret_head + j) % self._ret_cap].payload
                         for j in range(k, self._ret_count)]
         return None
 
@@ -292,8 +304,17 @@ cdef class Session:
         return (f"<Session {self.peer_id} local={self.local_index:#010x} "
                 f"remote={self.remote_index:#010x} {state} {self.address}>")
 
+    cdef object _get_address(self):
+        if self._address is None and self._salen:
+            self._address = _sockaddr_to_py(&self._sa.sa)
+        return self._address
+
     cdef int _alias(self, str protocol) except -1:
         """Our alias for protocol, numbering a new one (from 0) the first time."""
+        if self._out_aliases is None:
+            self._out_aliases = {}
+            self._out_protocols = []
+            self._out_encoded = []
         alias = self._out_aliases.get(protocol)
         if alias is not None:
             return alias
@@ -312,20 +333,51 @@ cdef class Session:
         return alias
 
     cdef uint8_t* _reserve(self, Py_ssize_t size, bint force) except? NULL:
-        """Room for a size-byte frame at the end of the open payload, closing it into the queue
-        first if the frame does not fit. NULL if that would grow a full queue (unless force).
+        """Room for a size-byte frame at the end of the open payload (opening one if none is),
+        closing it into the queue first if the frame does not fit. NULL if that would grow a
+        full queue (unless force).
         """
-        if self._cur_len + size > self._cap:
+        if self._cur is not None and self._cur_len + size > self._cap:
             if not force and self._queue_len() >= self._max_queue:
                 return NULL
             self._close_payload()
-        return self._cur + self._cur_len
+        if self._cur is None:
+            self._cur = PyBytes_FromStringAndSize(NULL, self._cap)
+            self._cur_len = 0
+        return <uint8_t*>PyBytes_AS_STRING(self._cur) + self._cur_len
+
+    cdef bytes _take_cur(self):
+        """The open payload's frames as a bytes object of their length (None if there are
+        none); no payload is open afterwards."""
+        cdef PyObject* raw
+        cdef bytes payload
+        cdef Py_ssize_t n = self._cur_len
+        if self._cur is None:
+            return None
+        self._cur_len = 0
+        if n == 0:
+            self._cur = None
+            return None
+        if n == PyBytes_GET_SIZE(self._cur):
+            payload = self._cur
+            self._cur = None
+            return payload
+        # Shrink it where it is: take over _cur's reference so it is the only one.
+        raw = <PyObject*>self._cur
+        Py_INCREF(self._cur)
+        self._cur = None
+        _PyBytes_Resize(&raw, n)
+        payload = <bytes>raw  # a second reference ...
+        Py_DECREF(payload)    # ... so give up the one taken over above
+        return payload
 
     cdef int _close_payload(self) except -1:
-        if self._cur_len:
-            self._queue.append(PyBytes_FromStringAndSize(<char*>self._cur, self._cur_len))
-            self._queued_bytes += self._cur_len
-            self._cur_len = 0
+        cdef bytes payload = self._take_cur()
+        if payload is not None:
+            if self._queue is None:
+                self._queue = []
+            self._queue.append(payload)
+            self._queued_bytes += PyBytes_GET_SIZE(payload)
         return 0
 
     cdef bytes _pop_payload(self):
@@ -333,7 +385,7 @@ cdef class Session:
         self._queue[self._queue_head] = None
         self._queue_head += 1
         if self._queue_head == len(self._queue):
-            del self._queue[:]
+            self._queue = None
             self._queue_head = 0
         elif self._queue_head >= 64 and 2 * self._queue_head > len(self._queue):
             del self._queue[:self._queue_head]
@@ -348,7 +400,7 @@ cdef class Session:
         if error is None and 2 * self._queue_len() >= self._max_queue:
             return 0
         waiters = self._drain_waiters
-        self._drain_waiters = []
+        self._drain_waiters = None
         for future in waiters:
             if not future.done():
                 if error is None:
@@ -359,20 +411,69 @@ cdef class Session:
 
     cdef int _retain(self, uint64_t counter, const uint8_t* tag, bytes payload,
                      double now) except -1:
-        cdef int i = self._ret_next
-        self._ret_counter[i] = counter
-        memcpy(self._ret_tag[i], tag, AEAD_TAG_SIZE)
-        self._ret_time[i] = now
-        self._ret_payload[i] = payload
-        self._ret_next = (i + 1) % C_RETAIN_PACKETS
-        if self._ret_count < C_RETAIN_PACKETS:
-            self._ret_count += 1
+        cdef Retained* r
+        cdef Retained* grown
+        cdef int cap, k
+        if self._ret_count == self._ret_cap:
+            if self._ret_cap < C_RETAIN_PACKETS:
+                # Grow (4, 8 ... 64 entries): a session that sends now and then keeps a few.
+                cap = 4 if self._ret_cap == 0 else min(2 * self._ret_cap, C_RETAIN_PACKETS)
+                grown = <Retained*>PyMem_Malloc(cap * sizeof(Retained))
+                if grown == NULL:
+                    raise MemoryError()
+                for k in range(self._ret_count):
+                    grown[k] = self._ret[(self._ret_head + k) % self._ret_cap]
+                if self._ret == NULL:
+                    self._engine._retaining.append(self)
+                PyMem_Free(self._ret)
+                self._ret = grown
+                self._ret_cap = cap
+                self._ret_head = 0
+            else:  # full: the oldest makes room
+                r = &self._ret[self._ret_head]
+                Py_XDECREF(r.payload)
+                r.payload = NULL
+                self._ret_head = (self._ret_head + 1) % self._ret_cap
+                self._ret_count -= 1
+        r = &self._ret[(self._ret_head + self._ret_count) % self._ret_cap]
+        r.counter = counter
+        r.time = now
+        memcpy(r.tag, tag, AEAD_TAG_SIZE)
+        Py_INCREF(payload)
+        r.payload = <PyObject*>payload
+        self._ret_count += 1
         return 0
 
+    cdef bint _purge_retained(self, double now) noexcept:
+        """Forget retained packets sent RETAIN_SENT_TIME ago or earlier (no SESSION_UNKNOWN
+        may name them any more); free the ring once empty. True if the ring is gone."""
+        cdef Retained* r
+        while self._ret_count:
+            r = &self._ret[self._ret_head]
+            if now - r.time < _RETAIN_SENT_TIME:
+                return False
+            Py_XDECREF(r.payload)
+            r.payload = NULL
+            self._ret_head = (self._ret_head + 1) % self._ret_cap
+            self._ret_count -= 1
+        self._release_retained()
+        return True
+
+    cdef void _release_retained(self) noexcept:
+        cdef int k
+        if self._ret == NULL:
+            return
+        for k in range(self._ret_count):
+            Py_XDECREF(self._ret[(self._ret_head + k) % self._ret_cap].payload)
+        PyMem_Free(self._ret)
+        self._ret = NULL
+        self._ret_cap = self._ret_head = self._ret_count = 0
+
     cdef int _set_address(self, object addr, int family) except -1:
-        """Store addr (numeric host) as the C sockaddr and as its canonical Python tuple."""
-        cdef sockaddr_in* sin = <sockaddr_in*>&self._sa
-        cdef sockaddr_in6* sin6 = <sockaddr_in6*>&self._sa
+        """Store addr (numeric host) as the C sockaddr; the address property then reads it
+        back in its canonical Python form."""
+        cdef sockaddr_in* sin = &self._sa.v4
+        cdef sockaddr_in6* sin6 = &self._sa.v6
         cdef bytes host
         cdef int port
         try:
@@ -383,6 +484,8 @@ cdef class Session:
         if not 0 <= port <= 0xFFFF:
             raise UsageError(f"bad port in {addr!r}")
         memset(&self._sa, 0, sizeof(self._sa))
+        self._salen = 0
+        self._address = None
         if family == AF_INET:
             if inet_pton(AF_INET, host, &sin.sin_addr) != 1:
                 raise UsageError(f"{addr!r} is not a numeric IPv4 address")
@@ -402,7 +505,6 @@ cdef class Session:
                 sin6.sin6_flowinfo = htonl(addr[2])
                 sin6.sin6_scope_id = addr[3]
             self._salen = sizeof(sockaddr_in6)
-        self.address = _sockaddr_to_py(<sockaddr*>&self._sa)
         return 0
 
 
@@ -499,6 +601,7 @@ cdef class UdpEngine:
         self._loop_time = loop.time
         self._flush_cb = self._run_flush
         self._dirty = []
+        self._retaining = []
         self._tx_owner = [None] * batch
 
         self._tx_buf = <uint8_t*>PyMem_Malloc(batch * max_datagram)
@@ -600,17 +703,7 @@ cdef class UdpEngine:
         s.initiator = initiator
         s.created = self._loop_time()
         s._cap = self.max_datagram - DATA_OVERHEAD
-        s._cur = <uint8_t*>PyMem_Malloc(s._cap)
-        if s._cur == NULL:
-            raise MemoryError()
         s._max_queue = self._max_queue
-        s._in_protocols = {}
-        s._out_aliases = {}
-        s._out_protocols = []
-        s._out_encoded = []
-        s._queue = []
-        s._drain_waiters = []
-        s._ret_payload = [None] * C_RETAIN_PACKETS
         return s
 
     def add_session(self, Session session not None):
@@ -628,10 +721,12 @@ cdef class UdpEngine:
         if self.sessions.get(session.local_index) is session:
             del self.sessions[session.local_index]
         session._closed = True
-        session._queue = []
+        session._queue = None
         session._queue_head = 0
         session._queued_bytes = 0
+        session._cur = None
         session._cur_len = 0
+        session._release_retained()
         session._wake_drained(ClosedError("session closed"))
 
     def install_keys(self, Session session not None, uint32_t remote_index,
@@ -649,8 +744,18 @@ cdef class UdpEngine:
     # -- receiving -------------------------------------------------------------------------
 
     def _on_readable(self):
-        """The add_reader callback: at most max_rounds recvmmsg batches, so a flood cannot
-        starve the rest of the loop."""
+        """The add_reader callback: read, then send what the handlers queued (replies, BOUND)
+        at once, coalesced per session, instead of an event-loop iteration later."""
+        self._in_batch = True
+        try:
+            self._read_batches()
+        finally:
+            self._in_batch = False
+            if self._dirty and not self._closed:
+                self._flush_all()
+
+    cdef int _read_batches(self) except -1:
+        """At most max_rounds recvmmsg batches, so a flood cannot starve the rest of the loop."""
         cdef int rounds, i, n, err = 0
         cdef int batch = self._batch
         cdef mmsghdr* hdr
@@ -669,7 +774,7 @@ cdef class UdpEngine:
                 if not MSGNET_WOULD_BLOCK(err):
                     self._report("msgnet: recvmmsg failed", OSError(err, os.strerror(err)),
                                  None)
-                return
+                return 0
             for i in range(n):
                 hdr = &self._rx_hdrs[i]
                 slot = self._rx_buf + i * C_RX_SLOT
@@ -681,9 +786,10 @@ cdef class UdpEngine:
                     self._datagram(slot, hdr.msg_len, slot + DATA_HEADER_SIZE,
                                    <sockaddr*>&self._rx_addrs[i], None, None)
                 if self._closed:
-                    return
+                    return 0
             if n < batch:
-                return
+                return 0
+        return 0
 
     def feed_datagram(self, bytes data not None, addr):
         """Process data as a datagram from addr that arrived now: DATA that a pending
@@ -739,7 +845,7 @@ cdef class UdpEngine:
             if sa != NULL:
                 if not _same_addr(sa, &s._sa):
                     s._set_address(_sockaddr_to_py(sa), self._family)
-            elif pyaddr != s.address:
+            elif pyaddr != s._get_address():
                 s._set_address(pyaddr, self._family)
             return self._frames(s, out, plen)
         if t < PACKET_INITIATION or t > _PACKET_TYPE_MAX:
@@ -766,7 +872,7 @@ cdef class UdpEngine:
     def process_payload(self, Session session not None, payload, addr):
         """Run the frames of an already decrypted payload (those a FINISH carried) from addr."""
         cdef Py_buffer view
-        if addr is not None and addr != session.address:
+        if addr is not None and addr != session._get_address():
             session._set_address(addr, self._family)
         session.last_received = self._loop_time()
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
@@ -801,7 +907,8 @@ cdef class UdpEngine:
                 break
             if fv.type == FRAME_CONTINUATION:
                 self._counters[CNT_CONTINUATION_FRAMES_IN] += 1
-                known = s._in_protocols.get(fv.protocol_int)
+                known = (s._in_protocols.get(fv.protocol_int) if s._in_protocols is not None
+                         else None)
                 if known is None:  # its INIT was lost, or the peer's view of BOUND is stale
                     self._counters[CNT_UNKNOWN_ALIAS] += 1
                     self._queue_reply(s, FRAME_RESET, fv.protocol_int, _RESET_UNKNOWN_ALIAS)
@@ -810,6 +917,8 @@ cdef class UdpEngine:
             elif fv.type == FRAME_INIT:
                 self._counters[CNT_INIT_FRAMES_IN] += 1
                 protocol = PyUnicode_DecodeUTF8(<const char*>fv.protocol, fv.protocol_len, NULL)
+                if s._in_protocols is None:
+                    s._in_protocols = {}
                 known = s._in_protocols.get(fv.protocol_int)
                 if known is None:
                     # Responses are bound without a handler: they go to the delegate.
@@ -873,16 +982,17 @@ cdef class UdpEngine:
         delegate."""
         cdef uint8_t t = fv.type
         cdef Py_ssize_t head
+        cdef uint64_t aliases = len(s._out_protocols) if s._out_protocols is not None else 0
         protocol = None
         try:
             if t == FRAME_BOUND:
-                if fv.protocol_int < <uint64_t>len(s._out_protocols):
-                    s._out_bound[fv.protocol_int] = 1
+                if fv.protocol_int < aliases:
+                    s._set_bound(fv.protocol_int, True)
             elif t == FRAME_RESET:
-                if fv.protocol_int < <uint64_t>len(s._out_protocols):
+                if fv.protocol_int < aliases:
                     protocol = s._out_protocols[fv.protocol_int]
                     if fv.code == _RESET_UNKNOWN_ALIAS:
-                        s._out_bound[fv.protocol_int] = 0  # back to INIT
+                        s._set_bound(fv.protocol_int, False)  # back to INIT
                 self._on_reset(s, protocol, fv.code)
             elif t == FRAME_PING:
                 self._queue_pong(s, fv.payload, fv.payload_len)
@@ -937,7 +1047,7 @@ cdef class UdpEngine:
         if s._closed or self._closed:
             raise ClosedError("session or engine is closed")
         alias = s._alias(protocol)
-        init = not s._out_bound[alias]
+        init = not s._is_bound(alias)
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
             if view.len > s._cap:
@@ -966,7 +1076,7 @@ cdef class UdpEngine:
         finally:
             PyBuffer_Release(&view)
         self._counters[CNT_MESSAGES_OUT] += 1
-        self._mark_dirty(s)
+        self._mark_dirty(s, flags != 0)
         return True
 
     def send_control(self, Session session not None, frame) -> None:
@@ -1011,13 +1121,25 @@ cdef class UdpEngine:
         s._cur_len += 2 + n
         return self._mark_dirty(s)
 
-    cdef int _mark_dirty(self, Session s) except -1:
-        """Remember s has frames to send, and flush once at the end of this loop iteration."""
+    cdef int _mark_dirty(self, Session s, bint urgent=False) except -1:
+        """Remember s has frames to send; they go out coalesced with the session's other frames
+        of this loop iteration, in as few packets as fit: at the end of the receive batch
+        inside one, else by a flush scheduled for the end of the iteration.
+
+        An urgent frame (a request or a reply: someone awaits it) that is the first of its
+        iteration, with nothing else waiting, goes out at once instead of an iteration later;
+        the flush is still scheduled, and coalesces whatever follows it.
+        """
+        if self._in_batch or self._writer_armed or self._closed:
+            pass
+        elif self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush_cb)
+            if (urgent and s.established and not s._dirty
+                    and self._seal_session(s, self._loop_time(), False) and self._drain_tx()):
+                return 0
         if not s._dirty:
             s._dirty = True
             self._dirty.append(s)
-        if self._flush_handle is None and not self._writer_armed and not self._closed:
-            self._flush_handle = self.loop.call_soon(self._flush_cb)
         return 0
 
     def _run_flush(self):
@@ -1068,13 +1190,20 @@ cdef class UdpEngine:
         cdef SessionCrypto crypto = s.crypto
         if s._closed or not s.established:
             return True
-        s._close_payload()
-        if force and s._queue_len() == 0:
-            s._queue.append(b"")
-        while s._queue_len():
+        if s._ret_count:
+            s._purge_retained(now)
+        while True:
             if self._tx_count == self._batch and not self._drain_tx():
                 return False
-            payload = s._pop_payload()
+            if s._queue_len():
+                payload = s._pop_payload()
+            elif s._cur_len:
+                payload = s._take_cur()  # the common case: no queue, one packet
+            elif force:
+                payload = b""
+            else:
+                break
+            force = False
             slot = self._tx_buf + self._tx_count * self.max_datagram
             counter = crypto.send_counter
             length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload),
@@ -1161,17 +1290,17 @@ cdef class UdpEngine:
         """Pop whole frames, at most budget bytes, from the front of session's queue: the first
         messages to a new peer ride in the handshake's FINISH."""
         cdef Py_ssize_t take, length
-        cdef const uint8_t* front
+        cdef uint8_t* front
         cdef bytes queued
         out = bytearray()
         while len(out) < budget:
             if session._queue_len():
                 queued = session._queue[session._queue_head]
-                front = <const uint8_t*>PyBytes_AS_STRING(queued)
+                front = <uint8_t*>PyBytes_AS_STRING(queued)
                 length = PyBytes_GET_SIZE(queued)
             elif session._cur_len:
                 queued = None
-                front = session._cur
+                front = <uint8_t*>PyBytes_AS_STRING(session._cur)
                 length = session._cur_len
             else:
                 break
@@ -1180,8 +1309,10 @@ cdef class UdpEngine:
                 break
             out += front[:take]
             if queued is None:
-                memmove(session._cur, session._cur + take, length - take)
+                memmove(front, front + take, length - take)  # _cur is still ours alone
                 session._cur_len -= take
+                if session._cur_len == 0:
+                    session._cur = None
             elif take == length:
                 session._pop_payload()
             else:
@@ -1215,8 +1346,22 @@ cdef class UdpEngine:
         elif 2 * session._queue_len() < self._max_queue:
             future.set_result(None)
         else:
+            if session._drain_waiters is None:
+                session._drain_waiters = []
             session._drain_waiters.append(future)
         return future
+
+    def purge_retained(self):
+        """Forget retained packets older than RETAIN_SENT_TIME and free the retention ring of
+        every session left with none: what keeps a session that fell idle small. The network
+        calls it once a second; it visits only the sessions that sent lately."""
+        cdef double now = self._loop_time()
+        cdef list keep = []
+        cdef Session s
+        for s in self._retaining:
+            if s._ret != NULL and not s._purge_retained(now):
+                keep.append(s)
+        self._retaining = keep
 
     # -- introspection ---------------------------------------------------------------------
 

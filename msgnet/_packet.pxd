@@ -38,8 +38,8 @@ cdef class ReplayWindow:
     # Mark counter as seen; returns False (and changes nothing) if it is a replay.
     cdef bint update(self, uint64_t counter) noexcept nogil
 
-# Internal to _packet: a buffer-protocol window onto C memory that the AEAD seam re-aims
-# before each call, so our buffers reach cryptography without allocating a memoryview.
+# Internal to _packet: a buffer-protocol window onto C memory that the cryptography backend
+# re-aims before each call, so our buffers reach cryptography without allocating a memoryview.
 cdef class _CBuffer:
     cdef char* ptr
     cdef Py_ssize_t shape[1]              # the window's length (also the Py_buffer shape)
@@ -47,19 +47,18 @@ cdef class _CBuffer:
     cdef bint writable
 
 # The keys and counters of one established session. One object per session; the engine keeps
-# them in a dict by local_index.
+# them in a dict by local_index. It holds no AEAD object: the backend (libcrypto's EVP, or
+# cryptography's ChaCha20Poly1305) keeps one context per direction for the whole process and
+# takes the key with each call (see the AEAD seam in _packet.pyx), so an idle session costs
+# its 64 key bytes, not two cipher contexts.
 cdef class SessionCrypto:
     cdef readonly uint32_t local_index    # our index: the receiver_index of DATA sent to us
     cdef readonly uint32_t remote_index   # the peer's index: put in the DATA we send
     cdef readonly uint64_t send_counter   # next counter to use
     cdef readonly bint plaintext          # PLAIN_DATA negotiated by both ends
     cdef readonly ReplayWindow window
-    cdef object _send_aead                # cryptography ChaCha20Poly1305 (None in plaintext mode)
-    cdef object _recv_aead
-    cdef bytearray _send_nonce            # 12 bytes, rewritten in place per packet
-    cdef bytearray _recv_nonce
-    cdef object _send_nonce_view, _recv_nonce_view
-    cdef _CBuffer _aead_in, _aead_ad, _aead_out  # re-aimed per AEAD call; not thread-safe
+    cdef uint8_t _send_key[32]            # zero in plaintext mode; wiped on deallocation
+    cdef uint8_t _recv_key[32]
 
     # Seal payload[0:n] as one DATA (or PLAIN_DATA) packet into out[0:cap]. Returns the packet
     # length, -1 if the send counter is exhausted, -2 if out is too small. The tag is written at

@@ -5,11 +5,13 @@ The engine cimports the C API of ``_packet.pxd``; the ``def`` methods serve test
 benchmarks. ``_packet_py.py`` is the pure-Python twin the tests check this module against.
 """
 
-from cpython.buffer cimport PyBUF_WRITABLE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, UINT64_MAX
-from libc.string cimport memmove, memset
+from libc.string cimport memcpy, memmove, memset
+
+import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -76,12 +78,12 @@ cdef inline void _store_u64_be(uint8_t* p, uint64_t v) noexcept nogil:
     _store_u32_be(p + 4, <uint32_t>v)
 
 
-cdef inline void _set_nonce(bytearray nonce, uint64_t counter) noexcept:
-    """Bytes 4..11 of the 12-byte nonce = counter, little-endian (bytes 0..3 stay zero)."""
-    cdef uint8_t* p = <uint8_t*>PyByteArray_AS_STRING(nonce) + 4
+cdef inline void _store_nonce(uint8_t* nonce, uint64_t counter) noexcept nogil:
+    """The 12-byte nonce of docs/wire.md §2.2: 4 zero bytes, then counter as u64 little-endian."""
     cdef int i
+    memset(nonce, 0, 4)
     for i in range(8):
-        p[i] = <uint8_t>(counter >> (8 * i))
+        nonce[4 + i] = <uint8_t>(counter >> (8 * i))
 
 
 cdef class _CBuffer:
@@ -166,41 +168,237 @@ cdef class ReplayWindow:
         return self.check(counter)
 
 
-# The AEAD seam: the only two places that encrypt or decrypt DATA. A linked C AEAD replaces
-# these bodies; everything else sees pointers, lengths and a counter.
+# ---------------------------------------------------------------------------------------------
+# The AEAD seam: the only place that encrypts or decrypts DATA. Two C function pointers,
+# _aead_seal and _aead_open, point at one backend; everything else sees pointers, lengths, a key
+# and a counter.
+#
+# "openssl": libcrypto's EVP ChaCha20-Poly1305, linked when setup.py found the OpenSSL headers.
+#   One EVP_CIPHER_CTX per direction for the whole process, given the session's key and the
+#   packet's nonce on every call: re-keying costs ~70 ns (measured on OpenSSL 3.0), where a
+#   context per session and direction would cost hundreds of bytes per idle session.
+#   cryptography, by contrast, sets up a context per call (1.4 us for 64 bytes).
+# "cryptography": cryptography's ChaCha20Poly1305.encrypt_into/decrypt_into, always available.
+#   Its objects hold two contexts (2.3 KB) and cost ~0.9 us to build, so the few in use are
+#   kept in a small cache by key instead of one pair per session.
+#
+# Both run with the GIL held for the whole call and share module-level state, which the GIL
+# serialises: the EVP contexts and the _CBuffer windows (cryptography may release the GIL inside
+# a call for large inputs, but it has taken its own copy of each window's pointer and length
+# by then; the nonce it reads there is a fresh bytes object per call for that reason).
+# ---------------------------------------------------------------------------------------------
 
-cdef int _aead_seal(SessionCrypto s, uint64_t counter, const uint8_t* header,
-                    const uint8_t* plaintext, Py_ssize_t n, uint8_t* sealed) except -1:
-    """Write ciphertext || tag (n + 16 bytes) of plaintext[0:n] at sealed; AD = 13-byte header.
-
-    sealed may equal plaintext (encrypt in place); no other overlap.
+cdef extern from *:
     """
-    _set_nonce(s._send_nonce, counter)
-    s._send_aead.encrypt_into(
-        s._send_nonce_view,
-        _aim(s._aead_in, plaintext, n),
-        _aim(s._aead_ad, header, DATA_HEADER_SIZE),
-        _aim(s._aead_out, sealed, n + AEAD_TAG_SIZE),
+    #ifndef MSGNET_HAVE_OPENSSL
+    #define MSGNET_HAVE_OPENSSL 0
+    #endif
+    #if MSGNET_HAVE_OPENSSL
+    #include <openssl/err.h>
+    #include <openssl/evp.h>
+
+    static EVP_CIPHER_CTX *msgnet_seal_ctx = NULL;
+    static EVP_CIPHER_CTX *msgnet_open_ctx = NULL;
+
+    /* 0 once both contexts hold the cipher; -1 if this libcrypto cannot give it (FIPS ...). */
+    static int msgnet_evp_setup(void) {
+        const EVP_CIPHER *cipher;
+    #if OPENSSL_VERSION_NUMBER >= 0x30000000L
+        /* Fetched once: passing EVP_chacha20_poly1305() would fetch it again on every init. */
+        cipher = EVP_CIPHER_fetch(NULL, "ChaCha20-Poly1305", NULL);
+    #else
+        cipher = EVP_chacha20_poly1305();
+    #endif
+        if (cipher == NULL) goto fail;
+        msgnet_seal_ctx = EVP_CIPHER_CTX_new();
+        msgnet_open_ctx = EVP_CIPHER_CTX_new();
+        if (msgnet_seal_ctx == NULL || msgnet_open_ctx == NULL) goto fail;
+        if (EVP_CipherInit_ex(msgnet_seal_ctx, cipher, NULL, NULL, NULL, 1) != 1) goto fail;
+        if (EVP_CipherInit_ex(msgnet_open_ctx, cipher, NULL, NULL, NULL, 0) != 1) goto fail;
+        return 0;
+    fail:
+        ERR_clear_error();
+        return -1;
+    }
+
+    /* ciphertext || tag (n + 16 bytes) of in[0:n] at out, AD = ad[0:adlen]; out may equal in.
+       0 on success, -1 on an OpenSSL failure (none is expected once set up). */
+    static int msgnet_evp_seal(const unsigned char *key, const unsigned char *nonce,
+                               const unsigned char *ad, int adlen,
+                               const unsigned char *in, int n, unsigned char *out) {
+        EVP_CIPHER_CTX *ctx = msgnet_seal_ctx;
+        int len;
+        if (EVP_CipherInit_ex(ctx, NULL, NULL, key, nonce, 1) != 1
+                || EVP_CipherUpdate(ctx, NULL, &len, ad, adlen) != 1
+                || (n > 0 && EVP_CipherUpdate(ctx, out, &len, in, n) != 1)
+                || EVP_CipherFinal_ex(ctx, out + n, &len) != 1
+                || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16, out + n) != 1) {
+            ERR_clear_error();
+            return -1;
+        }
+        return 0;
+    }
+
+    /* Decrypt in[0:n] with the tag at in[n:n+16] into out[0:n]; out may equal in. 0 if the
+       tag verifies, 1 if not (out then holds unauthenticated bytes), -1 on an OpenSSL
+       failure. The error queue is left empty either way: a forged packet must not leave
+       state behind for other OpenSSL users of this thread. */
+    static int msgnet_evp_open(const unsigned char *key, const unsigned char *nonce,
+                               const unsigned char *ad, int adlen,
+                               const unsigned char *in, int n, unsigned char *out) {
+        EVP_CIPHER_CTX *ctx = msgnet_open_ctx;
+        int len;
+        if (EVP_CipherInit_ex(ctx, NULL, NULL, key, nonce, 0) != 1
+                || EVP_CipherUpdate(ctx, NULL, &len, ad, adlen) != 1
+                || (n > 0 && EVP_CipherUpdate(ctx, out, &len, in, n) != 1)
+                || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, 16,
+                                       (void *)(in + n)) != 1) {
+            ERR_clear_error();
+            return -1;
+        }
+        if (EVP_CipherFinal_ex(ctx, out + n, &len) != 1) {
+            ERR_clear_error();
+            return 1;
+        }
+        return 0;
+    }
+    #else
+    static int msgnet_evp_setup(void) { return -1; }
+    static int msgnet_evp_seal(const unsigned char *key, const unsigned char *nonce,
+                               const unsigned char *ad, int adlen,
+                               const unsigned char *in, int n, unsigned char *out) {
+        return -1;
+    }
+    static int msgnet_evp_open(const unsigned char *key, const unsigned char *nonce,
+                               const unsigned char *ad, int adlen,
+                               const unsigned char *in, int n, unsigned char *out) {
+        return -1;
+    }
+    #endif
+    """
+    const int MSGNET_HAVE_OPENSSL
+    int msgnet_evp_setup()
+    int msgnet_evp_seal(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
+                        const uint8_t* inp, int n, uint8_t* out) noexcept
+    int msgnet_evp_open(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
+                        const uint8_t* inp, int n, uint8_t* out) noexcept
+
+
+# seal: write ciphertext || tag (n + 16 bytes) of plaintext[0:n] at sealed, AD = the 13-byte
+# header; sealed may equal plaintext (in place), no other overlap.
+ctypedef int (*_SealFn)(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                        const uint8_t* plaintext, Py_ssize_t n, uint8_t* sealed) except -1
+# open: decrypt sealed[0:n + 16] (ciphertext || tag) into plaintext[0:n]; 0 if the tag
+# verifies, -1 if not (plaintext[0:n] then holds unauthenticated garbage); plaintext may equal
+# sealed.
+ctypedef int (*_OpenFn)(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                        const uint8_t* sealed, Py_ssize_t n, uint8_t* plaintext) except -2
+
+cdef _SealFn _aead_seal
+cdef _OpenFn _aead_open
+
+
+cdef int _evp_seal(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                   const uint8_t* plaintext, Py_ssize_t n, uint8_t* sealed) except -1:
+    cdef uint8_t nonce[12]
+    _store_nonce(nonce, counter)
+    if msgnet_evp_seal(key, nonce, header, DATA_HEADER_SIZE, plaintext, <int>n, sealed) != 0:
+        raise RuntimeError("libcrypto failed to seal a packet")
+    return 0
+
+
+cdef int _evp_open(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                   const uint8_t* sealed, Py_ssize_t n, uint8_t* plaintext) except -2:
+    cdef uint8_t nonce[12]
+    cdef int rc
+    _store_nonce(nonce, counter)
+    rc = msgnet_evp_open(key, nonce, header, DATA_HEADER_SIZE, sealed, <int>n, plaintext)
+    if rc < 0:
+        raise RuntimeError("libcrypto failed to open a packet")
+    return -rc  # 1 (tag mismatch) -> -1
+
+
+# The cryptography backend's state: its ChaCha20Poly1305 objects by key (at most
+# _AEAD_CACHE_SIZE, oldest dropped first), and three windows re-aimed per call.
+cdef enum:
+    _AEAD_CACHE_SIZE = 64
+cdef dict _aeads = {}
+cdef _CBuffer _win_in = _CBuffer(False)
+cdef _CBuffer _win_ad = _CBuffer(False)
+cdef _CBuffer _win_out = _CBuffer(True)
+
+
+cdef object _aead_for(const uint8_t* key):
+    cdef bytes k = PyBytes_FromStringAndSize(<const char*>key, 32)
+    aead = _aeads.get(k)
+    if aead is None:
+        if len(_aeads) >= _AEAD_CACHE_SIZE:
+            del _aeads[next(iter(_aeads))]
+        aead = _aeads[k] = ChaCha20Poly1305(k)
+    return aead
+
+
+cdef inline bytes _nonce_bytes(uint64_t counter):
+    cdef uint8_t nonce[12]
+    _store_nonce(nonce, counter)
+    return PyBytes_FromStringAndSize(<const char*>nonce, 12)
+
+
+cdef int _cryptography_seal(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                            const uint8_t* plaintext, Py_ssize_t n,
+                            uint8_t* sealed) except -1:
+    _aead_for(key).encrypt_into(
+        _nonce_bytes(counter),
+        _aim(_win_in, plaintext, n),
+        _aim(_win_ad, header, DATA_HEADER_SIZE),
+        _aim(_win_out, sealed, n + AEAD_TAG_SIZE),
     )
     return 0
 
 
-cdef int _aead_open(SessionCrypto s, uint64_t counter, const uint8_t* header,
-                    const uint8_t* sealed, Py_ssize_t n, uint8_t* plaintext) except -2:
-    """Decrypt sealed[0:n + 16] (ciphertext || tag) into plaintext[0:n]; 0 if the tag verifies,
-    -1 if not (plaintext[0:n] then holds unauthenticated garbage). plaintext may equal sealed.
-    """
-    _set_nonce(s._recv_nonce, counter)
+cdef int _cryptography_open(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                            const uint8_t* sealed, Py_ssize_t n,
+                            uint8_t* plaintext) except -2:
     try:
-        s._recv_aead.decrypt_into(
-            s._recv_nonce_view,
-            _aim(s._aead_in, sealed, n + AEAD_TAG_SIZE),
-            _aim(s._aead_ad, header, DATA_HEADER_SIZE),
-            _aim(s._aead_out, plaintext, n),
+        _aead_for(key).decrypt_into(
+            _nonce_bytes(counter),
+            _aim(_win_in, sealed, n + AEAD_TAG_SIZE),
+            _aim(_win_ad, header, DATA_HEADER_SIZE),
+            _aim(_win_out, plaintext, n),
         )
     except InvalidTag:
         return -1
     return 0
+
+
+HAVE_OPENSSL = bool(MSGNET_HAVE_OPENSSL) and msgnet_evp_setup() == 0
+# The backends this build can use, preferred first.
+AEAD_BACKENDS = ("openssl", "cryptography") if HAVE_OPENSSL else ("cryptography",)
+# The backend in use: what tests and benchmarks print. set_aead_backend() changes it.
+AEAD_BACKEND = None
+
+
+def set_aead_backend(str name not None) -> str:
+    """Switch every session of this process to the AEAD backend ``name`` (one of
+    AEAD_BACKENDS); returns the previous one. For tests and benchmarks: both backends produce
+    identical packets, so this may happen at any time. ``MSGNET_AEAD_BACKEND`` picks one at
+    import."""
+    global AEAD_BACKEND, _aead_seal, _aead_open
+    if name not in AEAD_BACKENDS:
+        raise UsageError(f"AEAD backend {name!r} is not available (have {AEAD_BACKENDS})")
+    previous = AEAD_BACKEND
+    if name == "openssl":
+        _aead_seal = _evp_seal
+        _aead_open = _evp_open
+    else:
+        _aead_seal = _cryptography_seal
+        _aead_open = _cryptography_open
+        _aeads.clear()
+    AEAD_BACKEND = name
+    return previous
+
+
+set_aead_backend(os.environ.get("MSGNET_AEAD_BACKEND") or AEAD_BACKENDS[0])
 
 
 cdef object _dropped(int code):
@@ -216,12 +414,26 @@ cdef object _not_data(uint8_t packet_type):
     return exc
 
 
+cdef int _copy_key(object key, uint8_t* out) except -1:
+    """Copy a 32-byte key (any buffer) into out; UsageError (a ValueError) for another length,
+    as ChaCha20Poly1305 itself refuses one."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(key, &view, PyBUF_SIMPLE)
+    try:
+        if view.len != 32:
+            raise UsageError("ChaCha20-Poly1305 keys are 32 bytes")
+        memcpy(out, view.buf, 32)
+    finally:
+        PyBuffer_Release(&view)
+    return 0
+
+
 cdef class SessionCrypto:
     """Keys, counters and replay window of one session, both directions (docs/wire.md §2.2).
 
     In plaintext mode (§2.6, negotiated by both ends) packets are PLAIN_DATA and the keys are
     ignored. ``send_counter`` lets tests start near the counter limit. Not thread-safe: its
-    counters, window and AEAD buffers belong to one owner (the engine's loop).
+    counters and window belong to one owner (the engine's loop).
     """
 
     def __init__(self, uint32_t local_index, uint32_t remote_index, send_key, recv_key,
@@ -231,18 +443,15 @@ cdef class SessionCrypto:
         self.send_counter = send_counter
         self.plaintext = plaintext
         self.window = ReplayWindow()
-        self._send_nonce = bytearray(12)
-        self._recv_nonce = bytearray(12)
-        self._send_nonce_view = memoryview(self._send_nonce)
-        self._recv_nonce_view = memoryview(self._recv_nonce)
         if not plaintext:
             if send_key is None or recv_key is None:
                 raise UsageError("an encrypted session needs both keys")
-            self._send_aead = ChaCha20Poly1305(send_key)
-            self._recv_aead = ChaCha20Poly1305(recv_key)
-            self._aead_in = _CBuffer(False)
-            self._aead_ad = _CBuffer(False)
-            self._aead_out = _CBuffer(True)
+            _copy_key(send_key, self._send_key)
+            _copy_key(recv_key, self._recv_key)
+
+    def __dealloc__(self):
+        memset(self._send_key, 0, 32)
+        memset(self._recv_key, 0, 32)
 
     cdef Py_ssize_t seal_into(self, const uint8_t* payload, Py_ssize_t n,
                               uint8_t* out, Py_ssize_t cap) except -3:
@@ -258,7 +467,7 @@ cdef class SessionCrypto:
         if self.plaintext:
             memmove(out + DATA_HEADER_SIZE, payload, n)
         else:
-            _aead_seal(self, counter, out, payload, n, out + DATA_HEADER_SIZE)
+            _aead_seal(self._send_key, counter, out, payload, n, out + DATA_HEADER_SIZE)
         self.send_counter = counter + 1
         return total
 
@@ -289,7 +498,8 @@ cdef class SessionCrypto:
             return DROP_OUT_OF_ROOM
         if self.plaintext:
             memmove(out, pkt + DATA_HEADER_SIZE, payload_len)
-        elif _aead_open(self, counter, pkt, pkt + DATA_HEADER_SIZE, payload_len, out) != 0:
+        elif _aead_open(self._recv_key, counter, pkt, pkt + DATA_HEADER_SIZE, payload_len,
+                        out) != 0:
             memset(out, 0, payload_len)  # no unauthenticated plaintext left for a caller to misuse
             return DROP_AUTH_FAILED
         if not self.window.update(counter):

@@ -45,13 +45,14 @@ import socket
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from . import limits
 from .errors import ClosedError, PeerUnreachableError, UsageError
 
 __all__ = [
     "READ_BUFFER",
+    "StreamAddress",
     "StreamConnection",
     "StreamDelegate",
     "StreamListener",
@@ -152,17 +153,38 @@ def _canonical_peer(peername: Any) -> tuple[Any, ...]:
     return tuple(peername)
 
 
+class StreamAddress(tuple[Any, ...]):
+    """A connection's remote ``(host, port)`` that also names the connection.
+
+    The handshake core keys rate limits and cookies by ``address[0]`` and ``address[1]`` and
+    hands the address back with its replies; a reply addressed to a StreamAddress goes back
+    on ``conn``, so the sans-IO core needs to know nothing of streams.
+    """
+
+    conn: StreamConnection
+
+    def __new__(cls, conn: StreamConnection) -> StreamAddress:
+        self = super().__new__(cls, conn.remote[:2])
+        self.conn = conn
+        return self
+
+    def __repr__(self) -> str:
+        return f"StreamAddress({self[0]!r}, {self[1]!r})"
+
+
 class StreamConnection(asyncio.BufferedProtocol):
     """One TCP connection carrying ``length:varint | packet`` both ways.
 
-    Created by :class:`TcpStreams` (``listen`` or ``connect``). ``remote`` is the peer's
-    ``(host, port)`` (IPv6: the 4-tuple); ``outbound`` says who dialled.
+    Created by :class:`TcpStreams` (``listen`` or ``connect``). ``remote`` and ``local`` are
+    the ends' ``(host, port)`` (IPv6: the 4-tuple); ``outbound`` says who dialled.
     """
 
     def __init__(self, streams: TcpStreams, outbound: bool) -> None:
         self.outbound = outbound
         self.remote: tuple[Any, ...] = ()
+        self.local: tuple[Any, ...] = ()
         self.address_key = b""
+        self.address: StreamAddress | None = None  # set once connected
         self._streams = streams
         self._delegate = streams.delegate
         self._settings = streams.settings
@@ -182,6 +204,8 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._waiters: list[asyncio.Future[None]] = []
         self._admitted = False
         self._reason: str | None = None  # set once: the connection is unusable from then
+        # Done once connection_made ran: uvloop may return from create_connection before.
+        self._made: asyncio.Future[None] = self._loop.create_future()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -293,11 +317,13 @@ class StreamConnection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's are virtual
+        self._made.set_result(None)
         try:
             self.remote = _canonical_peer(transport.get_extra_info("peername"))
+            self.local = _canonical_peer(transport.get_extra_info("sockname"))
             self.address_key = _address_key(self.remote[0])
+            self.address = StreamAddress(self)
         except (TypeError, ValueError, IndexError):  # not an IP socket: nothing to count by
             self.abort("stream_reset")
             return
@@ -549,11 +575,12 @@ class TcpStreams:
                 self.loop.create_connection(lambda: StreamConnection(self, outbound=True),
                                             host, port),
                 self.settings.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except OSError as exc:  # TimeoutError included
             self.counters["stream_dial_failed"] += 1
             raise PeerUnreachableError(f"cannot connect to TCP {host} port {port}: "
                                        f"{exc or 'timeout'}") from exc
         assert isinstance(conn, StreamConnection)
+        await conn._made
         if self._closed:
             conn.close()
             raise ClosedError("stream transport closed")

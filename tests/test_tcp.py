@@ -9,6 +9,7 @@ sockets, and timeouts are shortened through StreamSettings so the tests stay fas
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from collections.abc import Callable
 from contextlib import suppress
@@ -103,7 +104,7 @@ async def closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
                 return True
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
 
 
@@ -160,7 +161,7 @@ class FakeTransport(asyncio.Transport):
         self.closing = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 4242)}.get(name, default)
+        return {"peername": ("127.0.0.1", 4242), "sockname": ("127.0.0.1", 1)}.get(name, default)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
@@ -217,8 +218,7 @@ def test_framing_across_any_chunk_boundaries(packets: list[bytes], cuts: list[in
         loop.close()
 
 
-@hypothesis_settings
-@settings(max_examples=15)
+@settings(hypothesis_settings, max_examples=15)
 @given(packets=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=20),
        cuts=st.lists(st.integers(min_value=0, max_value=60_000), max_size=30))
 def test_framing_across_chunks_over_a_real_socket(packets: list[bytes],
@@ -230,7 +230,7 @@ def test_framing_across_chunks_over_a_real_socket(packets: list[bytes],
         try:
             data = frame(*packets)
             bounds = [0] + sorted({c for c in cuts if 0 < c < len(data)}) + [len(data)]
-            for lo, hi in zip(bounds, bounds[1:]):
+            for lo, hi in itertools.pairwise(bounds):
                 await loop.sock_sendall(sock, data[lo:hi])
                 await asyncio.sleep(0.001)  # separate TCP segments, separate reads
             await wait_for(lambda: len(recorder.packets) == len(packets))
@@ -287,7 +287,7 @@ def test_bad_stream_is_closed_and_others_are_unaffected(run, bad: bytes) -> None
 def test_huge_prefix_is_refused_before_any_body_arrives(run) -> None:
     """The length is checked when the prefix completes: nothing is buffered for it."""
     async def main() -> None:
-        streams, recorder, port = await server()
+        streams, _, port = await server()
         loop = asyncio.get_running_loop()
         attacker = await raw_client(port)
         try:
@@ -612,3 +612,23 @@ def test_settings_are_validated() -> None:
             StreamSettings(**bad)
     assert StreamSettings().low == limits.STREAM_HIGH_WATER // 4
 
+
+
+def test_stream_address_names_its_connection(run) -> None:
+    async def main() -> None:
+        streams, recorder, port = await server()
+        client = TcpStreams(Recorder())
+        try:
+            conn = await client.connect("127.0.0.1", port)
+            address = conn.address
+            assert address is not None and address.conn is conn
+            assert address == ("127.0.0.1", port) and address[0] == "127.0.0.1"
+            assert hash(address) == hash(("127.0.0.1", port))
+            await wait_for(lambda: len(recorder.opened) == 1)
+            (accepted,) = recorder.opened
+            assert accepted.address == accepted.remote[:2] == conn.local[:2]
+        finally:
+            client.close()
+            streams.close()
+
+    run(main())

@@ -50,11 +50,13 @@ Counters (:attr:`DeliveryConnection.counters`):
 ================  ==============================================================
 retransmissions   fragments handed out again after their packet was lost
 lost_packets      in-flight packets declared lost (threshold or timeout)
+spurious          packets acknowledged after they were declared lost (reordering, late acks)
 timeouts          retransmission timer expiries
 failed            messages failed (PeerUnreachableError, or close())
 acks_received     DELIVERY_ACK frames processed
 acks_sent         DELIVERY_ACK frames built
-bad_ack           malformed DELIVERY_ACK (ranges below 0, too many ranges): ignored
+bad_ack           DELIVERY_ACK with ranges below counter 0 (those are ignored), or with
+                  fields no decoded frame holds (ignored whole)
 ack_unsent        DELIVERY_ACK for a counter never sent: ignored
 duplicates        fragment or message already received: dropped, acknowledged
 bad_fragment      fragment inconsistent with its message or the limits: dropped
@@ -83,18 +85,23 @@ Interpretations of wire.md 3.6 (reported upstream)
   releases them.
 * On a retransmission timeout every in-flight packet is deemed lost (RFC 6298
   5.4-5.6 with SACK), the window drops to ``MIN_WINDOW`` and the timer backs
-  off.  A message fails after ``MAX_RETRANSMISSIONS`` timeouts that found it
-  outstanding, and every outstanding message fails after ``MAX_RETRANSMISSIONS``
-  consecutive timeouts with no acknowledgement at all (the peer is gone).  A
-  failed message may still have been delivered once; it is never delivered
-  twice.
+  off.  The timeouts counted are the consecutive ones (the backoff resets on any
+  new acknowledgement, as pto_count does in RFC 9002 6.2.1): after
+  ``MAX_RETRANSMISSIONS`` of them with nothing acknowledged the peer is
+  unreachable and every outstanding reliable message fails.  Counting per message
+  instead would fail a long message that is still making progress under heavy
+  loss.  A failed message may still have been delivered once; it is never
+  delivered twice.
+* Packets declared lost are remembered for 3 RTO: a late acknowledgement
+  (reordering) still completes their fragments (``spurious``), so a queued
+  retransmission of them is skipped.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from msgnet.errors import ClosedError, MessageTooLargeError, PeerUnreachableError, UsageError
 from msgnet.limits import (
@@ -157,7 +164,7 @@ ordered space waits for may use, so held later messages cannot deadlock it."""
 _KIND = FLAG_REQUEST | FLAG_RESPONSE
 _INF = math.inf
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 __all__ = [
     "AckFields",
@@ -206,7 +213,7 @@ class MessageFailed(NamedTuple):
     error: Exception
 
 
-DeliveryEvent = Union[MessageDelivered, MessageFailed]
+DeliveryEvent = MessageDelivered | MessageFailed
 
 
 class OutgoingMessage:
@@ -216,7 +223,8 @@ class OutgoingMessage:
     every fragment was acknowledged (``error`` None, a :class:`MessageDelivered`
     event) or when it failed (``error`` set, a :class:`MessageFailed` event); for
     fragmented best effort when its last fragment was handed out by poll_transmit
-    (nothing is ever confirmed, so no event).
+    (nothing is ever confirmed, so no event).  ``queued_at`` is the ``now`` given to
+    send(), for the engine's latency accounting and send timeouts.
     """
 
     __slots__ = (
@@ -231,7 +239,6 @@ class OutgoingMessage:
         "error",
         "_space",
         "_unacked",
-        "_timeouts",
     )
 
     def __init__(
@@ -256,7 +263,6 @@ class OutgoingMessage:
         self.error: Exception | None = None
         self._space = space
         self._unacked = frag_count  # reliable: fragments not yet acknowledged
-        self._timeouts = 0  # retransmission timeouts that found this message outstanding
 
     @property
     def reliable(self) -> bool:
@@ -286,7 +292,7 @@ class Fragment:
     """
 
     __slots__ = ("message", "protocol", "flags", "request_id", "seq", "frag_index",
-                 "frag_count", "chunk")
+                 "frag_count", "chunk", "acked")
 
     def __init__(
         self,
@@ -307,6 +313,7 @@ class Fragment:
         self.frag_index = frag_index
         self.frag_count = frag_count
         self.chunk = chunk
+        self.acked = False  # a fragment may be acknowledged by a packet declared lost
 
     def __repr__(self) -> str:
         return (
@@ -399,6 +406,7 @@ class _SentPacket:
 
 
 def _charge_for(count: int, unit: int) -> int:
+    """Reassembly memory reserved for ``count`` fragments of ``unit`` bytes."""
     return count * (unit + _PER_FRAGMENT_COST) + _PER_MESSAGE_COST
 
 
@@ -414,6 +422,17 @@ class DeliveryConnection:
     MAX_MESSAGE_PAYLOAD); ``budget`` the host's shared reassembly budget (a
     private one if None).
     """
+
+    __slots__ = (
+        "_fragment_size", "_max_message", "_budget", "_closed", "counters", "_out_unordered",
+        "_out_ordered", "_queue", "_retransmit", "_be_queue", "_sent", "_lost", "_largest_sent",
+        "_largest_acked", "_bytes_in_flight", "_handed_out", "_has_rtt", "_srtt", "_rttvar",
+        "_min_rtt", "_latest_rtt", "_rto_value", "_backoff", "_rto_base", "_loss_time", "_mss",
+        "_min_cwnd", "_cwnd", "_ssthresh", "_recovery_end", "_cwnd_limited", "_pace_tokens",
+        "_pace_time", "_pace_at", "_in_unordered", "_in_ordered", "_be_partials", "_held",
+        "_veto", "_eliciting", "_ranges", "_largest_received_at", "_unacked_eliciting",
+        "_ack_at",
+    )
 
     def __init__(
         self,
@@ -441,9 +460,9 @@ class DeliveryConnection:
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
             (
-                "retransmissions", "lost_packets", "timeouts", "failed", "acks_received",
-                "acks_sent", "bad_ack", "ack_unsent", "duplicates", "bad_fragment",
-                "reassembly_full", "seq_window", "window_slides", "expired",
+                "retransmissions", "lost_packets", "spurious", "timeouts", "failed",
+                "acks_received", "acks_sent", "bad_ack", "ack_unsent", "duplicates",
+                "bad_fragment", "reassembly_full", "seq_window", "window_slides", "expired",
             ),
             0,
         )
@@ -455,6 +474,7 @@ class DeliveryConnection:
         self._retransmit: deque[Fragment] = deque()  # lost reliable fragments
         self._be_queue: deque[Fragment] = deque()  # best-effort fragments
         self._sent: dict[int, _SentPacket] = {}  # in flight, by counter (ascending)
+        self._lost: dict[int, _SentPacket] = {}  # declared lost, kept 3 RTO for late acks
         self._largest_sent = -1
         self._largest_acked = -1
         self._bytes_in_flight = 0
@@ -476,7 +496,10 @@ class DeliveryConnection:
         self._min_cwnd = MIN_WINDOW * max_datagram
         self._cwnd = float(INITIAL_WINDOW * max_datagram)
         self._ssthresh = _INF
-        self._recovery_start = -_INF
+        # Recovery (no growth, no second halving) covers the packets that were already
+        # sent when a loss was detected: counters, unlike times, are never ambiguous when
+        # the engine sends in the same loop iteration (same ``now``) as it detects.
+        self._recovery_end = -1
         self._cwnd_limited = False  # grow only while the window is what limits sending
 
         # Best-effort pacing: a token bucket refilled at cwnd / srtt.
@@ -576,22 +599,25 @@ class DeliveryConnection:
         """
         if self._closed:
             raise ClosedError("delivery connection is closed")
-        if flags_extra & ~_KIND or flags_extra == _KIND:
-            raise UsageError("flags_extra may be FLAG_REQUEST or FLAG_RESPONSE (not both)")
-        if not 0 <= request_id < 1 << 63 or (request_id and not flags_extra):
-            raise UsageError("request_id in 0..2**63-1, and only with REQUEST or RESPONSE")
-        if ordered and not reliable:
-            raise UsageError("ordered delivery requires reliable")
+        if flags_extra or request_id:
+            if flags_extra & ~_KIND or flags_extra == _KIND:
+                raise UsageError("flags_extra may be FLAG_REQUEST or FLAG_RESPONSE (not both)")
+            if not 0 <= request_id < 1 << 63:
+                raise UsageError(f"request_id must be in 0..2**63-1, got {request_id}")
+            if not flags_extra:
+                raise UsageError("a request_id goes with FLAG_REQUEST or FLAG_RESPONSE")
         if type(payload) is not bytes:
             payload = bytes(payload)
         size = len(payload)
         fs = self._fragment_size
-        count = -(-size // fs) or 1
+        count = 1 if size <= fs else -(-size // fs)
         if reliable:
             if size > self._max_message:
                 raise MessageTooLargeError(
                     f"reliable message of {size} bytes exceeds {self._max_message}"
                 )
+        elif ordered:
+            raise UsageError("ordered delivery requires reliable")
         elif count > MAX_BEST_EFFORT_FRAGMENTS:
             raise MessageTooLargeError(
                 f"best-effort message of {size} bytes needs {count} fragments of {fs}, "
@@ -641,7 +667,7 @@ class DeliveryConnection:
         while budget > 0 and len(out) < max_fragments:
             if retransmit:
                 fragment = retransmit.popleft()
-                if fragment.message.error is not None:
+                if fragment.acked or fragment.message.error is not None:
                     continue
                 self.counters["retransmissions"] += 1
             elif queue:
@@ -757,28 +783,30 @@ class DeliveryConnection:
         if largest > self._largest_sent:
             counters["ack_unsent"] += 1
             return []
-        low = largest - first_range
-        if low < 0 or first_range < 0 or ack_delay_us < 0 or len(ranges) > MAX_ACK_RANGES:
+        if first_range < 0 or ack_delay_us < 0 or len(ranges) > MAX_ACK_RANGES or any(
+            gap < 0 or length < 0 for gap, length in ranges
+        ):  # what no decoded frame can hold: a caller's bug
             counters["bad_ack"] += 1
             return []
+        low = largest - first_range
         spans = [(low, largest)]
         for gap, length in ranges:
             high = low - gap - 2
             low = high - length
-            if gap < 0 or length < 0 or low < 0:
-                counters["bad_ack"] += 1
-                return []
             spans.append((low, high))
+        if low < 0:  # wire.md 3.5: ranges that would go below counter 0 are ignored
+            counters["bad_ack"] += 1
+            spans = [span for span in spans if span[0] >= 0]
+            if not spans:
+                return []
         counters["acks_received"] += 1
         if largest > self._largest_acked:
             self._largest_acked = largest
-        sent = self._sent
-        if not sent:
-            return []
         events: list[DeliveryEvent] = []
-        oldest = next(iter(sent))
+        acked = bool(self._lost) and self._ack_lost(spans, now, events)
+        sent = self._sent
         newest: _SentPacket | None = None
-        acked = False
+        oldest = next(iter(sent)) if sent else largest + 1
         ssthresh = self._ssthresh
         grow = self._cwnd_limited
         for low, high in spans:
@@ -799,20 +827,12 @@ class DeliveryConnection:
                 if counter == largest:
                     newest = packet
                 self._bytes_in_flight -= packet.size
-                if grow and packet.time > self._recovery_start:
+                if grow and counter > self._recovery_end:
                     if self._cwnd < ssthresh:
                         self._cwnd += packet.size  # slow start
                     else:
                         self._cwnd += self._mss * packet.size / self._cwnd
-                for fragment in packet.fragments:
-                    message = fragment.message
-                    if message.error is not None:
-                        continue
-                    message._unacked -= 1
-                    if not message._unacked:
-                        message.done = True
-                        del message._space.unacked[message.seq]
-                        events.append(MessageDelivered(message))
+                self._ack_fragments(packet.fragments, events)
         if not acked:
             return events
         if self._cwnd > MAX_REASSEMBLY_PER_SESSION:
@@ -824,6 +844,39 @@ class DeliveryConnection:
         self._rto_base = now  # RFC 6298 5.3: restart the timer on new acknowledgements
         self._detect_losses(now)
         return events
+
+    @staticmethod
+    def _ack_fragments(fragments: list[Fragment], events: list[DeliveryEvent]) -> None:
+        """Count acknowledged fragments; a message is delivered with its last one."""
+        for fragment in fragments:
+            if fragment.acked:
+                continue
+            fragment.acked = True
+            message = fragment.message
+            if message.error is not None:
+                continue
+            message._unacked -= 1
+            if not message._unacked:
+                message.done = True
+                del message._space.unacked[message.seq]
+                events.append(MessageDelivered(message))
+
+    def _ack_lost(self, spans: list[tuple[int, int]], now: float,
+                  events: list[DeliveryEvent]) -> bool:
+        """Late acknowledgements of packets declared lost: their fragments are delivered
+        (a queued retransmission is then skipped).  Forgets packets older than 3 RTO."""
+        lost = self._lost
+        horizon = now - 3 * self._rto_value
+        while lost:
+            oldest = next(iter(lost))
+            if lost[oldest].time >= horizon:
+                break
+            del lost[oldest]
+        late = [c for c in lost if any(low <= c <= high for low, high in spans)]
+        for counter in late:
+            self._ack_fragments(lost.pop(counter).fragments, events)
+        self.counters["spurious"] += len(late)
+        return bool(late)
 
     def _update_rtt(self, latest: float, ack_delay: float) -> None:
         """RFC 9002 5.3 (the RFC 6298 gains), then RTO per wire.md 3.6."""
@@ -847,32 +900,34 @@ class DeliveryConnection:
         self._loss_time = 0.0
         largest = self._largest_acked
         delay = max(TIME_THRESHOLD * max(self._srtt, self._latest_rtt), GRANULARITY)
-        lost_before = now - delay
         lost: list[int] = []
         # Counters ascend with send times: the first packet not lost ends the scan.
         for counter, packet in self._sent.items():
             if counter > largest:
                 break
-            if packet.time <= lost_before or largest - counter >= PACKET_THRESHOLD:
+            due = packet.time + delay  # computed as the deadline is, so it always fires
+            if due <= now or largest - counter >= PACKET_THRESHOLD:
                 lost.append(counter)
             else:
-                self._loss_time = packet.time + delay
+                self._loss_time = due
                 break
         if lost:
-            self._declare_lost(lost, now)
+            self._declare_lost(lost)
 
-    def _declare_lost(self, counters: list[int], now: float) -> None:
+    def _declare_lost(self, counters: list[int]) -> None:
         """Re-queue the lost packets' fragments; NewReno halves once per round trip."""
         sent = self._sent
+        lost = self._lost
         retransmit = self._retransmit
-        packet = None
         for counter in counters:
-            packet = sent.pop(counter)
+            packet = lost[counter] = sent.pop(counter)
             self._bytes_in_flight -= packet.size
-            retransmit.extend(f for f in packet.fragments if f.message.error is None)
+            retransmit.extend(
+                f for f in packet.fragments if not f.acked and f.message.error is None
+            )
         self.counters["lost_packets"] += len(counters)
-        if packet is not None and packet.time > self._recovery_start:
-            self._recovery_start = now
+        if counters[-1] > self._recovery_end:
+            self._recovery_end = self._largest_sent
             self._cwnd = self._ssthresh = max(self._cwnd / 2, self._min_cwnd)
 
     # -- timers -------------------------------------------------------------------------
@@ -913,18 +968,16 @@ class DeliveryConnection:
         self._sent = {}
         self._bytes_in_flight = 0
         self._loss_time = 0.0
-        outstanding: dict[OutgoingMessage, None] = {}
+        self._lost.update(lost)
         retransmit = self._retransmit
         for packet in lost.values():
-            for fragment in packet.fragments:
-                message = fragment.message
-                if message.error is None:
-                    retransmit.append(fragment)
-                    outstanding[message] = None
+            retransmit.extend(
+                f for f in packet.fragments if not f.acked and f.message.error is None
+            )
         self.counters["lost_packets"] += len(lost)
         self._ssthresh = max(self._cwnd / 2, self._min_cwnd)
         self._cwnd = float(self._min_cwnd)
-        self._recovery_start = now
+        self._recovery_end = self._largest_sent
         self._rto_base = now
         self._backoff += 1
         if self._backoff >= MAX_RETRANSMISSIONS:
@@ -932,13 +985,6 @@ class DeliveryConnection:
             self._fail_all(PeerUnreachableError(
                 f"no acknowledgement after {MAX_RETRANSMISSIONS} retransmission timeouts"
             ), events)
-            return
-        for message in outstanding:
-            message._timeouts += 1
-            if message._timeouts >= MAX_RETRANSMISSIONS:
-                self._fail(message, PeerUnreachableError(
-                    f"message unacknowledged after {MAX_RETRANSMISSIONS} retransmission timeouts"
-                ), events)
 
     def _fail(self, message: OutgoingMessage, error: Exception,
               events: list[DeliveryEvent]) -> None:
@@ -964,6 +1010,7 @@ class DeliveryConnection:
                     self._fail(message, error, events)
         self._queue.clear()
         self._retransmit.clear()
+        self._lost.clear()
 
     def close(self, error: Exception | None = None) -> list[DeliveryEvent]:
         """End the session: fail what is outstanding, return reassembly memory.

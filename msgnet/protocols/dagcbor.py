@@ -250,14 +250,15 @@ def _check(value: Any, depth: int) -> bool:
     floats = False
     if kind is list or kind is tuple:
         for item in value:
-            if _check(item, depth + 1):
+            # Inline the common leaves: a call per item would double the cost.
+            if type(item) is not bytes and type(item) is not str and _check(item, depth + 1):
                 floats = True
         return floats
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
                 raise DagCborError(f"map key {key!r} is not a string")
-            if _check(item, depth + 1):
+            if type(item) is not bytes and type(item) is not str and _check(item, depth + 1):
                 floats = True
         return floats
     raise DagCborError(f"{kind.__name__} is not in the IPLD data model")

@@ -9,8 +9,9 @@
         envelope = await dht.get_value(key)
         await dht.provide(CID.of(b"some content"))
 
-Records are validated per namespace (:class:`Validator`); the built-in
-``/pk/`` namespace holds records signed by the peer named in the key.
+Records are validated per namespace (:class:`Validator`); built in are
+``/pk/`` (records signed by the peer named in the key) and ``/ipld/``
+(immutable values named by their CID).
 Values are limited to :data:`MAX_VALUE_SIZE` bytes (one datagram) until
 msgnet's reliable QoS can carry larger messages.
 """
@@ -24,10 +25,12 @@ from .errors import (
     ValueTooLargeError,
 )
 from .records import (
+    ContentValidator,
     NamespacedValidator,
     PublicKeyValidator,
     SignedRecord,
     Validator,
+    content_record,
     default_validator,
     format_key,
     parse_key,
@@ -47,9 +50,11 @@ __all__ = [
     "Validator",
     "NamespacedValidator",
     "PublicKeyValidator",
+    "ContentValidator",
     "SignedRecord",
     "default_validator",
     "sign_record",
+    "content_record",
     "pk_key",
     "format_key",
     "parse_key",

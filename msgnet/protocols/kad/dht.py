@@ -5,19 +5,23 @@ Each RPC is one ``host.request`` on :data:`~.wire.PROTOCOL` answered with
 every request is the peer its session proved, so routing tables and
 provider records are keyed by authenticated identities.
 
-Lookups are iterative (alpha parallel queries towards the k closest peers).
-Each query has a *soft* deadline derived from the RTT measured to that peer
-(``max(3*srtt, srtt + 4*rttvar, 50 ms)``): past it the query stops holding
-one of the alpha slots and the lookup moves on, while a late reply is still
-used until the *hard* deadline (``max_query_timeout``).  A peer that stalls,
-answers garbage or invents peers therefore costs a lookup at most one soft
-deadline per slot, and the invented peers only cost queries that time out
-the same way.
+Lookups are iterative: alpha parallel queries towards the k closest peers,
+widened to all of the k closest once answers stop bringing closer peers
+(the Kademlia paper's rule).  Each query has a *soft* deadline derived from
+the RTT measured to that peer (``max(3*srtt, srtt + 4*rttvar, 50 ms)``;
+first contacts, which include a handshake, get ``first_contact_timeout``):
+past it the query stops holding one of the alpha slots and the lookup moves
+on, while its reply is still used until the *hard* deadline,
+``max_query_timeout`` (a few soft deadlines for a peer whose last query
+failed, which is likely gone).  A peer that stalls, answers garbage or
+invents peers therefore delays a lookup by at most one hard deadline, and
+garbage gets it evicted from the routing table at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -28,12 +32,13 @@ from typing import Any
 
 from multiaddr import Multiaddr
 
+from ..._engine import Message
 from ...errors import MsgnetError, ProtocolResetError, UsageError
 from ...host import MessageHost
 from ...identity import PeerID
 from ..dagcbor import CID, DagCborError, check_multihash
 from .errors import InvalidRecordError, MalformedMessageError, NotFoundError, ValueTooLargeError
-from .records import ProviderStore, RecordStore, Validator, default_validator
+from .records import ProviderStore, RecordStore, Validator, default_validator, format_key
 from .routing import PeerEntry, RoutingTable, kad_id, key_in_bucket
 from .wire import (
     MAX_ADDR_SIZE,
@@ -58,6 +63,19 @@ __all__ = ["KadDHT", "KadConfig", "LookupResult"]
 
 log = logging.getLogger("msgnet.kad")
 
+_KID_CACHE_SIZE = 8192
+# The hard deadline of a query to a peer whose last query failed, in soft ones.
+HARD_TIMEOUT_FACTOR = 4
+
+# Every counter, present (at zero) from the start so that metrics keep one shape.
+COUNTERS = (
+    "requests_in", "dropped_malformed_requests", "dropped_bad_addrs", "requests_out",
+    "dropped_malformed_replies", "invalid_records_in", "queries_ok", "queries_failed",
+    "queries_refused", "queries_slow", "lookups", "lookup_deadlines", "liveness_pings",
+    "routing_table_added", "routing_table_evicted", "puts_refused_quota",
+    "providers_refused_quota", "records_expired", "providers_expired", "refreshes",
+    "republished", "stale_records_corrected",
+)
 # Metrics that are current values rather than running totals.
 GAUGES = frozenset({"routing_table_peers", "records_stored", "provider_entries",
                     "lookups_in_flight"})
@@ -171,6 +189,10 @@ class _Candidate:
         self.deadline = 0.0
 
 
+def _distance(candidate: _Candidate) -> int:
+    return candidate.distance
+
+
 # A lookup's reply callback: True stops the lookup (e.g. quorum reached).
 ReplyHook = Callable[[PeerInfo, Reply], bool]
 
@@ -194,8 +216,9 @@ class KadDHT:
         self.records = RecordStore(self.config.max_records, self.config.max_records_per_peer)
         self.providers = ProviderStore(self.config.max_providers_per_key,
                                        self.config.max_provider_entries)
-        self._counters: Counter[str] = Counter()
+        self._counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._rtt = _RttEstimator()
+        self._kids: dict[PeerID, int] = {}  # kad_id of peers met in lookups (bounded)
         self._own_addrs: tuple[bytes, ...] = ()
         self._own_values: dict[bytes, bytes] = {}  # what we put: republished
         self._own_provides: set[bytes] = set()
@@ -276,7 +299,7 @@ class KadDHT:
         """Addresses of ``peer``, from the table or by a lookup."""
         entry = self.table.get(peer)
         if entry is not None:
-            return entry.info()
+            return entry.info
         result = await self.get_closest_peers(peer.to_bytes())
         return next((p for p in result.closest if p.peer_id == peer), None)
 
@@ -309,22 +332,31 @@ class KadDHT:
         if local is not None:
             found[self.host.peer_id] = local
 
+        valid = set(found.values())  # each distinct value is validated once
+
         def on_reply(peer: PeerInfo, reply: Reply) -> bool:
-            if reply.value is not None:
-                try:
-                    self.validator.validate(key, reply.value)
-                except InvalidRecordError:
-                    self._counters["invalid_records_in"] += 1
-                else:
-                    found[peer.peer_id] = reply.value
+            value = reply.value
+            if value is not None:
+                if value not in valid:
+                    try:
+                        self.validator.validate(key, value)
+                    except InvalidRecordError:
+                        self._counters["invalid_records_in"] += 1
+                        return False
+                    valid.add(value)
+                found[peer.peer_id] = value
             return len(found) >= quorum
 
+        result = None
         if len(found) < quorum:
-            await self._lookup(kad_id(key), Request(MessageType.GET_VALUE, key), on_reply)
+            result = await self._lookup(kad_id(key), Request(MessageType.GET_VALUE, key),
+                                        on_reply)
         if not found:
-            raise NotFoundError(f"no record for key {key[:24]!r}")
-        values = list(found.values())
-        best = values[self.validator.select(key, values)]
+            asked = "" if result is None else (
+                f" ({len(result.closest)} peers answered, {result.failures} failed)")
+            raise NotFoundError(f"no record for key {format_key(key)}{asked}")
+        values = list(valid)
+        best = values[0] if len(values) == 1 else values[self.validator.select(key, values)]
         stale = [p for p, v in found.items() if v != best and p != self.host.peer_id]
         for peer in stale:
             self._counters["stale_records_corrected"] += 1
@@ -406,7 +438,7 @@ class KadDHT:
 
     # -- serving ---------------------------------------------------------------------------
 
-    def _on_message(self, msg: Any) -> None:
+    def _on_message(self, msg: Message) -> None:
         """Answer one request synchronously (the engine's fast path: no task per message)."""
         counters = self._counters
         counters["requests_in"] += 1
@@ -424,7 +456,7 @@ class KadDHT:
         msg.reply(self._handlers[request.type](sender, request))
 
     def _closer_for(self, key: bytes, requester: PeerID) -> list[PeerInfo]:
-        return [e.info() for e in self.table.closest(kad_id(key), self.config.k, requester)]
+        return [e.info for e in self.table.closest(kad_id(key), self.config.k, requester)]
 
     def _handle_find_node(self, sender: PeerID, request: Request) -> bytes:
         return encode_reply_page(MessageType.FIND_NODE, request.page,
@@ -448,13 +480,14 @@ class KadDHT:
     def _handle_put_value(self, sender: PeerID, request: Request) -> bytes:
         key, value = request.key, request.value
         assert value is not None  # decode_request guarantees it for PUT_VALUE
-        try:
-            self.validator.validate(key, value)
-        except InvalidRecordError as exc:
-            self._counters["invalid_records_in"] += 1
-            return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error=str(exc))
         now = time.monotonic()
         current = self.records.get(key, now)
+        if current != value:  # a value we hold was validated when it arrived
+            try:
+                self.validator.validate(key, value)
+            except InvalidRecordError as exc:
+                self._counters["invalid_records_in"] += 1
+                return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error=str(exc))
         if current is not None and current != value:
             if self.validator.select(key, [current, value]) == 0:
                 return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False,
@@ -506,22 +539,34 @@ class KadDHT:
         deadline = started + config.lookup_timeout
         me = self.host.peer_id
         candidates: dict[PeerID, _Candidate] = {}
+        order: list[_Candidate] = []  # every candidate, nearest first
 
-        def add(info: PeerInfo, source: int, depth: int) -> None:
+        def add(info: PeerInfo, source: int, depth: int, kid: int | None = None) -> None:
             known = candidates.get(info.peer_id)
             if known is not None:
                 known.depth = min(known.depth, depth)
             elif info.peer_id != me:
-                candidates[info.peer_id] = _Candidate(
-                    info, source, kad_id(info.peer_id.to_bytes()) ^ target, depth)
+                if kid is None:
+                    kid = self._kid(info.peer_id)
+                candidate = _Candidate(info, source, kid ^ target, depth)
+                candidates[info.peer_id] = candidate
+                bisect.insort(order, candidate, key=_distance)
 
         for info in seeds:
             add(info, _SEED, 1)
         for entry in self.table.closest(target, config.k):
-            add(entry.info(), _TABLE, 1)
+            add(entry.info, _TABLE, 1, entry.kid)
 
+        if self.server and self._own_addrs:
+            request = replace(request, addrs=self._own_addrs)
+        data = encode_request(request)  # the same bytes for every peer asked
         tasks: dict[asyncio.Task[Reply], _Candidate] = {}
         queries = failures = 0
+        # Kademlia's widening rule: once answers stop bringing peers closer than
+        # the closest seen (alpha answers in a row), ask all of the k closest
+        # not yet asked at once instead of alpha at a time.
+        nearest = order[0].distance if order else 0
+        stalled = 0
         stop = False
         try:
             while not stop:
@@ -530,38 +575,49 @@ class KadDHT:
                     self._counters["lookup_deadlines"] += 1
                     break
                 active = 0
+                wake = deadline
                 for candidate in tasks.values():
-                    if candidate.state == _INFLIGHT and now >= candidate.deadline:
-                        candidate.state = _SLOW  # keeps running, no longer holds a slot
-                        self._counters["queries_slow"] += 1
-                    active += candidate.state == _INFLIGHT
-                closest = sorted((c for c in candidates.values() if c.state != _FAILED),
-                                 key=lambda c: c.distance)[:config.k]
-                waiting = False
-                for candidate in closest:
+                    if candidate.state == _INFLIGHT:
+                        if now >= candidate.deadline:
+                            candidate.state = _SLOW  # keeps running, holds no slot
+                            self._counters["queries_slow"] += 1
+                        else:
+                            active += 1
+                            wake = min(wake, candidate.deadline)
+                width = config.k if stalled >= config.alpha else config.alpha
+                waiting = False  # some of the k closest are (or wait to be) asked
+                seen = 0
+                for candidate in order:
+                    if candidate.state == _FAILED:
+                        continue
                     if candidate.state == _NEW and queries < config.max_queries_per_lookup:
-                        if active >= config.alpha:
-                            waiting = True
-                            break
-                        candidate.state = _INFLIGHT
-                        candidate.deadline = now + self._rtt.soft_timeout(
-                            candidate.info.peer_id, config)
-                        task = loop.create_task(
-                            self._query(candidate.info, candidate.source, request))
-                        tasks[task] = candidate
-                        queries += 1
-                        active += 1
-                    elif candidate.state == _INFLIGHT:
                         waiting = True
-                if not waiting and not any(c.state == _INFLIGHT for c in closest):
-                    break  # the k closest have all answered, failed or gone slow
-                pending = [c.deadline for c in tasks.values() if c.state == _INFLIGHT]
-                wake = min([deadline, *pending])
+                        if active < width:
+                            soft = self._rtt.soft_timeout(candidate.info.peer_id, config)
+                            candidate.state = _INFLIGHT
+                            candidate.deadline = now + soft
+                            wake = min(wake, candidate.deadline)
+                            hard = self._hard_timeout(candidate.info.peer_id, soft)
+                            task = loop.create_task(self._query(
+                                candidate.info, candidate.source, request, data, hard))
+                            tasks[task] = candidate
+                            queries += 1
+                            active += 1
+                    elif candidate.state in (_INFLIGHT, _SLOW):
+                        # A slow peer among the k closest is waited for (up to its
+                        # hard deadline) but no longer holds up other queries.
+                        waiting = True
+                    seen += 1
+                    if seen == config.k:
+                        break
+                if not waiting:
+                    break  # the k closest have all answered or failed
                 done, _ = await asyncio.wait(tasks, timeout=max(wake - now, 0),
                                              return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     candidate = tasks.pop(task)
                     reply = self._query_outcome(task, candidate.info.peer_id)
+                    stalled += 1
                     if reply is None:
                         candidate.state = _FAILED
                         failures += 1
@@ -569,20 +625,41 @@ class KadDHT:
                     candidate.state = _OK
                     for info in reply.closer:
                         add(info, _REPLY, candidate.depth + 1)
+                    if order[0].distance < nearest:
+                        nearest, stalled = order[0].distance, 0
                     if on_reply is not None and on_reply(candidate.info, reply):
                         stop = True
         finally:
-            for task in tasks:
+            for task in tasks:  # slow queries, or any left when the lookup stopped early
                 task.cancel()
-        answered = sorted((c for c in candidates.values() if c.state == _OK),
-                          key=lambda c: c.distance)
+                task.add_done_callback(_consume)
+        answered = [c for c in order if c.state == _OK]
+        table = self.table
         return LookupResult(
-            closest=[c.info for c in answered[:config.k]],
+            closest=[table.get(c.info.peer_id).info if c.info.peer_id in table else c.info
+                     for c in answered[:config.k]],
             queries=queries,
             failures=failures,
             hops=max((c.depth for c in answered), default=0),
             seconds=loop.time() - started,
         )
+
+    def _hard_timeout(self, peer: PeerID, soft: float) -> float:
+        """How long a query may run at all: max_query_timeout, as a loaded peer may need
+        it, unless the peer failed its last query (then likely dead: a few soft ones)."""
+        entry = self.table.get(peer)
+        if entry is not None and entry.failures:
+            return min(HARD_TIMEOUT_FACTOR * soft, self.config.max_query_timeout)
+        return self.config.max_query_timeout
+
+    def _kid(self, peer: PeerID) -> int:
+        """kad_id of a peer, cached: lookups meet the same peers again and again."""
+        kid = self._kids.get(peer)
+        if kid is None:
+            if len(self._kids) >= _KID_CACHE_SIZE:
+                self._kids.clear()
+            kid = self._kids[peer] = kad_id(peer.to_bytes())
+        return kid
 
     def _query_outcome(self, task: asyncio.Task[Reply], peer: PeerID) -> Reply | None:
         """The reply of a finished query, or None after counting why it failed."""
@@ -604,32 +681,34 @@ class KadDHT:
         log.debug("query to %s failed: %s", peer, exc)
         return None
 
-    async def _query(self, info: PeerInfo, source: int, request: Request) -> Reply:
-        """One RPC to ``info`` with all its reply pages; the peer joins our table on success.
+    async def _query(self, info: PeerInfo, source: int, request: Request, data: bytes,
+                     timeout: float) -> Reply:
+        """One RPC to ``info`` (``data`` is ``request`` encoded) with all its reply pages.
 
-        Addresses from a reply are believed only if they are the ones we
-        dialed (the peer was unknown): a successful query then proves them.
+        The peer joins our table on success.  Addresses from a reply are
+        believed only if they are the ones we dialed (the peer was unknown):
+        a successful query then proves them.
         """
         peer = info.peer_id
-        if self.server and self._own_addrs:
-            request = replace(request, addrs=self._own_addrs)
         added = self._add_to_peerstore(peer, info.addrs, replace_known=source == _SEED)
         verified = info.addrs if source != _REPLY or added else ()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        first = await self._rpc(peer, request)
+        first = await self._rpc(peer, request, data, timeout)
         self._rtt.sample(peer, loop.time() - started)
         if first.pages > 1:
-            rest = await asyncio.gather(*(self._rpc(peer, replace(request, page=n))
+            rest = await asyncio.gather(*(self._rpc(peer, replace(request, page=n), None, timeout)
                                           for n in range(1, first.pages)))
             first = _merge_pages(first, rest)
-        self._seen(peer, verified)
+        # A peer already in the table keeps the addresses it advertised itself.
+        self._seen(peer, () if peer in self.table else verified)
         return first
 
-    async def _rpc(self, peer: PeerID, request: Request) -> Reply:
+    async def _rpc(self, peer: PeerID, request: Request, data: bytes | None = None,
+                   timeout: float | None = None) -> Reply:
         self._counters["requests_out"] += 1
-        raw = await self.host.request(peer, PROTOCOL, encode_request(request),
-                                      timeout=self.config.max_query_timeout)
+        raw = await self.host.request(peer, PROTOCOL, data or encode_request(request),
+                                      timeout=timeout or self.config.max_query_timeout)
         return decode_reply(raw, request.type, request.page)
 
     # -- routing table upkeep -----------------------------------------------------------------
@@ -733,6 +812,12 @@ class KadDHT:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve the outcome of a query nobody waits for any more (no "never retrieved")."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _merge_pages(first: Reply, rest: Sequence[Reply]) -> Reply:

@@ -6,11 +6,14 @@ decides whether a value is acceptable (``validate``) and which of several is
 the current one (``select``).  Without a validator for its namespace a key
 is refused, so a DHT never becomes free storage for arbitrary data.
 
-The built-in ``/pk/`` namespace holds *signed* records: the key names a
-peer (``/pk/<peer-id multihash>[/<name>]``) and the value is a DAG-CBOR
-envelope ``{"seq": int, "sig": bytes, "value": bytes}`` signed by that
-peer's Ed25519 key, so only the peer can write under its keys and the
-highest ``seq`` wins.
+Two namespaces are built in:
+
+* ``/pk/<peer-id multihash>[/<name>]`` holds *signed*, mutable records: a
+  DAG-CBOR envelope ``{"seq": int, "sig": bytes, "value": bytes}`` signed by
+  that peer's Ed25519 key, so only the peer can write under its keys and the
+  highest ``seq`` wins;
+* ``/ipld/<CID bytes>`` holds immutable values named by their content: a
+  value is valid if its sha2-256 is the CID's multihash.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Protocol
 from ...errors import UsageError
 from ...identity import KeyPair, PeerID, verify_signature
 from .. import dagcbor
-from ..dagcbor import DagCborError, read_uvarint
+from ..dagcbor import CID, RAW, DagCborError, read_uvarint, sha256_multihash
 from .errors import InvalidRecordError, ValueTooLargeError
 from .wire import MAX_KEY_SIZE, MAX_VALUE_SIZE
 
@@ -32,6 +35,8 @@ __all__ = [
     "Validator",
     "NamespacedValidator",
     "PublicKeyValidator",
+    "ContentValidator",
+    "content_record",
     "SignedRecord",
     "pk_key",
     "parse_pk_key",
@@ -44,6 +49,7 @@ __all__ = [
 ]
 
 _PK_PREFIX = b"/pk/"
+_IPLD_PREFIX = b"/ipld/"
 _SIGNATURE_DOMAIN = b"msgnet-kad-pk-record:"
 
 
@@ -119,7 +125,12 @@ def parse_pk_key(key: bytes) -> PeerID:
 
 
 def format_key(key: bytes) -> str:
-    """Text for a key: ``/pk/<base58 peer id>/<name>`` for /pk/ keys, else hex."""
+    """Text for a key: ``/pk/<base58 peer id>[/<name>]``, ``/ipld/<CID>``, else hex."""
+    if key.startswith(_IPLD_PREFIX):
+        try:
+            return f"/ipld/{CID(key[len(_IPLD_PREFIX):])}"
+        except DagCborError:
+            return key.hex()
     try:
         peer = parse_pk_key(key)
     except InvalidRecordError:
@@ -129,18 +140,18 @@ def format_key(key: bytes) -> str:
 
 
 def parse_key(text: str) -> bytes:
-    """Inverse of :func:`format_key` (``/pk/<peer>[/<name>]`` or hex)."""
-    if text.startswith("/pk/"):
-        peer_text, _, name = text[len("/pk/"):].partition("/")
-        try:
-            peer = PeerID.from_string(peer_text)
-        except UsageError as exc:
-            raise InvalidRecordError(f"bad key {text!r}: {exc}") from None
-        return pk_key(peer, name)
+    """Inverse of :func:`format_key`."""
     try:
+        if text.startswith("/pk/"):
+            peer_text, _, name = text[len("/pk/"):].partition("/")
+            return pk_key(PeerID.from_string(peer_text), name)
+        if text.startswith("/ipld/"):
+            return _IPLD_PREFIX + bytes(CID.from_string(text[len("/ipld/"):]))
         return bytes.fromhex(text)
-    except ValueError:
-        raise InvalidRecordError(f"key {text!r} is neither /pk/<peer>/<name> nor hex") from None
+    except (UsageError, DagCborError, ValueError) as exc:
+        raise InvalidRecordError(
+            f"bad key {text!r} (expected /pk/<peer>[/<name>], /ipld/<CID> or hex): {exc}"
+        ) from None
 
 
 def sign_record(keypair: KeyPair, name: str | bytes, value: bytes,
@@ -168,10 +179,17 @@ class PublicKeyValidator:
 
     def decode(self, key: bytes, value: bytes) -> SignedRecord:
         """The verified envelope of ``value`` under ``key`` (InvalidRecordError if not)."""
-        peer = parse_pk_key(key)
-        public_key = peer.extract_public_key()
+        record = self._parse(key, value)
+        public_key = parse_pk_key(key).extract_public_key()
         if public_key is None:
             raise InvalidRecordError("/pk/ keys need an inline Ed25519 peer ID")
+        if not verify_signature(public_key, _signed_bytes(key, record.seq, record.value),
+                                record.signature):
+            raise InvalidRecordError("bad record signature")
+        return record
+
+    @staticmethod
+    def _parse(key: bytes, value: bytes) -> SignedRecord:
         try:
             body = dagcbor.decode(value)
         except DagCborError as exc:
@@ -181,22 +199,53 @@ class PublicKeyValidator:
         seq, sig, inner = body["seq"], body["sig"], body["value"]
         if type(seq) is not int or seq < 0 or type(sig) is not bytes or type(inner) is not bytes:
             raise InvalidRecordError("record fields have the wrong types")
-        if not verify_signature(public_key, _signed_bytes(key, seq, inner), sig):
-            raise InvalidRecordError("bad record signature")
         return SignedRecord(inner, seq, sig)
 
     def validate(self, key: bytes, value: bytes) -> None:
         self.decode(key, value)
 
     def select(self, key: bytes, values: Sequence[bytes]) -> int:
-        """Highest ``seq``; ties go to the greatest envelope bytes, so every node agrees."""
+        """Highest ``seq``; ties go to the greatest envelope bytes, so every node agrees.
+
+        ``values`` were validated already, so this only parses them.
+        """
         def rank(i: int) -> tuple[int, bytes]:
-            return self.decode(key, values[i]).seq, values[i]
+            return self._parse(key, values[i]).seq, values[i]
         return max(range(len(values)), key=rank)
 
 
+class ContentValidator:
+    """``/ipld/<CID>``: immutable values whose sha2-256 digest is the CID's multihash.
+
+    Anyone may store such a value and no one can forge one, so it needs no
+    signature: the cheapest record to validate.
+    """
+
+    def validate(self, key: bytes, value: bytes) -> None:
+        if not key.startswith(_IPLD_PREFIX):
+            raise InvalidRecordError("not an /ipld/ key")
+        try:
+            cid = CID(key[len(_IPLD_PREFIX):])
+        except DagCborError as exc:
+            raise InvalidRecordError(f"/ipld/ key does not hold a CID: {exc}") from None
+        if cid.multihash != sha256_multihash(value):
+            raise InvalidRecordError("value does not match the CID's sha2-256 multihash")
+
+    def select(self, key: bytes, values: Sequence[bytes]) -> int:
+        return 0  # every valid value for a CID is the same bytes
+
+
+def content_record(value: bytes, codec: int = RAW) -> tuple[bytes, bytes]:
+    """An ``/ipld/`` record for ``value``: (key, value), the key naming its CIDv1."""
+    if len(value) > MAX_VALUE_SIZE:
+        raise ValueTooLargeError(
+            f"value of {len(value)} bytes exceeds {MAX_VALUE_SIZE} until reliable QoS lands")
+    return _IPLD_PREFIX + bytes(CID.of(value, codec)), value
+
+
 def default_validator() -> NamespacedValidator:
-    return NamespacedValidator({"pk": PublicKeyValidator()})
+    """Validators for the built-in namespaces: ``/pk/`` (signed) and ``/ipld/`` (by content)."""
+    return NamespacedValidator({"pk": PublicKeyValidator(), "ipld": ContentValidator()})
 
 
 # --- stores -----------------------------------------------------------------------------------

@@ -58,12 +58,13 @@ class PeerEntry:
 
     peer_id: PeerID
     kid: int
-    addrs: tuple[bytes, ...]
+    info: PeerInfo  # what replies advertise: the peer and its verified addresses
     last_seen: float
     failures: int = 0
 
-    def info(self) -> PeerInfo:
-        return PeerInfo(self.peer_id, self.addrs)
+    @property
+    def addrs(self) -> tuple[bytes, ...]:
+        return self.info.addrs
 
 
 @dataclass(slots=True)
@@ -106,8 +107,8 @@ class RoutingTable:
         if entry is not None:
             entry.last_seen = now
             entry.failures = 0
-            if addrs:
-                entry.addrs = addrs
+            if addrs and addrs != entry.info.addrs:
+                entry.info = PeerInfo(peer, addrs)
             self._bucket_of(entry.kid).peers.move_to_end(peer)
             return None
         if not addrs:
@@ -115,13 +116,13 @@ class RoutingTable:
         kid = kad_id(peer.to_bytes())
         bucket = self._bucket_of(kid)
         if len(bucket.peers) < self.k:
-            entry = PeerEntry(peer, kid, addrs, now)
+            entry = PeerEntry(peer, kid, PeerInfo(peer, addrs), now)
             bucket.peers[peer] = entry
             self._index[peer] = entry
             bucket.replacements.pop(peer, None)
             return None
         bucket.replacements.pop(peer, None)
-        bucket.replacements[peer] = PeerEntry(peer, kid, addrs, now)
+        bucket.replacements[peer] = PeerEntry(peer, kid, PeerInfo(peer, addrs), now)
         while len(bucket.replacements) > self.k:
             bucket.replacements.popitem(last=False)
         if bucket.checking:

@@ -113,13 +113,29 @@ class PeerInfo:
         return [Multiaddr(a) for a in self.addrs]
 
 
+# Replies name the same peers over and over: parsed addresses are remembered.
+_ADDR_CACHE: dict[bytes, PeerID] = {}
+_ADDR_CACHE_SIZE = 8192
+
+
 def peer_of_addr(data: bytes) -> PeerID:
     """The peer named by a binary multiaddr ``/ip4|ip6|dns*/.../udp|tcp/N/p2p/<id>``.
 
     A hand-rolled parse: the ``multiaddr`` package needs ~150 us per address
-    and a reply carries up to dozens, while this walks the bytes once.
-    Raises MalformedMessageError for anything else.
+    and a reply carries up to dozens, while this walks the bytes once (and a
+    bounded cache skips even that for addresses seen before).  Raises
+    MalformedMessageError for anything else.
     """
+    peer = _ADDR_CACHE.get(data)
+    if peer is None:
+        peer = _parse_peer_addr(data)
+        if len(_ADDR_CACHE) >= _ADDR_CACHE_SIZE:
+            _ADDR_CACHE.clear()
+        _ADDR_CACHE[data] = peer
+    return peer
+
+
+def _parse_peer_addr(data: bytes) -> PeerID:
     try:
         if len(data) > MAX_ADDR_SIZE:
             raise MalformedMessageError(f"multiaddr longer than {MAX_ADDR_SIZE} bytes")
@@ -271,11 +287,15 @@ def _paginate(providers: Sequence[PeerInfo], closer: Sequence[PeerInfo], first_b
 
     A peer's addresses stay on one page, so each page is well-formed on its own.
     """
+    bound = sum(len(a) + 2 for peers in (providers, closer) for p in peers for a in p.addrs)
+    if bound <= first_budget:
+        return [(list(providers), list(closer))]  # the usual case: one page
+    sizes = [[sum(_item_size(a) for a in p.addrs[:MAX_ADDRS_PER_PEER]) for p in peers]
+             for peers in (providers, closer)]
     pages: list[tuple[list[PeerInfo], list[PeerInfo]]] = [([], [])]
     room = first_budget
     for kind, peers in ((0, providers), (1, closer)):
-        for peer in peers:
-            size = sum(_item_size(a) for a in peer.addrs[:MAX_ADDRS_PER_PEER])
+        for peer, size in zip(peers, sizes[kind]):
             if size > room and (pages[-1][0] or pages[-1][1]):
                 pages.append(([], []))
                 room = budget
@@ -312,6 +332,9 @@ def encode_reply_page(kind: MessageType, page: int, *, providers: Sequence[PeerI
         extra["error"] = error[:200]
     if kind not in _PAGED:
         return dagcbor.encode({"type": int(kind), **extra})
+    if not providers and not closer:
+        return dagcbor.encode({"type": int(kind), "page": page, "pages": 1, "closer": [],
+                               "providers": [], **(extra if page == 0 else {})})
     budget = _PAGE_BUDGET[kind]
     first = MAX_MESSAGE - _skeleton_size(kind, extra) if extra else budget
     pages = _paginate(providers, closer, first, budget)
@@ -334,7 +357,7 @@ def decode_reply(data: bytes, expected: MessageType, page: int = 0) -> Reply:
     kind = _message_type(body)
     if kind != expected:
         raise MalformedMessageError(f"reply of type {kind.name} to a {expected.name} request")
-    page, pages = 0, 1
+    pages = 1
     if kind in _PAGED:
         pages = _int(body, "pages", MAX_PAGES)
         if pages < 1:
