@@ -173,7 +173,7 @@ class _Tally:
     async def track(self, work: Awaitable[Any], check: Callable[[Any], str | None]) -> None:
         try:
             result = await work
-        except Exception as exc:  # a failed operation is a result here, not a crash
+        except Exception as exc:  # noqa: BLE001 - a failed operation is a result here
             self.failures.append(f"{type(exc).__name__}: {exc}")
             return
         problem = check(result)
@@ -234,7 +234,7 @@ async def _demo(nodes: int, processes: int, plaintext: bool) -> dict[str, Any]:
             for reader, node in rng.sample(elsewhere(worker), min(5, len(everyone) - 1)):
                 gets.append(tallies["get"].track(
                     reader.call("get", node=node, key=result["key"]),
-                    lambda r, v=value: None if r["value"] == v else "wrong value"))
+                    _expect("value", value, "wrong value")))
         await asyncio.gather(*gets)
         _progress(f"got {len(gets)} records from other nodes")
 
@@ -251,7 +251,7 @@ async def _demo(nodes: int, processes: int, plaintext: bool) -> dict[str, Any]:
             for reader, other in rng.sample(elsewhere(worker), min(3, len(everyone) - 1)):
                 lookups.append(tallies["find providers"].track(
                     reader.call("providers", node=other, cid=cid),
-                    lambda r, e=expected: None if e in r["providers"] else "provider missing"))
+                    _expect("providers", expected, "provider missing", within=True)))
         await asyncio.gather(*lookups)
         _progress(f"announced {len(cids)} providers, {len(lookups)} provider lookups")
 
@@ -289,6 +289,17 @@ async def _demo(nodes: int, processes: int, plaintext: bool) -> dict[str, Any]:
         + kad["dropped_malformed_replies"],
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _expect(field: str, wanted: Any, problem: str, *, within: bool = False
+            ) -> Callable[[dict[str, Any]], str | None]:
+    """A check of one result field: equal to ``wanted`` (or containing it)."""
+
+    def check(result: dict[str, Any]) -> str | None:
+        got = result[field]
+        return None if (wanted in got if within else got == wanted) else problem
+
+    return check
 
 
 def _progress(text: str) -> None:
@@ -336,6 +347,9 @@ async def _node(args: argparse.Namespace) -> int:
         await dht.start()
         for addr in host.addrs:
             print(addr, flush=True)
+            if _is_unspecified(parse_multiaddr(addr).host):
+                log.warning("listening on %s: other nodes are told this address, which they "
+                            "cannot dial; listen on a specific address", addr)
         if args.metrics_port is not None:
             metrics_server = await _serve_metrics(args.metrics_port, host, dht)
             print(f"metrics on http://127.0.0.1:{args.metrics_port}/metrics",
@@ -382,8 +396,7 @@ async def _serve_metrics(port: int, host: MessageHost, dht: KadDHT) -> asyncio.S
                          + b"\r\nContent-Length: " + str(len(body)).encode()
                          + b"\r\nConnection: close\r\n\r\n" + body)
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
-                ConnectionError):
+        except (TimeoutError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, ConnectionError):
             pass  # a client that cannot send a request head gets nothing
         finally:
             writer.close()
@@ -440,6 +453,13 @@ def _listen_for(addrs: Sequence[str]) -> str:
         "/ip4/0.0.0.0/udp/0")
 
 
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -456,7 +476,7 @@ async def _dht(args: argparse.Namespace) -> int:
             KadDHT(host, server=False) as dht:
         try:
             return await asyncio.wait_for(_dht_action(args, keypair, dht), args.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"msgnet dht {args.action}: no result within {args.timeout} s",
                   file=sys.stderr)
             return EXIT_FAILED
@@ -484,8 +504,8 @@ async def _dht_action(args: argparse.Namespace, keypair: KeyPair, dht: KadDHT) -
             return EXIT_FAILED
         value, seq = envelope, None
         if key.startswith(b"/pk/"):
-            record = PublicKeyValidator().decode(key, envelope)
-            value, seq = record.value, record.seq
+            signed = PublicKeyValidator().decode(key, envelope)
+            value, seq = signed.value, signed.seq
         result = {"key": format_key(key), "value": value.decode(errors="replace"), "seq": seq}
         text, ok = result["value"], True
     elif args.action == "provide":

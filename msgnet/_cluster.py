@@ -90,7 +90,8 @@ class _Worker:
 
         async def join(dht: KadDHT) -> None:
             async with gate:
-                await dht.bootstrap(seed)
+                if not await dht.bootstrap(seed):
+                    log.warning("node %s found no peer while bootstrapping", dht.host.peer_id)
 
         await asyncio.gather(*(join(d) for d in joining))
         return {
@@ -195,7 +196,7 @@ async def _serve(worker: _Worker) -> None:
         op = command.pop("op", "")
         try:
             emit({"id": ident, "ok": True, "result": await worker.handle(op, command)})
-        except Exception as exc:  # reported to the parent, who decides
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, who decides
             emit({"id": ident, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
     while line := await reader.readline():
@@ -316,7 +317,7 @@ class ClusterProcess:
                 assert self.process.stdin is not None
                 self.process.stdin.write(b'{"op": "quit"}\n')
                 await asyncio.wait_for(self.process.wait(), timeout)
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 _kill(self.process)
         await self.process.wait()
         self._reader.cancel()

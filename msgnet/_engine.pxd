@@ -27,8 +27,35 @@ cdef extern from *:
        path; these stubs only keep the module compiling. */
     #if defined(__linux__)
     #define MSGNET_HAVE_MMSG 1
+    #include <string.h>
+    #include <netinet/udp.h>
+    #ifndef SOL_UDP
+    #define SOL_UDP 17
+    #endif
+    #ifndef UDP_SEGMENT
+    #define UDP_SEGMENT 103   /* Linux 4.18 */
+    #endif
+    #define MSGNET_HAVE_GSO 1
+    #define MSGNET_GSO_CMSG_SPACE CMSG_SPACE(sizeof(uint16_t))
+    /* Ask the kernel to cut h's payload into datagrams of size bytes (UDP GSO): one pass
+       down the stack for up to 64 datagrams to the same address. cmsg is this message's
+       MSGNET_GSO_CMSG_SPACE bytes of control buffer. */
+    static void msgnet_set_gso(struct msghdr *h, char *cmsg, uint16_t size) {
+        struct cmsghdr *c;
+        h->msg_control = cmsg;
+        h->msg_controllen = MSGNET_GSO_CMSG_SPACE;
+        c = CMSG_FIRSTHDR(h);
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        memcpy(CMSG_DATA(c), &size, sizeof(size));
+    }
     #else
     #define MSGNET_HAVE_MMSG 0
+    #define MSGNET_HAVE_GSO 0
+    #define MSGNET_GSO_CMSG_SPACE 32
+    static void msgnet_set_gso(struct msghdr *h, char *cmsg, uint16_t size)
+    { (void)h; (void)cmsg; (void)size; }
     struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
     static int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, void *t)
     { (void)fd; (void)v; (void)n; (void)flags; (void)t; errno = ENOSYS; return -1; }
@@ -38,6 +65,8 @@ cdef extern from *:
     """
     const int MSGNET_DEBUG
     const int MSGNET_HAVE_MMSG
+    const int MSGNET_HAVE_GSO
+    const size_t MSGNET_GSO_CMSG_SPACE
     bint MSGNET_WOULD_BLOCK(int err) nogil
 
     ctypedef unsigned int socklen_t
@@ -81,6 +110,7 @@ cdef extern from *:
         MSG_DONTWAIT
         MSG_TRUNC
 
+    void msgnet_set_gso(msghdr* h, char* cmsg, uint16_t size) nogil
     int recvmmsg(int fd, mmsghdr* msgvec, unsigned int vlen, int flags, void* timeout) nogil
     int sendmmsg(int fd, mmsghdr* msgvec, unsigned int vlen, int flags) nogil
     const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
@@ -124,6 +154,9 @@ cdef enum:
 cdef enum:
     C_MAX_ALIASES = 256                # MAX_ALIASES_PER_SESSION
     C_BOUND_WORDS = 4                  # C_MAX_ALIASES / 64: one bit per alias
+    C_BUFFER_POOL = 64                 # free payload buffers an engine keeps for reuse
+    C_GSO_SEGMENTS = 64                # UDP_MAX_SEGMENTS: datagrams in one GSO send
+    C_GSO_BYTES = 65000                # under the 65507-byte UDP payload limit of one send
     C_RETAIN_PACKETS = 64              # RETAIN_SENT_PACKETS
     C_DATAGRAM_CEILING = 9000          # MAX_DATAGRAM_CEILING
     C_RX_SLOT = C_DATAGRAM_CEILING + 1 # one byte more: a datagram that fills it is oversize
@@ -159,9 +192,9 @@ cdef class Message:
 
 # Per-session state is allocated when first needed and released when idle, so that an idle
 # session costs a few hundred bytes (the idle-session memory target): the alias tables on the
-# first message each way, the open payload on the first frame (and handed on when sealed), the
-# retention ring on the first packet sent (and freed once its packets are older than
-# RETAIN_SENT_TIME).
+# first message each way, the open payload's buffer on the first frame (from the engine's pool,
+# given back when the payload is sealed or queued), the retention ring on the first packet sent
+# (freed once its packets are older than RETAIN_SENT_TIME).
 cdef class Session:
     cdef readonly object peer_id
     cdef readonly uint32_t local_index
@@ -191,11 +224,11 @@ cdef class Session:
     cdef list _out_encoded
     cdef uint64_t _out_bound[C_BOUND_WORDS]
 
-    # Send queue: frames are written into the open payload _cur, a bytes object of _cap bytes
-    # that nothing else references until it is closed (shrunk to _cur_len and handed on), so it
-    # is sealed and retained without a copy. Full payloads wait in _queue (from _queue_head
-    # on) when one flush has more than one packet to send.
-    cdef bytes _cur
+    # Send queue: frames are written into the open payload _cur[0:_cur_len] (a buffer of _cap
+    # bytes, NULL when none is open); closing it copies the frames into an exact-size bytes
+    # (what is sealed and retained) and returns the buffer to the engine's pool. Closed
+    # payloads wait in _queue (from _queue_head on) when a flush has more than one to send.
+    cdef uint8_t* _cur
     cdef Py_ssize_t _cur_len
     cdef Py_ssize_t _cap
     cdef list _queue
@@ -278,10 +311,17 @@ cdef class UdpEngine:
 
     # Send ring: _batch sealed packets of at most max_datagram bytes; slots _tx_head.._tx_count
     # are sealed and not yet sent. _tx_owner holds each slot's Session (its address).
+    # _tx_hdrs[i] addresses packet i alone; with GSO, _tx_units groups runs of same-size
+    # packets to one session into one message each (_tx_unit_len packets, control in
+    # _tx_cmsg).
     cdef uint8_t* _tx_buf
     cdef mmsghdr* _tx_hdrs
     cdef iovec* _tx_iov
     cdef list _tx_owner
+    cdef bint _gso
+    cdef mmsghdr* _tx_units
+    cdef int* _tx_unit_len
+    cdef char* _tx_cmsg
     cdef int _tx_head
     cdef int _tx_count
 
@@ -289,7 +329,12 @@ cdef class UdpEngine:
     cdef object _flush_handle
     cdef bint _writer_armed
     cdef bint _in_batch            # inside _on_readable: its end flushes, no call_soon needed
+    cdef bint _sent_early          # an urgent frame went out unflushed since the last flush
     cdef list _retaining           # sessions whose retention ring is allocated
+    # Free payload buffers (max_datagram - 29 bytes each): the open payload of a session is
+    # one of these while it fills, so idle sessions hold none and busy ones do not malloc.
+    cdef uint8_t* _pool[C_BUFFER_POOL]
+    cdef int _pool_len
 
     cdef uint64_t _counters[CNT_COUNT]
 
@@ -305,10 +350,13 @@ cdef class UdpEngine:
     cdef int _queue_pong(self, Session s, const uint8_t* data, Py_ssize_t n) except -1
     cdef bint _send(self, Session s, str protocol, object payload, int flags,
                     object request_id) except -1
+    cdef uint8_t* _take_buffer(self) except NULL
+    cdef void _give_buffer(self, uint8_t* buf) noexcept
     cdef int _mark_dirty(self, Session s, bint urgent=*) except -1
     cdef int _read_batches(self) except -1
     cdef int _flush_all(self) except -1
     cdef bint _seal_session(self, Session s, double now, bint force) except -1
     cdef bint _drain_tx(self) except -1
+    cdef int _group_units(self) noexcept
     cdef int _arm_writer(self) except -1
     cdef int _report(self, str message, object exc, Session s) except -1

@@ -6,6 +6,11 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 DROP_REASON_NAMES: tuple[str, ...]
 PXD_CONSTANTS: dict[str, int]
+HAVE_OPENSSL: bool
+AEAD_BACKENDS: tuple[str, ...]
+AEAD_BACKEND: str
+
+def set_aead_backend(name: str) -> str: ...
 
 class ReplayWindow:
     def accept(self, counter: int) -> bool: ...

@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any
@@ -40,6 +41,7 @@ Handler = Callable[[Message], None] | Callable[[Message], Awaitable[None]]
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0",)
 MAX_PENDING_REQUESTS = 65536
+_FLAG_REQUEST = limits.FLAG_REQUEST
 
 
 class MessageHost:
@@ -68,8 +70,15 @@ class MessageHost:
         self._options = dict(plaintext=plaintext, max_datagram=max_datagram,
                              use_recvmmsg=use_recvmmsg, peerstore=peerstore)
         self._network: MessageNetwork | None = None
-        self._pending: dict[tuple[PeerID, int], tuple[asyncio.Future[bytes], str]] = {}
+        # Outstanding requests by request id (unique per host, whatever the peer):
+        # [future, protocol, peer, timeout, deadline]; the deadline is appended once the
+        # request is sent.
+        self._pending: dict[int, list[Any]] = {}
         self._request_ids = itertools.count(1)
+        # One timer for every request timeout, armed for the earliest deadline (a timer per
+        # request costs ~1 us on uvloop: as much as the rest of the request path in Python).
+        self._timeout_timer: asyncio.TimerHandle | None = None
+        self._timeout_at = math.inf
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handlers: dict[str, Handler] = {}
 
@@ -96,9 +105,13 @@ class MessageHost:
         network, self._network = self._network, None
         if network is None:
             return
-        for future, _ in self._pending.values():
-            if not future.done():
-                future.set_exception(ClosedError("host closed"))
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+            self._timeout_timer = None
+            self._timeout_at = math.inf
+        for entry in self._pending.values():
+            if not entry[0].done():
+                entry[0].set_exception(ClosedError("host closed"))
         self._pending.clear()
         for task in list(self._tasks):
             task.cancel()
@@ -181,7 +194,11 @@ class MessageHost:
         ProtocolResetError while the peer's refusal of ``protocol`` is
         remembered, PeerUnreachableError if no address is known.
         """
-        await self.network.send_message(peer, protocol, data)
+        network = self._network
+        if network is None:
+            raise ClosedError("host is not started")
+        if not network.send_message_nowait(peer, protocol, data):
+            await network.send_message(peer, protocol, data)
 
     async def request(self, peer: PeerID, protocol: str, data: bytes, *,
                       timeout: float = 5.0) -> bytes:
@@ -193,22 +210,58 @@ class MessageHost:
         """
         if timeout <= 0:
             raise UsageError("timeout must be positive")
-        if len(self._pending) >= MAX_PENDING_REQUESTS:
+        pending = self._pending
+        if len(pending) >= MAX_PENDING_REQUESTS:
             raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
-        network = self.network
+        network = self._network
+        if network is None:
+            raise ClosedError("host is not started")
+        loop = network.loop
         request_id = next(self._request_ids)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        key = (peer, request_id)
-        self._pending[key] = (future, protocol)
+        future: asyncio.Future[bytes] = loop.create_future()
+        entry: list[Any] = [future, protocol, peer, timeout]
+        pending[request_id] = entry
         try:
-            await network.send_message(peer, protocol, data, flags=limits.FLAG_REQUEST,
-                                       request_id=request_id)
-            return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise RequestTimeoutError(
-                f"no reply from {peer} on {protocol} within {timeout} s") from None
+            if not network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST, request_id):
+                await network.send_message(peer, protocol, data, flags=limits.FLAG_REQUEST,
+                                           request_id=request_id)
+            # The timeout runs from here, once the request is queued (back-pressure aside).
+            deadline = loop.time() + timeout
+            entry.append(deadline)
+            if deadline < self._timeout_at:
+                self._arm_timeouts(loop, deadline)
+            return await future
         finally:
-            self._pending.pop(key, None)
+            pending.pop(request_id, None)
+
+    def _arm_timeouts(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
+        self._timeout_at = when
+        self._timeout_timer = loop.call_at(when, self._expire_requests, loop)
+
+    def _expire_requests(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail the requests whose deadline passed with RequestTimeoutError; re-arm for the
+        next. Visits every outstanding request, about once per timeout period."""
+        self._timeout_timer = None
+        self._timeout_at = math.inf
+        # Due within the loop clock's resolution (uvloop: 1 ms) counts as due: a timer that
+        # fires a fraction early must not re-arm itself at once.
+        now = loop.time() + 0.001
+        next_at = math.inf
+        for entry in self._pending.values():
+            if len(entry) < 5:
+                continue  # not sent yet: no deadline
+            future, protocol, peer, timeout, deadline = entry
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(RequestTimeoutError(
+                    f"no reply from {peer} on {protocol} within {timeout} s"))
+            elif deadline < next_at:
+                next_at = deadline
+        if next_at < math.inf:
+            self._arm_timeouts(loop, next_at)
 
     async def connect(self, peer: PeerID, timeout: float = 5.0) -> None:
         """Establish a session with ``peer`` ahead of the first message."""
@@ -225,20 +278,24 @@ class MessageHost:
     # -- network callbacks ---------------------------------------------------------------
 
     def _on_response(self, session: Session, request_id: int, data: bytes) -> None:
-        entry = self._pending.get((session.peer_id, request_id))
+        entry = self._pending.get(request_id)
         if entry is None:
+            return
+        # Request ids are unique per host, not per peer: only the peer asked may answer.
+        peer = entry[2]
+        if peer is not session.peer_id and peer != session.peer_id:
             return
         future = entry[0]
         if not future.done():
             future.set_result(data)
 
     def _on_reset(self, peer: PeerID, protocol: str, code: int) -> None:
-        for (pending_peer, _), (future, pending_protocol) in list(self._pending.items()):
+        for future, pending_protocol, pending_peer, *_ in list(self._pending.values()):
             if pending_peer == peer and pending_protocol == protocol and not future.done():
                 future.set_exception(ProtocolResetError(protocol, code))
 
     def _on_unreachable(self, peer: PeerID, error: BaseException) -> None:
-        for (pending_peer, _), (future, _protocol) in list(self._pending.items()):
+        for future, _protocol, pending_peer, *_ in list(self._pending.values()):
             if pending_peer == peer and not future.done():
                 if isinstance(error, MsgnetError):  # e.g. SecurityError for a wrong PeerID
                     future.set_exception(error)

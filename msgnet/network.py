@@ -206,8 +206,16 @@ class MessageNetwork:
         )
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
-        # Every live session (sending or receive-only) by our local index, and its engine.
-        self._by_index: dict[int, tuple[Session, UdpEngine]] = {}
+        # (peer, session, engine) of the latest session_for: a peer sent to again and again
+        # (the PeerID object the caller holds) skips two PeerID hashes and the LRU move, and
+        # is already the most recently used. Cleared whenever _sessions changes.
+        self._last: tuple[PeerID, Session, UdpEngine] | None = None
+        # Every live session (sending or receive-only) by our local index (its engine is
+        # session.engine).
+        self._by_index: dict[int, Session] = {}
+        # Local indices of our initiator sessions not yet confirmed by an authenticated packet:
+        # the housekeeping timer tells the handshake to stop re-sending FINISH for them.
+        self._unconfirmed: set[int] = set()
         self._by_remote_index: dict[int, Session] = {}
         self._dials: dict[int, _Dial] = {}          # local index -> dial in progress
         self._dial_by_peer: dict[PeerID, _Dial] = {}
@@ -261,7 +269,7 @@ class MessageNetwork:
         return session is not None and session.established
 
     def sessions(self, peer_id: PeerID) -> list[Session]:
-        return [s for s, _ in self._by_index.values() if s.peer_id == peer_id]
+        return [s for s in self._by_index.values() if s.peer_id == peer_id]
 
     def set_message_handler(self, protocol: str, handler: Handler) -> None:
         if not isinstance(protocol, str) or not protocol:
@@ -280,7 +288,7 @@ class MessageNetwork:
         dial = self._dial_by_peer.get(peer_id)
         if dial is not None:
             self._fail_dial(dial, PeerUnreachableError(f"closed peer {peer_id}"))
-        for session, _ in list(self._by_index.values()):
+        for session in list(self._by_index.values()):
             if session.peer_id == peer_id:
                 self._drop_session(session)
 
@@ -293,10 +301,12 @@ class MessageNetwork:
         error = ClosedError("network closed")
         for dial in list(self._dials.values()):
             self._fail_dial(dial, error)
-        for session, engine in list(self._by_index.values()):
-            engine.remove_session(session)
+        for session in list(self._by_index.values()):
+            session.engine.remove_session(session)
         self._by_index.clear()
+        self._unconfirmed.clear()
         self._sessions.clear()
+        self._last = None
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
@@ -311,6 +321,17 @@ class MessageNetwork:
             await engine.wait_drained(session)
             session, engine = self.session_for(peer_id, protocol)
 
+    def send_message_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
+                            flags: int = 0, request_id: int = 0) -> bool:
+        """Queue a message now, as send_message does, but never wait: False when the peer's
+        queue is full (then await send_message). What callers use first, to spare a
+        coroutine per message in the common case."""
+        last = self._last
+        if last is not None and last[0] is peer_id and not self._refused and not self._closed:
+            return last[2].send_message(last[1], protocol, data, flags, request_id)
+        session, engine = self.session_for(peer_id, protocol)
+        return engine.send_message(session, protocol, data, flags, request_id)
+
     def session_for(self, peer_id: PeerID, protocol: str | None = None
                     ) -> tuple[Session, UdpEngine]:
         """The session to send on, starting a handshake if there is none.
@@ -318,17 +339,23 @@ class MessageNetwork:
         Raises ProtocolResetError while the peer's refusal of ``protocol`` is
         remembered, PeerUnreachableError when no address is known.
         """
-        self._check_open()
+        if self._closed:
+            raise ClosedError("network closed")
         if protocol is not None and self._refused:
             until = self._refused.get((peer_id, protocol))
             if until is not None:
                 if until > self.loop.time():
                     raise ProtocolResetError(protocol, limits.RESET_NO_HANDLER)
                 del self._refused[(peer_id, protocol)]
+        last = self._last
+        if last is not None and last[0] is peer_id:
+            return last[1], last[2]
         session = self._sessions.get(peer_id)
         if session is not None:
             self._sessions.move_to_end(peer_id)
-            return session, self._by_index[session.local_index][1]
+            engine = session.engine
+            self._last = (peer_id, session, engine)
+            return session, engine
         dial = self._dial_by_peer.get(peer_id)
         if dial is None:
             dial = self._start_dial(peer_id)
@@ -440,9 +467,9 @@ class MessageNetwork:
             elif engine is not None:
                 self._responder_established(event, engine)
         elif isinstance(event, FinishRepeated):
-            entry = self._by_index.get(event.local_index)
-            if entry is not None:
-                entry[1].flush_session(entry[0], True)
+            session = self._by_index.get(event.local_index)
+            if session is not None:
+                session.engine.flush_session(session, True)
         elif isinstance(event, HandshakeFailed) and event.initiator:
             self._count("handshakes_failed")
             dial = self._dials.get(event.local_index)
@@ -450,11 +477,11 @@ class MessageNetwork:
                 self._fail_dial(dial, event.error)
                 return
             # The session went up but the responder never confirmed it ("unconfirmed").
-            entry = self._by_index.get(event.local_index)
-            if entry is not None:
-                self._drop_session(entry[0])
+            session = self._by_index.get(event.local_index)
+            if session is not None:
+                self._drop_session(session)
                 for listener in self._unreachable_listeners:
-                    listener(entry[0].peer_id, event.error)
+                    listener(session.peer_id, event.error)
 
     def _initiator_established(self, event: SessionEstablished) -> None:
         dial = self._dials.pop(event.local_index, None)
@@ -468,6 +495,7 @@ class MessageNetwork:
         self._register(session, engine)
         engine.install_keys(session, event.remote_index, crypto, event.address)
         self._by_remote_index[event.remote_index] = session
+        self._unconfirmed.add(event.local_index)
         self._count("handshakes_completed")
         if not dial.done.done():
             dial.done.set_result(session)
@@ -489,24 +517,26 @@ class MessageNetwork:
     def _register(self, session: Session, engine: UdpEngine) -> None:
         """Make ``session`` the peer's sending session (the newest one wins)."""
         engine.add_session(session)
-        self._by_index[session.local_index] = (session, engine)
+        self._by_index[session.local_index] = session
         self._sessions[session.peer_id] = session
         self._sessions.move_to_end(session.peer_id)
+        self._last = None
         while len(self._by_index) > self.max_sessions:
             oldest = next(iter(self._sessions.values()))
             self._drop_session(oldest)
             self._count("sessions_evicted")
 
     def _drop_session(self, session: Session) -> None:
-        entry = self._by_index.pop(session.local_index, None)
-        if entry is not None:
-            entry[1].remove_session(session)
+        if self._by_index.pop(session.local_index, None) is not None:
+            session.engine.remove_session(session)
+        self._unconfirmed.discard(session.local_index)
         if self._by_remote_index.get(session.remote_index) is session:
             del self._by_remote_index[session.remote_index]
         if self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
+            self._last = None
             # Another live session with the peer, if any, takes over sending.
-            for other, _ in self._by_index.values():
+            for other in self._by_index.values():
                 if other.peer_id == session.peer_id and other.established:
                     self._sessions[other.peer_id] = other
                     break
@@ -596,9 +626,11 @@ class MessageNetwork:
         for index, dial in list(self._dials.items()):
             if dial.session.established and dial.session.last_received:
                 self._handshaker.confirm(index)
-        for session, _ in list(self._by_index.values()):
-            if session.initiator and session.last_received:
-                self._handshaker.confirm(session.local_index)
+        for index in list(self._unconfirmed):
+            session = self._by_index.get(index)
+            if session is None or session.last_received:
+                self._handshaker.confirm(index)
+                self._unconfirmed.discard(index)
         output = self._handshaker.handle_timer(now)
         for data, addr in output.datagrams:
             engine = self._engine_for_addr(addr)
@@ -607,10 +639,12 @@ class MessageNetwork:
         for event in output.events:
             self._handle_handshake_event(event, None)
         self._expire_sessions(now)
+        for sock in self._sockets:
+            sock.engine.purge_retained()
         self._arm_timer(self._handshaker.next_deadline())
 
     def _expire_sessions(self, now: float) -> None:
-        for session, _ in list(self._by_index.values()):
+        for session in list(self._by_index.values()):
             idle = now - max(session.last_received, session.created)
             age = now - session.created
             if idle > limits.SESSION_IDLE_TIMEOUT or age > limits.REJECT_AFTER_TIME:
@@ -628,6 +662,7 @@ class MessageNetwork:
             return
         self.peerstore.add_addrs(session.peer_id, [sockaddr_to_multiaddr(address, "udp")])
         del self._sessions[session.peer_id]
+        self._last = None
         try:
             self._start_dial(session.peer_id)
         finally:

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msgnet.core.handshake import (
+    MAX_INITIATION_PATHS,
     PLAINTEXT_FLAG,
     RATE_TABLE_SIZE,
     SIGNATURE_PREFIX,
@@ -188,6 +189,18 @@ def test_transport_ids_are_exchanged() -> None:
     b = make_node(B_ADDR, 100, transport_ids=(3,))
     ours, theirs = handshake(a, b)
     assert ours.remote_transports == (3,) and theirs.remote_transports == (1, 2, 7)
+
+
+def test_transport_ids_announced_after_listening() -> None:
+    """A host numbers its transports as it listens, after its handshaker exists."""
+    a = make_node(A_ADDR, 1, transport_ids=())
+    b = make_node(B_ADDR, 100, transport_ids=(1,))
+    a.hs.set_transport_ids((1, 2))
+    b.hs.set_transport_ids((1, 2, 3))
+    ours, theirs = handshake(a, b)
+    assert ours.remote_transports == (1, 2, 3) and theirs.remote_transports == (1, 2)
+    with pytest.raises(UsageError):
+        a.hs.set_transport_ids(tuple(range(1, 201)))
 
 
 def test_a_handshake_with_another_prologue_does_not_mix(a: Node) -> None:
@@ -592,7 +605,10 @@ def test_initiation_flood_stays_bounded_and_a_real_peer_gets_through() -> None:
     for i in range(100_000):
         source = (f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1024 + i % 50000)
         now = i * 1e-5
-        for packet, _ in b.receive(flood, source, now):
+        # A new sender_index makes each a new INITIATION (the index is outside the Noise
+        # message), not a copy of one already pending.
+        initiation = flood[:2] + (i + 1).to_bytes(4, "big") + flood[6:]
+        for packet, _ in b.receive(initiation, source, now):
             cookies += packet[0] == PACKET_COOKIE
             responses += packet[0] == PACKET_RESPONSE
         b.hs.answer_unknown_session(stray_data, source, now)  # fills the reply rate table
@@ -613,6 +629,24 @@ def test_initiation_flood_stays_bounded_and_a_real_peer_gets_through() -> None:
     assert len(a.established) == len(b.established) == 1
 
 
+def test_copies_of_one_initiation_are_answered_alike_from_a_few_addresses() -> None:
+    """wire.md §5: the same INITIATION over several transports gets the same RESPONSE and
+    one DH; replayed from more addresses than a dial has paths, it is dropped."""
+    b = make_node(B_ADDR, 1)
+    a = make_node(A_ADDR, 1)
+    initiation = only(a.hs.initiate(B_ADDR, 0.0, local_index=1))
+    answers = set()
+    for i in range(MAX_INITIATION_PATHS + 5):
+        for packet, _ in b.receive(initiation, (f"10.2.0.{i}", 4001), 0.001 * i):
+            answers.add(packet)
+    assert b.hs.table_sizes()["pending"] == 1
+    (response,) = answers
+    assert response[0] == PACKET_RESPONSE
+    assert b.hs.counters["rate_limited"] == 5
+    # The first addresses may still repeat (their RESPONSE was lost).
+    assert b.receive(initiation, ("10.2.0.1", 4001), 0.1) == [(response, ("10.2.0.1", 4001))]
+
+
 def test_rate_table_is_a_bounded_lru() -> None:
     b = make_node(B_ADDR, 1, rate_table_size=16)
     a = make_node(A_ADDR, 1)
@@ -620,7 +654,8 @@ def test_rate_table_is_a_bounded_lru() -> None:
     for i in range(40):
         now = i * 0.2  # pending handshakes expire, so every source gets a DH
         b.timer(now)
-        assert only(b.receive(initiation, (f"10.1.0.{i}", 4001), now))[0] == PACKET_RESPONSE
+        fresh = initiation[:2] + (i + 1).to_bytes(4, "big") + initiation[6:]  # not a copy
+        assert only(b.receive(fresh, (f"10.1.0.{i}", 4001), now))[0] == PACKET_RESPONSE
     assert b.hs.table_sizes()["initiation_rate"] == 16
     assert b.hs.table_sizes()["pending"] <= HANDSHAKE_TIMEOUT / 0.2
 

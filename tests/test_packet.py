@@ -23,6 +23,11 @@ except ImportError:
 
 IMPLS = [m for m in (_packet, _packet_py) if m is not None]
 needs_extension = pytest.mark.skipif(_packet is None, reason="MSGNET_NO_EXTENSIONS")
+# The extension once per AEAD backend it was built with (openssl and cryptography, or
+# cryptography alone), then the pure-Python twin.
+BACKENDS = _packet.AEAD_BACKENDS if _packet is not None else ()
+IMPL_PARAMS = [pytest.param((_packet, b), id=f"_packet-{b}") for b in BACKENDS] + [
+    pytest.param((_packet_py, None), id="_packet_py")]
 
 KEY_AB = bytes(range(32))
 KEY_BA = bytes(range(32, 64))
@@ -32,9 +37,28 @@ REJECT = limits.REJECT_AFTER_MESSAGES
 payloads = st.binary(max_size=1500)
 
 
-@pytest.fixture(scope="module", params=IMPLS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+@pytest.fixture(scope="module", params=IMPL_PARAMS)
 def impl(request):
-    return request.param
+    """The packet module under test, with its AEAD backend selected for the whole group."""
+    module, backend = request.param
+    if backend is None:
+        yield module
+        return
+    previous = module.set_aead_backend(backend)
+    try:
+        yield module
+    finally:
+        module.set_aead_backend(previous)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each AEAD backend of the extension in turn (restored afterwards)."""
+    previous = _packet.set_aead_backend(request.param)
+    try:
+        yield request.param
+    finally:
+        _packet.set_aead_backend(previous)
 
 
 def sender(impl, plaintext=False, send_counter=0):
@@ -113,6 +137,98 @@ def test_twins_identical(plaintext, start, batch):
         assert c_recv.open(packet) == payload
         if not plaintext:
             assert c_send.tag_of(packet) == py_send.tag_of(packet) == packet[-16:]
+
+
+@needs_extension
+def test_aead_backend_flag():
+    assert _packet.AEAD_BACKEND in _packet.AEAD_BACKENDS
+    assert _packet.AEAD_BACKENDS[-1] == "cryptography"  # always there, the fallback
+    assert ("openssl" in _packet.AEAD_BACKENDS) == _packet.HAVE_OPENSSL
+    if os.environ.get("MSGNET_AEAD_BACKEND"):
+        assert _packet.AEAD_BACKEND == os.environ["MSGNET_AEAD_BACKEND"]
+    else:
+        assert _packet.AEAD_BACKEND == _packet.AEAD_BACKENDS[0]
+    with pytest.raises(UsageError):
+        _packet.set_aead_backend("rot13")
+    assert _packet.AEAD_BACKEND in _packet.AEAD_BACKENDS  # unchanged by the refusal
+
+
+@needs_extension
+@settings(max_examples=50)
+@given(counter=st.integers(0, REJECT - 1), payload=payloads)
+def test_backends_match_the_cryptography_oracle(counter, payload):
+    """Every backend seals byte for byte what cryptography's ChaCha20Poly1305 seals for the
+    layout of §2.2, and opens what it sealed."""
+    expected = data_packet(KEY_AB, INDEX_B, counter, payload)
+    for name in BACKENDS:
+        previous = _packet.set_aead_backend(name)
+        try:
+            assert sender(_packet, send_counter=counter).seal(payload) == expected, name
+            assert receiver(_packet).open(expected) == payload, name
+        finally:
+            _packet.set_aead_backend(previous)
+
+
+@needs_extension
+def test_backends_open_each_others_packets(backend):
+    other = [b for b in BACKENDS if b != backend] or [backend]
+    a, b = sender(_packet), receiver(_packet)
+    for i in range(20):
+        packet = a.seal(b"n%d" % i)
+        _packet.set_aead_backend(other[0])  # seal with one, open with the other
+        assert b.open(packet) == b"n%d" % i
+        _packet.set_aead_backend(backend)
+
+
+@needs_extension
+def test_shared_contexts_serve_interleaved_sessions(backend):
+    """One context per direction serves every session: keys never leak between sessions,
+    and a forged packet leaves nothing behind for the next open."""
+    keys = [os.urandom(32) for _ in range(8)]
+    senders = [_packet.SessionCrypto(i + 1, 100 + i, k, bytes(32)) for i, k in enumerate(keys)]
+    receivers = [_packet.SessionCrypto(100 + i, i + 1, bytes(32), k) for i, k in enumerate(keys)]
+    for round_ in range(3):
+        packets = [s.seal(b"%d/%d" % (i, round_)) for i, s in enumerate(senders)]
+        for i, r in enumerate(receivers):
+            forged = bytearray(packets[i])
+            forged[-1] ^= 1
+            assert drop_reason(r, bytes(forged)) == "auth_failed"
+            wrong_key = data_packet(keys[(i + 1) % 8], 100 + i, round_, b"x")
+            assert drop_reason(r, wrong_key) == "auth_failed"
+            assert r.open(packets[i]) == b"%d/%d" % (i, round_)
+
+
+@needs_extension
+def test_openssl_leaves_no_error_behind_after_a_forgery():
+    """A forged packet must not leave an entry in this thread's OpenSSL error queue, where
+    another OpenSSL user (the ssl module) would find it."""
+    if not _packet.HAVE_OPENSSL:
+        pytest.skip("built without libcrypto")
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("crypto")
+    if name is None:
+        pytest.skip("libcrypto not found by ctypes")
+    libcrypto = ctypes.CDLL(name)
+    libcrypto.ERR_peek_error.restype = ctypes.c_ulong
+    previous = _packet.set_aead_backend("openssl")
+    try:
+        b = receiver(_packet)
+        forged = data_packet(bytes(32), INDEX_B, 0, b"forged")
+        assert drop_reason(b, forged) == "auth_failed"
+        assert libcrypto.ERR_peek_error() == 0
+    finally:
+        _packet.set_aead_backend(previous)
+
+
+def test_key_must_be_32_bytes(impl):
+    with pytest.raises(ValueError):
+        impl.SessionCrypto(1, 2, bytes(31), KEY_AB)
+    with pytest.raises(ValueError):
+        impl.SessionCrypto(1, 2, KEY_AB, bytes(33))
+    session = impl.SessionCrypto(1, 2, bytearray(KEY_AB), memoryview(KEY_BA))  # any buffer
+    assert impl.SessionCrypto(2, 1, KEY_BA, KEY_AB).open(session.seal(b"k")) == b"k"
 
 
 def test_golden_data_vector(impl):

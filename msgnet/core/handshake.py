@@ -26,7 +26,8 @@ version_unsupported    INITIATION of a version we do not speak (answered, rate l
 reply_rate_limited     a VERSION_UNSUPPORTED or SESSION_UNKNOWN answer suppressed
 cookie_sent            COOKIE sent instead of doing DH (under load or over the IP's rate)
 bad_cookie             INITIATION with a cookie we did not issue (or expired)
-rate_limited           cookie-validated INITIATION over its IP's rate
+rate_limited           cookie-validated INITIATION over its IP's rate, or a copy of a pending
+                       INITIATION from one address too many (MAX_INITIATION_PATHS)
 handshake_failed       Noise failure (forged, corrupt) or malformed handshake payload
 bad_signature          identity_sig does not sign the Noise static key
 wrong_peer_id          the dialled PeerID is not the one that answered
@@ -123,6 +124,7 @@ __all__ = [
     "NOISE_PROTOCOL",
     "PLAINTEXT_FLAG",
     "PROLOGUE",
+    "MAX_INITIATION_PATHS",
     "RATE_TABLE_SIZE",
     "SIGNATURE_PREFIX",
     "SessionEstablished",
@@ -141,6 +143,9 @@ names no transport because a session outlives the path of its handshake (docs/wi
 SIGNATURE_PREFIX = b"noise-libp2p-static-key:"
 RATE_TABLE_SIZE = 4096
 """Addresses each per-IP rate table remembers (least recently seen evicted)."""
+MAX_INITIATION_PATHS = 4
+"""Source addresses whose copies of one INITIATION are answered: one per transport the
+initiator dials (wire.md §5, first contact), with room for a NAT rebinding."""
 
 PLAINTEXT_FLAG = 0x01
 _MSGNET_EXTENSION = 1000  # field number of msgnet's entry in NoiseExtensions
@@ -443,7 +448,8 @@ class _Pending:
 
     local_index: int
     remote_index: int
-    key: tuple[Address, bytes]  # spots a re-sent INITIATION
+    key: bytes  # sender_index and ephemeral: spots a re-sent INITIATION on any path
+    addresses: list[Address]  # where copies came from (answered), first one first
     noise: HandshakeState
     response: bytes
     expires: float
@@ -506,21 +512,9 @@ class Handshaker:
         self._static = static_key if static_key is not None else random_bytes(_KEY)
         self._static_public = x25519_public(self._static)
         # Signing once here keeps the Ed25519 signature off the per-handshake path.
-        self._payload = encode_handshake_payload(
-            HandshakePayload(
-                identity_key=encode_public_key_protobuf(keypair.public_key_bytes),
-                identity_sig=keypair.sign(SIGNATURE_PREFIX + self._static_public),
-                flags=PLAINTEXT_FLAG if plaintext else 0,
-                transport_ids=tuple(transport_ids),
-            )
-        )
-        response_size = _RESPONSE_HEADER + _MSG2_OVERHEAD + len(self._payload)
-        if response_size > AMPLIFICATION_FACTOR * MIN_INITIATION:
-            raise UsageError(
-                f"RESPONSE would be {response_size} bytes, above {AMPLIFICATION_FACTOR}x "
-                f"MIN_INITIATION: announce fewer transport ids"
-            )
-        self._finish_prefix = _uvarint(len(self._payload)) + self._payload
+        self._identity_key = encode_public_key_protobuf(keypair.public_key_bytes)
+        self._identity_sig = keypair.sign(SIGNATURE_PREFIX + self._static_public)
+        self.set_transport_ids(transport_ids)
         self._max_packet = max_packet
         self._max_pending = max_pending
         self._require_cookie = require_cookie
@@ -531,7 +525,7 @@ class Handshaker:
         self._timer_order = itertools.count()
         # Both tables are in insertion order, which is expiry order (one fixed timeout).
         self._pending: dict[int, _Pending] = {}
-        self._pending_by_initiation: dict[tuple[Address, bytes], int] = {}
+        self._pending_by_initiation: dict[bytes, int] = {}
         self._completed: dict[int, tuple[bytes, float]] = {}  # index: (FINISH digest, expiry)
         self._initiation_rate = _TokenBuckets(
             HANDSHAKES_PER_SECOND, HANDSHAKE_BURST, rate_table_size
@@ -563,6 +557,27 @@ class Handshaker:
     def handshake_payload(self) -> bytes:
         """Our encoded NoiseHandshakePayload, the same in every handshake (signed once)."""
         return self._payload
+
+    def set_transport_ids(self, transport_ids: tuple[int, ...]) -> None:
+        """Announce these transport ids from now on (a host numbers its transports as it
+        starts listening, after the handshaker exists). The signature covers the Noise
+        static key, not the payload, so nothing is signed again."""
+        payload = encode_handshake_payload(
+            HandshakePayload(
+                identity_key=self._identity_key,
+                identity_sig=self._identity_sig,
+                flags=PLAINTEXT_FLAG if self._plaintext else 0,
+                transport_ids=tuple(transport_ids),
+            )
+        )
+        response_size = _RESPONSE_HEADER + _MSG2_OVERHEAD + len(payload)
+        if response_size > AMPLIFICATION_FACTOR * MIN_INITIATION:
+            raise UsageError(
+                f"RESPONSE would be {response_size} bytes, above {AMPLIFICATION_FACTOR}x "
+                f"MIN_INITIATION: announce fewer transport ids"
+            )
+        self._payload = payload
+        self._finish_prefix = _uvarint(len(payload)) + payload
 
     def is_pending(self, local_index: int) -> bool:
         """True while ``local_index`` is a responder handshake waiting for FINISH."""
@@ -749,11 +764,22 @@ class Handshaker:
             self.counters["initiation_too_short"] += 1
             return
         sender, cookie, message = data[2:6], data[6:22], data[22:]
-        key = (address, sender + message[:_KEY])
+        key = sender + message[:_KEY]
         known = self._pending_by_initiation.get(key)
         if known is not None:
-            # A re-sent INITIATION (our RESPONSE was lost): same answer, no new DH.
+            # A re-sent INITIATION (our RESPONSE was lost), or the same one over another
+            # transport (wire.md §5, first contact): the same answer, no new DH. A copy from
+            # a new address spends that address's budget, and only MAX_INITIATION_PATHS
+            # addresses are answered, so a captured INITIATION replayed from spoofed sources
+            # cannot reflect RESPONSEs at will.
             pending = self._pending[known]
+            if address not in pending.addresses:
+                if len(pending.addresses) >= MAX_INITIATION_PATHS or not (
+                    self._initiation_rate.take(_rate_key(address), now)
+                ):
+                    self.counters["rate_limited"] += 1
+                    return
+                pending.addresses.append(address)
             pending.responses += 1
             out.datagrams.append((pending.response, address))
             return
@@ -777,6 +803,7 @@ class Handshaker:
             local_index=local_index,
             remote_index=_U32.unpack(sender)[0],
             key=key,
+            addresses=[address],
             noise=noise,
             response=response,
             expires=now + HANDSHAKE_TIMEOUT,

@@ -30,16 +30,16 @@ import cbor2
 
 __all__ = [
     "CID",
-    "DagCborError",
-    "encode",
-    "decode",
-    "sha256_multihash",
-    "check_multihash",
-    "encode_uvarint",
-    "read_uvarint",
     "DAG_CBOR",
     "RAW",
     "SHA2_256",
+    "DagCborError",
+    "check_multihash",
+    "decode",
+    "encode",
+    "encode_uvarint",
+    "read_uvarint",
+    "sha256_multihash",
 ]
 
 DAG_CBOR = 0x71
@@ -138,7 +138,7 @@ class CID:
     for people.
     """
 
-    __slots__ = ("_bytes", "_version", "_codec", "_multihash")
+    __slots__ = ("_bytes", "_codec", "_multihash", "_version")
 
     def __init__(self, data: bytes) -> None:
         data = bytes(data)

@@ -13,7 +13,7 @@ from .._engine import Message
 from ..host import MessageHost
 from ..identity import PeerID
 
-__all__ = ["PROTOCOL", "MAX_PAYLOAD", "serve", "ping"]
+__all__ = ["MAX_PAYLOAD", "PROTOCOL", "ping", "serve"]
 
 PROTOCOL = "/msgnet/ping/1.0.0"
 MAX_PAYLOAD = 64  # a ping is small: larger requests are not echoed (no amplification)

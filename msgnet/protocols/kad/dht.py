@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from multiaddr import Multiaddr
 
@@ -59,11 +59,12 @@ from .wire import (
     peer_of_addr,
 )
 
-__all__ = ["KadDHT", "KadConfig", "LookupResult"]
+__all__ = ["KadConfig", "KadDHT", "LookupResult"]
 
 log = logging.getLogger("msgnet.kad")
 
 _KID_CACHE_SIZE = 8192
+BOOTSTRAP_ATTEMPTS = 3
 # The hard deadline of a query to a peer whose last query failed, in soft ones.
 HARD_TIMEOUT_FACTOR = 4
 
@@ -135,7 +136,7 @@ class LookupResult:
 
 
 class _RttEstimator:
-    """Smoothed RTT per peer (RFC 6298 weights), bounded LRU, plus an all-peer average."""
+    """Smoothed RTT and its variation per peer (RFC 6298 weights), bounded LRU."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self._peers: OrderedDict[PeerID, tuple[float, float]] = OrderedDict()
@@ -178,7 +179,7 @@ _SEED, _TABLE, _REPLY = range(3)
 
 
 class _Candidate:
-    __slots__ = ("info", "source", "distance", "depth", "state", "deadline")
+    __slots__ = ("deadline", "depth", "distance", "info", "source", "state")
 
     def __init__(self, info: PeerInfo, source: int, distance: int, depth: int) -> None:
         self.info = info
@@ -220,6 +221,7 @@ class KadDHT:
         self._rtt = _RttEstimator()
         self._kids: dict[PeerID, int] = {}  # kad_id of peers met in lookups (bounded)
         self._own_addrs: tuple[bytes, ...] = ()
+        self._seeds: list[PeerInfo] = []  # the bootstrap peers, to rejoin through
         self._own_values: dict[bytes, bytes] = {}  # what we put: republished
         self._own_provides: set[bytes] = set()
         self._lookup_slots = asyncio.Semaphore(self.config.max_lookups)
@@ -262,7 +264,7 @@ class KadDHT:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def __aenter__(self) -> KadDHT:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -284,11 +286,20 @@ class KadDHT:
                 seeds.append(PeerInfo(peer_of_addr(raw), (raw,)))
             except MalformedMessageError as exc:
                 raise UsageError(f"bad bootstrap address {addr}: {exc}") from None
-        own = self.host.peer_id.to_bytes()
-        await self._lookup(self.table.local_kid, Request(MessageType.FIND_NODE, own),
-                           seeds=seeds)
+        self._seeds = seeds
+        for _ in range(BOOTSTRAP_ATTEMPTS):  # a busy seed may miss the first deadline
+            await self._lookup_self()
+            if len(self.table):
+                break
         await self.refresh(force=True)
         return len(self.table)
+
+    async def _lookup_self(self) -> LookupResult:
+        """Look up our own ID through the table and the bootstrap peers: finds our neighbours
+        and tells them about us."""
+        own = self.host.peer_id.to_bytes()
+        return await self._lookup(self.table.local_kid, Request(MessageType.FIND_NODE, own),
+                                  seeds=self._seeds)
 
     async def get_closest_peers(self, key: bytes) -> LookupResult:
         """The k peers closest to ``key`` (FIND_NODE lookup)."""
@@ -391,21 +402,36 @@ class KadDHT:
         return list(found.values())[:count]
 
     async def refresh(self, *, force: bool = False) -> None:
-        """Refresh stale buckets with random lookups and ping peers not heard from lately."""
+        """Refresh stale buckets with random lookups and ping peers not heard from lately.
+
+        ``force`` (as at bootstrap) looks up every bucket that is not full yet,
+        however recently it was refreshed.
+        """
+        if not len(self.table) and self._seeds:
+            await self._lookup_self()  # lost every peer (timeouts): join again
         now = time.monotonic()
         horizon = now - self.config.refresh_interval
+        max_cpl = self.config.max_refresh_cpl
+        buckets = (self.table.unfilled_buckets(max_cpl) if force
+                   else self.table.stale_buckets(horizon, max_cpl))
         lookups = []
-        for cpl in self.table.stale_buckets(now if force else horizon,
-                                            self.config.max_refresh_cpl):
+        for cpl in buckets:
             self.table.mark_refreshed(cpl, now)
             key = key_in_bucket(self.table.local_kid, cpl)
             lookups.append(self._lookup(kad_id(key), Request(MessageType.FIND_NODE, key)))
+        # Not heard from for refresh_interval and no answer to a ping: gone.
         quiet = [e for e in self.table.entries() if e.last_seen < horizon]
-        await asyncio.gather(*lookups, *(self._ping_entry(e) for e in quiet))
+        await asyncio.gather(*lookups, *(self._ping_entry(e, 1) for e in quiet))
         self._counters["refreshes"] += 1
 
     async def republish(self) -> None:
         """Put our own values and provider records again (before they expire elsewhere)."""
+        now = time.monotonic()
+        for key, value in self._own_values.items():
+            self.records.put(key, value, self.host.peer_id, now + self.config.record_ttl)
+        for mh in self._own_provides:
+            self.providers.add(mh, self.host.peer_id, self._own_addrs,
+                               now + self.config.provider_ttl)
         await asyncio.gather(*(self._put_remote(k, v) for k, v in self._own_values.items()),
                              *(self._provide_remote(mh) for mh in self._own_provides))
         self._counters["republished"] += len(self._own_values) + len(self._own_provides)
@@ -488,10 +514,10 @@ class KadDHT:
             except InvalidRecordError as exc:
                 self._counters["invalid_records_in"] += 1
                 return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error=str(exc))
-        if current is not None and current != value:
-            if self.validator.select(key, [current, value]) == 0:
-                return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False,
-                                         error="older than the stored record")
+        if (current is not None and current != value
+                and self.validator.select(key, [current, value]) == 0):
+            return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False,
+                                     error="older than the stored record")
         if not self.records.has_room(key, sender):
             self._counters["puts_refused_quota"] += 1
             return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error="storage quota")
@@ -523,6 +549,8 @@ class KadDHT:
 
     async def _lookup(self, target: int, request: Request, on_reply: ReplyHook | None = None,
                       *, seeds: Sequence[PeerInfo] = ()) -> LookupResult:
+        if not seeds and not len(self.table):
+            seeds = self._seeds  # every peer was lost (timeouts): start over from the seeds
         async with self._lookup_slots:
             self._lookups_in_flight += 1
             self._counters["lookups"] += 1
@@ -535,27 +563,27 @@ class KadDHT:
                           seeds: Sequence[PeerInfo]) -> LookupResult:
         config = self.config
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + config.lookup_timeout
+        started_at = time.perf_counter()  # loop.time() is only ms-precise on uvloop
+        deadline = loop.time() + config.lookup_timeout
         me = self.host.peer_id
         candidates: dict[PeerID, _Candidate] = {}
         order: list[_Candidate] = []  # every candidate, nearest first
 
-        def add(info: PeerInfo, source: int, depth: int, kid: int | None = None) -> None:
+        def add(info: PeerInfo, source: int, depth: int) -> None:
             known = candidates.get(info.peer_id)
             if known is not None:
                 known.depth = min(known.depth, depth)
             elif info.peer_id != me:
-                if kid is None:
-                    kid = self._kid(info.peer_id)
-                candidate = _Candidate(info, source, kid ^ target, depth)
+                candidate = _Candidate(info, source, self._kid(info.peer_id) ^ target, depth)
                 candidates[info.peer_id] = candidate
                 bisect.insort(order, candidate, key=_distance)
 
+        # The table's closest peers come sorted already: no insertion one by one.
+        order += [_Candidate(e.info, _TABLE, e.kid ^ target, 1)
+                  for e in self.table.closest(target, config.k)]
+        candidates.update((c.info.peer_id, c) for c in order)
         for info in seeds:
             add(info, _SEED, 1)
-        for entry in self.table.closest(target, config.k):
-            add(entry.info, _TABLE, 1, entry.kid)
 
         if self.server and self._own_addrs:
             request = replace(request, addrs=self._own_addrs)
@@ -634,15 +662,18 @@ class KadDHT:
                 task.cancel()
                 task.add_done_callback(_consume)
         answered = [c for c in order if c.state == _OK]
-        table = self.table
         return LookupResult(
-            closest=[table.get(c.info.peer_id).info if c.info.peer_id in table else c.info
-                     for c in answered[:config.k]],
+            closest=[self._best_info(c.info) for c in answered[:config.k]],
             queries=queries,
             failures=failures,
             hops=max((c.depth for c in answered), default=0),
-            seconds=loop.time() - started,
+            seconds=time.perf_counter() - started_at,
         )
+
+    def _best_info(self, info: PeerInfo) -> PeerInfo:
+        """The table's entry (addresses the peer advertised) over what a reply said."""
+        entry = self.table.get(info.peer_id)
+        return info if entry is None else entry.info
 
     def _hard_timeout(self, peer: PeerID, soft: float) -> float:
         """How long a query may run at all: max_query_timeout, as a loaded peer may need
@@ -669,13 +700,13 @@ class KadDHT:
             return task.result()
         if isinstance(exc, MalformedMessageError):
             self._counters["dropped_malformed_replies"] += 1
-            self.table.failed(peer)  # garbage is not an accident: evict at once
+            self._failed(peer, 1)  # garbage is not an accident: evict at once
         elif isinstance(exc, ProtocolResetError):
             self._counters["queries_refused"] += 1
-            self.table.failed(peer)  # not a DHT server
+            self._failed(peer, 1)  # not a DHT server
         elif isinstance(exc, MsgnetError):
             self._counters["queries_failed"] += 1
-            self.table.failed(peer, evict_after=self.config.evict_after_failures)
+            self._failed(peer, self.config.evict_after_failures)
         else:
             raise exc
         log.debug("query to %s failed: %s", peer, exc)
@@ -733,16 +764,33 @@ class KadDHT:
             self._checks -= 1
             self.table.check_done(entry)
 
-    async def _ping_entry(self, entry: PeerEntry, evict_after: int | None = None) -> None:
+    async def _ping_entry(self, entry: PeerEntry, evict_after: int) -> None:
+        if await self._alive(entry.peer_id):
+            self.table.seen(entry.peer_id, ())
+        else:
+            self._failed(entry.peer_id, evict_after)
+
+    async def _alive(self, peer: PeerID) -> bool:
         self._counters["liveness_pings"] += 1
         try:
-            await self._rpc(entry.peer_id, Request(MessageType.PING))
+            await self._rpc(peer, Request(MessageType.PING))
         except MsgnetError:
-            evict = evict_after or self.config.evict_after_failures
-            if self.table.failed(entry.peer_id, evict_after=evict):
-                self._counters["routing_table_evicted"] += 1
-            return
-        self.table.seen(entry.peer_id, ())
+            return False
+        return True
+
+    def _failed(self, peer: PeerID, evict_after: int) -> None:
+        """Count a failure of ``peer``; once evicted, refill its bucket from live candidates."""
+        evicted = self.table.failed(peer, evict_after=evict_after)
+        if evicted is not None:
+            self._counters["routing_table_evicted"] += 1
+            self._spawn(self._promote(evicted.kid))
+
+    async def _promote(self, kid: int) -> None:
+        """Move the newest replacement candidate that still answers into ``kid``'s bucket."""
+        while (candidate := self.table.take_replacement(kid)) is not None:
+            if await self._alive(candidate.peer_id):
+                self._seen(candidate.peer_id, candidate.addrs)
+                return
 
     def _add_to_peerstore(self, peer: PeerID, addrs: tuple[bytes, ...], *,
                           replace_known: bool = False) -> bool:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from ...errors import MessageTooLargeError, MsgnetError, UsageError
 
 __all__ = [
-    "KadError",
-    "ValueTooLargeError",
     "InvalidRecordError",
-    "NotFoundError",
+    "KadError",
     "MalformedMessageError",
+    "NotFoundError",
+    "ValueTooLargeError",
 ]
 
 

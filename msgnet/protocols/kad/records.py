@@ -32,20 +32,20 @@ from .errors import InvalidRecordError, ValueTooLargeError
 from .wire import MAX_KEY_SIZE, MAX_VALUE_SIZE
 
 __all__ = [
-    "Validator",
-    "NamespacedValidator",
-    "PublicKeyValidator",
     "ContentValidator",
-    "content_record",
+    "NamespacedValidator",
+    "ProviderStore",
+    "PublicKeyValidator",
+    "RecordStore",
     "SignedRecord",
-    "pk_key",
-    "parse_pk_key",
+    "Validator",
+    "content_record",
+    "default_validator",
     "format_key",
     "parse_key",
+    "parse_pk_key",
+    "pk_key",
     "sign_record",
-    "default_validator",
-    "RecordStore",
-    "ProviderStore",
 ]
 
 _PK_PREFIX = b"/pk/"

@@ -24,8 +24,14 @@ from dataclasses import dataclass, field
 from ...identity import PeerID
 from .wire import MAX_ADDRS_PER_PEER, PeerInfo
 
-__all__ = ["kad_id", "common_prefix_length", "key_in_bucket", "PeerEntry", "RoutingTable",
-           "KEY_BITS"]
+__all__ = [
+    "KEY_BITS",
+    "PeerEntry",
+    "RoutingTable",
+    "common_prefix_length",
+    "kad_id",
+    "key_in_bucket",
+]
 
 KEY_BITS = 256
 
@@ -134,26 +140,29 @@ class RoutingTable:
         """The liveness ping asked for by :meth:`seen` finished (either way)."""
         self._bucket_of(entry.kid).checking = False
 
-    def failed(self, peer: PeerID, *, evict_after: int = 1) -> bool:
+    def failed(self, peer: PeerID, *, evict_after: int = 1) -> PeerEntry | None:
         """``peer`` did not answer; evict it after ``evict_after`` failures in a row.
 
-        An evicted peer is replaced by the newest replacement candidate.
-        Returns whether it was evicted.
+        Returns the evicted entry (None if it stays).  Its bucket's
+        replacements are not promoted blindly: the caller pings them first
+        (:meth:`take_replacement`), so a dead candidate never enters the table.
         """
         entry = self._index.get(peer)
         if entry is None:
-            return False
+            return None
         entry.failures += 1
         if entry.failures < evict_after:
-            return False
-        bucket = self._bucket_of(entry.kid)
-        del bucket.peers[peer]
+            return None
+        del self._bucket_of(entry.kid).peers[peer]
         del self._index[peer]
-        if bucket.replacements:
-            _, fresh = bucket.replacements.popitem(last=True)
-            bucket.peers[fresh.peer_id] = fresh
-            self._index[fresh.peer_id] = fresh
-        return True
+        return entry
+
+    def take_replacement(self, kid: int) -> PeerEntry | None:
+        """Remove and return the newest replacement candidate of ``kid``'s bucket."""
+        bucket = self._bucket_of(kid)
+        if not bucket.replacements or len(bucket.peers) >= self.k:
+            return None
+        return bucket.replacements.popitem(last=True)[1]
 
     def closest(self, kid: int, count: int, exclude: PeerID | None = None) -> list[PeerEntry]:
         """The ``count`` known peers closest to ``kid`` (XOR), nearest first."""
@@ -161,10 +170,22 @@ class RoutingTable:
         return sorted(entries, key=lambda e: e.kid ^ kid)[:count]
 
     def stale_buckets(self, older_than: float, max_cpl: int) -> list[int]:
-        """Buckets up to the deepest non-empty one (capped) not refreshed since ``older_than``."""
-        deepest = max((i for i, b in enumerate(self._buckets) if b.peers), default=0)
-        return [i for i in range(min(deepest, max_cpl) + 1)
+        """Buckets up to the deepest non-empty one (capped) not refreshed since ``older_than``.
+
+        Deeper buckets are nearer to us than our closest neighbour: a lookup
+        there would find no one new.
+        """
+        return [i for i in range(self._deepest(max_cpl) + 1)
                 if self._buckets[i].refreshed < older_than]
+
+    def unfilled_buckets(self, max_cpl: int) -> list[int]:
+        """Buckets up to the deepest non-empty one (capped) holding fewer than k peers."""
+        return [i for i in range(self._deepest(max_cpl) + 1)
+                if len(self._buckets[i].peers) < self.k]
+
+    def _deepest(self, max_cpl: int) -> int:
+        deepest = max((i for i, b in enumerate(self._buckets) if b.peers), default=0)
+        return min(deepest, max_cpl)
 
     def mark_refreshed(self, cpl: int, now: float) -> None:
         self._buckets[min(cpl, KEY_BITS - 1)].refreshed = now

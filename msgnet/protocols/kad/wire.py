@@ -14,10 +14,22 @@ carries today with room for the frame headers):
   reliable QoS can carry larger messages (puts beyond that fail with
   :class:`~msgnet.protocols.kad.errors.ValueTooLargeError`).
 
-A request is ``{"type": int, "key": bytes, ...}`` and its reply echoes
-``type``.  Peers travel as binary multiaddrs ending in ``/p2p/<peer-id>``,
-so a reply names both who a peer is and where to reach it.  Keys are bytes:
-record keys are namespaced (``/pk/...``), provider keys are multihashes.
+Messages (DAG-CBOR maps; types numbered as libp2p's; fields not listed are
+ignored, so later versions can add some)::
+
+    request  {"type": t, "key": bytes, "page"?: int, "addrs"?: [maddr],
+              "value"?: bytes (PUT_VALUE), "provider"?: [maddr] (ADD_PROVIDER)}
+    reply    {"type": t, "page": int, "pages": int,           (paged types)
+              "closer": [maddr], "providers": [maddr],
+              "value"?: bytes (GET_VALUE, page 0), "ok"?: bool, "error"?: str}
+
+``key`` is a namespaced record key (``/pk/...``, ``/ipld/...``) for the
+value RPCs, a multihash for the provider RPCs, any bytes for FIND_NODE (a
+peer's multihash to find it); PING has no key.  ``maddr`` is a binary
+multiaddr ending in ``/p2p/<peer-id>``, so a reply names both who a peer is
+and where to reach it, and addresses a sender gives for itself (``addrs``,
+sent by DHT servers so that others add them to their tables) must name the
+peer its session proved.
 """
 
 from __future__ import annotations
@@ -36,25 +48,25 @@ from ..dagcbor import DagCborError, read_uvarint
 from .errors import MalformedMessageError
 
 __all__ = [
-    "PROTOCOL",
-    "MessageType",
-    "PeerInfo",
-    "Request",
-    "Reply",
-    "MAX_MESSAGE",
-    "MAX_KEY_SIZE",
-    "MAX_VALUE_SIZE",
-    "MAX_ADDR_SIZE",
     "MAX_ADDRS_PER_PEER",
+    "MAX_ADDR_SIZE",
+    "MAX_KEY_SIZE",
+    "MAX_MESSAGE",
     "MAX_PAGES",
     "MAX_PEERS_PER_REPLY",
     "MAX_PROVIDERS_PER_REPLY",
-    "peer_of_addr",
-    "peers_from_addrs",
-    "encode_request",
+    "MAX_VALUE_SIZE",
+    "PROTOCOL",
+    "MessageType",
+    "PeerInfo",
+    "Reply",
+    "Request",
+    "decode_reply",
     "decode_request",
     "encode_reply_page",
-    "decode_reply",
+    "encode_request",
+    "peer_of_addr",
+    "peers_from_addrs",
 ]
 
 PROTOCOL = "/msgnet/kad/1.0.0"

@@ -1,0 +1,257 @@
+"""Delivery guarantees per send, and the glue between sessions and the delivery core.
+
+Every send chooses its guarantee (docs/wire.md §3.6):
+
+- :data:`BEST_EFFORT` (the default): one datagram or nothing; a message larger than one
+  datagram is fragmented (at most 16 fragments) and arrives whole or not at all.
+- :class:`Reliable`: delivered exactly once unless the peer is declared unreachable;
+  ``Reliable(ordered=True)`` also keeps send order per protocol; ``wait=True`` makes
+  ``send_message`` return only once the peer acknowledged every fragment.
+
+:class:`DeliveryManager` keeps one sans-IO :class:`~msgnet.core.delivery.DeliveryConnection`
+per session that has used the delivery layer, feeds it from the engine's hooks and a timer,
+and turns its events into completed or failed futures.  Sessions that only ever carry
+single-datagram best-effort messages never create one, so they pay nothing for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import limits
+from ._frame import DeliveryAck, decode_frame, encode_frame, encode_varint
+from .core.delivery import (
+    DeliveryConnection,
+    Fragment,
+    MessageDelivered,
+    MessageFailed,
+    OutgoingMessage,
+    ReassemblyBudget,
+)
+from .errors import MessageTooLargeError, UsageError
+
+if TYPE_CHECKING:
+    from ._engine import Session, UdpEngine
+
+__all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
+
+# Room for an INIT frame's fixed fields around a fragment: type, length, transport id,
+# protocol length, alias, flags, request id, seq, fragment index and count (varints at
+# their widest useful sizes).
+_INIT_OVERHEAD = 1 + 3 + 2 + 2 + 3 + 1 + 9 + 9 + 2 + 2
+_MAX_POLL = 64
+
+
+@dataclass(frozen=True, slots=True)
+class BestEffort:
+    """At most once; never retransmitted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reliable:
+    """Exactly once (``ordered``: in send order per protocol), retransmitted until acknowledged.
+
+    ``wait``: ``send_message`` returns when the peer has acknowledged the message (or raises
+    ``PeerUnreachableError`` when it fails), instead of when it is queued.
+    """
+
+    ordered: bool = False
+    wait: bool = False
+
+
+QoS = BestEffort | Reliable
+BEST_EFFORT = BestEffort()
+
+
+def fragment_size(max_datagram: int, protocol: str) -> int:
+    """Payload room of one fragment on ``protocol``, sent as INIT in the worst case."""
+    return max_datagram - limits.DATA_OVERHEAD - _INIT_OVERHEAD - len(protocol.encode())
+
+
+class DeliveryManager:
+    """Per-session delivery cores, driven by engine hooks and one timer per active session."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_datagram: int,
+                 max_message: int = limits.MAX_MESSAGE_PAYLOAD) -> None:
+        self._loop = loop
+        self._max_datagram = max_datagram
+        self._max_message = max_message
+        self._budget = ReassemblyBudget()
+        self._conns: dict[Session, tuple[DeliveryConnection, UdpEngine]] = {}
+        self._timers: dict[Session, asyncio.TimerHandle] = {}
+        self._waiters: dict[OutgoingMessage, asyncio.Future[None]] = {}
+
+    # -- sending ---------------------------------------------------------------------
+
+    def send(self, session: Session, engine: UdpEngine, protocol: str, data: bytes, qos: QoS,
+             flags_extra: int = 0, request_id: int = 0) -> asyncio.Future[None] | None:
+        """Queue a message that needs the delivery layer; returns a future when waiting."""
+        reliable = isinstance(qos, Reliable)
+        ordered = reliable and qos.ordered  # type: ignore[union-attr]
+        room = fragment_size(self._max_datagram, protocol)
+        if room <= 0:
+            raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
+        limit = min(self._max_message, room * limits.MAX_FRAGMENTS)
+        if reliable and len(data) > limit:
+            raise MessageTooLargeError(
+                f"reliable message of {len(data)} bytes exceeds {limit} on {protocol!r}")
+        conn = self._conn(session, engine)
+        conn._fragment_size = room  # per protocol: the INIT form must fit a datagram
+        handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
+                           flags_extra=flags_extra, request_id=request_id,
+                           now=self._loop.time())
+        future = None
+        if reliable and qos.wait:  # type: ignore[union-attr]
+            future = self._loop.create_future()
+            self._waiters[handle] = future
+        self._pump(session, conn, engine)
+        return future
+
+    def _conn(self, session: Session, engine: UdpEngine) -> DeliveryConnection:
+        entry = self._conns.get(session)
+        if entry is None:
+            conn = DeliveryConnection(
+                fragment_size=fragment_size(self._max_datagram, ""),
+                max_datagram=self._max_datagram,
+                max_message=self._max_message,
+                budget=self._budget,
+            )
+            entry = self._conns[session] = (conn, engine)
+            engine.track_delivery(session, True)
+        return entry[0]
+
+    def _pump(self, session: Session, conn: DeliveryConnection, engine: UdpEngine) -> None:
+        """Hand the engine what the core lets out now: an ack, then fragments."""
+        now = self._loop.time()
+        if conn.ack_pending:
+            _send_ack(session, conn, engine, now)
+        while conn.transmit_pending:
+            fragments = conn.poll_transmit(now, _MAX_POLL)
+            if not fragments:
+                break
+            for f in fragments:
+                fragmented = f.flags & limits.FLAG_FRAGMENT
+                engine.send_fragment(session, f.protocol, f.chunk, f.flags, f.request_id,
+                                     f.seq, f.frag_index if fragmented else 0,
+                                     f.frag_count if fragmented else 0, f)
+        self._arm(session, conn)
+
+    # -- engine hooks ----------------------------------------------------------------
+
+    def packet_sent(self, session: Session, counter: int, fragments: list[Fragment],
+                    size: int) -> None:
+        entry = self._conns.get(session)
+        if entry is not None:
+            entry[0].on_packet_sent(counter, fragments, size, self._loop.time())
+
+    def fragment_received(self, session: Session, engine: UdpEngine, counter: int,
+                          protocol: str, flags: int, request_id: int, seq: int,
+                          frag_index: int, frag_count: int, data: bytes) -> None:
+        conn = self._conn(session, engine)
+        delivered = conn.on_fragment(counter, protocol, flags, request_id, seq, frag_index,
+                                     frag_count, data, self._loop.time())
+        for message in delivered:
+            engine.deliver(session, message.protocol, message.flags, message.request_id,
+                           message.payload)
+
+    def packet_received(self, session: Session, counter: int, acknowledge: bool) -> None:
+        entry = self._conns.get(session)
+        if entry is None:
+            return
+        conn, engine = entry
+        now = self._loop.time()
+        conn.on_packet_received(counter, now, acknowledge=acknowledge)
+        if conn.ack_frame_due(now):
+            _send_ack(session, conn, engine, now)
+        self._arm(session, conn)
+
+    def ack_received(self, session: Session, body: bytes) -> bool:
+        """A DELIVERY_ACK body (from ``largest`` on); False if it does not decode."""
+        entry = self._conns.get(session)
+        if entry is None:
+            return True  # nothing in flight: an ack for nothing is harmless
+        conn, engine = entry
+        frame, _ = decode_frame(bytes((limits.FRAME_DELIVERY_ACK,)) + encode_varint(len(body))
+                                + body)
+        if not isinstance(frame, DeliveryAck):
+            return False
+        events = conn.on_ack(frame.largest, frame.ack_delay_us, frame.first_range,
+                             frame.ranges, self._loop.time())
+        self._settle(events)
+        self._pump(session, conn, engine)
+        return True
+
+    def close_session(self, session: Session, error: BaseException) -> None:
+        entry = self._conns.pop(session, None)
+        timer = self._timers.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+        if entry is not None:
+            self._settle(entry[0].close(error))  # type: ignore[arg-type]
+
+    def close(self, error: BaseException) -> None:
+        for session in list(self._conns):
+            self.close_session(session, error)
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {"reassembly_bytes": self._budget.used}
+        for conn, _ in self._conns.values():
+            for name, value in conn.counters.items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    def connection(self, session: Session) -> DeliveryConnection | None:
+        entry = self._conns.get(session)
+        return entry[0] if entry is not None else None
+
+    # -- timers and events -------------------------------------------------------------
+
+    def _arm(self, session: Session, conn: DeliveryConnection) -> None:
+        deadline = conn.next_deadline()
+        timer = self._timers.pop(session, None)
+        if timer is not None:
+            if deadline is not None and timer.when() == deadline:
+                self._timers[session] = timer
+                return
+            timer.cancel()
+        if deadline is not None:
+            self._timers[session] = self._loop.call_at(deadline, self._on_timer, session)
+
+    def _on_timer(self, session: Session) -> None:
+        self._timers.pop(session, None)
+        entry = self._conns.get(session)
+        if entry is None:
+            return
+        conn, engine = entry
+        now = self._loop.time()
+        self._settle(conn.handle_timer(now))
+        if conn.ack_frame_due(now):
+            _send_ack(session, conn, engine, now)
+        self._pump(session, conn, engine)
+
+    def _settle(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, MessageDelivered):
+                future = self._waiters.pop(event.message, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif isinstance(event, MessageFailed):
+                future = self._waiters.pop(event.message, None)
+                if future is not None and not future.done():
+                    future.set_exception(event.error)
+
+
+def _send_ack(session: Session, conn: DeliveryConnection, engine: UdpEngine,
+              now: float) -> None:
+    frame = _ack_frame(conn, now)
+    if frame is not None:
+        engine.send_control(session, frame)
+
+
+def _ack_frame(conn: DeliveryConnection, now: float) -> bytes | None:
+    fields = conn.build_ack(now)
+    if fields is None:
+        return None
+    return encode_frame(DeliveryAck(*fields))
