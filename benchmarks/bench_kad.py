@@ -8,6 +8,9 @@
    nodes, same loop, same k=20/alpha=3: put ops/s, get ops/s from a node that
    does not hold the value, put and get latency medians, with the ratios
    against the targets (put >= 5x, get >= 2x, median lookup latency <= 0.5x);
+   msgnet runs with content-addressed (/ipld/, hash-checked: the like-for-like
+   of bmuller's unauthenticated values) and signed (/pk/) records, and beside
+   the floor under any msgnet get (three parallel host requests, no DHT);
 3. py-libp2p's Kad-DHT (``libp2p``, trio) with 10 hosts: put/get median latency,
    in a subprocess with a time limit (it is trio-based: no shared loop);
 4. msgnet with 200 nodes in 4 processes: bootstrap time, lookup latency
@@ -60,7 +63,7 @@ def bench_codec(rounds: int) -> dict[str, Any]:
     from msgnet.protocols import dagcbor
 
     addr = bytes.fromhex("047f00000191020fa1a503260024080112") + os.urandom(32)
-    messages = {
+    messages: dict[str, Any] = {
         "FIND_NODE request": {"type": 4, "key": os.urandom(38), "addrs": [addr]},
         "FIND_NODE reply, 20 peers": {"type": 4, "page": 0, "pages": 1, "providers": [],
                                       "closer": [addr] * 20},
@@ -197,6 +200,48 @@ async def bench_bmuller(ops: int, base_port: int = 23400) -> dict[str, Any]:
     finally:
         for server in (*servers, getter):
             server.stop()
+
+
+async def bench_floor(rounds: int) -> dict[str, Any]:
+    """What a get costs below the DHT: alpha=3 parallel ``host.request`` round trips
+    to three peers, each decoding a GET_VALUE request and encoding a reply (strict
+    DAG-CBOR), with no lookup logic.  No get on msgnet can beat this."""
+    from msgnet import MessageHost
+    from msgnet.protocols import dagcbor
+    from msgnet.protocols.kad import PROTOCOL
+
+    hosts = [MessageHost() for _ in range(4)]
+    try:
+        for host in hosts:
+            await host.start()
+        reply = dagcbor.encode({"type": 1, "page": 0, "pages": 1, "closer": [],
+                                "providers": [], "value": b"value-0"})
+
+        def answer(message: Any) -> None:
+            dagcbor.decode(message.data)
+            message.reply(reply)
+
+        for host in hosts[1:]:
+            host.set_message_handler(PROTOCOL, answer)
+            hosts[0].add_peer(host.addrs[0])
+        request = dagcbor.encode({"type": 1, "key": b"/ipld/" + os.urandom(36)})
+
+        async def one(peer: Any) -> None:
+            dagcbor.decode(await hosts[0].request(peer, PROTOCOL, request))
+
+        async def three() -> None:
+            await asyncio.gather(*(one(h.peer_id) for h in hosts[1:]))
+
+        latencies = []
+        for i in range(rounds + 50):
+            start = time.perf_counter()
+            await three()
+            if i >= 50:  # after the handshakes and warm-up
+                latencies.append(time.perf_counter() - start)
+        return {"3 parallel requests + codec, median ms": _ms(statistics.median(latencies))}
+    finally:
+        for host in hosts:
+            await host.close()
 
 
 def compare(msgnet: dict[str, Any], bmuller: dict[str, Any]) -> dict[str, Any]:
@@ -362,6 +407,7 @@ async def bench_large(nodes: int, processes: int) -> dict[str, Any]:
 
 async def _run_async(args: argparse.Namespace, report: dict[str, Any]) -> None:
     ops = 100 if args.quick else 300
+    report["msgnet floor (host requests, no DHT)"] = await bench_floor(ops * 3)
     for records in ("ipld", "pk"):
         _log(f"msgnet, {NODES} nodes, /{records}/ records ...")
         report[f"msgnet /{records}/"] = await bench_msgnet(ops, records)

@@ -482,14 +482,11 @@ def main(argv: list[str] | None = None) -> int:
           f"UDP GSO {getattr(_engine, 'HAVE_GSO', False)}, recvmmsg {_engine.HAVE_RECVMMSG}",
           file=sys.stderr)
     rows: dict[str, list[dict[str, float]]] = {}
+    scenarios: list[tuple[str, Callable[[], dict[str, float]]]] = []
 
     def measure(name: str, fn: Callable[[], dict[str, float]]) -> None:
-        if args.only and not any(name.startswith(p) for p in args.only.split(",")):
-            return
-        for _ in range(repeat):
-            result = fn()
-            rows.setdefault(name, []).append(result)
-            print(f"  {name}: {result}", file=sys.stderr)
+        if not args.only or any(name.startswith(p) for p in args.only.split(",")):
+            scenarios.append((name, fn))
 
     one = _raw_oneway_receiver, _raw_oneway_sender
     measure("oneway64/raw-uvloop", lambda: _pair(one[0], (count,), one[1], (count, PAYLOAD_64),
@@ -519,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
             measure(f"rr{k}/pyzmq", lambda k=k: _pair(_zmq_echo_server, (),
                                                      _zmq_pingpong_client, (k, seconds),
                                                      server_result=False))
+    # Rounds of every scenario, so a baseline and its msgnet run are minutes apart at most:
+    # the machine's load drifts, and each round's ratio compares runs under the same load.
+    for _ in range(repeat):
+        for name, fn in scenarios:
+            result = fn()
+            rows.setdefault(name, []).append(result)
+            print(f"  {name}: {result}", file=sys.stderr)
     if not args.only or "first" in args.only:
         samples = _first_contact_ms(30 if args.quick else 100)
         rows["first-contact/msgnet"] = [{"median_ms": statistics.median(samples),
@@ -548,11 +552,16 @@ def _summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, f
         base = summary.get(f"{scenario}/raw-uvloop")
         if base and "rate" in values and base.get("rate"):
             values["ratio_vs_raw_uvloop"] = values["rate"] / base["rate"]
+            # The median of each round's own ratio: steadier than the ratio of medians when
+            # the load drifts between rounds.
+            pairs = zip(rows[name], rows[f"{scenario}/raw-uvloop"])
+            values["paired_ratio"] = statistics.median(
+                r["rate"] / b["rate"] for r, b in pairs if b["rate"])
     return summary
 
 
 def _print(summary: dict[str, dict[str, float]]) -> None:
-    print(f"{'scenario':40} {'median':>14} {'ratio vs raw uvloop':>20}")
+    print(f"{'scenario':40} {'median':>14} {'ratio vs raw uvloop':>20} {'paired':>8}")
     for name, values in summary.items():
         if "rate" in values:
             main_value = f"{values['rate']:,.0f}/s"
@@ -562,7 +571,9 @@ def _print(summary: dict[str, dict[str, float]]) -> None:
             main_value = f"{values.get('MiB', 0):.2f} MiB"
         ratio = values.get("ratio_vs_raw_uvloop")
         extra = "" if ratio is None else f"{ratio:.2f}x"
-        print(f"{name:40} {main_value:>14} {extra:>20}")
+        paired = values.get("paired_ratio")
+        extra2 = "" if paired is None else f"{paired:.2f}x"
+        print(f"{name:40} {main_value:>14} {extra:>20} {extra2:>8}")
 
 
 if __name__ == "__main__":

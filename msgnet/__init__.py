@@ -26,10 +26,15 @@ from .host import MessageHost
 from .identity import KeyPair, PeerID
 from .network import MessageNetwork, MessageTransport, SocketSession, UdpSocket, UdpTransport
 from .peerstore import Peerstore
+from .qos import BEST_EFFORT, BestEffort, QoS, Reliable
 
 __all__ = [
     "__version__",
     "run",
+    "BEST_EFFORT",
+    "BestEffort",
+    "QoS",
+    "Reliable",
     "KeyPair",
     "Message",
     "MessageHost",

@@ -36,7 +36,6 @@ from .protocols.kad import (
     KadConfig,
     KadDHT,
     PublicKeyValidator,
-    content_record,
     format_key,
     parse_key,
     sign_record,
@@ -119,14 +118,6 @@ class _Worker:
     async def op_put(self, node: int, name: str, value: str) -> dict[str, Any]:
         """A signed /pk/ record of node ``node``."""
         key, record = sign_record(self.keys[node], name, value.encode())
-        started = time.perf_counter()
-        stored = await self.dhts[node].put_value(key, record)
-        return {"key": format_key(key), "stored": stored,
-                "seconds": time.perf_counter() - started}
-
-    async def op_put_content(self, node: int, value: str) -> dict[str, Any]:
-        """An /ipld/ record (named by its CID)."""
-        key, record = content_record(value.encode())
         started = time.perf_counter()
         stored = await self.dhts[node].put_value(key, record)
         return {"key": format_key(key), "stored": stored,

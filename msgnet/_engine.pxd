@@ -2,7 +2,7 @@
 # directly, and the fields of Message, Session and UdpEngine.
 
 from cpython.ref cimport PyObject
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
 from msgnet._frame cimport FrameView
@@ -300,6 +300,8 @@ cdef class UdpEngine:
     cdef object _on_ack
     cdef object _on_close
     cdef object _on_delivery_ack
+    cdef object _on_fragment         # delivery layer: SEQ frames (None: deliver plainly)
+    cdef object _on_packet_received
     cdef object _loop_time
     cdef object _flush_cb
 
@@ -343,7 +345,13 @@ cdef class UdpEngine:
                        const sockaddr* sa, object pyaddr, bytes data) except -1
     cdef int _control(self, const uint8_t* pkt, Py_ssize_t n, const sockaddr* sa,
                       object pyaddr, bytes data) except -1
-    cdef int _frames(self, Session s, const uint8_t* p, Py_ssize_t n) except -1
+    cdef int _frames(self, Session s, const uint8_t* p, Py_ssize_t n,
+                     int64_t counter) except -1
+    cdef int _confirmed(self, Session s) except -1
+    cdef bint _route(self, Session s, uint64_t alias, str protocol, FrameView* fv,
+                     int64_t counter) except -1
+    cdef int _dispatch(self, Session s, uint64_t alias, str protocol, int flags,
+                       uint64_t request_id, bytes data) except -1
     cdef int _message(self, Session s, uint64_t alias, str protocol, FrameView* fv) except -1
     cdef int _control_frame(self, Session s, FrameView* fv) except -1
     cdef int _queue_reply(self, Session s, uint8_t frame_type, uint64_t a, uint64_t b) except -1

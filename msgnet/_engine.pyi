@@ -9,10 +9,11 @@ from typing_extensions import Buffer
 
 from ._packet import SessionCrypto
 
-__all__ = ["Message", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG"]
+__all__ = ["Message", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG", "HAVE_GSO"]
 
 COUNTER_NAMES: Final[tuple[str, ...]]
 HAVE_RECVMMSG: Final[bool]
+HAVE_GSO: Final[bool]
 
 Address = tuple[str, int] | tuple[str, int, int, int]
 
@@ -68,6 +69,8 @@ class Session:
     @property
     def engine(self) -> UdpEngine: ...
     @property
+    def retained_count(self) -> int: ...
+    @property
     def queued_bytes(self) -> int: ...
     @property
     def protocols_in(self) -> dict[int, str]: ...
@@ -88,6 +91,8 @@ class UdpEngine:
     def max_datagram(self) -> int: ...
     @property
     def use_recvmmsg(self) -> bool: ...
+    @property
+    def use_gso(self) -> bool: ...
     def __init__(
         self,
         sock: socket.socket,
@@ -100,6 +105,7 @@ class UdpEngine:
         max_rounds: int = 8,
         use_recvmmsg: bool | None = None,
         max_queue_payloads: int = 256,
+        use_gso: bool | None = None,
     ) -> None: ...
     def start(self) -> asyncio.Future[None]: ...
     def close(self) -> None: ...

@@ -19,15 +19,19 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_FromString
 from libc.errno cimport EINTR, EINVAL, EIO, ENOPROTOOPT, EOPNOTSUPP, errno
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memmove, memset
 
 from msgnet._frame cimport (
     C_MAX_FRAMES_PER_PACKET,
     C_MAX_PROTOCOL_LENGTH,
     ERR_UNKNOWN_FRAME_TYPE,
+    FLAG_FRAGMENT,
+    FLAG_ORDERED,
+    FLAG_RELIABLE,
     FLAG_REQUEST,
     FLAG_RESPONSE,
+    FLAG_SEQ,
     FRAME_ACK,
     FRAME_BOUND,
     FRAME_CLOSE,
@@ -127,6 +131,14 @@ cdef uint8_t _ZERO_TAG[16]   # the "tag" retained for PLAIN_DATA packets, which 
 # C helpers
 # ---------------------------------------------------------------------------
 
+cdef inline uint64_t _load_u64_be(const uint8_t* p) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef int k
+    for k in range(8):
+        v = (v << 8) | p[k]
+    return v
+
+
 cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
 
@@ -214,16 +226,28 @@ cdef class Message:
     def reply(self, data) -> None:
         """Queue a RESPONSE with this request's id on the same protocol and session.
 
-        Never blocks: when the session's queue is full, or the session is gone, the reply is
-        dropped and counted (``reply_dropped``); the requester times out.
+        The reply has the request's guarantee: reliable requests get reliable replies, and a
+        reply larger than one packet goes through the delivery layer (fragmented). Never
+        blocks: when the session's queue is full, or the session is gone, the reply is dropped
+        and counted (``reply_dropped``); the requester times out.
         """
         if not self.flags & FLAG_REQUEST:
             raise UsageError("reply() answers a request; this message is not one")
         cdef Session s = self.session
         cdef UdpEngine engine = s._engine
-        if (s._closed or engine._closed
-                or not engine._send(s, self.protocol, data, FLAG_RESPONSE, self.request_id)):
+        if s._closed or engine._closed:
             engine._counters[CNT_REPLY_DROPPED] += 1
+            return
+        if not self.flags & FLAG_RELIABLE:
+            try:
+                if not engine._send(s, self.protocol, data, FLAG_RESPONSE, self.request_id):
+                    engine._counters[CNT_REPLY_DROPPED] += 1
+                return
+            except MessageTooLargeError:
+                pass  # more than one packet: the delivery layer fragments it
+        engine._delegate.send_reply(s, self.protocol, data, self.request_id,
+                                    bool(self.flags & FLAG_RELIABLE),
+                                    bool(self.flags & FLAG_ORDERED))
 
     def __repr__(self):
         rid = "" if self.request_id is None else f" request_id={self.request_id}"
@@ -264,6 +288,12 @@ cdef class Session:
     def engine(self):
         """The UdpEngine this session belongs to."""
         return self._engine
+
+    @property
+    def retained_count(self) -> int:
+        """How many sent packets are kept for SESSION_UNKNOWN recovery (docs/wire.md §2.5):
+        at most RETAIN_SENT_PACKETS, none older than RETAIN_SENT_TIME once purged."""
+        return self._ret_count
 
     @property
     def queued_bytes(self) -> int:
@@ -601,6 +631,8 @@ cdef class UdpEngine:
         self._on_ack = delegate.handle_ack
         self._on_close = delegate.handle_close
         self._on_delivery_ack = delegate.handle_delivery_ack
+        self._on_fragment = getattr(delegate, "handle_fragment", None)
+        self._on_packet_received = getattr(delegate, "handle_packet_received", None)
         self._loop_time = loop.time
         self._flush_cb = self._run_flush
         self._dirty = []
@@ -876,6 +908,9 @@ cdef class UdpEngine:
             if rc != OPEN_OK:
                 self._counters[_drop_counter(rc)] += 1
                 return 0
+            if s.last_received == 0 and s.initiator:
+                s.last_received = self._now
+                self._confirmed(s)  # the first packet from the responder: the session is up
             s.last_received = self._now
             # Authenticated: only now may the source address move the session (roaming).
             if sa != NULL:
@@ -883,13 +918,20 @@ cdef class UdpEngine:
                     s._set_address(_sockaddr_to_py(sa), self._family)
             elif pyaddr != s._get_address():
                 s._set_address(pyaddr, self._family)
-            return self._frames(s, out, plen)
+            return self._frames(s, out, plen, <int64_t>_load_u64_be(pkt + 5))
         if t < PACKET_INITIATION or t > _PACKET_TYPE_MAX:
             self._counters[CNT_NOT_MSGNET] += 1
         elif t > PACKET_VERSION_UNSUPPORTED:
             self._counters[CNT_UNKNOWN_PACKET_TYPE] += 1
         else:
             self._control(pkt, n, sa, pyaddr, data)
+        return 0
+
+    cdef int _confirmed(self, Session s) except -1:
+        try:
+            self._delegate.handle_confirmed(s)
+        except Exception as exc:
+            self._report("msgnet: delegate.handle_confirmed raised", exc, s)
         return 0
 
     cdef int _control(self, const uint8_t* pkt, Py_ssize_t n, const sockaddr* sa,
@@ -913,13 +955,17 @@ cdef class UdpEngine:
         session.last_received = self._loop_time()
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
-            self._frames(session, <const uint8_t*>view.buf, view.len)
+            self._frames(session, <const uint8_t*>view.buf, view.len, -1)
         finally:
             PyBuffer_Release(&view)
 
-    cdef int _frames(self, Session s, const uint8_t* p, Py_ssize_t n) except -1:
+    cdef int _frames(self, Session s, const uint8_t* p, Py_ssize_t n,
+                     int64_t counter) except -1:
         """The frames of one opened payload, in order. A malformed frame drops the rest of the
-        packet and keeps what came before it (docs/wire.md §3.1)."""
+        packet and keeps what came before it (docs/wire.md §3.1). counter is the DATA packet's
+        (-1 for the frames of a FINISH): the delivery layer acknowledges packets by it."""
+        cdef bint sequenced = False    # the packet carried delivery-layer (SEQ) frames
+        cdef bint acknowledge = True   # ... and none of its reliable frames had to be dropped
         cdef FrameView fv
         cdef Py_ssize_t pos = 0
         cdef int rc, i
@@ -948,8 +994,10 @@ cdef class UdpEngine:
                 if known is None:  # its INIT was lost, or the peer's view of BOUND is stale
                     self._counters[CNT_UNKNOWN_ALIAS] += 1
                     self._queue_reply(s, FRAME_RESET, fv.protocol_int, _RESET_UNKNOWN_ALIAS)
-                else:
-                    self._message(s, fv.protocol_int, <str>known, &fv)
+                    if fv.flags & FLAG_RELIABLE:
+                        acknowledge = False  # the sender must send it again, as INIT
+                elif self._route(s, fv.protocol_int, <str>known, &fv, counter):
+                    sequenced = True
             elif fv.type == FRAME_INIT:
                 self._counters[CNT_INIT_FRAMES_IN] += 1
                 protocol = PyUnicode_DecodeUTF8(<const char*>fv.protocol, fv.protocol_len, NULL)
@@ -978,19 +1026,60 @@ cdef class UdpEngine:
                     bound[bound_count] = <uint16_t>fv.protocol_int
                     bound_count += 1
                     self._queue_reply(s, FRAME_BOUND, fv.protocol_int, 0)
-                self._message(s, fv.protocol_int, protocol, &fv)
+                if self._route(s, fv.protocol_int, protocol, &fv, counter):
+                    sequenced = True
             else:
                 self._control_frame(s, &fv)
+        if sequenced:
+            try:
+                self._on_packet_received(s, counter, acknowledge)
+            except Exception as exc:
+                self._report("msgnet: delegate.handle_packet_received raised", exc, s)
         return 0
+
+    cdef bint _route(self, Session s, uint64_t alias, str protocol, FrameView* fv,
+                     int64_t counter) except -1:
+        """A message frame: SEQ ones to the delivery layer (True), others delivered now."""
+        if not fv.flags & FLAG_SEQ or self._on_fragment is None:
+            self._message(s, alias, protocol, fv)
+            return False
+        if counter < 0:  # only DATA packets can be acknowledged: never sent in a FINISH
+            self._counters[CNT_BAD_FRAME] += 1
+            return False
+        try:
+            self._on_fragment(s, counter, protocol, fv.flags, fv.request_id, fv.seq,
+                              fv.frag_index,
+                              fv.frag_count if fv.flags & FLAG_FRAGMENT else 1,
+                              PyBytes_FromStringAndSize(<const char*>fv.payload,
+                                                        fv.payload_len))
+        except Exception as exc:
+            self._report("msgnet: delegate.handle_fragment raised", exc, s)
+        return True
 
     cdef int _message(self, Session s, uint64_t alias, str protocol, FrameView* fv) except -1:
         """Deliver one message: a RESPONSE to the delegate, anything else to the handler."""
+        return self._dispatch(s, alias, protocol, fv.flags, fv.request_id,
+                              PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len))
+
+    def deliver(self, Session session not None, str protocol not None, int flags,
+                uint64_t request_id, bytes data not None):
+        """Deliver a message the delivery layer completed (reassembled, in order, once)."""
+        cdef uint64_t alias = 0
+        if not flags & FLAG_RESPONSE and protocol not in self._handlers:
+            # Rare (the handler went away): find the peer's alias to RESET it.
+            for key, value in (session._in_protocols or {}).items():
+                if value == protocol:
+                    alias = key
+                    break
+        self._dispatch(session, alias, protocol, flags, request_id, data)
+
+    cdef int _dispatch(self, Session s, uint64_t alias, str protocol, int flags,
+                       uint64_t request_id, bytes data) except -1:
         cdef Message msg
         self._counters[CNT_MESSAGES_IN] += 1
-        if fv.flags & FLAG_RESPONSE:
-            data = PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len)
+        if flags & FLAG_RESPONSE:
             try:
-                self._on_response(s, fv.request_id, data)
+                self._on_response(s, request_id, data)
             except Exception as exc:
                 self._report("msgnet: delegate.handle_response raised", exc, s)
             return 0
@@ -1000,11 +1089,11 @@ cdef class UdpEngine:
             self._queue_reply(s, FRAME_RESET, alias, _RESET_NO_HANDLER)
             return 0
         msg = Message.__new__(Message)
-        msg.data = PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len)
+        msg.data = data
         msg.from_peer = s.peer_id
         msg.protocol = protocol
-        msg.request_id = fv.request_id if fv.flags & FLAG_REQUEST else None
-        msg.flags = fv.flags
+        msg.request_id = request_id if flags & FLAG_REQUEST else None
+        msg.flags = flags
         msg.session = s
         try:
             handler(msg)
@@ -1132,6 +1221,91 @@ cdef class UdpEngine:
         finally:
             PyBuffer_Release(&view)
         self._mark_dirty(session)
+
+    def encode_message_frame(self, Session session not None, str protocol not None, payload,
+                             int flags, uint64_t request_id, uint64_t seq,
+                             uint64_t frag_index, uint64_t frag_count) -> bytes:
+        """One message frame with the delivery layer's fields, as INIT until the peer BOUND the
+        protocol's alias, else CONTINUATION. The delivery layer packs these into its own
+        packets (send_payload), so it learns each packet's counter."""
+        cdef Py_buffer view
+        cdef int alias
+        cdef bytes encoded = None
+        cdef bytes out
+        cdef Py_ssize_t body, size, written
+        if session._closed or self._closed:
+            raise ClosedError("session or engine is closed")
+        alias = session._alias(protocol)
+        if not session._is_bound(alias):
+            encoded = session._out_encoded[alias]
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            body = (varint_size(alias) + view.len
+                    + message_header_size(flags, request_id, seq, frag_index, frag_count))
+            if encoded is not None:
+                body += 2 + varint_size(PyBytes_GET_SIZE(encoded)) + PyBytes_GET_SIZE(encoded)
+            size = 1 + varint_size(body) + body
+            if size > session._cap:
+                raise MessageTooLargeError(_too_large(view.len, self.max_datagram))
+            out = PyBytes_FromStringAndSize(NULL, size)
+            if encoded is not None:
+                written = write_init(<uint8_t*>PyBytes_AS_STRING(out), size,
+                                     <uint16_t>self.transport_id,
+                                     <const uint8_t*>PyBytes_AS_STRING(encoded),
+                                     PyBytes_GET_SIZE(encoded), alias, flags, request_id, seq,
+                                     frag_index, frag_count, <const uint8_t*>view.buf, view.len)
+            else:
+                written = write_continuation(<uint8_t*>PyBytes_AS_STRING(out), size, alias,
+                                             flags, request_id, seq, frag_index, frag_count,
+                                             <const uint8_t*>view.buf, view.len)
+            if written != size:
+                raise AssertionError("frame size mismatch")
+        finally:
+            PyBuffer_Release(&view)
+        self._counters[CNT_MESSAGES_OUT] += 1
+        return out
+
+    def send_payload(self, Session session not None, bytes payload not None) -> int:
+        """Seal payload (whole frames) as one DATA packet of its own now and return its counter.
+
+        For the delivery layer, which must know which packet carried which fragments. A packet
+        the socket cannot take is dropped and counted (send_errors) like a lost datagram: the
+        delivery layer retransmits what it carried."""
+        cdef SessionCrypto crypto = session.crypto
+        cdef uint64_t counter
+        cdef Py_ssize_t length
+        cdef uint8_t* slot
+        cdef const uint8_t* tag
+        cdef double now = self._loop_time()
+        if session._closed or self._closed or crypto is None:
+            raise ClosedError("session is not established or is closed")
+        if PyBytes_GET_SIZE(payload) > session._cap:
+            raise MessageTooLargeError(_too_large(PyBytes_GET_SIZE(payload), self.max_datagram))
+        counter = crypto.send_counter
+        if self._tx_count == self._batch and not self._drain_tx():
+            crypto.send_counter += 1  # the packet is lost: its counter must not be reused
+            self._counters[CNT_SEND_ERRORS] += 1
+            return counter
+        slot = self._tx_buf + self._tx_count * self.max_datagram
+        length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload),
+                                  PyBytes_GET_SIZE(payload), slot, self.max_datagram)
+        if length < 0:
+            self._counters[CNT_COUNTER_EXHAUSTED if length == -1 else CNT_SEND_ERRORS] += 1
+            raise ClosedError("session send counter exhausted")
+        if crypto.plaintext:
+            tag = _ZERO_TAG
+        else:
+            tag = slot + length - AEAD_TAG_SIZE
+        session._retain(counter, tag, payload, now)
+        session.last_sent = now
+        self._tx_iov[self._tx_count].iov_len = length
+        self._tx_hdrs[self._tx_count].msg_hdr.msg_name = &session._sa
+        self._tx_hdrs[self._tx_count].msg_hdr.msg_namelen = session._salen
+        self._tx_owner[self._tx_count] = session
+        self._tx_count += 1
+        if not self._in_batch:
+            self._drain_tx()
+        return counter
 
     cdef int _queue_reply(self, Session s, uint8_t frame_type, uint64_t a,
                           uint64_t b) except -1:
@@ -1404,6 +1578,9 @@ cdef class UdpEngine:
             if queued is None:
                 memmove(front, front + take, length - take)
                 session._cur_len -= take
+                if session._cur_len == 0:
+                    self._give_buffer(session._cur)
+                    session._cur = NULL
             elif take == length:
                 session._pop_payload()
             else:

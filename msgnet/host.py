@@ -23,6 +23,7 @@ from ._engine import Message, Session
 from .addr import parse_multiaddr
 from .errors import (
     ClosedError,
+    MessageTooLargeError,
     MsgnetError,
     PeerUnreachableError,
     ProtocolResetError,
@@ -32,6 +33,7 @@ from .errors import (
 from .identity import KeyPair, PeerID
 from .network import MessageNetwork
 from .peerstore import Peerstore
+from .qos import BEST_EFFORT, BestEffort, QoS, Reliable
 
 __all__ = ["MessageHost", "Handler"]
 
@@ -81,6 +83,7 @@ class MessageHost:
         self._timeout_at = math.inf
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handlers: dict[str, Handler] = {}
+        self._default_qos: dict[str, QoS] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -187,27 +190,47 @@ class MessageHost:
 
     # -- sending -------------------------------------------------------------------------
 
-    async def send_message(self, peer: PeerID, protocol: str, data: bytes) -> None:
-        """Send one best-effort message: resolves once it is accepted for sending.
+    async def send_message(self, peer: PeerID, protocol: str, data: bytes, *,
+                           qos: QoS | None = None) -> None:
+        """Send one message with the guarantee ``qos`` (default: the protocol's, see
+        :meth:`set_default_qos`, else best effort).
 
-        Waits only for back-pressure (the peer's queue is full).  Raises
-        ProtocolResetError while the peer's refusal of ``protocol`` is
-        remembered, PeerUnreachableError if no address is known.
+        Best effort resolves once the message is accepted for sending (waiting only for
+        back-pressure); ``Reliable(wait=True)`` once the peer acknowledged it.  Raises
+        ProtocolResetError while the peer's refusal of ``protocol`` is remembered,
+        PeerUnreachableError if no address is known or a waited-for message fails,
+        MessageTooLargeError beyond what ``qos`` can carry.
         """
         network = self._network
         if network is None:
             raise ClosedError("host is not started")
-        if not network.send_message_nowait(peer, protocol, data):
-            await network.send_message(peer, protocol, data)
+        if qos is None:
+            qos = self._default_qos.get(protocol, BEST_EFFORT)
+        if qos is BEST_EFFORT:
+            try:
+                if network.send_message_nowait(peer, protocol, data):
+                    return
+            except MessageTooLargeError:
+                pass  # network.send_message fragments it
+        await network.send_message(peer, protocol, data, qos=qos)
+
+    def set_default_qos(self, protocol: str, qos: QoS) -> None:
+        """The guarantee of sends and requests on ``protocol`` that name none."""
+        if not isinstance(qos, (BestEffort, Reliable)):
+            raise UsageError(f"qos must be BestEffort or Reliable, not {qos!r}")
+        self._default_qos[protocol] = qos
 
     async def request(self, peer: PeerID, protocol: str, data: bytes, *,
-                      timeout: float = 5.0) -> bytes:
+                      timeout: float = 5.0, qos: QoS | None = None) -> bytes:
         """Send a request and return the peer's reply (``Message.reply`` on its side).
 
         Raises RequestTimeoutError after ``timeout`` seconds, ProtocolResetError
         if the peer has no handler for ``protocol``, PeerUnreachableError if no
-        session can be established.
+        session can be established. With ``qos=Reliable()`` the request and its reply are
+        retransmitted until acknowledged, and may be as large as reliable messages are.
         """
+        if qos is None:
+            qos = self._default_qos.get(protocol, BEST_EFFORT)
         if timeout <= 0:
             raise UsageError("timeout must be positive")
         pending = self._pending
@@ -222,9 +245,16 @@ class MessageHost:
         entry: list[Any] = [future, protocol, peer, timeout]
         pending[request_id] = entry
         try:
-            if not network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST, request_id):
+            try:
+                sent = qos is BEST_EFFORT and network.send_message_nowait(
+                    peer, protocol, data, _FLAG_REQUEST, request_id)
+            except MessageTooLargeError:
+                sent = False  # network.send_message fragments it
+            if not sent:
                 await network.send_message(peer, protocol, data, flags=limits.FLAG_REQUEST,
-                                           request_id=request_id)
+                                           request_id=request_id,
+                                           qos=Reliable(qos.ordered) if isinstance(
+                                               qos, Reliable) else qos)
             # The timeout runs from here, once the request is queued (back-pressure aside).
             deadline = loop.time() + timeout
             entry.append(deadline)

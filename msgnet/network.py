@@ -32,14 +32,17 @@ from .core.handshake import FinishRepeated, Handshaker, HandshakeFailed, Session
 from .errors import (
     ClosedError,
     FrameError,
+    MessageTooLargeError,
     MsgnetError,
     PeerUnreachableError,
     ProtocolResetError,
+    RequestTimeoutError,
     UsageError,
 )
 from .identity import KeyPair, PeerID
 from .metrics import merge, prometheus_text
 from .peerstore import Peerstore
+from .qos import BEST_EFFORT, DeliveryManager, QoS, Reliable
 
 __all__ = ["MessageNetwork", "MessageTransport", "UdpTransport", "UdpSocket", "SocketSession"]
 
@@ -204,6 +207,7 @@ class MessageNetwork:
             plaintext=plaintext,
             transport_ids=tuple(t.transport_id for t in self._transports),
         )
+        self.delivery = DeliveryManager(self.loop, max_datagram)
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
         # (peer, session, engine) of the latest session_for: a peer sent to again and again
@@ -301,6 +305,7 @@ class MessageNetwork:
         error = ClosedError("network closed")
         for dial in list(self._dials.values()):
             self._fail_dial(dial, error)
+        self.delivery.close(error)
         for session in list(self._by_index.values()):
             session.engine.remove_session(session)
         self._by_index.clear()
@@ -314,12 +319,38 @@ class MessageNetwork:
     # -- sending ---------------------------------------------------------------------------
 
     async def send_message(self, peer_id: PeerID, protocol: str, data: bytes, *,
-                           flags: int = 0, request_id: int = 0) -> None:
-        """Queue a message; waits only when the peer's queue is full (back-pressure)."""
+                           flags: int = 0, request_id: int = 0,
+                           qos: QoS = BEST_EFFORT) -> None:
+        """Queue a message; waits only when the peer's queue is full (back-pressure), or, for
+        ``Reliable(wait=True)``, until the peer acknowledged it."""
         session, engine = self.session_for(peer_id, protocol)
-        while not engine.send_message(session, protocol, data, flags, request_id):
-            await engine.wait_drained(session)
-            session, engine = self.session_for(peer_id, protocol)
+        if isinstance(qos, Reliable):
+            waiter = self.delivery.send(session, engine, protocol, data, qos, flags, request_id)
+            if waiter is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), qos.timeout)
+                except asyncio.TimeoutError:
+                    raise RequestTimeoutError(
+                        f"{peer_id} did not acknowledge a message on {protocol} within "
+                        f"{qos.timeout} s") from None
+            return
+        try:
+            while not engine.send_message(session, protocol, data, flags, request_id):
+                await engine.wait_drained(session)
+                session, engine = self.session_for(peer_id, protocol)
+        except MessageTooLargeError:  # more than one packet: fragmented best effort
+            self.delivery.send(session, engine, protocol, data, qos, flags, request_id)
+
+    def send_reply(self, session: Session, protocol: str, data: bytes, request_id: int,
+                   reliable: bool, ordered: bool) -> None:
+        """Engine delegate: a reply that needs the delivery layer (reliable, or large)."""
+        qos: QoS = Reliable(ordered=ordered) if reliable else BEST_EFFORT
+        try:
+            self.delivery.send(session, session.engine, protocol, data, qos,
+                               limits.FLAG_RESPONSE, request_id)
+        except MsgnetError as exc:
+            self._count("reply_dropped")
+            log.debug("reply on %s dropped: %s", protocol, exc)
 
     def send_message_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
                             flags: int = 0, request_id: int = 0) -> bool:
@@ -513,6 +544,7 @@ class MessageNetwork:
         for packet in event.early_data:
             engine.feed_datagram(packet, event.address)
         engine.flush_session(session, True)  # confirms the session to the initiator
+        self.delivery.session_established(session)
 
     def _register(self, session: Session, engine: UdpEngine) -> None:
         """Make ``session`` the peer's sending session (the newest one wins)."""
@@ -529,6 +561,8 @@ class MessageNetwork:
     def _drop_session(self, session: Session) -> None:
         if self._by_index.pop(session.local_index, None) is not None:
             session.engine.remove_session(session)
+        self.delivery.close_session(
+            session, PeerUnreachableError(f"session with {session.peer_id} ended"))
         self._unconfirmed.discard(session.local_index)
         if self._by_remote_index.get(session.remote_index) is session:
             del self._by_remote_index[session.remote_index]
@@ -602,7 +636,24 @@ class MessageNetwork:
         self._drop_session(session)
 
     def handle_delivery_ack(self, session: Session, body: bytes) -> None:
-        self._count("delivery_acks_received")
+        if not self.delivery.ack_received(session, body):
+            self._count("bad_delivery_ack")
+
+    def handle_fragment(self, session: Session, counter: int, protocol: str, flags: int,
+                        request_id: int, seq: int, frag_index: int, frag_count: int,
+                        data: bytes) -> None:
+        self.delivery.fragment_received(session, session.engine, counter, protocol, flags,
+                                        request_id, seq, frag_index, frag_count, data)
+
+    def handle_confirmed(self, session: Session) -> None:
+        """The responder's first packet on a session we initiated: it holds the session."""
+        if session.local_index in self._unconfirmed:
+            self._unconfirmed.discard(session.local_index)
+            self._handshaker.confirm(session.local_index)
+        self.delivery.session_established(session)
+
+    def handle_packet_received(self, session: Session, counter: int, acknowledge: bool) -> None:
+        self.delivery.packet_received(session, counter, acknowledge)
 
     # -- timers ------------------------------------------------------------------------
 
@@ -690,7 +741,7 @@ class MessageNetwork:
             "peers_known": len(self.peerstore),
         }
         parts: list[dict[str, int]] = [s.engine.counters() for s in self._sockets]
-        parts += [self._handshaker.counters, self._counters, gauges]
+        parts += [self._handshaker.counters, self._counters, gauges, self.delivery.stats()]
         return merge(parts)
 
     def metrics_text(self) -> str:

@@ -54,11 +54,17 @@ class Reliable:
     """Exactly once (``ordered``: in send order per protocol), retransmitted until acknowledged.
 
     ``wait``: ``send_message`` returns when the peer has acknowledged the message (or raises
-    ``PeerUnreachableError`` when it fails), instead of when it is queued.
+    ``PeerUnreachableError`` when it fails), instead of when it is queued; ``timeout`` bounds
+    that wait (``RequestTimeoutError``; the message may still be delivered later).
     """
 
     ordered: bool = False
     wait: bool = False
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError("Reliable timeout must be positive")
 
 
 QoS = BestEffort | Reliable
@@ -82,6 +88,7 @@ class DeliveryManager:
         self._conns: dict[Session, tuple[DeliveryConnection, UdpEngine]] = {}
         self._timers: dict[Session, asyncio.TimerHandle] = {}
         self._waiters: dict[OutgoingMessage, asyncio.Future[None]] = {}
+        self._room = max_datagram - limits.DATA_OVERHEAD
 
     # -- sending ---------------------------------------------------------------------
 
@@ -119,32 +126,59 @@ class DeliveryManager:
                 budget=self._budget,
             )
             entry = self._conns[session] = (conn, engine)
-            engine.track_delivery(session, True)
         return entry[0]
 
     def _pump(self, session: Session, conn: DeliveryConnection, engine: UdpEngine) -> None:
-        """Hand the engine what the core lets out now: an ack, then fragments."""
+        """Send what the core lets out now, as packets of their own: an ack, then fragments.
+
+        Sequenced frames do not share packets with the engine's best-effort traffic, so each
+        packet the core hears about (on_packet_sent) is one it built, and acknowledgements
+        name only packets that carried delivery-layer frames.
+        """
+        if not session.established or (session.initiator and not session.last_received):
+            return  # until the responder confirmed the session; session_established() pumps
         now = self._loop.time()
-        if conn.ack_pending:
-            _send_ack(session, conn, engine, now)
+        room = self._room
+        frames: list[bytes] = []
+        carried: list[Fragment] = []
+        size = 0
+        if conn.ack_pending or conn.ack_frame_due(now):
+            ack = _ack_frame(conn, now)
+            if ack is not None:
+                frames.append(ack)
+                size = len(ack)
         while conn.transmit_pending:
             fragments = conn.poll_transmit(now, _MAX_POLL)
             if not fragments:
                 break
             for f in fragments:
                 fragmented = f.flags & limits.FLAG_FRAGMENT
-                engine.send_fragment(session, f.protocol, f.chunk, f.flags, f.request_id,
-                                     f.seq, f.frag_index if fragmented else 0,
-                                     f.frag_count if fragmented else 0, f)
+                frame = engine.encode_message_frame(
+                    session, f.protocol, f.chunk, f.flags, f.request_id, f.seq,
+                    f.frag_index if fragmented else 0, f.frag_count if fragmented else 0)
+                if size + len(frame) > room and frames:
+                    self._send_packet(session, conn, engine, frames, carried, now)
+                    frames, carried, size = [], [], 0
+                frames.append(frame)
+                carried.append(f)
+                size += len(frame)
+        if frames:
+            self._send_packet(session, conn, engine, frames, carried, now)
         self._arm(session, conn)
 
-    # -- engine hooks ----------------------------------------------------------------
+    def _send_packet(self, session: Session, conn: DeliveryConnection, engine: UdpEngine,
+                     frames: list[bytes], carried: list[Fragment], now: float) -> None:
+        payload = b"".join(frames)
+        counter = engine.send_payload(session, payload)
+        conn.on_packet_sent(counter, carried, len(payload) + limits.DATA_OVERHEAD, now)
 
-    def packet_sent(self, session: Session, counter: int, fragments: list[Fragment],
-                    size: int) -> None:
+    def session_established(self, session: Session) -> None:
+        """The session is up (responder: keys in; initiator: confirmed): send what waited."""
         entry = self._conns.get(session)
         if entry is not None:
-            entry[0].on_packet_sent(counter, fragments, size, self._loop.time())
+            self._pump(session, entry[0], entry[1])
+
+    # -- engine hooks ----------------------------------------------------------------
 
     def fragment_received(self, session: Session, engine: UdpEngine, counter: int,
                           protocol: str, flags: int, request_id: int, seq: int,
@@ -164,8 +198,9 @@ class DeliveryManager:
         now = self._loop.time()
         conn.on_packet_received(counter, now, acknowledge=acknowledge)
         if conn.ack_frame_due(now):
-            _send_ack(session, conn, engine, now)
-        self._arm(session, conn)
+            self._pump(session, conn, engine)  # the ack goes out now, with any fragments
+        else:
+            self._arm(session, conn)
 
     def ack_received(self, session: Session, body: bytes) -> bool:
         """A DELIVERY_ACK body (from ``largest`` on); False if it does not decode."""
@@ -227,8 +262,6 @@ class DeliveryManager:
         conn, engine = entry
         now = self._loop.time()
         self._settle(conn.handle_timer(now))
-        if conn.ack_frame_due(now):
-            _send_ack(session, conn, engine, now)
         self._pump(session, conn, engine)
 
     def _settle(self, events: list[Any]) -> None:
@@ -241,13 +274,6 @@ class DeliveryManager:
                 future = self._waiters.pop(event.message, None)
                 if future is not None and not future.done():
                     future.set_exception(event.error)
-
-
-def _send_ack(session: Session, conn: DeliveryConnection, engine: UdpEngine,
-              now: float) -> None:
-    frame = _ack_frame(conn, now)
-    if frame is not None:
-        engine.send_control(session, frame)
 
 
 def _ack_frame(conn: DeliveryConnection, now: float) -> bytes | None:

@@ -15,7 +15,7 @@ import pytest
 import uvloop
 
 from msgnet import limits
-from msgnet._engine import COUNTER_NAMES, HAVE_RECVMMSG, Message, Session, UdpEngine
+from msgnet._engine import COUNTER_NAMES, HAVE_GSO, HAVE_RECVMMSG, Message, Session, UdpEngine
 from msgnet._frame import (
     Ack,
     Bound,
@@ -655,4 +655,139 @@ def test_ipv6(run, mode):
                 engine.close()
             for sock in socks:
                 sock.close()
+    run(main())
+
+
+# -- the send path's timing, GSO, retention memory -------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_lone_request_leaves_at_once_and_a_burst_still_coalesces(run, mode):
+    """A request with nothing else waiting is sent inside send_message; what follows it in
+    the same iteration waits for the flush and shares packets; one-way messages always do."""
+    async def main():
+        async with pair(mode) as (a, b):
+            b.collect("/p")
+            sent = a.counters()["packets_out"]
+            assert a.engine.send_message(a.session, "/p", b"lone", limits.FLAG_REQUEST, 1)
+            assert a.counters()["packets_out"] == sent + 1  # before the loop ran again
+            for i in range(2, 42):
+                assert a.engine.send_message(a.session, "/p", b"burst", limits.FLAG_REQUEST, i)
+            assert a.engine.send_message(a.session, "/p", b"one-way")
+            assert a.counters()["packets_out"] == sent + 1  # the burst waits for the flush
+            await until(lambda: len(b.received) == 42)
+            assert [m.request_id for m in b.received[:41]] == list(range(1, 42))
+            assert a.counters()["packets_out"] <= sent + 3  # 41 frames: one packet or two
+
+            sent = a.counters()["packets_out"]
+            assert a.engine.send_message(a.session, "/p", b"one-way alone")
+            assert a.counters()["packets_out"] == sent  # one-way: coalesced, never at once
+            await until(lambda: len(b.received) == 43)
+    run(main())
+
+
+@pytest.mark.timeout(20)
+def test_reply_from_a_handler_leaves_with_the_receive_batch(run, mode):
+    async def main():
+        async with pair(mode) as (a, b):
+            b.handlers["/echo"] = lambda m: m.reply(m.data.upper())
+            for i in range(5):
+                a.engine.send_message(a.session, "/echo", b"x%d" % i, limits.FLAG_REQUEST, i + 1)
+            await until(lambda: len(a.delegate.of("response")) == 5)
+            assert [r[2] for r in a.delegate.of("response")] == [b"X%d" % i for i in range(5)]
+    run(main())
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("gso", [False, True])
+def test_gso_sends_arrive_as_the_same_datagrams(run, gso):
+    """Runs of same-size packets to one peer go to the kernel as one GSO send; the receiver
+    sees exactly the datagrams of a plain send, each a DATA packet of its own."""
+    if gso and not HAVE_GSO:
+        pytest.skip("no UDP GSO on this platform")
+
+    async def main():
+        async with pair("recvmmsg" if HAVE_RECVMMSG else "endpoint", use_gso=gso) as (a, b):
+            assert a.engine.use_gso == gso
+            opener = SessionCrypto(INDEX_B, INDEX_A, a.keys[1], a.keys[0])
+            sniffer = raw_socket()
+            sniffer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sniffer.settimeout(5)
+            try:
+                a.engine.install_keys(a.session, INDEX_B, a.session.crypto,
+                                      sniffer.getsockname())
+                messages = [bytes([i]) * 1000 for i in range(100)] + [b"tail"]
+                for data in messages:
+                    assert a.engine.send_message(a.session, "/p", data)
+                a.engine.flush()
+                got = []
+                while len(got) < len(messages):
+                    packet = sniffer.recv(2000)
+                    got += [f.payload for f in decode_packet(opener.open(packet))]
+                assert got == messages
+                assert a.counters()["packets_out"] == 100  # 1000 bytes each; the tail rides
+                assert a.engine.use_gso == gso  # the kernel accepted it on loopback
+            finally:
+                sniffer.close()
+    run(main())
+
+
+class _ClockLoop:
+    """The running loop with its clock replaced: the engine reads time through loop.time."""
+
+    def __init__(self, loop):
+        self._loop = loop
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(self._loop, name)
+
+
+@pytest.mark.timeout(20)
+def test_retention_ring_is_made_on_demand_and_freed_when_old(run, mode):
+    async def main():
+        loop = _ClockLoop(asyncio.get_running_loop())
+        a, b = Peer(loop, mode, "a"), Peer(loop, mode, "b")
+        try:
+            key_ab, key_ba = os.urandom(32), os.urandom(32)
+            a.session = a.engine.new_session("peer-b", INDEX_A, True)
+            b.session = b.engine.new_session("peer-a", INDEX_B, False)
+            a.engine.add_session(a.session)
+            b.engine.add_session(b.session)
+            await a.engine.start()
+            await b.engine.start()
+            a.engine.install_keys(a.session, INDEX_B,
+                                  SessionCrypto(INDEX_A, INDEX_B, key_ab, key_ba), b.addr)
+            b.engine.install_keys(b.session, INDEX_A,
+                                  SessionCrypto(INDEX_B, INDEX_A, key_ba, key_ab), a.addr)
+            b.collect("/p")
+            assert a.session.retained_count == 0  # nothing sent: no ring
+            for i in range(10):  # grows past its first allocation
+                a.engine.send_message(a.session, "/p", b"m%d" % i)
+                a.engine.flush()
+            assert a.session.retained_count == 10
+            await until(lambda: len(b.received) == 10)
+            loop.now += limits.RETAIN_SENT_TIME / 2
+            a.engine.send_message(a.session, "/p", b"later")
+            a.engine.flush()
+            a.engine.purge_retained()
+            assert a.session.retained_count == 11  # nothing old enough yet
+            loop.now += limits.RETAIN_SENT_TIME / 2
+            a.engine.purge_retained()
+            assert a.session.retained_count == 1  # the first ten are RETAIN_SENT_TIME old
+            loop.now += limits.RETAIN_SENT_TIME
+            a.engine.purge_retained()
+            assert a.session.retained_count == 0  # and the ring is gone
+            a.engine.send_message(a.session, "/p", b"again")  # a new ring when needed
+            a.engine.flush()
+            assert a.session.retained_count == 1
+            await until(lambda: len(b.received) == 12)
+            a.engine.remove_session(a.session)
+            assert a.session.retained_count == 0
+        finally:
+            a.close()
+            b.close()
     run(main())

@@ -324,3 +324,58 @@ def test_remote_restart_same_identity_recovers(run):
                 await b.close()
 
     run(main())
+
+
+def test_request_timeouts_fire_in_deadline_order(run):
+    """Every request has its own deadline, though one timer serves them all."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            b.set_message_handler("/silent/1", lambda m: None)  # never replies
+            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            await a.connect(b.peer_id)
+            loop = asyncio.get_running_loop()
+            done: list[float] = []
+
+            async def timed(timeout: float) -> None:
+                start = loop.time()
+                with pytest.raises(RequestTimeoutError):
+                    await a.request(b.peer_id, "/silent/1", b"?", timeout=timeout)
+                done.append(timeout)
+                assert timeout - 0.01 <= loop.time() - start < timeout + 0.5
+
+            await asyncio.gather(timed(0.6), timed(0.2), timed(0.4),
+                                 a.request(b.peer_id, "/echo/1", b"ok", timeout=0.3))
+            assert done == [0.2, 0.4, 0.6]
+            assert a.metrics()["pending_requests"] == 0
+            assert await a.request(b.peer_id, "/echo/1", b"after", timeout=5) == b"after"
+
+    run(main())
+
+
+def test_response_from_another_peer_does_not_answer_a_request(run):
+    """Request ids are unique per host, not per peer: a RESPONSE carrying the id of our
+    request to B, sent by C, must not complete it."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b, c = await start_hosts(stack, 3)
+
+            async def slow_echo(m):
+                await asyncio.sleep(0.3)
+                m.reply(b"from b")
+
+            b.set_message_handler("/q/1", slow_echo)
+            await a.connect(b.peer_id)
+            await c.connect(a.peer_id)
+            pending = asyncio.ensure_future(a.request(b.peer_id, "/q/1", b"?", timeout=5))
+            await wait_for(lambda: a.metrics()["pending_requests"] == 1)
+            (request_id,) = a._pending
+            session, engine = c.network.session_for(a.peer_id)
+            for _ in range(3):  # C answers first, with A's request id
+                engine.send_message(session, "/q/1", b"from c", msgnet.limits.FLAG_RESPONSE,
+                                    request_id)
+                await asyncio.sleep(0.02)
+            assert not pending.done()
+            assert await pending == b"from b"
+
+    run(main())

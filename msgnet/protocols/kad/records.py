@@ -9,9 +9,10 @@ is refused, so a DHT never becomes free storage for arbitrary data.
 Two namespaces are built in:
 
 * ``/pk/<peer-id multihash>[/<name>]`` holds *signed*, mutable records: a
-  DAG-CBOR envelope ``{"seq": int, "sig": bytes, "value": bytes}`` signed by
-  that peer's Ed25519 key, so only the peer can write under its keys and the
-  highest ``seq`` wins;
+  DAG-CBOR envelope ``{"seq": int, "sig": bytes, "value": bytes}`` whose
+  ``sig`` is the peer's Ed25519 signature of ``b"msgnet-kad-pk-record:" +
+  DAG-CBOR({"key": key, "seq": seq, "value": value})``, so only the peer can
+  write under its keys, and the highest ``seq`` wins;
 * ``/ipld/<CID bytes>`` holds immutable values named by their content: a
   value is valid if its sha2-256 is the CID's multihash.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -307,9 +308,6 @@ class RecordStore:
 
     def __len__(self) -> int:
         return len(self._records)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(list(self._records))
 
 
 @dataclass(slots=True)
