@@ -302,6 +302,7 @@ cdef class UdpEngine:
     cdef object _on_delivery_ack
     cdef object _on_fragment         # delivery layer: SEQ frames (None: deliver plainly)
     cdef object _on_packet_received
+    cdef object _on_confirmed
     cdef object _loop_time
     cdef object _flush_cb
 

@@ -633,6 +633,7 @@ cdef class UdpEngine:
         self._on_delivery_ack = delegate.handle_delivery_ack
         self._on_fragment = getattr(delegate, "handle_fragment", None)
         self._on_packet_received = getattr(delegate, "handle_packet_received", None)
+        self._on_confirmed = getattr(delegate, "handle_confirmed", None)
         self._loop_time = loop.time
         self._flush_cb = self._run_flush
         self._dirty = []
@@ -928,8 +929,10 @@ cdef class UdpEngine:
         return 0
 
     cdef int _confirmed(self, Session s) except -1:
+        if self._on_confirmed is None:
+            return 0
         try:
-            self._delegate.handle_confirmed(s)
+            self._on_confirmed(s)
         except Exception as exc:
             self._report("msgnet: delegate.handle_confirmed raised", exc, s)
         return 0
