@@ -3,6 +3,9 @@
 Each scenario runs a receiver and a sender in two processes pinned to different cores
 (where the machine has two), on 127.0.0.1, with 64-byte payloads unless the name says
 otherwise, secure mode unless it says plaintext. Every loop is bounded by count and time.
+Scenarios named ``-tcp`` run msgnet's TCP transport (policy tcp-only) and compare it with
+raw asyncio TCP on uvloop carrying the same ``length:varint | payload`` frames (an
+asyncio.Protocol per end, one write per message): their ``raw-uvloop`` row is that baseline.
 
     python -m benchmarks.e2e [--quick] [--repeat N] [--json FILE]
 
@@ -118,13 +121,21 @@ def _raw_oneway_sender(conn: Any, core: int, count: int, payload: bytes) -> None
     _uvloop_run(main())
 
 
-def _msgnet_oneway_receiver(conn: Any, core: int, count: int, plaintext: bool) -> None:
+def _host_options(tcp: bool) -> dict[str, Any]:
+    """msgnet over TCP alone, or (the default host) over UDP."""
+    if not tcp:
+        return {}
+    return {"listen": ["/ip4/127.0.0.1/tcp/0"], "transport_policy": "tcp-only"}
+
+
+def _msgnet_oneway_receiver(conn: Any, core: int, count: int, plaintext: bool,
+                            tcp: bool = False) -> None:
     _pin(core)
     import msgnet
 
     async def main() -> None:
         counter = _Counter(count)
-        async with msgnet.MessageHost(plaintext=plaintext) as host:
+        async with msgnet.MessageHost(plaintext=plaintext, **_host_options(tcp)) as host:
             host.set_message_handler(PROTOCOL, counter.hit)
             conn.send(str(host.addrs[0]))
             conn.send(await counter.wait())
@@ -133,14 +144,14 @@ def _msgnet_oneway_receiver(conn: Any, core: int, count: int, plaintext: bool) -
 
 
 def _msgnet_oneway_sender(conn: Any, core: int, count: int, payload: bytes,
-                          plaintext: bool) -> None:
+                          plaintext: bool, tcp: bool = False) -> None:
     _pin(core)
     import msgnet
 
     addr = conn.recv()
 
     async def main() -> None:
-        async with msgnet.MessageHost(plaintext=plaintext) as host:
+        async with msgnet.MessageHost(plaintext=plaintext, **_host_options(tcp)) as host:
             peer = host.add_peer(addr)
             await host.connect(peer)
             send = host.send_message
@@ -249,12 +260,12 @@ def _raw_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float) -
     conn.send(_uvloop_run(main()))
 
 
-def _msgnet_echo_server(conn: Any, core: int, plaintext: bool) -> None:
+def _msgnet_echo_server(conn: Any, core: int, plaintext: bool, tcp: bool = False) -> None:
     _pin(core)
     import msgnet
 
     async def main() -> None:
-        async with msgnet.MessageHost(plaintext=plaintext) as host:
+        async with msgnet.MessageHost(plaintext=plaintext, **_host_options(tcp)) as host:
             host.set_message_handler(PROTOCOL, lambda m: m.reply(m.data))
             conn.send(str(host.addrs[0]))
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)
@@ -263,14 +274,14 @@ def _msgnet_echo_server(conn: Any, core: int, plaintext: bool) -> None:
 
 
 def _msgnet_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float,
-                            plaintext: bool) -> None:
+                            plaintext: bool, tcp: bool = False) -> None:
     _pin(core)
     import msgnet
 
     addr = conn.recv()
 
     async def main() -> dict[str, float]:
-        async with msgnet.MessageHost(plaintext=plaintext) as host:
+        async with msgnet.MessageHost(plaintext=plaintext, **_host_options(tcp)) as host:
             peer = host.add_peer(addr)
             await host.connect(peer)
             latencies: list[float] = []
@@ -337,6 +348,134 @@ def _zmq_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float) -
     conn.send({"rate": done / (time.perf_counter() - start)})
     sock.close(0)
     ctx.term()
+
+
+# --------------------------------------------------------------------------- raw TCP
+
+def _frame(payload: bytes) -> bytes:
+    """``length:varint | payload``, as msgnet's stream transport frames its packets."""
+    n, out = len(payload), bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + payload
+
+
+class _FrameReader(asyncio.Protocol):
+    """Splits ``length:varint | payload`` frames and calls ``on_frame`` with each payload."""
+
+    def __init__(self, on_frame: Callable[[bytes], None]) -> None:
+        self.on_frame = on_frame
+        self.buf = b""
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        pos, end = 0, len(buf)
+        while pos < end:
+            n = shift = 0
+            i = pos
+            while i < end:
+                byte = buf[i]
+                i += 1
+                n |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+            else:
+                break  # the length is not complete yet
+            if end - i < n:
+                break
+            self.on_frame(buf[i:i + n])
+            pos = i + n
+        self.buf = buf[pos:]
+
+
+def _raw_tcp_oneway_receiver(conn: Any, core: int, count: int) -> None:
+    _pin(core)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        counter = _Counter(count)
+        server = await loop.create_server(lambda: _FrameReader(counter.hit), "127.0.0.1", 0)
+        conn.send(server.sockets[0].getsockname())
+        conn.send(await counter.wait())
+        server.close()
+
+    _uvloop_run(main())
+
+
+def _raw_tcp_oneway_sender(conn: Any, core: int, count: int, payload: bytes) -> None:
+    _pin(core)
+    addr = conn.recv()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(asyncio.Protocol, *addr)
+        frame = _frame(payload)
+        deadline = time.perf_counter() + MAX_SECONDS
+        for i in range(count):
+            transport.write(frame)
+            if i % 1024 == 1023:
+                await asyncio.sleep(0)
+                while transport.get_write_buffer_size() > 1 << 20:  # back-pressure
+                    await asyncio.sleep(0.001)
+                if time.perf_counter() > deadline:
+                    break
+        await asyncio.sleep(0.2)
+        transport.close()
+
+    _uvloop_run(main())
+
+
+def _raw_tcp_echo_server(conn: Any, core: int) -> None:
+    _pin(core)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def echo() -> _FrameReader:
+            reader = _FrameReader(lambda payload: reader.transport.write(_frame(payload)))
+            return reader
+
+        server = await loop.create_server(echo, "127.0.0.1", 0)
+        conn.send(server.sockets[0].getsockname())
+        await loop.run_in_executor(None, conn.recv)
+        server.close()
+
+    _uvloop_run(main())
+
+
+def _raw_tcp_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float) -> None:
+    _pin(core)
+    addr = conn.recv()
+
+    async def main() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        state = {"done": 0, "stop": False}
+        frame = _frame(PAYLOAD_64)
+
+        def on_reply(_payload: bytes) -> None:
+            state["done"] += 1
+            if not state["stop"]:
+                client.transport.write(frame)
+
+        transport, client = await loop.create_connection(lambda: _FrameReader(on_reply), *addr)
+        for _ in range(in_flight):
+            transport.write(frame)
+        await asyncio.sleep(0.3)  # warm up
+        start, before = time.perf_counter(), state["done"]
+        await asyncio.sleep(seconds)
+        elapsed, done = time.perf_counter() - start, state["done"] - before
+        state["stop"] = True
+        transport.close()
+        return {"rate": done / elapsed}
+
+    conn.send(_uvloop_run(main()))
 
 
 # --------------------------------------------------------------------------- drivers
@@ -429,7 +568,7 @@ def _idle_session_memory_child(conn: Any, count: int) -> None:
                     peer_id=PeerID.from_public_key(os.urandom(32)), local_index=i + 1,
                     remote_index=i + 1, send_key=os.urandom(32), recv_key=os.urandom(32),
                     plaintext=False, address=("127.0.0.1", 9), initiator=False,
-                    frames=b"", early_data=[], rtt=None, remote_transports=(1,)), engine)
+                    frames=b"", early_data=[], rtt=None, remote_transports=(1,)))
             await asyncio.sleep(0)
             gc.collect()
             after = _rss_bytes()
@@ -501,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
         measure("oneway64/pyzmq", lambda: _pair(_zmq_oneway_receiver, (count,),
                                                 _zmq_oneway_sender, (count, PAYLOAD_64),
                                                 server_result=True))
+    tcp_one = _raw_tcp_oneway_receiver, _raw_tcp_oneway_sender
+    measure("oneway64-tcp/raw-uvloop", lambda: _pair(tcp_one[0], (count,), tcp_one[1],
+                                                     (count, PAYLOAD_64), server_result=True))
+    measure("oneway64-tcp/msgnet", lambda: _pair(msg[0], (count, False, True), msg[1],
+                                                 (count, PAYLOAD_64, False, True),
+                                                 server_result=True))
     measure("oneway1k/raw-uvloop", lambda: _pair(one[0], (count,), one[1], (count, PAYLOAD_1K),
                                                  server_result=True))
     measure("oneway1k/msgnet", lambda: _pair(msg[0], (count, False), msg[1],
@@ -516,6 +661,12 @@ def main(argv: list[str] | None = None) -> int:
             measure(f"rr{k}/pyzmq", lambda k=k: _pair(_zmq_echo_server, (),
                                                      _zmq_pingpong_client, (k, seconds),
                                                      server_result=False))
+    measure("rr1-tcp/raw-uvloop", lambda: _pair(_raw_tcp_echo_server, (),
+                                                _raw_tcp_pingpong_client, (1, seconds),
+                                                server_result=False))
+    measure("rr1-tcp/msgnet", lambda: _pair(_msgnet_echo_server, (False, True),
+                                            _msgnet_pingpong_client, (1, seconds, False, True),
+                                            server_result=False))
     # Rounds of every scenario, so a baseline and its msgnet run are minutes apart at most:
     # the machine's load drifts, and each round's ratio compares runs under the same load.
     for _ in range(repeat):

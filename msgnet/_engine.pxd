@@ -160,6 +160,14 @@ cdef enum:
     C_RETAIN_PACKETS = 64              # RETAIN_SENT_PACKETS
     C_DATAGRAM_CEILING = 9000          # MAX_DATAGRAM_CEILING
     C_RX_SLOT = C_DATAGRAM_CEILING + 1 # one byte more: a datagram that fills it is oversize
+    # Stream paths (docs/wire.md §6): frames coalesce into payloads of up to C_STREAM_COALESCE
+    # bytes; a message larger than that goes alone in a payload of up to C_STREAM_PAYLOAD
+    # (MAX_STREAM_PACKET - DATA_OVERHEAD), so nothing is fragmented on a stream.
+    C_STREAM_COALESCE = 65536 - 29
+    C_STREAM_PAYLOAD = 1048576 + 4096 - 29
+    # A session's queue holds at most this many bytes of closed payloads (besides the payload
+    # count bound): what keeps a queue of stream-sized payloads bounded.
+    C_MAX_QUEUED_BYTES = 4194304
 
 
 cdef class UdpEngine
@@ -230,6 +238,7 @@ cdef class Session:
     # payloads wait in _queue (from _queue_head on) when a flush has more than one to send.
     cdef uint8_t* _cur
     cdef Py_ssize_t _cur_len
+    cdef int _cur_frames               # frames in the open payload (MAX_FRAMES_PER_PACKET)
     cdef Py_ssize_t _cap
     cdef list _queue
     cdef Py_ssize_t _queue_head
@@ -246,8 +255,27 @@ cdef class Session:
     cdef int _ret_head
     cdef int _ret_count
 
+    # Paths (docs/wire.md §5), chosen by the network: packets go to the UDP address above when
+    # _udp, else on the stream connection `stream`; with both, payloads too large for a
+    # datagram take the stream, and _duplicate (first contact) sends every packet on both.
+    cdef readonly object stream
+    cdef bint _udp
+    cdef bint _duplicate
+    cdef uint16_t _transport_id        # what INIT frames name (the path's transport)
+    cdef readonly double last_datagram # when the last authenticated datagram arrived
+    cdef readonly object rx_stream     # the connection the packet being processed came on
+
     cdef inline Py_ssize_t _queue_len(self) noexcept:
         return 0 if self._queue is None else len(self._queue) - self._queue_head
+
+    cdef inline bint _queue_full(self) noexcept:
+        return (self._queue_len() >= self._max_queue
+                or self._queued_bytes >= C_MAX_QUEUED_BYTES)
+
+    cdef inline bint _below_half(self) noexcept:
+        """Room again for senders waiting on back-pressure."""
+        return (2 * self._queue_len() < self._max_queue
+                and 2 * self._queued_bytes < C_MAX_QUEUED_BYTES)
 
     cdef inline bint _is_bound(self, uint64_t alias) noexcept:
         return (self._out_bound[alias >> 6] >> (alias & 63)) & 1
@@ -303,6 +331,7 @@ cdef class UdpEngine:
     cdef object _on_fragment         # delivery layer: SEQ frames (None: deliver plainly)
     cdef object _on_packet_received
     cdef object _on_confirmed
+    cdef object _on_udp_packet       # a datagram authenticated for a session sending on a stream
     cdef object _loop_time
     cdef object _flush_cb
 
@@ -359,8 +388,11 @@ cdef class UdpEngine:
     cdef int _queue_pong(self, Session s, const uint8_t* data, Py_ssize_t n) except -1
     cdef bint _send(self, Session s, str protocol, object payload, int flags,
                     object request_id) except -1
-    cdef uint8_t* _take_buffer(self) except NULL
-    cdef void _give_buffer(self, uint8_t* buf) noexcept
+    cdef uint8_t* _take_buffer(self, Py_ssize_t size) except NULL
+    cdef void _give_buffer(self, uint8_t* buf, Py_ssize_t size) noexcept
+    cdef bint _to_stream(self, Session s, Py_ssize_t n) noexcept
+    cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now) except -2
+    cdef int _repack(self, Session s) except -1
     cdef int _mark_dirty(self, Session s, bint urgent=*) except -1
     cdef int _read_batches(self) except -1
     cdef int _flush_all(self) except -1

@@ -13,7 +13,7 @@ Network input never raises into the event loop: bad packets are dropped and coun
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
@@ -76,7 +76,14 @@ import socket
 from msgnet import limits
 from msgnet.errors import ClosedError, MessageTooLargeError, UsageError
 
-__all__ = ["Message", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG", "HAVE_GSO"]
+__all__ = ["Message", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG", "HAVE_GSO",
+           "STREAM_OK", "STREAM_REPLAY", "STREAM_BAD", "STREAM_UNKNOWN"]
+
+# What UdpEngine.feed_stream made of a packet from a stream connection.
+STREAM_OK = 1        # authenticated for a session here, and processed
+STREAM_REPLAY = 0    # a copy of a packet that already arrived (by another path): dropped
+STREAM_BAD = -1      # failed its checks (truncated, forged ...): dropped
+STREAM_UNKNOWN = 2   # not DATA for a session with keys here: a handshake or unknown-session packet
 
 # Indexed by the CNT_* enum of _engine.pxd.
 COUNTER_NAMES = (
@@ -195,12 +202,16 @@ cdef str _too_large(Py_ssize_t size, int max_datagram):
 
 
 cdef Py_ssize_t _whole_frames(const uint8_t* p, Py_ssize_t n, Py_ssize_t budget) noexcept:
-    """Length of the longest run of whole frames at the start of p[0:n] within budget bytes."""
+    """Length of the longest run of whole frames at the start of p[0:n] within budget bytes
+    and MAX_FRAMES_PER_PACKET frames."""
     cdef FrameView fv
     cdef Py_ssize_t pos = 0
     cdef Py_ssize_t end = 0
-    while read_frame(p, n, &pos, &fv) == READ_OK and pos <= budget:
+    cdef int frames = 0
+    while (frames < C_MAX_FRAMES_PER_PACKET and read_frame(p, n, &pos, &fv) == READ_OK
+           and pos <= budget):
         end = pos
+        frames += 1
     return end
 
 
@@ -273,7 +284,7 @@ cdef class Session:
         self._release_retained()
         if self._cur != NULL:
             if self._engine is not None:
-                self._engine._give_buffer(self._cur)
+                self._engine._give_buffer(self._cur, self._cap)
             else:  # the cycle collector cleared _engine first
                 PyMem_Free(self._cur)
             self._cur = NULL
@@ -288,6 +299,18 @@ cdef class Session:
     def engine(self):
         """The UdpEngine this session belongs to."""
         return self._engine
+
+    @property
+    def sends_on_stream(self) -> bool:
+        """Whether its packets go on its stream connection (see UdpEngine.set_path), so
+        messages need no acknowledgements, retransmissions or fragments of msgnet's own."""
+        return self.stream is not None and (not self._udp or not self._salen
+                                            or self._engine.sock is None)
+
+    @property
+    def duplicated(self) -> bool:
+        """Whether every packet goes on both its paths (first contact, before the ACK)."""
+        return self._duplicate
 
     @property
     def retained_count(self) -> int:
@@ -375,13 +398,16 @@ cdef class Session:
         closing it into the queue first if the frame does not fit. NULL if that would grow a
         full queue (unless force).
         """
-        if self._cur != NULL and self._cur_len + size > self._cap:
-            if not force and self._queue_len() >= self._max_queue:
+        if self._cur != NULL and (self._cur_len + size > self._cap
+                                  or self._cur_frames >= C_MAX_FRAMES_PER_PACKET):
+            if not force and self._queue_full():
                 return NULL
             self._close_payload()
         if self._cur == NULL:
-            self._cur = self._engine._take_buffer()
+            self._cur = self._engine._take_buffer(self._cap)
             self._cur_len = 0
+            self._cur_frames = 0
+        self._cur_frames += 1  # every caller writes one frame here
         return self._cur + self._cur_len
 
     cdef bytes _take_cur(self):
@@ -392,7 +418,7 @@ cdef class Session:
             return None
         if self._cur_len:
             payload = PyBytes_FromStringAndSize(<const char*>self._cur, self._cur_len)
-        self._engine._give_buffer(self._cur)
+        self._engine._give_buffer(self._cur, self._cap)
         self._cur = NULL
         self._cur_len = 0
         return payload
@@ -423,7 +449,7 @@ cdef class Session:
         """Resolve wait_drained() futures once the queue is below half (or fail them)."""
         if not self._drain_waiters:
             return 0
-        if error is None and 2 * self._queue_len() >= self._max_queue:
+        if error is None and not self._below_half():
             return 0
         waiters = self._drain_waiters
         self._drain_waiters = None
@@ -599,9 +625,11 @@ cdef class UdpEngine:
                              f"{C_DATAGRAM_CEILING}")
         if not 1 <= batch <= 1024 or max_rounds < 1 or max_queue_payloads < 1:
             raise UsageError("batch must be 1 to 1024; max_rounds and max_queue_payloads >= 1")
-        if sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET,
-                                                                  socket.AF_INET6):
-            raise UsageError("the engine needs an IPv4 or IPv6 UDP socket")
+        if sock is None:  # a stream-only engine: it reads no socket (a host without UDP)
+            use_recvmmsg = use_gso = False
+        elif sock.type != socket.SOCK_DGRAM or sock.family not in (socket.AF_INET,
+                                                                    socket.AF_INET6):
+            raise UsageError("the engine needs an IPv4 or IPv6 UDP socket, or None")
         if use_recvmmsg is None:
             use_recvmmsg = HAVE_RECVMMSG
         elif use_recvmmsg and not HAVE_RECVMMSG:
@@ -610,7 +638,8 @@ cdef class UdpEngine:
             use_gso = HAVE_GSO
         elif use_gso and not HAVE_GSO:
             raise UsageError("UDP GSO is not available on this platform")
-        sock.setblocking(False)
+        if sock is not None:
+            sock.setblocking(False)
         self.sock = sock
         self.loop = loop
         self.sessions = {}
@@ -619,8 +648,8 @@ cdef class UdpEngine:
         self.use_recvmmsg = use_recvmmsg
         self._delegate = delegate
         self._handlers = handlers
-        self._fd = sock.fileno()
-        self._family = AF_INET if sock.family == socket.AF_INET else AF_INET6
+        self._fd = sock.fileno() if sock is not None else -1
+        self._family = AF_INET6 if sock is not None and sock.family == socket.AF_INET6 else AF_INET
         self._batch = batch
         self._max_rounds = max_rounds
         self._max_queue = max_queue_payloads
@@ -634,6 +663,7 @@ cdef class UdpEngine:
         self._on_fragment = getattr(delegate, "handle_fragment", None)
         self._on_packet_received = getattr(delegate, "handle_packet_received", None)
         self._on_confirmed = getattr(delegate, "handle_confirmed", None)
+        self._on_udp_packet = getattr(delegate, "handle_udp_packet", None)
         self._loop_time = loop.time
         self._flush_cb = self._run_flush
         self._dirty = []
@@ -688,19 +718,20 @@ cdef class UdpEngine:
         PyMem_Free(self._tx_unit_len)
         PyMem_Free(self._tx_cmsg)
 
-    cdef uint8_t* _take_buffer(self) except NULL:
-        """A payload buffer (max_datagram - 29 bytes) from the pool, or a new one."""
+    cdef uint8_t* _take_buffer(self, Py_ssize_t size) except NULL:
+        """A payload buffer of size bytes: from the pool when that is a datagram's payload
+        (max_datagram - 29), else (a stream session's) a new one."""
         cdef uint8_t* buf
-        if self._pool_len:
+        if self._pool_len and size == self.max_datagram - DATA_OVERHEAD:
             self._pool_len -= 1
             return self._pool[self._pool_len]
-        buf = <uint8_t*>PyMem_Malloc(self.max_datagram - DATA_OVERHEAD)
+        buf = <uint8_t*>PyMem_Malloc(size)
         if buf == NULL:
             raise MemoryError()
         return buf
 
-    cdef void _give_buffer(self, uint8_t* buf) noexcept:
-        if self._pool_len < C_BUFFER_POOL:
+    cdef void _give_buffer(self, uint8_t* buf, Py_ssize_t size) noexcept:
+        if size == self.max_datagram - DATA_OVERHEAD and self._pool_len < C_BUFFER_POOL:
             self._pool[self._pool_len] = buf
             self._pool_len += 1
         else:
@@ -717,8 +748,9 @@ cdef class UdpEngine:
         if self._reading:
             raise UsageError("engine already started")
         self._reading = True
-        if self.use_recvmmsg:
-            self.loop.add_reader(self._fd, self._on_readable)
+        if self.use_recvmmsg or self.sock is None:
+            if self.sock is not None:
+                self.loop.add_reader(self._fd, self._on_readable)
             started = self.loop.create_future()
             started.set_result(None)
             return started
@@ -770,6 +802,8 @@ cdef class UdpEngine:
         s.created = self._loop_time()
         s._cap = self.max_datagram - DATA_OVERHEAD
         s._max_queue = self._max_queue
+        s._udp = True
+        s._transport_id = <uint16_t>self.transport_id
         return s
 
     def add_session(self, Session session not None):
@@ -791,19 +825,23 @@ cdef class UdpEngine:
         session._queue_head = 0
         session._queued_bytes = 0
         if session._cur != NULL:
-            self._give_buffer(session._cur)
+            self._give_buffer(session._cur, session._cap)
             session._cur = NULL
         session._cur_len = 0
+        session.stream = None
+        session.rx_stream = None
         session._release_retained()
         session._wake_drained(ClosedError("session closed"))
 
     def install_keys(self, Session session not None, uint32_t remote_index,
                      SessionCrypto crypto not None, addr):
-        """Mark session established with these keys and the peer at addr (numeric host), then
-        send what it queued while handshaking."""
+        """Mark session established with these keys and the peer's UDP address addr (numeric
+        host; None when the handshake came by a stream alone), then send what it queued while
+        handshaking, on the session's path (set_path)."""
         if crypto.local_index != session.local_index or crypto.remote_index != remote_index:
             raise UsageError("crypto's indices do not match the session")
-        session._set_address(addr, self._family)
+        if addr is not None:
+            session._set_address(addr, self._family)
         session.remote_index = remote_index
         session.crypto = crypto
         session.established = True
@@ -822,6 +860,8 @@ cdef class UdpEngine:
             self._in_batch = False
             if self._dirty and not self._closed:
                 self._flush_all()
+            elif self._tx_count and not self._closed:
+                self._drain_tx()  # packets sealed during the batch (send_payload)
 
     cdef int _read_batches(self) except -1:
         """At most max_rounds recvmmsg batches, so a flood cannot starve the rest of the loop."""
@@ -864,6 +904,49 @@ cdef class UdpEngine:
         """Process data as a datagram from addr that arrived now: DATA that a pending
         handshake held until its keys were installed."""
         self._feed(data, addr)
+
+    def feed_stream(self, packet, conn) -> int:
+        """Process one packet that arrived on the stream connection conn (docs/wire.md §6): the
+        datagram receive path (session by receiver_index, AEAD, replay window) without UDP
+        roaming. The packet is opened in place, so it must be a writable buffer (the
+        connection's receive buffer, valid only during this call).
+
+        Returns STREAM_OK when it authenticated for a session here (session.rx_stream is then
+        conn), STREAM_REPLAY for a copy of a packet that already came (by another path),
+        STREAM_BAD when it failed its checks, STREAM_UNKNOWN when it is not DATA for a session
+        with keys here (the caller treats it as a handshake or unknown-session packet)."""
+        cdef Py_buffer view
+        cdef uint8_t* pkt
+        cdef Py_ssize_t n
+        cdef Py_ssize_t plen = 0
+        cdef int rc
+        cdef Session s
+        PyObject_GetBuffer(packet, &view, PyBUF_WRITABLE)
+        try:
+            pkt = <uint8_t*>view.buf
+            n = view.len
+            if n < DATA_HEADER_SIZE or (pkt[0] != PACKET_DATA and pkt[0] != PACKET_PLAIN_DATA):
+                return STREAM_UNKNOWN
+            found = self.sessions.get(_load_u32_be(pkt + 1))
+            if found is None or (<Session>found).crypto is None:
+                return STREAM_UNKNOWN
+            s = <Session>found
+            self._counters[CNT_PACKETS_IN] += 1
+            self._counters[CNT_BYTES_IN] += n
+            self._now = self._loop_time()
+            rc = s.crypto.open_into(pkt, n, pkt + DATA_HEADER_SIZE, n - DATA_HEADER_SIZE, &plen)
+            if rc != OPEN_OK:
+                self._counters[_drop_counter(rc)] += 1
+                return STREAM_REPLAY if rc == DROP_REPLAY else STREAM_BAD
+            if s.last_received == 0 and s.initiator:
+                s.last_received = self._now
+                self._confirmed(s)
+            s.last_received = self._now
+            s.rx_stream = conn
+            self._frames(s, pkt + DATA_HEADER_SIZE, plen, <int64_t>_load_u64_be(pkt + 5))
+            return STREAM_OK
+        finally:
+            PyBuffer_Release(&view)
 
     cdef int _feed(self, bytes data, object addr) except -1:
         """The endpoint path: the same C function as recvmmsg, decrypting into a stack buffer
@@ -913,12 +996,20 @@ cdef class UdpEngine:
                 s.last_received = self._now
                 self._confirmed(s)  # the first packet from the responder: the session is up
             s.last_received = self._now
+            s.last_datagram = self._now
+            if s.rx_stream is not None:
+                s.rx_stream = None
             # Authenticated: only now may the source address move the session (roaming).
             if sa != NULL:
                 if not _same_addr(sa, &s._sa):
                     s._set_address(_sockaddr_to_py(sa), self._family)
             elif pyaddr != s._get_address():
                 s._set_address(pyaddr, self._family)
+            if not s._udp and self._on_udp_packet is not None:
+                try:  # the network decides whether to move the session back to UDP
+                    self._on_udp_packet(s)
+                except Exception as exc:
+                    self._report("msgnet: delegate.handle_udp_packet raised", exc, s)
             return self._frames(s, out, plen, <int64_t>_load_u64_be(pkt + 5))
         if t < PACKET_INITIATION or t > _PACKET_TYPE_MAX:
             self._counters[CNT_NOT_MSGNET] += 1
@@ -1161,6 +1252,7 @@ cdef class UdpEngine:
         cdef int alias
         cdef bint init
         cdef bytes encoded = None
+        cdef bytes alone = None
         cdef Py_ssize_t body, size, written
         cdef uint8_t* at
         if flags & ~(FLAG_REQUEST | FLAG_RESPONSE) or flags == FLAG_REQUEST | FLAG_RESPONSE:
@@ -1178,20 +1270,27 @@ cdef class UdpEngine:
         init = not s._is_bound(alias)
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
-            if view.len > s._cap:
-                raise MessageTooLargeError(_too_large(view.len, self.max_datagram))
             body = varint_size(alias) + message_header_size(flags, rid, 0, 0, 0) + view.len
             if init:
                 encoded = s._out_encoded[alias]
                 body += 2 + varint_size(PyBytes_GET_SIZE(encoded)) + PyBytes_GET_SIZE(encoded)
             size = 1 + varint_size(body) + body
-            if size > s._cap:
+            if size <= s._cap:
+                at = s._reserve(size, False)
+                if at == NULL:
+                    return False
+            elif s.stream is not None and size <= C_STREAM_PAYLOAD:
+                # Too large to coalesce, and the session has a stream: a payload of its own,
+                # one stream packet (messages are not fragmented on a stream).
+                if s._queue_full():
+                    return False
+                s._close_payload()
+                alone = PyBytes_FromStringAndSize(NULL, size)
+                at = <uint8_t*>PyBytes_AS_STRING(alone)
+            else:
                 raise MessageTooLargeError(_too_large(view.len, self.max_datagram))
-            at = s._reserve(size, False)
-            if at == NULL:
-                return False
             if init:
-                written = write_init(at, size, <uint16_t>self.transport_id,
+                written = write_init(at, size, s._transport_id,
                                      <const uint8_t*>PyBytes_AS_STRING(encoded),
                                      PyBytes_GET_SIZE(encoded), alias, flags, rid, 0, 0, 0,
                                      <const uint8_t*>view.buf, view.len)
@@ -1200,7 +1299,13 @@ cdef class UdpEngine:
                                              <const uint8_t*>view.buf, view.len)
             if MSGNET_DEBUG and written != size:
                 raise AssertionError("frame size mismatch")
-            s._cur_len += written
+            if alone is None:
+                s._cur_len += written
+            else:
+                if s._queue is None:
+                    s._queue = []
+                s._queue.append(alone)
+                s._queued_bytes += size
         finally:
             PyBuffer_Release(&view)
         self._counters[CNT_MESSAGES_OUT] += 1
@@ -1253,7 +1358,7 @@ cdef class UdpEngine:
             out = PyBytes_FromStringAndSize(NULL, size)
             if encoded is not None:
                 written = write_init(<uint8_t*>PyBytes_AS_STRING(out), size,
-                                     <uint16_t>self.transport_id,
+                                     session._transport_id,
                                      <const uint8_t*>PyBytes_AS_STRING(encoded),
                                      PyBytes_GET_SIZE(encoded), alias, flags, request_id, seq,
                                      frag_index, frag_count, <const uint8_t*>view.buf, view.len)
@@ -1272,17 +1377,26 @@ cdef class UdpEngine:
         """Seal payload (whole frames) as one DATA packet of its own now and return its counter.
 
         For the delivery layer, which must know which packet carried which fragments. A packet
-        the socket cannot take is dropped and counted (send_errors) like a lost datagram: the
-        delivery layer retransmits what it carried."""
+        the socket (or a back-pressured stream) cannot take is dropped and counted
+        (send_errors) like a lost datagram: the delivery layer retransmits what it carried."""
         cdef SessionCrypto crypto = session.crypto
         cdef uint64_t counter
+        cdef int64_t sealed
         cdef Py_ssize_t length
         cdef uint8_t* slot
         cdef const uint8_t* tag
         cdef double now = self._loop_time()
         if session._closed or self._closed or crypto is None:
             raise ClosedError("session is not established or is closed")
-        if PyBytes_GET_SIZE(payload) > session._cap:
+        if self._to_stream(session, PyBytes_GET_SIZE(payload)):
+            if PyBytes_GET_SIZE(payload) > C_STREAM_PAYLOAD:
+                raise MessageTooLargeError(_too_large(PyBytes_GET_SIZE(payload),
+                                                      self.max_datagram))
+            sealed = self._seal_to_stream(session, payload, now)
+            if sealed < 0:
+                raise ClosedError("session send counter exhausted")
+            return sealed
+        if PyBytes_GET_SIZE(payload) > self.max_datagram - DATA_OVERHEAD:
             raise MessageTooLargeError(_too_large(PyBytes_GET_SIZE(payload), self.max_datagram))
         counter = crypto.send_counter
         if self._tx_count == self._batch and not self._drain_tx():
@@ -1306,6 +1420,8 @@ cdef class UdpEngine:
         self._tx_hdrs[self._tx_count].msg_hdr.msg_namelen = session._salen
         self._tx_owner[self._tx_count] = session
         self._tx_count += 1
+        if session._duplicate and session.stream.writable:
+            session.stream.write_packet(PyBytes_FromStringAndSize(<const char*>slot, length))
         if not self._in_batch:
             self._drain_tx()
         return counter
@@ -1395,11 +1511,13 @@ cdef class UdpEngine:
         return 0
 
     cdef bint _seal_session(self, Session s, double now, bint force) except -1:
-        """Seal s's queued payloads into the send ring, sending whenever it fills. False if
-        the socket would block (the rest stays queued). Sessions without keys keep their
-        queue: the first frames ride in the handshake (take_payload) or follow install_keys."""
+        """Seal s's queued payloads onto its path: into the send ring (sending whenever it
+        fills) or onto its stream. False if the UDP socket would block (the rest stays
+        queued); a back-pressured stream also keeps the rest queued, and the network flushes
+        again when the connection drains. Sessions without keys keep their queue: the first
+        frames ride in the handshake (take_payload) or follow install_keys."""
         cdef bytes payload
-        cdef Py_ssize_t length
+        cdef Py_ssize_t length, n
         cdef uint64_t counter
         cdef uint8_t* slot
         cdef const uint8_t* tag
@@ -1412,14 +1530,31 @@ cdef class UdpEngine:
             if self._tx_count == self._batch and not self._drain_tx():
                 return False
             if s._queue_len():
+                n = PyBytes_GET_SIZE(s._queue[s._queue_head])
+            elif s._cur_len:
+                n = s._cur_len
+            elif force:
+                n = 0
+            else:
+                break
+            if self._to_stream(s, n):
+                if not s.stream.writable:
+                    break  # back-pressure: the network flushes again once it drains
+            elif s.stream is None and (not s._udp or not s._salen or self.sock is None):
+                break  # no path now: the queue waits for the network to give the session one
+            if s._queue_len():
                 payload = s._pop_payload()
             elif s._cur_len:
                 payload = s._take_cur()  # the common case: no queue, one packet
-            elif force:
-                payload = b""
             else:
-                break
+                payload = b""
             force = False
+            if self._to_stream(s, n):
+                self._seal_to_stream(s, payload, now)
+                continue
+            if n > self.max_datagram - DATA_OVERHEAD:  # its stream went away: cannot be sent
+                self._counters[CNT_SEND_ERRORS] += 1
+                continue
             slot = self._tx_buf + self._tx_count * self.max_datagram
             counter = crypto.send_counter
             length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload),
@@ -1438,8 +1573,106 @@ cdef class UdpEngine:
             self._tx_hdrs[self._tx_count].msg_hdr.msg_namelen = s._salen
             self._tx_owner[self._tx_count] = s
             self._tx_count += 1
+            if s._duplicate and s.stream.writable:  # first contact: the same packet on both
+                if s.stream.write_packet(PyBytes_FromStringAndSize(<const char*>slot, length)):
+                    self._counters[CNT_PACKETS_OUT] += 1
+                    self._counters[CNT_BYTES_OUT] += length
         s._wake_drained(None)
         return True
+
+    cdef bint _to_stream(self, Session s, Py_ssize_t n) noexcept:
+        """Whether an n-byte payload of s goes on its stream rather than by UDP."""
+        return s.stream is not None and (not s._udp or not s._salen or self.sock is None
+                                         or n > self.max_datagram - DATA_OVERHEAD)
+
+    cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now) except -2:
+        """Seal payload as one packet written to s.stream; its counter, or -1 if the session's
+        counter is exhausted. A packet the connection refuses (it closed) is counted as
+        send_errors, like a lost datagram."""
+        cdef SessionCrypto crypto = s.crypto
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t size = n + (DATA_HEADER_SIZE if crypto.plaintext else DATA_OVERHEAD)
+        cdef bytes packet = PyBytes_FromStringAndSize(NULL, size)
+        cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(packet)
+        cdef const uint8_t* tag
+        cdef uint64_t counter = crypto.send_counter
+        cdef Py_ssize_t length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload), n,
+                                                  out, size)
+        if length < 0:
+            self._counters[CNT_COUNTER_EXHAUSTED if length == -1 else CNT_SEND_ERRORS] += 1
+            return -1
+        # Retaining a lone large message for SESSION_UNKNOWN would pin up to 64 MiB per session
+        # for RETAIN_SENT_TIME; coalesced packets are kept as on UDP.
+        if n <= C_STREAM_COALESCE:
+            tag = _ZERO_TAG
+            if not crypto.plaintext:
+                tag = out + length - AEAD_TAG_SIZE
+            s._retain(counter, tag, payload, now)
+        s.last_sent = now
+        if s.stream.write_packet(packet):
+            self._counters[CNT_PACKETS_OUT] += 1
+            self._counters[CNT_BYTES_OUT] += length
+        else:
+            self._counters[CNT_SEND_ERRORS] += 1
+        return <int64_t>counter
+
+    def set_path(self, Session session not None, stream, bint udp, bint duplicate=False,
+                 int transport_id=-1):
+        """Choose where session's packets go (docs/wire.md §5): by UDP to its address when
+        udp, on the stream connection stream (a msgnet.tcp.StreamConnection) otherwise. With
+        both, payloads too large for a datagram take the stream, and duplicate sends every
+        packet on both paths with the same counter (first contact, until the peer's ACK).
+        transport_id is what INIT frames name from now on (-1: unchanged).
+
+        On the stream alone, frames coalesce into packets of up to 64 KiB. Back to UDP
+        alone, the queue is cut into datagram payloads (a frame too large for one is dropped
+        and counted as send_errors)."""
+        cdef Py_ssize_t cap
+        if not udp and stream is None:
+            raise UsageError("a session needs a UDP or a stream path")
+        cap = self.max_datagram - DATA_OVERHEAD if udp else C_STREAM_COALESCE
+        if cap != session._cap:
+            session._close_payload()
+            session._cap = cap
+        session.stream = stream
+        session._udp = udp
+        session._duplicate = duplicate and udp and stream is not None
+        if transport_id >= 0:
+            session._transport_id = <uint16_t>transport_id
+        if stream is None and session._queued_bytes:
+            self._repack(session)
+        if session.established and not session._closed and (session._queue_len()
+                                                             or session._cur_len):
+            self._mark_dirty(session)
+
+    cdef int _repack(self, Session s) except -1:
+        """Cut queued payloads larger than a datagram's into runs of whole frames that fit
+        one; a single frame larger than that is dropped (send_errors)."""
+        cdef Py_ssize_t cap = self.max_datagram - DATA_OVERHEAD
+        cdef Py_ssize_t pos, take, n, skip
+        cdef const uint8_t* p
+        cdef FrameView fv
+        cdef bytes payload
+        cdef list out = []
+        for payload in s._queue[s._queue_head:]:
+            n = PyBytes_GET_SIZE(payload)
+            p = <const uint8_t*>PyBytes_AS_STRING(payload)
+            pos = 0
+            while pos < n:
+                take = _whole_frames(p + pos, n - pos, cap)
+                if take:
+                    out.append(payload[pos:pos + take])
+                    pos += take
+                    continue
+                self._counters[CNT_SEND_ERRORS] += 1
+                skip = 0
+                if read_frame(p + pos, n - pos, &skip, &fv) != READ_OK:
+                    break
+                pos += skip
+        s._queue = out or None
+        s._queue_head = 0
+        s._queued_bytes = sum([PyBytes_GET_SIZE(x) for x in out])
+        return 0
 
     cdef int _group_units(self) noexcept:
         """Fill _tx_units with the messages that send the packets from _tx_head on: with GSO,
@@ -1582,7 +1815,7 @@ cdef class UdpEngine:
                 memmove(front, front + take, length - take)
                 session._cur_len -= take
                 if session._cur_len == 0:
-                    self._give_buffer(session._cur)
+                    self._give_buffer(session._cur, session._cap)
                     session._cur = NULL
             elif take == length:
                 session._pop_payload()
@@ -1597,6 +1830,9 @@ cdef class UdpEngine:
     def sendto(self, data, addr) -> None:
         """Send one raw packet now (handshake packets). Failures are counted (send_errors),
         not raised: the handshake retransmits."""
+        if self.sock is None:  # a stream-only engine
+            self._counters[CNT_SEND_ERRORS] += 1
+            return
         try:
             if self._transport is not None:
                 self._transport.sendto(data, addr)
@@ -1614,7 +1850,7 @@ cdef class UdpEngine:
         future = self.loop.create_future()
         if session._closed or self._closed:
             future.set_exception(ClosedError("session is closed"))
-        elif 2 * session._queue_len() < self._max_queue:
+        elif session._below_half():
             future.set_result(None)
         else:
             if session._drain_waiters is None:

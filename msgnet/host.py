@@ -31,9 +31,10 @@ from .errors import (
     UsageError,
 )
 from .identity import KeyPair, PeerID
-from .network import MessageNetwork
+from .network import TRANSPORT_POLICIES, MessageNetwork
 from .peerstore import Peerstore
 from .qos import BEST_EFFORT, BestEffort, QoS, Reliable
+from .tcp import StreamSettings
 
 __all__ = ["MessageHost", "Handler"]
 
@@ -50,7 +51,10 @@ class MessageHost:
     """A libp2p peer that sends and receives messages by protocol.
 
     ``async with MessageHost(listen=[...]) as host:`` binds the listen
-    addresses and closes everything on exit.  Handlers may be plain functions
+    addresses (``/ip4|ip6/.../udp/PORT`` and ``/.../tcp/PORT``, as many as wanted) and
+    closes everything on exit.  ``transport_policy`` is "prefer-udp" (default),
+    "prefer-tcp", "udp-only" or "tcp-only" (docs/wire.md §5); ``stream_settings`` adjusts
+    the TCP limits of docs/wire.md §6.  Handlers may be plain functions
     or coroutine functions; they receive a :class:`Message` whose
     ``from_peer`` is the peer proven by the handshake.
     """
@@ -64,13 +68,19 @@ class MessageHost:
         max_datagram: int = limits.MAX_DATAGRAM,
         use_recvmmsg: bool | None = None,
         peerstore: Peerstore | None = None,
+        transport_policy: str = "prefer-udp",
+        stream_settings: StreamSettings | None = None,
     ) -> None:
         self._keypair = keypair or KeyPair.generate()
         self._listen = [str(a) for a in listen]
         for addr in self._listen:
             parse_multiaddr(addr)  # bad addresses fail here, not at start
+        if transport_policy not in TRANSPORT_POLICIES:
+            raise UsageError(f"transport_policy must be one of {TRANSPORT_POLICIES}")
         self._options = dict(plaintext=plaintext, max_datagram=max_datagram,
-                             use_recvmmsg=use_recvmmsg, peerstore=peerstore)
+                             use_recvmmsg=use_recvmmsg, peerstore=peerstore,
+                             transport_policy=transport_policy,
+                             stream_settings=stream_settings)
         self._network: MessageNetwork | None = None
         # Outstanding requests by request id (unique per host, whatever the peer):
         # [future, protocol, peer, timeout, deadline]; the deadline is appended once the

@@ -11,7 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 # Counters that are gauges (current values), not monotonically increasing totals.
-GAUGES = frozenset({"sessions", "pending_handshakes", "peers_known", "pending_requests"})
+GAUGES = frozenset({"sessions", "pending_handshakes", "peers_known", "pending_requests",
+                    "stream_connections"})
 
 
 def merge(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:

@@ -1,12 +1,33 @@
-"""MessageNetwork: sockets, sessions, handshakes and dialing.
+"""MessageNetwork: sockets, sessions, handshakes, dialing and paths.
 
 The network glues the sans-IO handshake core (``core/handshake.py``) to the
-Cython engines (``_engine.pyx``, one per bound UDP socket).  The engine calls
-this object (its *delegate*) only for what is off the hot path: handshake
-packets, unknown sessions, resets, responses and control frames.
+Cython engines (``_engine.pyx``, one per bound UDP socket) and to the TCP
+stream transport (``tcp.py``).  The engine calls this object (its *delegate*)
+only for what is off the hot path: handshake packets, unknown sessions,
+resets, responses and control frames; TCP connections hand it every packet
+(``stream_packet``), which it runs through the session's engine.
 
 Session model (docs/wire.md §2.3.2): one sending session per peer, the
 newest established one; older ones keep receiving until they expire.
+
+Paths (docs/wire.md §5): a session is not tied to a transport.  Per peer the
+network keeps a :class:`_PeerPath` (the peer's UDP address, our TCP
+connection to it, and which of them its sessions send on) and moves the
+sessions with :meth:`UdpEngine.set_path`:
+
+* first contact goes out on every transport we have an address for (the same
+  INITIATION, then every packet on both paths with one counter) until the
+  responder's ACK names the transport it prefers; the initiator consolidates
+  onto the path that ACK arrived on;
+* a path fails when its TCP connection closes, or when UDP stays silent for
+  PATH_TIMEOUT while a reply, a reliable frame or a probe PING is awaited;
+  the sessions move to the other path (dialing TCP if needed) without a new
+  handshake, and a peer that sends on a new path is followed once the old one
+  has been silent for ADOPT_AFTER;
+* the policy (``transport_policy``) says which transports may be used and
+  which the responder prefers; messages too large for one datagram take the
+  stream when the peer has one (dialled on demand), and on a stream reliable
+  QoS needs no acknowledgements, retransmissions or fragments of msgnet's own.
 """
 
 from __future__ import annotations
@@ -24,8 +45,8 @@ from typing import Any
 from multiaddr import Multiaddr
 
 from . import limits
-from ._engine import Message, Session, UdpEngine
-from ._frame import Continuation, Init, decode_packet
+from ._engine import STREAM_BAD, STREAM_OK, Message, Session, UdpEngine
+from ._frame import Ack, Continuation, Init, Ping, decode_packet, encode_frame
 from ._packet import SessionCrypto, decode_session_unknown
 from .addr import Endpoint, parse_multiaddr, sockaddr_to_multiaddr
 from .core.handshake import FinishRepeated, Handshaker, HandshakeFailed, SessionEstablished
@@ -37,14 +58,25 @@ from .errors import (
     PeerUnreachableError,
     ProtocolResetError,
     RequestTimeoutError,
+    SecurityError,
     UsageError,
 )
 from .identity import KeyPair, PeerID
 from .metrics import merge, prometheus_text
 from .peerstore import Peerstore
 from .qos import BEST_EFFORT, DeliveryManager, QoS, Reliable
+from .tcp import StreamAddress, StreamConnection, StreamListener, StreamSettings, TcpStreams
 
-__all__ = ["MessageNetwork", "MessageTransport", "UdpTransport", "UdpSocket", "SocketSession"]
+__all__ = [
+    "MessageNetwork",
+    "MessageTransport",
+    "SocketSession",
+    "TRANSPORT_POLICIES",
+    "TcpListener",
+    "TcpTransport",
+    "UdpSocket",
+    "UdpTransport",
+]
 
 log = logging.getLogger("msgnet")
 
@@ -53,23 +85,43 @@ ResponseListener = Callable[[Session, int, bytes], None]
 
 HOUSEKEEPING_INTERVAL = 1.0
 
+TRANSPORT_POLICIES = ("prefer-udp", "prefer-tcp", "udp-only", "tcp-only")
+"""Which transports a host uses (docs/wire.md §5, local): the first two use both and prefer
+one when answering a handshake; the others never send on, dial or answer the other."""
+ADOPT_AFTER = 1.0
+"""A peer's packets arriving on another path move our sending there once the path we send
+on has delivered nothing for this long (flapping between two working paths is pointless)."""
+PROBE_AFTER = 1.0
+"""Sending by UDP with nothing received for this long, and another path to fall back on: a
+PING asks the peer for a packet, so a silent path is told from a quiet peer."""
+CONSOLIDATE_AFTER = 1.0
+"""First contact that got no ACK this long after the session was confirmed (the ACK was
+lost): settle on a path by our own policy instead of sending everything twice."""
+
+_ZERO_COOKIE = bytes(16)
+_U32 = struct.Struct(">I")
+_HANDSHAKE_MALFORMED = ("truncated", "unknown_packet_type", "initiation_too_short",
+                        "handshake_failed", "bad_signature", "bad_cookie", "wrong_peer_id")
+"""Handshake drops that prove a stream peer is not speaking msgnet in good faith."""
+
 
 class MessageTransport:
-    """A kind of transport (the seed's MessageTransport): opens sockets.
+    """A kind of transport (the seed's MessageTransport): opens listening sockets.
 
-    ``transport_id`` numbers the transports of one host (docs/wire.md §5).
+    Each socket or listener it opens gets the host's next ``transport_id``, numbered from 1
+    in listen order and announced in the handshake (docs/wire.md §5).
     """
 
     name = "abstract"
 
-    def __init__(self, network: MessageNetwork, transport_id: int) -> None:
+    def __init__(self, network: MessageNetwork) -> None:
         self.network = network
-        self.transport_id = transport_id
 
     def can_dial(self, endpoint: Endpoint) -> bool:
         return endpoint.transport == self.name
 
-    async def open(self, endpoint: Endpoint) -> UdpSocket:  # pragma: no cover - interface
+    async def open(self, endpoint: Endpoint,
+                   transport_id: int) -> UdpSocket | TcpListener:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -78,7 +130,7 @@ class UdpTransport(MessageTransport):
 
     name = "udp"
 
-    async def open(self, endpoint: Endpoint) -> UdpSocket:
+    async def open(self, endpoint: Endpoint, transport_id: int) -> UdpSocket:
         family = socket.AF_INET6 if endpoint.family == "ip6" else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -97,7 +149,45 @@ class UdpTransport(MessageTransport):
         except BaseException:
             sock.close()
             raise
-        return UdpSocket(self, sock, family)
+        return UdpSocket(self, sock, family, transport_id)
+
+
+class TcpTransport(MessageTransport):
+    """TCP: msgnet packets length-prefixed on connections (docs/wire.md §6), a listener per
+    listen address; the network's :class:`~msgnet.tcp.TcpStreams` holds the connections,
+    one per peer, shared by all its sessions and protocols."""
+
+    name = "tcp"
+
+    async def open(self, endpoint: Endpoint, transport_id: int) -> TcpListener:
+        listener = await self.network.streams.listen(endpoint.host, endpoint.port, transport_id)
+        return TcpListener(self, listener, transport_id)
+
+
+class TcpListener:
+    """A listening TCP socket: the stream counterpart of :class:`UdpSocket`."""
+
+    def __init__(self, transport: TcpTransport, listener: StreamListener,
+                 transport_id: int) -> None:
+        self.transport = transport
+        self.transport_id = transport_id
+        self._listener = listener
+        self.family = socket.AF_INET6 if len(listener.sockname) == 4 else socket.AF_INET
+
+    @property
+    def listen_addr(self) -> Multiaddr:
+        return sockaddr_to_multiaddr(self._listener.sockname, "tcp")
+
+    @property
+    def sockname(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        return self._listener.sockname[:2]
+
+    def start(self) -> None:
+        """Accepting started with the listener."""
+
+    def close(self) -> None:
+        self._listener.close()
 
 
 class UdpSocket:
@@ -107,8 +197,10 @@ class UdpSocket:
     ``new_session`` gives a per-(peer, protocol) ``SocketSession`` view.
     """
 
-    def __init__(self, transport: UdpTransport, sock: socket.socket, family: int) -> None:
+    def __init__(self, transport: UdpTransport, sock: socket.socket, family: int,
+                 transport_id: int) -> None:
         self.transport = transport
+        self.transport_id = transport_id
         self.family = family
         self._sock = sock
         network = transport.network
@@ -120,7 +212,7 @@ class UdpSocket:
             max_datagram=network.max_datagram,
             use_recvmmsg=network.use_recvmmsg,
         )
-        self.engine.transport_id = transport.transport_id
+        self.engine.transport_id = transport_id
 
     @property
     def listen_addr(self) -> Multiaddr:
@@ -164,14 +256,38 @@ class SocketSession:
 class _Dial:
     """An initiator handshake in progress and the session it will establish."""
 
-    __slots__ = ("session", "engine", "done", "endpoint")
+    __slots__ = ("session", "engine", "done", "initiation")
 
-    def __init__(self, session: Session, engine: UdpEngine, endpoint: Endpoint,
+    def __init__(self, session: Session, engine: UdpEngine,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.session = session
         self.engine = engine
-        self.endpoint = endpoint
         self.done: asyncio.Future[Session] = loop.create_future()
+        # The first INITIATION, copied to a TCP connection that comes up while it is pending;
+        # None until the handshake starts (a dial by TCP alone waits for its connection).
+        self.initiation: bytes | None = None
+
+
+class _PeerPath:
+    """How we reach one peer (docs/wire.md §5): its UDP address, our TCP connection to it,
+    which of them its sessions send on, and what tells a silent UDP path from a quiet peer."""
+
+    __slots__ = ("udp", "stream", "mode", "transports", "started", "expect_since",
+                 "stream_rx", "dialing")
+
+    def __init__(self) -> None:
+        self.udp: Any = None                       # the peer's UDP address, when known
+        self.stream: StreamConnection | None = None  # our connection to it
+        self.mode = "udp"                          # "udp", "tcp", or "both" until the ACK
+        self.transports: tuple[int, ...] = ()      # its transport ids (its handshake payload)
+        self.started = 0.0                         # when the current first contact completed
+        self.expect_since = 0.0                    # awaiting a UDP packet since (0: not)
+        self.stream_rx = 0.0                       # last authenticated packet on the stream
+        self.dialing: asyncio.Task[None] | None = None  # a TCP connect in progress
+
+    def open_stream(self) -> StreamConnection | None:
+        stream = self.stream
+        return stream if stream is not None and not stream.closed else None
 
 
 class MessageNetwork:
@@ -187,11 +303,15 @@ class MessageNetwork:
         max_sessions: int = limits.MAX_SESSIONS,
         use_recvmmsg: bool | None = None,
         peerstore: Peerstore | None = None,
+        transport_policy: str = "prefer-udp",
+        stream_settings: StreamSettings | None = None,
     ) -> None:
         if not limits.MAX_DATAGRAM <= max_datagram <= limits.MAX_DATAGRAM_CEILING:
             raise UsageError(
                 f"max_datagram must be within {limits.MAX_DATAGRAM}..{limits.MAX_DATAGRAM_CEILING}"
             )
+        if transport_policy not in TRANSPORT_POLICIES:
+            raise UsageError(f"transport_policy must be one of {TRANSPORT_POLICIES}")
         self.keypair = keypair or KeyPair.generate()
         self.loop = loop or asyncio.get_running_loop()
         self.max_datagram = max_datagram
@@ -200,13 +320,23 @@ class MessageNetwork:
         self.handlers: dict[str, Handler] = {}
         self.peerstore = peerstore or Peerstore()
         self._plaintext = plaintext
-        self._transports: list[MessageTransport] = [UdpTransport(self, 1)]
-        self._sockets: list[UdpSocket] = []
-        self._handshaker = Handshaker(
-            self.keypair,
-            plaintext=plaintext,
-            transport_ids=tuple(t.transport_id for t in self._transports),
-        )
+        self.transport_policy = transport_policy
+        self._use_udp = transport_policy != "tcp-only"
+        self._use_tcp = transport_policy != "udp-only"
+        self._transports: list[MessageTransport] = [UdpTransport(self), TcpTransport(self)]
+        # Every listening socket and listener, in listen order (transport id = position + 1).
+        self._sockets: list[UdpSocket | TcpListener] = []
+        self.streams = TcpStreams(self, loop=self.loop, settings=stream_settings)
+        # The engine of sessions on a host without UDP sockets: it reads no socket.
+        self._stream_engine: UdpEngine | None = None
+        self._paths: dict[PeerID, _PeerPath] = {}
+        self._conn_path: dict[StreamConnection, tuple[PeerID, _PeerPath]] = {}
+        # Connections that carried an authenticated packet or a handshake of ours: from then
+        # on bad packets on them are dropped as on UDP instead of closing them (wire.md §6).
+        self._trusted: set[StreamConnection] = set()
+        # Where the copies of a pending responder handshake's INITIATION came from.
+        self._pending_paths: dict[int, list[Any]] = {}
+        self._handshaker = Handshaker(self.keypair, plaintext=plaintext, transport_ids=())
         self.delivery = DeliveryManager(self.loop, max_datagram)
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
@@ -248,18 +378,26 @@ class MessageNetwork:
             if transport is None:
                 raise UsageError(f"no transport can listen on {ma}")
             endpoint = await endpoint.resolve()
-            sock = await transport.open(endpoint)
+            sock = await transport.open(endpoint, len(self._sockets) + 1)
             sock.start()
             self._sockets.append(sock)
             bound.append(sock.listen_addr)
+        self._handshaker.set_transport_ids(tuple(s.transport_id for s in self._sockets))
         self._arm_timer(self.loop.time() + HOUSEKEEPING_INTERVAL)
         return bound
 
     def listen_addrs(self) -> list[Multiaddr]:
         return [s.listen_addr for s in self._sockets]
 
-    def sockets(self) -> list[UdpSocket]:
+    def sockets(self) -> list[UdpSocket | TcpListener]:
+        """Every listening socket and listener, in listen order."""
         return list(self._sockets)
+
+    def _engines(self) -> list[UdpEngine]:
+        engines = [s.engine for s in self._sockets if isinstance(s, UdpSocket)]
+        if self._stream_engine is not None:
+            engines.append(self._stream_engine)
+        return engines
 
     def transports(self) -> list[MessageTransport]:
         return list(self._transports)
@@ -312,9 +450,16 @@ class MessageNetwork:
         self._unconfirmed.clear()
         self._sessions.clear()
         self._last = None
+        for path in self._paths.values():
+            if path.dialing is not None:
+                path.dialing.cancel()
+        self._paths.clear()
+        self.streams.close()
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
+        if self._stream_engine is not None:
+            self._stream_engine.close()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -322,8 +467,16 @@ class MessageNetwork:
                            flags: int = 0, request_id: int = 0,
                            qos: QoS = BEST_EFFORT) -> None:
         """Queue a message; waits only when the peer's queue is full (back-pressure), or, for
-        ``Reliable(wait=True)``, until the peer acknowledged it."""
+        ``Reliable(wait=True)``, until the peer acknowledged it.
+
+        On a stream path a reliable message is sent as it is: TCP acknowledges, retransmits
+        and orders it, so ``wait`` returns once it is queued. A message too large for one
+        datagram takes the peer's stream (dialled if need be) before it is fragmented."""
         session, engine = self.session_for(peer_id, protocol)
+        if flags & limits.FLAG_REQUEST:
+            self._expect_reply(peer_id)
+        if isinstance(qos, Reliable) and session.sends_on_stream:
+            qos = BEST_EFFORT
         if isinstance(qos, Reliable):
             waiter = self.delivery.send(session, engine, protocol, data, qos, flags, request_id)
             if waiter is not None:
@@ -338,14 +491,27 @@ class MessageNetwork:
             while not engine.send_message(session, protocol, data, flags, request_id):
                 await engine.wait_drained(session)
                 session, engine = self.session_for(peer_id, protocol)
-        except MessageTooLargeError:  # more than one packet: fragmented best effort
-            self.delivery.send(session, engine, protocol, data, qos, flags, request_id)
+            return
+        except MessageTooLargeError:
+            if not await self._stream_for(peer_id):  # no stream: fragmented best effort
+                self.delivery.send(session, engine, protocol, data, qos, flags, request_id)
+                return
+        session, engine = self.session_for(peer_id, protocol)
+        while not engine.send_message(session, protocol, data, flags, request_id):
+            await engine.wait_drained(session)
+            session, engine = self.session_for(peer_id, protocol)
 
     def send_reply(self, session: Session, protocol: str, data: bytes, request_id: int,
                    reliable: bool, ordered: bool) -> None:
-        """Engine delegate: a reply that needs the delivery layer (reliable, or large)."""
+        """Engine delegate: a reply that needs the delivery layer (reliable, or large), unless
+        the session sends on a stream, which needs none."""
         qos: QoS = Reliable(ordered=ordered) if reliable else BEST_EFFORT
         try:
+            if session.sends_on_stream:
+                if not session.engine.send_message(session, protocol, data,
+                                                   limits.FLAG_RESPONSE, request_id):
+                    self._count("reply_dropped")
+                return
             self.delivery.send(session, session.engine, protocol, data, qos,
                                limits.FLAG_RESPONSE, request_id)
         except MsgnetError as exc:
@@ -357,11 +523,35 @@ class MessageNetwork:
         """Queue a message now, as send_message does, but never wait: False when the peer's
         queue is full (then await send_message). What callers use first, to spare a
         coroutine per message in the common case."""
+        if flags & limits.FLAG_REQUEST:
+            self._expect_reply(peer_id)
         last = self._last
         if last is not None and last[0] is peer_id and not self._refused and not self._closed:
             return last[2].send_message(last[1], protocol, data, flags, request_id)
         session, engine = self.session_for(peer_id, protocol)
         return engine.send_message(session, protocol, data, flags, request_id)
+
+    def _expect_reply(self, peer_id: PeerID) -> None:
+        """A request went out: its reply is what shows the UDP path still works."""
+        path = self._paths.get(peer_id)
+        if path is not None and path.mode == "udp" and not path.expect_since:
+            path.expect_since = self.loop.time()
+
+    async def _stream_for(self, peer_id: PeerID) -> bool:
+        """Give the peer's sessions a stream for messages too large for a datagram, dialling
+        one if the peer has a TCP address; False if there is none to be had."""
+        path = self._paths.get(peer_id)
+        if path is None or not self._use_tcp:
+            return False
+        if path.open_stream() is None:
+            if path.dialing is None and not self._dial_tcp(peer_id, path):
+                return False
+            assert path.dialing is not None
+            await asyncio.shield(path.dialing)  # the dial reports its own failures
+        if path.open_stream() is None:
+            return False
+        self._apply(peer_id, path)
+        return True
 
     def session_for(self, peer_id: PeerID, protocol: str | None = None
                     ) -> tuple[Session, UdpEngine]:
@@ -406,41 +596,140 @@ class MessageNetwork:
             raise PeerUnreachableError(f"no session with {peer_id} after {timeout} s") from None
 
     def _start_dial(self, peer_id: PeerID) -> _Dial:
+        """Start a handshake on every transport we have an address for (docs/wire.md §5):
+        UDP at once, TCP once its connection is up (or at once on a connection we have)."""
         if not isinstance(peer_id, PeerID):
             raise UsageError(f"peer must be a PeerID, not {type(peer_id).__name__}")
         if peer_id == self.local_peer:
             raise UsageError("cannot send to ourselves")
-        for endpoint in self.peerstore.endpoints(peer_id):
-            if endpoint.transport != "udp" or endpoint.family not in ("ip4", "ip6"):
-                continue
-            sock = self._socket_for(endpoint)
-            if sock is not None:
-                break
+        endpoints = self.peerstore.endpoints(peer_id)
+        udp = next((e for e in endpoints if self._use_udp and e.transport == "udp"
+                    and self._socket_for(e) is not None), None)
+        path = self._paths.get(peer_id) or _PeerPath()
+        stream = path.open_stream() if self._use_tcp else None
+        if udp is None and stream is None and not self._tcp_endpoints(peer_id):
+            kinds = {"prefer-udp": "UDP or TCP", "prefer-tcp": "UDP or TCP",
+                     "udp-only": "UDP", "tcp-only": "TCP"}[self.transport_policy]
+            raise PeerUnreachableError(f"no usable {kinds} address known for {peer_id}")
+        self._paths[peer_id] = path
+        if udp is not None:
+            path.udp = udp.sockaddr
+            sock = self._socket_for(udp)
+            assert sock is not None
+            engine = sock.engine
         else:
-            raise PeerUnreachableError(f"no usable UDP address known for {peer_id}")
-        engine = sock.engine
+            engine = self._default_engine()
         local_index = self._allocate_index()
         session = engine.new_session(peer_id, local_index, True)
-        dial = _Dial(session, engine, endpoint, self.loop)
+        dial = _Dial(session, engine, self.loop)
         dial.done.add_done_callback(_consume_exception)
         self._dials[local_index] = dial
         self._dial_by_peer[peer_id] = dial
-        now = self.loop.time()
+        self._count("handshakes_started")
+        if udp is not None:
+            self._initiate(dial, udp.sockaddr)
+        elif stream is not None:
+            self._initiate(dial, stream.address)
+        if stream is None and self._use_tcp and path.dialing is None:
+            self._dial_tcp(peer_id, path)
+        return dial
+
+    def _initiate(self, dial: _Dial, address: Any) -> None:
+        session, engine = dial.session, dial.engine
         datagrams = self._handshaker.initiate(
-            endpoint.sockaddr,
-            now,
-            local_index=local_index,
-            peer_id=peer_id,
+            address,
+            self.loop.time(),
+            local_index=session.local_index,
+            peer_id=session.peer_id,
             take_frames=lambda budget: engine.take_payload(session, budget),
         )
-        self._send_all(engine, datagrams)
-        self._count("handshakes_started")
+        dial.initiation = datagrams[0][0]
+        self._send_handshake(datagrams)
         self._arm_timer(self._handshaker.next_deadline())
-        return dial
+
+    def _tcp_endpoints(self, peer_id: PeerID) -> list[Endpoint]:
+        if not self._use_tcp:
+            return []
+        return [e for e in self.peerstore.endpoints(peer_id)
+                if e.transport == "tcp" and e.family in ("ip4", "ip6")]
+
+    def _dial_tcp(self, peer_id: PeerID, path: _PeerPath) -> bool:
+        """Connect to the peer's TCP addresses in the background; False if it has none."""
+        endpoints = self._tcp_endpoints(peer_id)
+        if not endpoints or self._closed:
+            return False
+        path.dialing = self.loop.create_task(self._connect(peer_id, path, endpoints))
+        return True
+
+    async def _connect(self, peer_id: PeerID, path: _PeerPath,
+                       endpoints: list[Endpoint]) -> None:
+        try:
+            for endpoint in endpoints:
+                try:
+                    conn = await self.streams.connect(endpoint.host, endpoint.port,
+                                                      self._tcp_transport_id())
+                except PeerUnreachableError:
+                    continue
+                self._stream_connected(peer_id, path, conn)
+                return
+            self._count("tcp_dials_failed")
+            dial = self._dial_by_peer.get(peer_id)
+            if dial is not None and dial.initiation is None:  # TCP was its only way
+                self._fail_dial(dial, PeerUnreachableError(
+                    f"no TCP connection to {peer_id} at {[str(e) for e in endpoints]}"))
+        except ClosedError:
+            return
+        finally:
+            if path.dialing is asyncio.current_task():
+                path.dialing = None
+
+    def _stream_connected(self, peer_id: PeerID, path: _PeerPath,
+                          conn: StreamConnection) -> None:
+        """A connection we dialled is up: first contact copies the INITIATION to it; an
+        established peer's sessions get it as a path (or as their only one after a failover)."""
+        if self._paths.get(peer_id) is not path:  # the peer was forgotten meanwhile
+            conn.close()
+            return
+        self._bind_stream(peer_id, path, conn)
+        dial = self._dial_by_peer.get(peer_id)
+        if dial is not None:
+            if dial.initiation is None:
+                self._initiate(dial, conn.address)
+            else:
+                conn.write_packet(dial.initiation)
+            return
+        if path.mode == "tcp":
+            self._apply(peer_id, path)
+            self._ping(peer_id)  # the peer follows us onto the connection at once
+        elif path.mode == "both" or path.udp is not None:
+            self._apply(peer_id, path)
+
+    def _bind_stream(self, peer_id: PeerID, path: _PeerPath, conn: StreamConnection) -> None:
+        """Make conn the peer's connection (one per peer pair, for all its sessions)."""
+        path.stream = conn
+        self._conn_path[conn] = (peer_id, path)
+
+    def _tcp_transport_id(self) -> int:
+        """What outbound connections name as our transport: our first TCP listener, if any."""
+        return next((s.transport_id for s in self._sockets if isinstance(s, TcpListener)), 0)
 
     def _socket_for(self, endpoint: Endpoint) -> UdpSocket | None:
         family = socket.AF_INET6 if endpoint.family == "ip6" else socket.AF_INET
-        return next((s for s in self._sockets if s.family == family), None)
+        return next((s for s in self._sockets
+                     if isinstance(s, UdpSocket) and s.family == family), None)
+
+    def _default_engine(self) -> UdpEngine:
+        """The engine for a session that has no UDP address (yet): the first UDP socket's, or
+        on a host without one, an engine that reads no socket."""
+        sock = next((s for s in self._sockets if isinstance(s, UdpSocket)), None)
+        if sock is not None:
+            return sock.engine
+        if self._stream_engine is None:
+            self._stream_engine = UdpEngine(None, self.loop, self, self.handlers,
+                                            max_datagram=self.max_datagram)
+            self._stream_engine.transport_id = 0
+            self._stream_engine.start()
+        return self._stream_engine
 
     def _allocate_index(self) -> int:
         while True:
@@ -451,7 +740,8 @@ class MessageNetwork:
     # -- engine delegate (called by the Cython engine) ---------------------------------
 
     def handle_control(self, data: bytes, addr: Any) -> None:
-        """Handshake packets, unknown sessions and other rare packets from an engine."""
+        """Handshake packets, unknown sessions and other rare packets from an engine, or from
+        a TCP connection (``addr`` is then its StreamAddress)."""
         try:
             self._handle_control(data, addr)
         except MsgnetError as exc:  # malformed input that slipped past a parser
@@ -461,9 +751,11 @@ class MessageNetwork:
     def _handle_control(self, data: bytes, addr: Any) -> None:
         if self._closed or not data:
             return
+        if not (self._use_tcp if isinstance(addr, StreamAddress) else self._use_udp):
+            self._count("policy_refused")  # a transport our policy does not use
+            return
         kind = data[0]
         now = self.loop.time()
-        engine = self._engine_for_addr(addr)
         if kind in (limits.PACKET_DATA, limits.PACKET_PLAIN_DATA):
             if len(data) >= 5:
                 index = struct.unpack_from(">I", data, 1)[0]
@@ -472,34 +764,84 @@ class MessageNetwork:
                         self._count("early_data_dropped")
                     return
             reply = self._handshaker.answer_unknown_session(data, addr, now)
-            if reply is not None and engine is not None:
-                engine.sendto(reply, addr)
+            if reply is not None:
+                self._send_to(reply, addr)
             return
         if kind == limits.PACKET_SESSION_UNKNOWN:
             self._handle_session_unknown(data, addr)
             return
         output = self._handshaker.handle_packet(data, addr, now,
                                                 allocate_index=self._allocate_index)
-        if engine is not None:
-            self._send_all(engine, output.datagrams)
+        for reply, to in output.datagrams:
+            if reply[0] == limits.PACKET_RESPONSE:  # remember every path the dial came on
+                paths = self._pending_paths.setdefault(struct.unpack_from(">I", reply, 1)[0], [])
+                if to not in paths or isinstance(to, StreamAddress):
+                    paths.append(to)
+        self._send_handshake(output.datagrams, output.events)
         for event in output.events:
-            self._handle_handshake_event(event, engine)
+            self._handle_handshake_event(event)
         self._arm_timer(self._handshaker.next_deadline())
 
     def _engine_for_addr(self, addr: Any) -> UdpEngine | None:
+        """The UDP engine that sends to addr (its family's socket)."""
         family = socket.AF_INET6 if len(addr) == 4 else socket.AF_INET
-        sock = next((s for s in self._sockets if s.family == family), None)
+        sock = next((s for s in self._sockets
+                     if isinstance(s, UdpSocket) and s.family == family), None)
         return sock.engine if sock is not None else None
 
-    def _handle_handshake_event(self, event: Any, engine: UdpEngine | None) -> None:
+    def _send_to(self, data: bytes, addr: Any) -> None:
+        """One raw packet (a handshake packet or a stateless answer) to addr: back on its
+        connection for a StreamAddress, else by UDP."""
+        if isinstance(addr, StreamAddress):
+            addr.conn.write_packet(data)
+            return
+        engine = self._engine_for_addr(addr)
+        if engine is not None:
+            engine.sendto(data, addr)
+
+    def _send_handshake(self, datagrams: Iterable[tuple[bytes, Any]],
+                        events: Iterable[Any] = ()) -> None:
+        """Send handshake output. Our INITIATION and FINISH (first sends and retransmissions)
+        go on every path we have to the peer (docs/wire.md §5, first contact); answers go
+        where their packet came from."""
+        finishing = {e.remote_index: e.peer_id for e in events
+                     if isinstance(e, SessionEstablished) and e.initiator}
+        for data, addr in datagrams:
+            peer: PeerID | None = None
+            if data[0] == limits.PACKET_INITIATION and data[6:22] == _ZERO_COOKIE:
+                dial = self._dials.get(struct.unpack_from(">I", data, 2)[0])
+                peer = dial.session.peer_id if dial is not None else None
+            elif data[0] == limits.PACKET_FINISH:
+                remote = struct.unpack_from(">I", data, 1)[0]
+                peer = finishing.get(remote)
+                if peer is None:
+                    session = self._by_remote_index.get(remote)
+                    peer = session.peer_id if session is not None else None
+            path = self._paths.get(peer) if peer is not None else None
+            if path is None:
+                self._send_to(data, addr)
+                continue
+            targets = [addr]
+            if self._use_udp and path.udp is not None and path.udp != addr:
+                targets.append(path.udp)
+            stream = path.open_stream() if self._use_tcp else None
+            if stream is not None and stream.address != addr:
+                targets.append(stream.address)
+            for target in targets:
+                self._send_to(data, target)
+
+    def _handle_handshake_event(self, event: Any) -> None:
         if isinstance(event, SessionEstablished):
             if event.initiator:
                 self._initiator_established(event)
-            elif engine is not None:
-                self._responder_established(event, engine)
+            else:
+                self._responder_established(event)
         elif isinstance(event, FinishRepeated):
             session = self._by_index.get(event.local_index)
             if session is not None:
+                if isinstance(event.address, StreamAddress):
+                    self._trusted.add(event.address.conn)
+                self._send_ack(session)  # the initiator may have missed it with the first one
                 session.engine.flush_session(session, True)
         elif isinstance(event, HandshakeFailed) and event.initiator:
             self._count("handshakes_failed")
@@ -518,33 +860,129 @@ class MessageNetwork:
         dial = self._dials.pop(event.local_index, None)
         if dial is None:
             return
-        if self._dial_by_peer.get(dial.session.peer_id) is dial:
-            del self._dial_by_peer[dial.session.peer_id]
+        peer_id = dial.session.peer_id
+        if self._dial_by_peer.get(peer_id) is dial:
+            del self._dial_by_peer[peer_id]
         session, engine = dial.session, dial.engine
         crypto = SessionCrypto(event.local_index, event.remote_index, event.send_key,
                                event.recv_key, event.plaintext)
+        path = self._paths.setdefault(peer_id, _PeerPath())
+        if isinstance(event.address, StreamAddress):
+            self._trusted.add(event.address.conn)
+            self._bind_stream(peer_id, path, event.address.conn)
+        elif self._engine_for_addr(event.address) is engine:
+            path.udp = event.address  # where the RESPONSE came from (a NAT may rewrite it)
+        udp = path.udp if self._use_udp and engine.sock is not None else None
+        stream = path.open_stream() if self._use_tcp else None
+        # Until the ACK, every packet goes on every path (wire.md §5, consolidation).
+        path.mode = "both" if udp is not None and stream is not None else (
+            "udp" if udp is not None else "tcp")
+        path.transports = event.remote_transports
+        path.started = self.loop.time()
+        path.expect_since = 0.0
         self._register(session, engine)
-        engine.install_keys(session, event.remote_index, crypto, event.address)
+        self._set_path(session, path)
+        engine.install_keys(session, event.remote_index, crypto, udp)
         self._by_remote_index[event.remote_index] = session
         self._unconfirmed.add(event.local_index)
         self._count("handshakes_completed")
         if not dial.done.done():
             dial.done.set_result(session)
 
-    def _responder_established(self, event: SessionEstablished, engine: UdpEngine) -> None:
-        session = engine.new_session(event.peer_id, event.local_index, False)
+    def _responder_established(self, event: SessionEstablished) -> None:
+        """Choose the path by our policy among those the handshake came on, tell the initiator
+        with ACK in the confirmation, and send it on that path (wire.md §5)."""
+        arrived = self._pending_paths.pop(event.local_index, []) + [event.address]
+        udp = next((a for a in reversed(arrived) if not isinstance(a, StreamAddress)), None)
+        stream = next((a.conn for a in reversed(arrived)
+                       if isinstance(a, StreamAddress) and not a.conn.closed), None)
+        engine = (self._engine_for_addr(udp) if udp is not None else None) or \
+            self._default_engine()
+        if engine.sock is None or not self._use_udp:
+            udp = None
+        if not self._use_tcp:
+            stream = None
+        if udp is None and stream is None:
+            self._count("handshakes_refused")
+            return
+        prefer_tcp = self.transport_policy in ("prefer-tcp", "tcp-only")
+        mode = "tcp" if stream is not None and (prefer_tcp or udp is None) else "udp"
+        peer_id = event.peer_id
+        path = self._paths.setdefault(peer_id, _PeerPath())
+        if udp is not None:
+            path.udp = udp
+        if stream is not None:
+            self._trusted.add(stream)
+            self._bind_stream(peer_id, path, stream)
+        path.mode = mode
+        path.transports = event.remote_transports
+        path.expect_since = 0.0
+        session = engine.new_session(peer_id, event.local_index, False)
         crypto = SessionCrypto(event.local_index, event.remote_index, event.send_key,
                                event.recv_key, event.plaintext)
         self._register(session, engine)
-        engine.install_keys(session, event.remote_index, crypto, event.address)
+        self._set_path(session, path)
+        engine.install_keys(session, event.remote_index, crypto, udp)
         self._by_remote_index[event.remote_index] = session
         self._count("handshakes_completed")
+        self._send_ack(session)
         if event.frames:
-            engine.process_payload(session, event.frames, event.address)
+            engine.process_payload(session, event.frames, udp if event.address == udp else None)
         for packet in event.early_data:
-            engine.feed_datagram(packet, event.address)
+            if session.sends_on_stream and stream is not None:
+                engine.feed_stream(bytearray(packet), stream)
+            elif udp is not None:
+                engine.feed_datagram(packet, udp)
         engine.flush_session(session, True)  # confirms the session to the initiator
         self.delivery.session_established(session)
+
+    def _send_ack(self, session: Session) -> None:
+        """Queue ACK(our transport on the session's path): where we prefer to hear from the
+        initiator; the confirmation carrying it goes on that same path."""
+        if session.sends_on_stream:
+            transport_id = session.stream.transport_id
+        else:
+            transport_id = session.engine.transport_id
+        session.engine.send_control(session, encode_frame(Ack(transport_id)))
+
+    def _set_path(self, session: Session, path: _PeerPath) -> None:
+        """Put session on the peer's path: its stream (when it sends on it, and for messages
+        too large for a datagram) and/or UDP, both at once during first contact."""
+        stream = path.open_stream() if self._use_tcp else None
+        udp = path.mode != "tcp" and self._use_udp
+        if stream is None and not udp:
+            return  # nothing to move to yet: the queue waits for a connection
+        transport_id = (stream.transport_id if stream is not None and not udp
+                        else session.engine.transport_id)
+        session.engine.set_path(session, stream, udp, path.mode == "both", transport_id)
+
+    def _apply(self, peer_id: PeerID, path: _PeerPath) -> None:
+        """Move every live session with the peer (and a dial's) onto its path."""
+        for session in self._by_index.values():
+            if session.peer_id == peer_id:
+                self._set_path(session, path)
+        dial = self._dial_by_peer.get(peer_id)
+        if dial is not None:
+            self._set_path(dial.session, path)
+
+    def _ping(self, peer_id: PeerID) -> None:
+        """A PING on the peer's sending session: it answers, and follows us to our path."""
+        session = self._sessions.get(peer_id)
+        if session is not None and session.established:
+            session.engine.send_control(session, encode_frame(Ping(os.urandom(8))))
+
+    def paths(self, peer_id: PeerID) -> list[str]:
+        """How each live session with the peer sends: "udp", "tcp" or "udp+tcp" (first
+        contact); for tests and diagnostics."""
+        return ["udp+tcp" if s.duplicated else "tcp" if s.sends_on_stream else "udp"
+                for s in self._by_index.values() if s.peer_id == peer_id]
+
+    def close_streams(self) -> int:
+        """Close every TCP connection (their sessions fail over); returns how many."""
+        connections = self.streams.connections()
+        for conn in connections:
+            conn.close()
+        return len(connections)
 
     def _register(self, session: Session, engine: UdpEngine) -> None:
         """Make ``session`` the peer's sending session (the newest one wins)."""
@@ -577,6 +1015,9 @@ class MessageNetwork:
 
     def _fail_dial(self, dial: _Dial, error: BaseException) -> None:
         index = dial.session.local_index
+        path = self._paths.get(dial.session.peer_id)
+        if isinstance(error, SecurityError) and path is not None and path.stream is not None:
+            path.stream.abort("stream_closed")  # not the peer we meant to reach
         self._dials.pop(index, None)
         if self._dial_by_peer.get(dial.session.peer_id) is dial:
             del self._dial_by_peer[dial.session.peer_id]
@@ -606,7 +1047,7 @@ class MessageNetwork:
         peer_id = session.peer_id
         messages = _retained_messages(session, payloads)
         self._drop_session(session)
-        if self._dial_by_peer.get(peer_id) is None:
+        if self._dial_by_peer.get(peer_id) is None and not isinstance(addr, StreamAddress):
             self.peerstore.add_addrs(peer_id, [sockaddr_to_multiaddr(addr, "udp")])
         new_session, engine = self.session_for(peer_id)
         for protocol, flags, request_id, payload in messages:
@@ -629,7 +1070,144 @@ class MessageNetwork:
         self._count("pongs_received")
 
     def handle_ack(self, session: Session, transport_id: int) -> None:
+        """The responder's choice (docs/wire.md §5): consolidate onto the path the ACK came on.
+
+        Only authenticated packets reach here, so only the proven peer steers us; an ACK for
+        a transport the peer did not announce, or sent to the responder, changes nothing."""
         self._count("acks_received")
+        path = self._paths.get(session.peer_id)
+        if (path is None or not session.initiator
+                or (path.transports and transport_id not in path.transports)):
+            self._count("acks_ignored")
+            return
+        conn = session.rx_stream
+        if conn is not None:
+            self._bind_stream(session.peer_id, path, conn)
+            path.mode = "tcp"
+        elif self._use_udp and session.address is not None:
+            path.udp = session.address
+            path.mode = "udp"
+        else:
+            self._count("acks_ignored")
+            return
+        path.expect_since = 0.0
+        self._apply(session.peer_id, path)
+
+    def handle_udp_packet(self, session: Session) -> None:
+        """An authenticated datagram for a session that sends on a stream: follow the peer
+        back to UDP once the stream has been silent for ADOPT_AFTER."""
+        path = self._paths.get(session.peer_id)
+        if path is None or not self._use_udp or session.engine.sock is None:
+            return
+        path.udp = session.address
+        if path.mode == "tcp" and (path.open_stream() is None
+                                   or self.loop.time() - path.stream_rx >= ADOPT_AFTER):
+            path.mode = "udp"
+            path.expect_since = 0.0
+            self._apply(session.peer_id, path)
+            self._count("paths_adopted")
+
+    # -- the TCP connections' delegate (msgnet.tcp.StreamDelegate) -----------------------
+
+    def stream_opened(self, conn: StreamConnection) -> None:
+        """Nothing to do until the connection carries a handshake or a session's packet."""
+
+    def stream_packet(self, conn: StreamConnection, packet: memoryview) -> None:
+        """One packet from a TCP connection: DATA goes through its session's engine, the rest
+        through the handshake path with the connection's StreamAddress. Before the connection
+        proved itself, a packet that fails its checks closes it (docs/wire.md §6)."""
+        if self._closed:
+            return
+        kind = packet[0]
+        unknown_data = False
+        if kind == limits.PACKET_DATA or kind == limits.PACKET_PLAIN_DATA:
+            session = (self._by_index.get(_U32.unpack_from(packet, 1)[0])
+                       if len(packet) >= 5 else None)
+            if session is not None and session.crypto is not None:
+                status = session.engine.feed_stream(packet, conn)
+                if status == STREAM_OK:
+                    self._stream_authenticated(session, conn)
+                elif status == STREAM_BAD and conn not in self._trusted:
+                    conn.abort("bad_stream")
+                return
+            unknown_data = session is None and not (
+                len(packet) >= 5 and self._handshaker.is_pending(_U32.unpack_from(packet, 1)[0]))
+        elif not limits.PACKET_INITIATION <= kind <= limits.PACKET_VERSION_UNSUPPORTED:
+            conn.abort("bad_stream")  # not msgnet, or a reserved type: nothing to answer
+            return
+        address = conn.address
+        if conn in self._trusted or address is None:
+            self.handle_control(bytes(packet), address)
+            return
+        before = self._malformed_handshakes()
+        self.handle_control(bytes(packet), address)
+        if self._malformed_handshakes() > before:
+            conn.abort("bad_stream")
+        elif unknown_data:
+            conn.close("bad_stream")  # after the SESSION_UNKNOWN answer, if one went out
+
+    def _malformed_handshakes(self) -> int:
+        counters = self._handshaker.counters
+        return sum(counters[name] for name in _HANDSHAKE_MALFORMED)
+
+    def _stream_authenticated(self, session: Session, conn: StreamConnection) -> None:
+        """An authenticated packet came on conn: it is the peer's connection now, and the
+        session follows the peer onto it once its UDP path has been silent (ADOPT_AFTER)."""
+        entry = self._conn_path.get(conn)
+        now = session.last_received  # the engine's clock reading for this packet
+        if entry is not None and entry[0] is session.peer_id:
+            path = entry[1]
+            path.stream_rx = now
+            if path.stream is conn and path.mode != "udp":
+                return  # the common case: nothing changes
+        else:
+            self._trusted.add(conn)
+            path = self._paths.setdefault(session.peer_id, _PeerPath())
+            path.stream_rx = now
+        changed = path.stream is not conn
+        if changed:
+            self._bind_stream(session.peer_id, path, conn)
+        heard = max(session.last_datagram, session.created)  # a FINISH counts as heard
+        if (path.mode == "udp" and self._use_tcp
+                and (not self._use_udp or now - heard >= ADOPT_AFTER)):
+            path.mode = "tcp"
+            changed = True
+            self._count("paths_adopted")
+        if changed:
+            self._apply(session.peer_id, path)
+
+    def stream_writable(self, conn: StreamConnection) -> None:
+        """Back-pressure lifted: send what the connection's sessions queued meanwhile."""
+        entry = self._conn_path.get(conn)
+        if entry is None:
+            return
+        for session in self._by_index.values():
+            if session.stream is conn and session.established:
+                session.engine.flush_session(session, False)
+
+    def stream_closed(self, conn: StreamConnection, reason: str) -> None:
+        """A path failed (docs/wire.md §5): move the peer's sessions to UDP if they may use it,
+        else dial TCP again. (With UDP working, a new connection is dialled when a message
+        needs one, or when UDP fails in turn.)"""
+        self._trusted.discard(conn)
+        entry = self._conn_path.pop(conn, None)
+        if entry is None or self._closed:
+            return
+        peer_id, path = entry
+        if path.stream is not conn:
+            return
+        path.stream = None
+        if path.mode == "udp":
+            self._apply(peer_id, path)  # large messages lose their stream
+            return
+        self._count("path_failovers")
+        if self._use_udp and path.udp is not None:
+            path.mode = "udp"
+            path.expect_since = 0.0
+            self._apply(peer_id, path)
+        else:  # TCP is the only way: reconnect (if we know where)
+            path.mode = "tcp"
+            self._dial_tcp(peer_id, path)
 
     def handle_close(self, session: Session, code: int, reason: str) -> None:
         self._count("closes_received")
@@ -683,16 +1261,61 @@ class MessageNetwork:
                 self._handshaker.confirm(index)
                 self._unconfirmed.discard(index)
         output = self._handshaker.handle_timer(now)
-        for data, addr in output.datagrams:
-            engine = self._engine_for_addr(addr)
-            if engine is not None:
-                engine.sendto(data, addr)
+        self._send_handshake(output.datagrams, output.events)
         for event in output.events:
-            self._handle_handshake_event(event, None)
+            self._handle_handshake_event(event)
         self._expire_sessions(now)
-        for sock in self._sockets:
-            sock.engine.purge_retained()
+        self._check_paths(now)
+        for engine in self._engines():
+            engine.purge_retained()
         self._arm_timer(self._handshaker.next_deadline())
+
+    def _check_paths(self, now: float) -> None:
+        """Once a second: settle first contacts that got no ACK, probe quiet UDP paths that
+        have a fallback, fail over those silent for PATH_TIMEOUT, forget stale state."""
+        for index in [i for i in self._pending_paths if not self._handshaker.is_pending(i)]:
+            del self._pending_paths[index]
+        for peer_id, path in list(self._paths.items()):
+            session = self._sessions.get(peer_id)
+            if session is None or not session.established:
+                if (peer_id not in self._dial_by_peer and path.dialing is None
+                        and path.open_stream() is None):
+                    del self._paths[peer_id]
+                continue
+            if path.mode == "both":
+                if session.last_received and now - path.started >= CONSOLIDATE_AFTER:
+                    prefer_tcp = self.transport_policy in ("prefer-tcp", "tcp-only")
+                    path.mode = "tcp" if prefer_tcp and path.open_stream() else "udp"
+                    self._apply(peer_id, path)
+                continue
+            if path.mode != "udp" or not self._use_tcp or session.engine.sock is None:
+                continue
+            if path.open_stream() is None and not self._tcp_endpoints(peer_id):
+                continue  # nothing to fail over to: no use telling a dead path
+            heard = max(session.last_datagram, session.created)  # a FINISH counts as heard
+            if path.expect_since and heard >= path.expect_since:
+                path.expect_since = 0.0
+            if not path.expect_since:
+                delivery = self.delivery.connection(session)
+                if delivery is not None and delivery.bytes_in_flight:
+                    path.expect_since = now
+                elif session.last_sent - heard > PROBE_AFTER and now - heard > PROBE_AFTER:
+                    self._ping(peer_id)
+                    path.expect_since = now
+            elif now - path.expect_since >= limits.PATH_TIMEOUT:
+                self._udp_failed(peer_id, path)
+
+    def _udp_failed(self, peer_id: PeerID, path: _PeerPath) -> None:
+        """UDP stayed silent while we awaited a packet: move to the stream (dialling it if
+        need be) without a new handshake."""
+        self._count("path_failovers")
+        path.mode = "tcp"
+        path.expect_since = 0.0
+        if path.open_stream() is not None:
+            self._apply(peer_id, path)
+            self._ping(peer_id)
+        elif path.dialing is None:
+            self._dial_tcp(peer_id, path)
 
     def _expire_sessions(self, now: float) -> None:
         for session in list(self._by_index.values()):
@@ -709,9 +1332,11 @@ class MessageNetwork:
     def _rekey(self, session: Session) -> None:
         """Start a fresh handshake; the old session keeps working until the new one is up."""
         address = session.address
-        if address is None:
+        path = self._paths.get(session.peer_id)
+        if address is not None:
+            self.peerstore.add_addrs(session.peer_id, [sockaddr_to_multiaddr(address, "udp")])
+        elif path is None or path.open_stream() is None:
             return
-        self.peerstore.add_addrs(session.peer_id, [sockaddr_to_multiaddr(address, "udp")])
         del self._sessions[session.peer_id]
         self._last = None
         try:
@@ -740,8 +1365,10 @@ class MessageNetwork:
             "pending_handshakes": len(self._dials),
             "peers_known": len(self.peerstore),
         }
-        parts: list[dict[str, int]] = [s.engine.counters() for s in self._sockets]
-        parts += [self._handshaker.counters, self._counters, gauges, self.delivery.stats()]
+        gauges["stream_connections"] = len(self.streams.connections())
+        parts: list[dict[str, int]] = [e.counters() for e in self._engines()]
+        parts += [self._handshaker.counters, self._counters, gauges, self.delivery.stats(),
+                  self.streams.counters]
         return merge(parts)
 
     def metrics_text(self) -> str:
@@ -749,10 +1376,6 @@ class MessageNetwork:
 
     def _count(self, name: str) -> None:
         self._counters[name] = self._counters.get(name, 0) + 1
-
-    def _send_all(self, engine: UdpEngine, datagrams: Iterable[tuple[bytes, Any]]) -> None:
-        for data, addr in datagrams:
-            engine.sendto(data, addr)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -86,7 +86,8 @@ class DeliveryManager:
         self._max_message = max_message
         self._budget = ReassemblyBudget()
         self._conns: dict[Session, tuple[DeliveryConnection, UdpEngine]] = {}
-        self._timers: dict[Session, asyncio.TimerHandle] = {}
+        # One timer per session with delivery state: (handle, its deadline).
+        self._timers: dict[Session, tuple[asyncio.Handle, float]] = {}
         self._waiters: dict[OutgoingMessage, asyncio.Future[None]] = {}
         self._room = max_datagram - limits.DATA_OVERHEAD
 
@@ -112,6 +113,7 @@ class DeliveryManager:
         future = None
         if reliable and qos.wait:  # type: ignore[union-attr]
             future = self._loop.create_future()
+            future.add_done_callback(_retrieve)  # a caller that timed out no longer awaits it
             self._waiters[handle] = future
         self._pump(session, conn, engine)
         return future
@@ -222,7 +224,7 @@ class DeliveryManager:
         entry = self._conns.pop(session, None)
         timer = self._timers.pop(session, None)
         if timer is not None:
-            timer.cancel()
+            timer[0].cancel()
         if entry is not None:
             self._settle(entry[0].close(error))  # type: ignore[arg-type]
 
@@ -245,14 +247,15 @@ class DeliveryManager:
 
     def _arm(self, session: Session, conn: DeliveryConnection) -> None:
         deadline = conn.next_deadline()
-        timer = self._timers.pop(session, None)
-        if timer is not None:
-            if deadline is not None and timer.when() == deadline:
-                self._timers[session] = timer
+        entry = self._timers.pop(session, None)
+        if entry is not None:
+            if entry[1] == deadline:
+                self._timers[session] = entry
                 return
-            timer.cancel()
+            entry[0].cancel()
         if deadline is not None:
-            self._timers[session] = self._loop.call_at(deadline, self._on_timer, session)
+            handle = self._loop.call_at(deadline, self._on_timer, session)
+            self._timers[session] = (handle, deadline)
 
     def _on_timer(self, session: Session) -> None:
         self._timers.pop(session, None)
@@ -274,6 +277,11 @@ class DeliveryManager:
                 future = self._waiters.pop(event.message, None)
                 if future is not None and not future.done():
                     future.set_exception(event.error)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _ack_frame(conn: DeliveryConnection, now: float) -> bytes | None:

@@ -176,11 +176,13 @@ class StreamConnection(asyncio.BufferedProtocol):
     """One TCP connection carrying ``length:varint | packet`` both ways.
 
     Created by :class:`TcpStreams` (``listen`` or ``connect``). ``remote`` and ``local`` are
-    the ends' ``(host, port)`` (IPv6: the 4-tuple); ``outbound`` says who dialled.
+    the ends' ``(host, port)`` (IPv6: the 4-tuple); ``outbound`` says who dialled;
+    ``transport_id`` is the owner's number for the listener (or dialler) it belongs to.
     """
 
-    def __init__(self, streams: TcpStreams, outbound: bool) -> None:
+    def __init__(self, streams: TcpStreams, outbound: bool, transport_id: int = 0) -> None:
         self.outbound = outbound
+        self.transport_id = transport_id
         self.remote: tuple[Any, ...] = ()
         self.local: tuple[Any, ...] = ()
         self.address_key = b""
@@ -188,7 +190,11 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._streams = streams
         self._delegate = streams.delegate
         self._settings = streams.settings
-        self._counters = streams.counters
+        self._counters = streams._counters
+        self._on_packet = self._delegate.stream_packet
+        # Traffic totals, folded into the streams' counters when the connection ends: a
+        # shared dict updated per packet costs more than the packet's framing.
+        self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self._loop = streams.loop
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray(READ_BUFFER)
@@ -198,6 +204,7 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._need = 0  # bytes from _start the pending packet takes, 0 until known
         self._packet_started = 0.0  # loop time of the pending packet's first byte, 0: none
         self._last_active = 0.0
+        self._active = False  # traffic since _last_active: the timer moves it (lazily)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._paused = False
@@ -239,7 +246,23 @@ class StreamConnection(asyncio.BufferedProtocol):
         ``stream_write_refused``) when the connection is closed or back-pressured: a caller
         checks :attr:`writable` or awaits :meth:`wait_writable` first, which keeps the write
         buffer below ``high_water`` plus one batch."""
-        return self.write_packets((packet,))
+        transport = self._transport
+        if self._reason is not None or self._paused or transport is None:
+            self._counters["stream_write_refused"] += 1
+            return False
+        n = len(packet)
+        if not 0 < n <= limits.MAX_STREAM_PACKET:
+            raise UsageError(f"a stream packet is 1 to {limits.MAX_STREAM_PACKET} bytes, "
+                             f"not {n}")
+        header = _ONE_BYTE_HEADERS[n] if n < 128 else encode_stream_header(n)
+        if n <= _MIN_READ:  # small: one copy is cheaper than another buffer entry
+            transport.write(header + packet)
+        else:
+            transport.writelines((header, packet))
+        self.packets_out += 1
+        self.bytes_out += len(header) + n
+        self._active = True
+        return True
 
     def write_packets(self, packets: Iterable[bytes | bytearray | memoryview]) -> bool:
         """Queue several packets in one transport write (one ``writev`` on uvloop)."""
@@ -266,9 +289,9 @@ class StreamConnection(asyncio.BufferedProtocol):
             self._transport.write(pieces[0])
         else:
             self._transport.writelines(pieces)
-        self._counters["stream_packets_out"] += count
-        self._counters["stream_bytes_out"] += size
-        self._last_active = self._loop.time()
+        self.packets_out += count
+        self.bytes_out += size
+        self._active = True
         return True
 
     def wait_writable(self) -> asyncio.Future[None]:
@@ -300,7 +323,13 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self._reason is not None:
             return False
         self._reason = reason
-        self._counters[reason] += 1
+        counters = self._counters
+        counters[reason] += 1
+        counters["stream_packets_in"] += self.packets_in
+        counters["stream_bytes_in"] += self.bytes_in
+        counters["stream_packets_out"] += self.packets_out
+        counters["stream_bytes_out"] += self.bytes_out
+        self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -403,14 +432,14 @@ class StreamConnection(asyncio.BufferedProtocol):
             return
         was_empty = self._start == self._end
         self._end += nbytes
-        self._counters["stream_bytes_in"] += nbytes
-        now = self._last_active = self._loop.time()
+        self.bytes_in += nbytes
+        self._active = True
         delivered = self._deliver()
         if self._start == self._end:
             self._packet_started = 0.0
         elif (delivered or was_empty) and self._reason is None:
             # A new packet began in this read: it has packet_timeout to complete.
-            self._packet_started = now
+            now = self._packet_started = self._loop.time()
             self._arm(now + self._settings.packet_timeout)
 
     def _deliver(self) -> bool:
@@ -437,9 +466,12 @@ class StreamConnection(asyncio.BufferedProtocol):
             packet = view[start + self._header:stop]
             self._start = stop
             self._header = self._need = 0
-            self._counters["stream_packets_in"] += 1
+            self.packets_in += 1
             delivered = True
-            self._call(self._delegate.stream_packet, packet)
+            try:
+                self._on_packet(self, packet)
+            except Exception as exc:
+                self._report("stream_packet", exc)
         return delivered
 
     def _parse_header(self, buf: bytearray, start: int, end: int) -> int:
@@ -480,6 +512,9 @@ class StreamConnection(asyncio.BufferedProtocol):
         if self._reason is not None:
             return
         now = self._loop.time()
+        if self._active:
+            self._active = False
+            self._last_active = now
         settings = self._settings
         if self._packet_started and now - self._packet_started >= settings.packet_timeout:
             self.abort("stream_packet_timeout")
@@ -487,7 +522,10 @@ class StreamConnection(asyncio.BufferedProtocol):
         if now - self._last_active >= settings.idle_timeout:
             self.close("stream_idle")
             return
-        when = self._last_active + settings.idle_timeout
+        # While traffic flows the timer comes back every eighth of the idle timeout, so an
+        # idle connection closes at most that late.
+        when = self._last_active + (settings.idle_timeout / 8 if self._last_active == now
+                                    else settings.idle_timeout)
         if self._packet_started:
             when = min(when, self._packet_started + settings.packet_timeout)
         self._arm(when)
@@ -496,11 +534,14 @@ class StreamConnection(asyncio.BufferedProtocol):
         try:
             method(self, *args)
         except Exception as exc:
-            self._loop.call_exception_handler({
-                "message": f"msgnet: stream delegate {method.__name__} raised",
-                "exception": exc,
-                "protocol": self,
-            })
+            self._report(method.__name__, exc)
+
+    def _report(self, what: str, exc: BaseException) -> None:
+        self._loop.call_exception_handler({
+            "message": f"msgnet: stream delegate {what} raised",
+            "exception": exc,
+            "protocol": self,
+        })
 
 
 class StreamListener:
@@ -536,22 +577,34 @@ class TcpStreams:
         self.delegate = delegate
         self.loop = loop or asyncio.get_running_loop()
         self.settings = settings or StreamSettings()
-        self.counters: Counter[str] = Counter()
+        self._counters: Counter[str] = Counter()
         self._connections: set[StreamConnection] = set()
         self._per_address: Counter[bytes] = Counter()
         self._listeners: list[StreamListener] = []
         self._closed = False
 
+    @property
+    def counters(self) -> Counter[str]:
+        """Every counter (see the module docstring), open connections' traffic included."""
+        total = Counter(self._counters)
+        for conn in self._connections:
+            total["stream_packets_in"] += conn.packets_in
+            total["stream_bytes_in"] += conn.bytes_in
+            total["stream_packets_out"] += conn.packets_out
+            total["stream_bytes_out"] += conn.bytes_out
+        return +total
+
     def connections(self) -> list[StreamConnection]:
         """The admitted connections that are still open."""
         return list(self._connections)
 
-    async def listen(self, host: str, port: int) -> StreamListener:
-        """Accept connections on ``(host, port)``; port 0 picks a free one."""
+    async def listen(self, host: str, port: int, transport_id: int = 0) -> StreamListener:
+        """Accept connections on ``(host, port)``; port 0 picks a free one. Accepted
+        connections carry ``transport_id``."""
         self._check_open()
         try:
             server = await self.loop.create_server(
-                lambda: StreamConnection(self, outbound=False), host, port,
+                lambda: StreamConnection(self, False, transport_id), host, port,
                 reuse_address=True)
         except OSError as exc:
             raise UsageError(f"cannot listen on TCP {host} port {port}: {exc}") from exc
@@ -559,24 +612,24 @@ class TcpStreams:
         self._listeners.append(listener)
         return listener
 
-    async def connect(self, host: str, port: int) -> StreamConnection:
-        """Open a connection to ``(host, port)``.
+    async def connect(self, host: str, port: int, transport_id: int = 0) -> StreamConnection:
+        """Open a connection to ``(host, port)``, carrying ``transport_id``.
 
         Raises PeerUnreachableError if it cannot be opened within ``connect_timeout`` or
         the connection limit is reached, ClosedError if this object closes meanwhile.
         """
         self._check_open()
         if len(self._connections) >= self.settings.max_connections:
-            self.counters["too_many_connections"] += 1
+            self._counters["too_many_connections"] += 1
             raise PeerUnreachableError(
                 f"{self.settings.max_connections} stream connections open: not dialling more")
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: StreamConnection(self, outbound=True),
+                self.loop.create_connection(lambda: StreamConnection(self, True, transport_id),
                                             host, port),
                 self.settings.connect_timeout)
         except OSError as exc:  # TimeoutError included
-            self.counters["stream_dial_failed"] += 1
+            self._counters["stream_dial_failed"] += 1
             raise PeerUnreachableError(f"cannot connect to TCP {host} port {port}: "
                                        f"{exc or 'timeout'}") from exc
         assert isinstance(conn, StreamConnection)

@@ -1,0 +1,429 @@
+"""Hosts on UDP and TCP at once (docs/wire.md §5 and §6), over real sockets.
+
+Loopback tests cover the TCP transport end to end, first contact on both transports,
+consolidation by ACK, large messages on the stream, failover when a connection closes,
+spoofed ACKs, the /p2p/ check over TCP and misbehaving TCP peers. The test marked
+``netns`` runs two hosts in network namespaces joined by a veth pair and blocks UDP with
+iptables in one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from contextlib import AsyncExitStack, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msgnet import MessageHost, PeerUnreachableError, SecurityError, UsageError
+from msgnet._frame import Ack, encode_frame, encode_varint
+from msgnet.core.handshake import decode_handshake_payload
+from msgnet.identity import KeyPair
+from msgnet.qos import Reliable
+from msgnet.tcp import StreamSettings
+
+pytestmark = pytest.mark.timeout(90)
+
+UDP = "/ip4/127.0.0.1/udp/0"
+TCP = "/ip4/127.0.0.1/tcp/0"
+
+
+async def wait_for(predicate, timeout: float = 8.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def pair(stack: AsyncExitStack, listen: list[str], *, policy_a: str = "prefer-udp",
+               policy_b: str = "prefer-udp", **options: Any) -> tuple[MessageHost, MessageHost]:
+    a = await stack.enter_async_context(MessageHost(listen=listen, transport_policy=policy_a,
+                                                    **options))
+    b = await stack.enter_async_context(MessageHost(listen=listen, transport_policy=policy_b,
+                                                    **options))
+    for addr in b.addrs:
+        a.add_peer(addr)
+    for addr in a.addrs:
+        b.add_peer(addr)
+    return a, b
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """True once the other end closed the connection (EOF or reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5.0) == b""
+    except ConnectionError:
+        return True
+
+
+def record(host: MessageHost, protocol: str = "/m") -> list[bytes]:
+    got: list[bytes] = []
+    host.set_message_handler(protocol, lambda m: got.append(m.data))
+    return got
+
+
+def echo(host: MessageHost, protocol: str = "/echo") -> None:
+    host.set_message_handler(protocol, lambda m: m.reply(m.data))
+
+
+# --------------------------------------------------------------------------- TCP alone
+
+
+def test_tcp_only_hosts_carry_every_kind_of_message(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            got = record(b)
+            echo(b)
+            for i in range(2000):  # many per packet: no packet may exceed 256 frames
+                await a.send_message(b.peer_id, "/m", b"%d" % i)
+            large = os.urandom(700_000)
+            await a.send_message(b.peer_id, "/m", large)
+            await a.send_message(b.peer_id, "/m", b"reliable", qos=Reliable(wait=True))
+            assert await a.request(b.peer_id, "/echo", b"ping") == b"ping"
+            assert await a.request(b.peer_id, "/echo", large) == large  # a large reply too
+            await wait_for(lambda: len(got) == 2002)
+            assert got[:2000] == [b"%d" % i for i in range(2000)]  # TCP keeps the order
+            assert got[2000] == large and got[2001] == b"reliable"
+            assert a.network.paths(b.peer_id) == ["tcp"] == b.network.paths(a.peer_id)
+            ma, mb = a.metrics(), b.metrics()
+            # One connection for everything; no fragments, acknowledgements or retransmits.
+            assert ma["stream_connections"] == mb["stream_connections"] == 1
+            assert ma.get("retransmissions", 0) == 0 and ma.get("acks_sent", 0) == 0
+            assert mb["stream_packets_in"] > 0 and mb.get("replay", 0) == 0
+            assert mb.get("bad_frame", 0) == 0
+
+    run(main())
+
+
+def test_transport_ids_follow_listen_order_and_are_announced(run):
+    async def main():
+        async with MessageHost(listen=[UDP, TCP, UDP.replace("127.0.0.1", "127.0.0.2")]) as h:
+            ids = [s.transport_id for s in h.network.sockets()]
+            assert ids == [1, 2, 3]
+            payload = decode_handshake_payload(h.network._handshaker.handshake_payload)
+            assert payload.transport_ids == (1, 2, 3)
+            assert [str(a).split("/")[3] for a in h.addrs] == ["udp", "tcp", "udp"]
+
+    run(main())
+
+
+def test_policy_is_validated():
+    with pytest.raises(UsageError):
+        MessageHost(transport_policy="carrier-pigeon")
+
+
+# --------------------------------------------------------------------------- both transports
+
+
+async def tcp_then_both(a: MessageHost, b: MessageHost) -> None:
+    """Make A's next handshake with B go out on both transports at once: A first reaches B by
+    TCP alone, keeps the connection, and then learns B's UDP address too."""
+    udp_b, tcp_b = b.addrs
+    a.peerstore.remove(b.peer_id)
+    a.add_peer(tcp_b)
+    await a.connect(b.peer_id)
+    await a.network.close_peer(b.peer_id)
+    a.add_peer(udp_b)
+
+
+@pytest.mark.parametrize("policy_b, settles_on", [("prefer-udp", "udp"), ("prefer-tcp", "tcp")])
+def test_first_contact_goes_on_both_and_is_delivered_once(run, policy_b, settles_on):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [UDP, TCP], policy_b=policy_b)
+            got = record(b)
+            echo(b)
+            await tcp_then_both(a, b)
+            await a.send_message(b.peer_id, "/m", b"first")
+            await wait_for(lambda: a.network.paths(b.peer_id) == [settles_on])
+            for i in range(20):
+                await a.send_message(b.peer_id, "/m", b"%d" % i)
+            assert await a.request(b.peer_id, "/echo", b"x") == b"x"
+            await wait_for(lambda: len(got) == 21)
+            await asyncio.sleep(0.1)
+            assert sorted(got) == sorted([b"first"] + [b"%d" % i for i in range(20)])
+            assert b.network.paths(a.peer_id)[-1] == settles_on
+            ma, mb = a.metrics(), b.metrics()
+            assert ma["acks_received"] >= 1
+            assert ma["handshakes_started"] == 2  # TCP alone, then one on both transports
+            assert mb["handshakes_completed"] == 2
+            # B saw the second handshake on both transports: a copy of its FINISH, or DATA.
+            assert mb.get("finish_repeated", 0) + mb.get("replay", 0) >= 1
+
+    run(main())
+
+
+def test_large_messages_take_the_stream_and_are_not_fragmented(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [UDP, TCP])
+            got = record(b)
+            await a.send_message(b.peer_id, "/m", b"small")
+            await wait_for(lambda: a.network.paths(b.peer_id) == ["udp"])
+            big = os.urandom(300_000)
+            await a.send_message(b.peer_id, "/m", big)
+            await a.send_message(b.peer_id, "/m", b"small again")
+            await wait_for(lambda: len(got) == 3)
+            assert big in got
+            assert a.network.paths(b.peer_id) == ["udp"]  # small ones stay on UDP
+            assert a.metrics().get("retransmissions", 0) == 0
+            assert b.metrics()["stream_packets_in"] >= 1
+
+    run(main())
+
+
+def test_closing_the_connection_moves_traffic_back_to_udp(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [UDP, TCP], policy_a="prefer-tcp", policy_b="prefer-tcp")
+            got = record(b)
+            echo(a)
+            await tcp_then_both(a, b)
+            await a.send_message(b.peer_id, "/m", b"0")
+            await wait_for(lambda: a.network.paths(b.peer_id) == ["tcp"])
+            assert a.network.close_streams() == 1
+            await wait_for(lambda: a.network.paths(b.peer_id) == ["udp"]
+                           and b.network.paths(a.peer_id)[-1] == "udp")
+            for i in range(1, 11):
+                await a.send_message(b.peer_id, "/m", b"%d" % i)
+            assert await b.request(a.peer_id, "/echo", b"back") == b"back"
+            await wait_for(lambda: len(got) == 11)
+            assert sorted(got) == sorted(b"%d" % i for i in range(11))
+            assert a.metrics()["path_failovers"] >= 1
+            assert a.metrics()["handshakes_started"] == 2  # no new one for the failover
+
+    run(main())
+
+
+def test_spoofed_ack_changes_nothing(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [UDP, TCP])
+            got = record(b)
+            await a.send_message(b.peer_id, "/m", b"hello")
+            await wait_for(lambda: a.network.paths(b.peer_id) == ["udp"] and got)
+            session = a.network.sessions(b.peer_id)[0]
+            acks = a.metrics()["acks_received"]
+            # An ACK for the TCP transport in a DATA packet for A's session, without B's key:
+            # from B's own address family by UDP, and on a TCP connection of its own.
+            forged = (bytes((0x07,)) + struct.pack(">IQ", session.local_index, 10**6)
+                      + encode_frame(Ack(2)) + bytes(16))
+            udp_target = a.network.sockets()[0].sockname
+            tcp_target = a.network.sockets()[1].sockname
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(forged, udp_target)
+            reader, writer = await asyncio.open_connection(*tcp_target)
+            writer.write(encode_varint(len(forged)) + forged)
+            await writer.drain()
+            assert await closed(reader)  # bad_stream
+            writer.close()
+            await asyncio.sleep(0.1)
+            m = a.metrics()
+            assert m["auth_failed"] >= 2 and m["bad_stream"] == 1
+            assert m["acks_received"] == acks
+            assert a.network.paths(b.peer_id) == ["udp"]
+            await a.send_message(b.peer_id, "/m", b"still fine")
+            await wait_for(lambda: len(got) == 2)
+
+    run(main())
+
+
+def test_wrong_peer_id_over_tcp_is_a_security_error(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            b = await stack.enter_async_context(MessageHost(listen=[TCP]))
+            a = await stack.enter_async_context(MessageHost(listen=[UDP]))
+            impostor = KeyPair.generate().peer_id
+            tcp_addr = str(b.network.listen_addrs()[0])
+            a.add_peer(f"{tcp_addr}/p2p/{impostor}")
+            with pytest.raises(SecurityError):
+                await a.connect(impostor)
+            assert a.metrics()["wrong_peer_id"] == 1
+            a.add_peer(f"{tcp_addr}/p2p/{b.peer_id}")
+            await a.connect(b.peer_id)  # the right one is reached on the same address
+            assert a.network.paths(b.peer_id) == ["tcp"]
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- bad TCP peers
+
+
+def test_bad_tcp_peers_are_dropped_while_others_are_served(run):
+    settings = StreamSettings(packet_timeout=0.5, idle_timeout=30.0)
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [UDP, TCP], policy_a="tcp-only", policy_b="tcp-only",
+                              stream_settings=settings)
+            got = record(b)
+            target = b.network.sockets()[1].sockname
+            loop = asyncio.get_running_loop()
+            attackers = {
+                "garbage": bytes(range(0x80, 0x100)),
+                "huge": encode_varint(2 << 20),
+                "slow": encode_varint(200),
+            }
+            conns = {}
+            for name, first in attackers.items():
+                conns[name] = await asyncio.open_connection(*target)
+                conns[name][1].write(first)
+            started = loop.time()
+
+            async def trickle():
+                with suppress(OSError):
+                    for _ in range(20):
+                        conns["slow"][1].write(b"s")
+                        await asyncio.sleep(0.1)
+
+            trickler = asyncio.ensure_future(trickle())
+            for i in range(30):
+                await a.send_message(b.peer_id, "/m", b"%d" % i)
+                await asyncio.sleep(0.02)
+            for name in attackers:
+                assert await closed(conns[name][0]), name
+            assert loop.time() - started < 2.0  # the slow one within its packet timeout
+            trickler.cancel()
+            await wait_for(lambda: len(got) == 30)
+            m = b.metrics()
+            assert m["bad_stream"] == 2 and m["stream_packet_timeout"] == 1
+            assert m["stream_connections"] == 1  # only A's is left
+            for _, writer in conns.values():
+                writer.close()
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- namespaces
+
+NETNS_TOOLS = ("ip", "iptables")
+
+
+def _netns_skip_reason() -> str | None:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    missing = [tool for tool in NETNS_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (apt-get install iproute2 iptables)"
+    return None
+
+
+def _sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def namespaces():
+    """Two namespaces joined by a veth pair (10.77.x addresses inside them only), torn down
+    whatever happens."""
+    reason = _netns_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    tag = f"{os.getpid() % 100000}"
+    ns = (f"msgnet-a-{tag}", f"msgnet-b-{tag}")
+    veth = (f"mna{tag}", f"mnb{tag}")
+    addrs = ("10.77.0.1", "10.77.0.2")
+    try:
+        for name in ns:
+            _sh("ip", "netns", "add", name)
+        _sh("ip", "link", "add", veth[0], "netns", ns[0], "type", "veth",
+            "peer", "name", veth[1], "netns", ns[1])
+        for name, dev, addr in zip(ns, veth, addrs):
+            _sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", dev)
+            _sh("ip", "-n", name, "link", "set", dev, "up")
+            _sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield ns, addrs
+    finally:
+        for name in ns:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+
+
+class Peer:
+    """A host in a namespace, driven through msgnet._testing.netns_peer."""
+
+    def __init__(self, namespace: str, seed: int, addr: str, policy: str = "prefer-udp"):
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, sys.executable, "-m",
+             "msgnet._testing.netns_peer", "--seed", str(seed), "--policy", policy,
+             "--listen", f"/ip4/{addr}/udp/4001", f"/ip4/{addr}/tcp/4001"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)})
+        ready = self._read()
+        self.peer_id, self.addrs = ready["ready"], ready["addrs"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"peer exited with {self.proc.wait(5)}")
+        return json.loads(line)
+
+    def __call__(self, cmd: str, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        assert "error" not in answer, answer
+        return answer
+
+    def close(self) -> None:
+        with suppress(Exception):
+            self("quit")
+        with suppress(Exception):
+            self.proc.wait(5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_udp_blocked_then_restored(namespaces):
+    (ns_a, ns_b), (addr_a, addr_b) = namespaces
+    a = b = None
+    try:
+        a = Peer(ns_a, 1, addr_a)
+        b = Peer(ns_b, 2, addr_b)
+        for addr in b.addrs:
+            a("add_peer", addr=addr)
+        for addr in a.addrs:
+            b("add_peer", addr=addr)
+
+        # Both transports: the first message goes out on both, arrives once; UDP is chosen.
+        a("send_until", peer=b.peer_id, tag="udp", expect=5)
+        assert a("paths", peer=b.peer_id)["paths"] == ["udp"]
+
+        # UDP blocked at B: the same calls carry on over TCP once A notices (PATH_TIMEOUT).
+        _sh("ip", "netns", "exec", ns_b, "iptables", "-A", "INPUT", "-p", "udp", "-j", "DROP")
+        seen = len(set(b("received")["messages"]))
+        a("send_until", peer=b.peer_id, tag="tcp", expect=seen + 5, timeout=30)
+        assert a("paths", peer=b.peer_id)["paths"] == ["tcp"]
+        assert a("metrics")["metrics"]["path_failovers"] >= 1
+
+        # UDP back, the connection closed: traffic moves back to UDP.
+        _sh("ip", "netns", "exec", ns_b, "iptables", "-D", "INPUT", "-p", "udp", "-j", "DROP")
+        assert a("close_streams")["closed"] >= 1
+        seen = len(set(b("received")["messages"]))
+        a("send_until", peer=b.peer_id, tag="back", expect=seen + 5, timeout=30)
+        assert a("paths", peer=b.peer_id)["paths"] == ["udp"]
+
+        messages = b("received")["messages"]
+        assert len(messages) == len(set(messages))  # each delivered exactly once
+        assert "udp-0" in messages
+        assert a("metrics")["metrics"]["handshakes_started"] == 1
+    finally:
+        for peer in (a, b):
+            if peer is not None:
+                peer.close()
