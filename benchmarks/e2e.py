@@ -558,7 +558,6 @@ def _idle_session_memory_child(conn: Any, count: int) -> None:
     async def main() -> dict[str, float]:
         async with msgnet.MessageHost() as host:
             network = host.network
-            engine = network.sockets()[0].engine
             gc.collect()
             before = _rss_bytes()
             # Each confirmation is one real sendmmsg to the discard port: the sessions

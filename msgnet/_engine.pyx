@@ -1,6 +1,7 @@
 # cython: auto_pickle=False
 """The UDP hot path (DESIGN.md §2): datagram -> header -> session -> open -> frames -> handler,
-and back: frames coalesced per session -> sealed -> sendmmsg.
+and back: frames coalesced per session -> sealed -> sendmmsg (or, for a session on a stream
+path, written to its TCP connection: docs/wire.md §5-6).
 
 The engine reads its socket itself because uvloop's ``datagram_received`` path costs about 2 us
 per datagram before any work (a bytes copy, an address tuple, two GIL round trips, a generic
@@ -599,7 +600,14 @@ cdef class UdpEngine:
     ``delegate`` gets what is off the hot path: ``handle_control(data, addr)``,
     ``handle_response(session, request_id, data)``, ``handle_reset(session, protocol, code)``,
     ``handle_pong(session, data)``, ``handle_ack(session, transport_id)``,
-    ``handle_close(session, code, reason)``, ``handle_delivery_ack(session, body)``.
+    ``handle_close(session, code, reason)``, ``handle_delivery_ack(session, body)``, and, if it
+    has it, ``handle_udp_packet(session)`` for a datagram that authenticated for a session
+    sending on a stream.
+
+    Sessions may also send on a TCP connection (``set_path``): flush then writes each sealed
+    packet to the connection, length-prefixed, instead of sendmmsg, and ``feed_stream`` runs
+    packets that arrived on one through the same receive path. An engine made with sock=None
+    reads no socket and has only such sessions (a host without UDP).
     ``handlers`` maps protocol -> callable(Message); the owner mutates it, the engine looks up
     each message's protocol in it.
     """

@@ -49,7 +49,7 @@ from ._engine import STREAM_BAD, STREAM_OK, Message, Session, UdpEngine
 from ._frame import Ack, Continuation, Init, Ping, decode_packet, encode_frame
 from ._packet import SessionCrypto, decode_session_unknown
 from .addr import Endpoint, parse_multiaddr, sockaddr_to_multiaddr
-from .core.handshake import FinishRepeated, Handshaker, HandshakeFailed, SessionEstablished
+from .core.handshake import FinishRepeated, HandshakeFailed, Handshaker, SessionEstablished
 from .errors import (
     ClosedError,
     FrameError,
@@ -1126,7 +1126,12 @@ class MessageNetwork:
             if session is not None and session.crypto is not None:
                 status = session.engine.feed_stream(packet, conn)
                 if status == STREAM_OK:
-                    self._stream_authenticated(session, conn)
+                    entry = self._conn_path.get(conn)
+                    if (entry is not None and entry[0] is session.peer_id
+                            and entry[1].stream is conn and entry[1].mode != "udp"):
+                        entry[1].stream_rx = session.last_received  # the common case
+                    else:
+                        self._stream_authenticated(session, conn)
                 elif status == STREAM_BAD and conn not in self._trusted:
                     conn.abort("bad_stream")
                 return

@@ -453,11 +453,16 @@ class StreamConnection(asyncio.BufferedProtocol):
         while self._start < self._end and self._reason is None:
             start = self._start
             if not self._need:
-                length = self._parse_header(buf, start, self._end)
-                if length <= 0:
-                    if length < 0:
-                        self.abort("bad_stream")
-                    break
+                first = buf[start]
+                if 0 < first < 0x80:  # a one-byte length: the common case, inlined
+                    self._header = 1
+                    self._need = 1 + first
+                else:
+                    length = self._parse_header(buf, start, self._end)
+                    if length <= 0:
+                        if length < 0:
+                            self.abort("bad_stream")
+                        break
             if self._end - start < self._need:
                 break
             stop = start + self._need

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from msgnet import MessageHost, PeerUnreachableError, SecurityError, UsageError
+from msgnet import MessageHost, SecurityError, UsageError
 from msgnet._frame import Ack, encode_frame, encode_varint
 from msgnet.core.handshake import decode_handshake_payload
 from msgnet.identity import KeyPair
@@ -102,6 +102,24 @@ def test_tcp_only_hosts_carry_every_kind_of_message(run):
             assert ma.get("retransmissions", 0) == 0 and ma.get("acks_sent", 0) == 0
             assert mb["stream_packets_in"] > 0 and mb.get("replay", 0) == 0
             assert mb.get("bad_frame", 0) == 0
+
+    run(main())
+
+
+def test_tcp_reconnects_when_it_is_the_only_way(run):
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            got = record(b)
+            echo(a)
+            await a.send_message(b.peer_id, "/m", b"before")
+            await wait_for(lambda: got == [b"before"])
+            a.network.close_streams()
+            await wait_for(lambda: a.metrics()["stream_connections_out"] == 2)
+            await a.send_message(b.peer_id, "/m", b"after")
+            assert await b.request(a.peer_id, "/echo", b"both ways") == b"both ways"
+            await wait_for(lambda: got == [b"before", b"after"])
+            assert a.metrics()["handshakes_started"] == 1  # the session outlived its connection
 
     run(main())
 
