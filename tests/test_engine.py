@@ -432,6 +432,7 @@ def test_garbage_is_counted_and_good_traffic_flows(run, mode):
             a.engine.send_message(a.session, "/p", b"still flowing")
             await until(lambda: len(b.received) == 5)
             assert b.received[-1].data == b"still flowing"
+            assert b.session.address == a.addr  # no garbage moved the session
     run(main())
 
 
