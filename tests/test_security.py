@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from msgnet import MessageHost, PeerUnreachableError, SecurityError
+from msgnet import MessageHost, PeerUnreachableError, Reliable, SecurityError
 from msgnet._testing.relay import Impairment, Relay
 from msgnet.core.handshake import Handshaker
 from msgnet.identity import KeyPair
@@ -289,5 +289,34 @@ def test_unreachable_address_fails_the_dial(run):
                 assert a.metrics()["handshakes_failed"] == 1
             finally:
                 dead.close()
+
+    run(main())
+
+
+def test_rekey_replaces_the_session_without_losing_messages(run, monkeypatch):
+    import msgnet.limits
+
+    monkeypatch.setattr(msgnet.limits, "REKEY_AFTER_TIME", 1.0)  # instead of 120 s
+
+    async def main():
+        async with MessageHost() as a, MessageHost() as b:
+            got: list[bytes] = []
+            b.set_message_handler("/x/1", lambda m: got.append(m.data))
+            a.add_peer(b.addrs[0])
+            await a.connect(b.peer_id)
+            first = a.network.sessions(b.peer_id)[0]
+            sent = 0
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 3.5
+            while loop.time() < deadline:
+                await a.send_message(b.peer_id, "/x/1", b"%d" % sent, qos=Reliable())
+                sent += 1
+                await asyncio.sleep(0.02)
+            await wait_for(lambda: len(got) == sent)
+            assert sorted(got, key=int) == [b"%d" % i for i in range(sent)]
+            counters = a.metrics()
+            assert counters["rekeys"] >= 1 and counters["handshakes_completed"] >= 2
+            current = a.network._sessions[b.peer_id]
+            assert current is not first and current.local_index != first.local_index
 
     run(main())
