@@ -378,6 +378,7 @@ cdef class UdpEngine:
     cdef int _frames(self, Session s, const uint8_t* p, Py_ssize_t n,
                      int64_t counter) except -1
     cdef int _confirmed(self, Session s) except -1
+    cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now) except -2
     cdef bint _route(self, Session s, uint64_t alias, str protocol, FrameView* fv,
                      int64_t counter) except -1
     cdef int _dispatch(self, Session s, uint64_t alias, str protocol, int flags,

@@ -1390,9 +1390,6 @@ cdef class UdpEngine:
         cdef SessionCrypto crypto = session.crypto
         cdef uint64_t counter
         cdef int64_t sealed
-        cdef Py_ssize_t length
-        cdef uint8_t* slot
-        cdef const uint8_t* tag
         cdef double now = self._loop_time()
         if session._closed or self._closed or crypto is None:
             raise ClosedError("session is not established or is closed")
@@ -1411,25 +1408,8 @@ cdef class UdpEngine:
             crypto.send_counter += 1  # the packet is lost: its counter must not be reused
             self._counters[CNT_SEND_ERRORS] += 1
             return counter
-        slot = self._tx_buf + self._tx_count * self.max_datagram
-        length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload),
-                                  PyBytes_GET_SIZE(payload), slot, self.max_datagram)
-        if length < 0:
-            self._counters[CNT_COUNTER_EXHAUSTED if length == -1 else CNT_SEND_ERRORS] += 1
+        if self._seal_to_ring(session, payload, now) < 0:
             raise ClosedError("session send counter exhausted")
-        if crypto.plaintext:
-            tag = _ZERO_TAG
-        else:
-            tag = slot + length - AEAD_TAG_SIZE
-        session._retain(counter, tag, payload, now)
-        session.last_sent = now
-        self._tx_iov[self._tx_count].iov_len = length
-        self._tx_hdrs[self._tx_count].msg_hdr.msg_name = &session._sa
-        self._tx_hdrs[self._tx_count].msg_hdr.msg_namelen = session._salen
-        self._tx_owner[self._tx_count] = session
-        self._tx_count += 1
-        if session._duplicate and session.stream.writable:
-            session.stream.write_packet(PyBytes_FromStringAndSize(<const char*>slot, length))
         if not self._in_batch:
             self._drain_tx()
         return counter
@@ -1525,11 +1505,7 @@ cdef class UdpEngine:
         again when the connection drains. Sessions without keys keep their queue: the first
         frames ride in the handshake (take_payload) or follow install_keys."""
         cdef bytes payload
-        cdef Py_ssize_t length, n
-        cdef uint64_t counter
-        cdef uint8_t* slot
-        cdef const uint8_t* tag
-        cdef SessionCrypto crypto = s.crypto
+        cdef Py_ssize_t n
         if s._closed or not s.established:
             return True
         if s._ret_count:
@@ -1563,30 +1539,40 @@ cdef class UdpEngine:
             if n > self.max_datagram - DATA_OVERHEAD:  # its stream went away: cannot be sent
                 self._counters[CNT_SEND_ERRORS] += 1
                 continue
-            slot = self._tx_buf + self._tx_count * self.max_datagram
-            counter = crypto.send_counter
-            length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload),
-                                      PyBytes_GET_SIZE(payload), slot, self.max_datagram)
-            if length < 0:
-                self._counters[CNT_COUNTER_EXHAUSTED if length == -1 else CNT_SEND_ERRORS] += 1
-                continue
-            if crypto.plaintext:
-                tag = _ZERO_TAG
-            else:
-                tag = slot + length - AEAD_TAG_SIZE
-            s._retain(counter, tag, payload, now)
-            s.last_sent = now
-            self._tx_iov[self._tx_count].iov_len = length
-            self._tx_hdrs[self._tx_count].msg_hdr.msg_name = &s._sa
-            self._tx_hdrs[self._tx_count].msg_hdr.msg_namelen = s._salen
-            self._tx_owner[self._tx_count] = s
-            self._tx_count += 1
-            if s._duplicate and s.stream.writable:  # first contact: the same packet on both
-                if s.stream.write_packet(PyBytes_FromStringAndSize(<const char*>slot, length)):
-                    self._counters[CNT_PACKETS_OUT] += 1
-                    self._counters[CNT_BYTES_OUT] += length
+            self._seal_to_ring(s, payload, now)
         s._wake_drained(None)
         return True
+
+    cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now) except -2:
+        """Seal payload as one DATA packet into the next free slot of the send ring (the caller
+        made room) and retain it; its counter, or -1 if the session's counter is exhausted
+        (counted). During first contact the same packet also goes on the session's stream."""
+        cdef SessionCrypto crypto = s.crypto
+        cdef uint8_t* slot = self._tx_buf + self._tx_count * self.max_datagram
+        cdef uint64_t counter = crypto.send_counter
+        cdef const uint8_t* tag
+        cdef Py_ssize_t length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload),
+                                                  PyBytes_GET_SIZE(payload), slot,
+                                                  self.max_datagram)
+        if length < 0:
+            self._counters[CNT_COUNTER_EXHAUSTED if length == -1 else CNT_SEND_ERRORS] += 1
+            return -1
+        if crypto.plaintext:
+            tag = _ZERO_TAG
+        else:
+            tag = slot + length - AEAD_TAG_SIZE
+        s._retain(counter, tag, payload, now)
+        s.last_sent = now
+        self._tx_iov[self._tx_count].iov_len = length
+        self._tx_hdrs[self._tx_count].msg_hdr.msg_name = &s._sa
+        self._tx_hdrs[self._tx_count].msg_hdr.msg_namelen = s._salen
+        self._tx_owner[self._tx_count] = s
+        self._tx_count += 1
+        if s._duplicate and s.stream.writable:  # first contact: the same packet on both
+            if s.stream.write_packet(PyBytes_FromStringAndSize(<const char*>slot, length)):
+                self._counters[CNT_PACKETS_OUT] += 1
+                self._counters[CNT_BYTES_OUT] += length
+        return <int64_t>counter
 
     cdef bint _to_stream(self, Session s, Py_ssize_t n) noexcept:
         """Whether an n-byte payload of s goes on its stream rather than by UDP."""
