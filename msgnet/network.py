@@ -760,8 +760,7 @@ class MessageNetwork:
             if len(data) >= 5:
                 index = struct.unpack_from(">I", data, 1)[0]
                 if self._handshaker.is_pending(index):
-                    if not self._handshaker.hold_early_data(index, data):
-                        self._count("early_data_dropped")
+                    self._handshaker.hold_early_data(index, data)  # counts what it drops
                     return
             reply = self._handshaker.answer_unknown_session(data, addr, now)
             if reply is not None:

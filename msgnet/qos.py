@@ -30,7 +30,7 @@ from .core.delivery import (
     OutgoingMessage,
     ReassemblyBudget,
 )
-from .errors import MessageTooLargeError, UsageError
+from .errors import UsageError
 
 if TYPE_CHECKING:
     from ._engine import Session, UdpEngine
@@ -101,15 +101,11 @@ class DeliveryManager:
         room = fragment_size(self._max_datagram, protocol)
         if room <= 0:
             raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
-        limit = min(self._max_message, room * limits.MAX_FRAGMENTS)
-        if reliable and len(data) > limit:
-            raise MessageTooLargeError(
-                f"reliable message of {len(data)} bytes exceeds {limit} on {protocol!r}")
         conn = self._conn(session, engine)
-        conn._fragment_size = room  # per protocol: the INIT form must fit a datagram
+        # Per protocol: a fragment sent as INIT (the alias not yet bound) must fit a datagram.
         handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
                            flags_extra=flags_extra, request_id=request_id,
-                           now=self._loop.time())
+                           now=self._loop.time(), fragment_size=room)
         future = None
         if reliable and qos.wait:  # type: ignore[union-attr]
             future = self._loop.create_future()

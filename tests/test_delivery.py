@@ -773,3 +773,19 @@ def test_fragment_is_the_token_and_comes_back_unchanged() -> None:
     h.a._emit = spy  # type: ignore[method-assign, assignment]
     assert h.run(lambda: message.done, timeout=120) and message.error is None
     assert h.a.conn.counters["retransmissions"] > 0 and len(seen) == 10
+
+
+def test_per_send_fragment_size_leaves_room_and_is_bounded() -> None:
+    from msgnet.core.delivery import DeliveryConnection
+    from msgnet.limits import MAX_FRAGMENTS
+
+    conn = DeliveryConnection(fragment_size=1000, max_message=100_000)
+    handle = conn.send("/p", bytes(2500), reliable=True, ordered=False, now=0.0,
+                       fragment_size=500)
+    fragments = conn.poll_transmit(0.0, 64)
+    assert [len(f.chunk) for f in fragments] == [500] * 5 and handle.done is False
+    with pytest.raises(UsageError):  # never larger than the connection's own room
+        conn.send("/p", b"x", reliable=True, ordered=False, now=0.0, fragment_size=1001)
+    with pytest.raises(MessageTooLargeError):  # the count, not only the size, is bounded
+        conn.send("/p", bytes(10 * (MAX_FRAGMENTS + 1)), reliable=True, ordered=False,
+                  now=0.0, fragment_size=10)

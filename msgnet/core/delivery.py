@@ -589,12 +589,15 @@ class DeliveryConnection:
         flags_extra: int = 0,
         request_id: int = 0,
         now: float,
+        fragment_size: int | None = None,
     ) -> OutgoingMessage:
         """Queue one SEQ message and return its handle.
 
         ``flags_extra`` may carry FLAG_REQUEST or FLAG_RESPONSE (with ``request_id``).
-        Raises MessageTooLargeError beyond MAX_BEST_EFFORT_FRAGMENTS fragments (best
-        effort) or ``max_message`` bytes (reliable), PeerUnreachableError on an
+        ``fragment_size`` (at most the connection's) leaves room for a longer frame header,
+        e.g. an INIT naming a long protocol id. Raises MessageTooLargeError beyond
+        MAX_BEST_EFFORT_FRAGMENTS fragments (best effort), ``max_message`` bytes or
+        MAX_FRAGMENTS fragments (reliable), PeerUnreachableError on an
         ordered space closed by a failed message, ClosedError after close().
         """
         if self._closed:
@@ -609,12 +612,19 @@ class DeliveryConnection:
         if type(payload) is not bytes:
             payload = bytes(payload)
         size = len(payload)
-        fs = self._fragment_size
+        fs = self._fragment_size if fragment_size is None else fragment_size
+        if not 0 < fs <= self._fragment_size:
+            raise UsageError(f"fragment_size must be in 1..{self._fragment_size}, got {fs}")
         count = 1 if size <= fs else -(-size // fs)
         if reliable:
             if size > self._max_message:
                 raise MessageTooLargeError(
                     f"reliable message of {size} bytes exceeds {self._max_message}"
+                )
+            if count > MAX_FRAGMENTS:
+                raise MessageTooLargeError(
+                    f"reliable message of {size} bytes needs {count} fragments of {fs}, "
+                    f"more than {MAX_FRAGMENTS}"
                 )
         elif ordered:
             raise UsageError("ordered delivery requires reliable")
