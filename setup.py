@@ -43,7 +43,7 @@ def _have_openssl() -> bool:
             return False
     return True
 
-EXTENSIONS = ["msgnet._frame", "msgnet._packet", "msgnet._engine"]
+EXTENSIONS = ["msgnet._frame", "msgnet._packet", "msgnet._engine", "msgnet._stream"]
 
 
 def _extensions():

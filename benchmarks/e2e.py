@@ -478,6 +478,173 @@ def _raw_tcp_pingpong_client(conn: Any, core: int, in_flight: int, seconds: floa
     conn.send(_uvloop_run(main()))
 
 
+# --------------------------------------------------------------------------- aioquic
+
+AIOQUIC_BATCH = 256      # DATAGRAM frames a sender queues between transmits (~15 packets)
+AIOQUIC_BACKLOG = 4096   # DATAGRAM frames a sender lets wait inside aioquic before it waits
+
+
+def _aioquic_configuration(is_client: bool) -> Any:
+    """QUIC with DATAGRAM frames (RFC 9221) on; a server gets a fresh self-signed ECDSA
+    P-256 certificate, made in memory (aioquic takes the objects, so no files)."""
+    from aioquic.quic.configuration import QuicConfiguration
+
+    config = QuicConfiguration(is_client=is_client, alpn_protocols=["bench"],
+                               max_datagram_frame_size=65536)
+    if is_client:
+        import ssl
+
+        config.verify_mode = ssl.CERT_NONE
+        return config
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    config.certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                          .public_key(key.public_key())
+                          .serial_number(x509.random_serial_number())
+                          .not_valid_before(now - datetime.timedelta(minutes=5))
+                          .not_valid_after(now + datetime.timedelta(days=1))
+                          .sign(key, hashes.SHA256()))
+    config.private_key = key
+    return config
+
+
+async def _aioquic_serve(on_datagram: Callable[[Any, bytes], None]) -> tuple[Any, Any]:
+    """A QUIC server on 127.0.0.1 calling ``on_datagram(protocol, data)`` per DATAGRAM
+    frame; returns the server and its address."""
+    from aioquic.asyncio import QuicConnectionProtocol, serve
+    from aioquic.quic.events import DatagramFrameReceived
+
+    class Proto(QuicConnectionProtocol):
+        def quic_event_received(self, event: Any) -> None:
+            if isinstance(event, DatagramFrameReceived):
+                on_datagram(self, event.data)
+            else:
+                super().quic_event_received(event)
+
+    server = await serve("127.0.0.1", 0, configuration=_aioquic_configuration(False),
+                         create_protocol=Proto)
+    transport = server._transport
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return server, transport.get_extra_info("sockname")
+
+
+def _aioquic_oneway_receiver(conn: Any, core: int, count: int) -> None:
+    """Counts DatagramFrameReceived events; timed from the first to the last, as the raw
+    receiver is, so the handshake (before the first DATAGRAM) is outside the interval."""
+    _pin(core)
+
+    async def main() -> None:
+        counter = _Counter(count)
+        server, addr = await _aioquic_serve(lambda _proto, _data: counter.hit())
+        conn.send(addr)
+        conn.send(await counter.wait())
+        server.close()
+
+    _uvloop_run(main())
+
+
+def _aioquic_oneway_sender(conn: Any, core: int, count: int, payload: bytes) -> None:
+    """Queues DATAGRAM frames in batches of AIOQUIC_BATCH (about the pacer's 16-packet burst,
+    and full packets: ~17 frames of 64 bytes fit one), transmits after each and yields to
+    the loop, so ACKs, congestion control and pacing run; while more than AIOQUIC_BACKLOG
+    frames wait inside aioquic (congestion window or pacer full) it only yields. DATAGRAM
+    frames are unreliable and never retransmitted: the receiver counts what arrives."""
+    _pin(core)
+    host, port = conn.recv()[:2]
+
+    async def main() -> None:
+        from aioquic.asyncio import connect
+
+        async with connect(host, port, configuration=_aioquic_configuration(True)) as client:
+            quic = client._quic
+            pending = quic._datagrams_pending  # aioquic has no public view of this queue
+            deadline = time.perf_counter() + MAX_SECONDS
+            for i in range(count):
+                quic.send_datagram_frame(payload)
+                if i % AIOQUIC_BATCH == AIOQUIC_BATCH - 1:
+                    client.transmit()
+                    await asyncio.sleep(0)
+                    while len(pending) > AIOQUIC_BACKLOG and time.perf_counter() < deadline:
+                        await asyncio.sleep(0)
+                    if time.perf_counter() > deadline:
+                        break
+            client.transmit()
+            while pending and time.perf_counter() < deadline:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.2)
+
+    _uvloop_run(main())
+
+
+def _aioquic_echo_server(conn: Any, core: int) -> None:
+    _pin(core)
+
+    async def main() -> None:
+        # The protocol transmits after handling each received UDP datagram.
+        server, addr = await _aioquic_serve(
+            lambda proto, data: proto._quic.send_datagram_frame(data))
+        conn.send(addr)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        server.close()
+
+    _uvloop_run(main())
+
+
+def _aioquic_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float) -> None:
+    """Echoes over DATAGRAM frames, ``in_flight`` outstanding; a lost frame is replaced
+    when nothing has come back for 50 ms (loopback rarely loses one)."""
+    _pin(core)
+    host, port = conn.recv()[:2]
+
+    async def main() -> dict[str, float]:
+        from aioquic.asyncio import QuicConnectionProtocol, connect
+        from aioquic.quic.events import DatagramFrameReceived
+
+        state = {"done": 0, "stop": False}
+
+        class Client(QuicConnectionProtocol):
+            def quic_event_received(self, event: Any) -> None:
+                if isinstance(event, DatagramFrameReceived):
+                    state["done"] += 1
+                    if not state["stop"]:
+                        self._quic.send_datagram_frame(event.data)
+                else:
+                    super().quic_event_received(event)
+
+        async with connect(host, port, configuration=_aioquic_configuration(True),
+                           create_protocol=Client) as client:
+            async def watchdog() -> None:
+                seen = -1
+                while not state["stop"]:
+                    await asyncio.sleep(0.05)
+                    if state["done"] == seen and not state["stop"]:
+                        client._quic.send_datagram_frame(PAYLOAD_64)
+                        client.transmit()
+                    seen = state["done"]
+
+            for _ in range(in_flight):
+                client._quic.send_datagram_frame(PAYLOAD_64)
+            client.transmit()
+            guard = asyncio.create_task(watchdog())
+            await asyncio.sleep(0.3)  # warm up
+            start, before = time.perf_counter(), state["done"]
+            await asyncio.sleep(seconds)
+            elapsed, done = time.perf_counter() - start, state["done"] - before
+            state["stop"] = True
+            guard.cancel()
+        return {"rate": done / elapsed}
+
+    conn.send(_uvloop_run(main()))
+
+
 # --------------------------------------------------------------------------- drivers
 
 def _pair(receiver: Callable[..., None], rargs: tuple, sender: Callable[..., None],
@@ -639,6 +806,10 @@ def main(argv: list[str] | None = None) -> int:
         measure("oneway64/pyzmq", lambda: _pair(_zmq_oneway_receiver, (count,),
                                                 _zmq_oneway_sender, (count, PAYLOAD_64),
                                                 server_result=True))
+    if _have("aioquic"):
+        measure("oneway64/aioquic", lambda: _pair(_aioquic_oneway_receiver, (count,),
+                                                  _aioquic_oneway_sender, (count, PAYLOAD_64),
+                                                  server_result=True))
     tcp_one = _raw_tcp_oneway_receiver, _raw_tcp_oneway_sender
     measure("oneway64-tcp/raw-uvloop", lambda: _pair(tcp_one[0], (count,), tcp_one[1],
                                                      (count, PAYLOAD_64), server_result=True))
@@ -660,6 +831,10 @@ def main(argv: list[str] | None = None) -> int:
             measure(f"rr{k}/pyzmq", lambda k=k: _pair(_zmq_echo_server, (),
                                                      _zmq_pingpong_client, (k, seconds),
                                                      server_result=False))
+        if k == 1 and _have("aioquic"):
+            measure("rr1/aioquic", lambda: _pair(_aioquic_echo_server, (),
+                                                 _aioquic_pingpong_client, (1, seconds),
+                                                 server_result=False))
     measure("rr1-tcp/raw-uvloop", lambda: _pair(_raw_tcp_echo_server, (),
                                                 _raw_tcp_pingpong_client, (1, seconds),
                                                 server_result=False))

@@ -35,8 +35,25 @@ cdef extern from *:
     #ifndef UDP_SEGMENT
     #define UDP_SEGMENT 103   /* Linux 4.18 */
     #endif
+    #ifndef UDP_GRO
+    #define UDP_GRO 104       /* Linux 5.0 */
+    #endif
     #define MSGNET_HAVE_GSO 1
     #define MSGNET_GSO_CMSG_SPACE CMSG_SPACE(sizeof(uint16_t))
+    #define MSGNET_GRO_CMSG_SPACE CMSG_SPACE(sizeof(int))
+    /* The segment size of a read that UDP GRO coalesced from several datagrams of the same
+       flow (each of that size, the last one possibly shorter), or 0 for a single datagram. */
+    static int msgnet_gro_size(struct msghdr *h) {
+        struct cmsghdr *c;
+        int size = 0;
+        for (c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+                memcpy(&size, CMSG_DATA(c), sizeof(size));
+                return size > 0 ? size : 0;
+            }
+        }
+        return 0;
+    }
     /* Ask the kernel to cut h's payload into datagrams of size bytes (UDP GSO): one pass
        down the stack for up to 64 datagrams to the same address. cmsg is this message's
        MSGNET_GSO_CMSG_SPACE bytes of control buffer. */
@@ -54,8 +71,11 @@ cdef extern from *:
     #define MSGNET_HAVE_MMSG 0
     #define MSGNET_HAVE_GSO 0
     #define MSGNET_GSO_CMSG_SPACE 32
+    #define MSGNET_GRO_CMSG_SPACE 32
+    #define UDP_GRO 104
     static void msgnet_set_gso(struct msghdr *h, char *cmsg, uint16_t size)
     { (void)h; (void)cmsg; (void)size; }
+    static int msgnet_gro_size(struct msghdr *h) { (void)h; return 0; }
     struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
     static int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, void *t)
     { (void)fd; (void)v; (void)n; (void)flags; (void)t; errno = ENOSYS; return -1; }
@@ -67,6 +87,8 @@ cdef extern from *:
     const int MSGNET_HAVE_MMSG
     const int MSGNET_HAVE_GSO
     const size_t MSGNET_GSO_CMSG_SPACE
+    const size_t MSGNET_GRO_CMSG_SPACE
+    const int UDP_GRO
     bint MSGNET_WOULD_BLOCK(int err) nogil
 
     ctypedef unsigned int socklen_t
@@ -111,6 +133,7 @@ cdef extern from *:
         MSG_TRUNC
 
     void msgnet_set_gso(msghdr* h, char* cmsg, uint16_t size) nogil
+    int msgnet_gro_size(msghdr* h) nogil
     int recvmmsg(int fd, mmsghdr* msgvec, unsigned int vlen, int flags, void* timeout) nogil
     int sendmmsg(int fd, mmsghdr* msgvec, unsigned int vlen, int flags) nogil
     const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
@@ -160,6 +183,10 @@ cdef enum:
     C_RETAIN_PACKETS = 64              # RETAIN_SENT_PACKETS
     C_DATAGRAM_CEILING = 9000          # MAX_DATAGRAM_CEILING
     C_RX_SLOT = C_DATAGRAM_CEILING + 1 # one byte more: a datagram that fills it is oversize
+    # With UDP GRO, one read may hold up to 64 KiB of coalesced datagrams: fewer, larger
+    # receive slots (1 MiB in all, paged in as used).
+    C_GRO_SLOT = 65536
+    C_GRO_BATCH = 16
     # Stream paths (docs/wire.md §6): frames coalesce into payloads of up to C_STREAM_COALESCE
     # bytes; a message larger than that goes alone in a payload of up to C_STREAM_PAYLOAD
     # (MAX_STREAM_PACKET - DATA_OVERHEAD), so nothing is fragmented on a stream.
@@ -168,6 +195,12 @@ cdef enum:
     # A session's queue holds at most this many bytes of closed payloads (besides the payload
     # count bound): what keeps a queue of stream-sized payloads bounded.
     C_MAX_QUEUED_BYTES = 4194304
+
+# What UdpEngine._feed_stream made of a stream packet (STREAM_* in _engine.pyx).
+cdef enum:
+    C_STREAM_BAD = -1
+    C_STREAM_REPLAY = 0
+    C_STREAM_OK = 1
 
 
 cdef class UdpEngine
@@ -212,6 +245,7 @@ cdef class Session:
     cdef readonly double created
     cdef readonly double last_received
     cdef readonly double last_sent
+    cdef readonly double last_frames    # when the last packet with frames arrived (not a keep-alive)
     cdef readonly SessionCrypto crypto
 
     cdef UdpEngine _engine
@@ -335,11 +369,16 @@ cdef class UdpEngine:
     cdef object _loop_time
     cdef object _flush_cb
 
-    # Receive ring: _batch slots of C_RX_SLOT bytes with their headers and source addresses.
+    # Receive ring: _rx_batch slots of _rx_slot bytes with their headers and source addresses,
+    # and (with UDP GRO) a control buffer each for the segment size.
     cdef uint8_t* _rx_buf
     cdef mmsghdr* _rx_hdrs
     cdef iovec* _rx_iov
     cdef sockaddr_storage* _rx_addrs
+    cdef char* _rx_cmsg
+    cdef bint _gro
+    cdef int _rx_batch
+    cdef Py_ssize_t _rx_slot
 
     # Send ring: _batch sealed packets of at most max_datagram bytes; slots _tx_head.._tx_count
     # are sealed and not yet sent. _tx_owner holds each slot's Session (its address).
@@ -393,9 +432,12 @@ cdef class UdpEngine:
     cdef void _give_buffer(self, uint8_t* buf, Py_ssize_t size) noexcept
     cdef bint _to_stream(self, Session s, Py_ssize_t n) noexcept
     cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now) except -2
+    cdef int _feed_stream(self, Session s, uint8_t* pkt, Py_ssize_t n, object conn) except -3
     cdef int _repack(self, Session s) except -1
     cdef int _mark_dirty(self, Session s, bint urgent=*) except -1
     cdef int _read_batches(self) except -1
+    cdef int _read(self, uint8_t* buf, Py_ssize_t n, bint truncated, Py_ssize_t segment,
+                   const sockaddr* sa) except -2
     cdef int _flush_all(self) except -1
     cdef bint _seal_session(self, Session s, double now, bint force) except -1
     cdef bint _drain_tx(self) except -1

@@ -123,6 +123,10 @@ HAVE_RECVMMSG = bool(MSGNET_HAVE_MMSG)
 # engine at the first send the kernel refuses (old kernel, a device without checksum offload,
 # a datagram larger than the path MTU).
 HAVE_GSO = bool(MSGNET_HAVE_GSO)
+# UDP generic receive offload (Linux 5.0+), the other half: datagrams of one flow that arrive
+# together (on loopback, a GSO send stays whole) come up in one read with their segment size,
+# so the kernel's per-datagram receive work is paid once per run. Asked for with a socket
+# option when the engine starts; a kernel without it just refuses the option.
 
 cdef enum:
     _PACKET_TYPE_MAX = 0x0F
@@ -617,6 +621,7 @@ cdef class UdpEngine:
         self._rx_hdrs = NULL
         self._rx_iov = NULL
         self._rx_addrs = NULL
+        self._rx_cmsg = NULL
         self._tx_buf = NULL
         self._tx_hdrs = NULL
         self._tx_iov = NULL
@@ -626,7 +631,8 @@ cdef class UdpEngine:
 
     def __init__(self, sock, loop, delegate, dict handlers not None, *,
                  int max_datagram=limits.MAX_DATAGRAM, int batch=64, int max_rounds=8,
-                 use_recvmmsg=None, int max_queue_payloads=256, use_gso=None):
+                 use_recvmmsg=None, int max_queue_payloads=256, use_gso=None,
+                 use_gro=None):
         cdef int i
         if not limits.MAX_DATAGRAM <= max_datagram <= C_DATAGRAM_CEILING:
             raise UsageError(f"max_datagram must be {limits.MAX_DATAGRAM} to "
@@ -646,6 +652,17 @@ cdef class UdpEngine:
             use_gso = HAVE_GSO
         elif use_gso and not HAVE_GSO:
             raise UsageError("UDP GSO is not available on this platform")
+        if not use_recvmmsg:
+            use_gro = False  # the endpoint path reads one datagram at a time
+        elif use_gro is None or use_gro:
+            try:
+                sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
+            except OSError:
+                if use_gro:
+                    raise UsageError("UDP GRO is not available on this platform") from None
+                use_gro = False
+            else:
+                use_gro = True
         if sock is not None:
             sock.setblocking(False)
         self.sock = sock
@@ -685,13 +702,18 @@ cdef class UdpEngine:
         self._tx_units = <mmsghdr*>PyMem_Malloc(batch * sizeof(mmsghdr))
         self._tx_unit_len = <int*>PyMem_Malloc(batch * sizeof(int))
         self._tx_cmsg = <char*>PyMem_Malloc(batch * MSGNET_GSO_CMSG_SPACE)
+        self._gro = use_gro
+        self._rx_batch = min(batch, C_GRO_BATCH) if use_gro else batch
+        self._rx_slot = C_GRO_SLOT if use_gro else C_RX_SLOT
         if use_recvmmsg:
-            self._rx_buf = <uint8_t*>PyMem_Malloc(batch * C_RX_SLOT)
-            self._rx_hdrs = <mmsghdr*>PyMem_Malloc(batch * sizeof(mmsghdr))
-            self._rx_iov = <iovec*>PyMem_Malloc(batch * sizeof(iovec))
-            self._rx_addrs = <sockaddr_storage*>PyMem_Malloc(batch * sizeof(sockaddr_storage))
+            self._rx_buf = <uint8_t*>PyMem_Malloc(self._rx_batch * self._rx_slot)
+            self._rx_hdrs = <mmsghdr*>PyMem_Malloc(self._rx_batch * sizeof(mmsghdr))
+            self._rx_iov = <iovec*>PyMem_Malloc(self._rx_batch * sizeof(iovec))
+            self._rx_addrs = <sockaddr_storage*>PyMem_Malloc(
+                self._rx_batch * sizeof(sockaddr_storage))
+            self._rx_cmsg = <char*>PyMem_Malloc(self._rx_batch * MSGNET_GRO_CMSG_SPACE)
             if (self._rx_buf == NULL or self._rx_hdrs == NULL or self._rx_iov == NULL
-                    or self._rx_addrs == NULL):
+                    or self._rx_addrs == NULL or self._rx_cmsg == NULL):
                 raise MemoryError()
         if (self._tx_buf == NULL or self._tx_hdrs == NULL or self._tx_iov == NULL
                 or self._tx_units == NULL or self._tx_unit_len == NULL or self._tx_cmsg == NULL):
@@ -703,13 +725,15 @@ cdef class UdpEngine:
             self._tx_hdrs[i].msg_hdr.msg_iov = &self._tx_iov[i]
             self._tx_hdrs[i].msg_hdr.msg_iovlen = 1
         if use_recvmmsg:
-            memset(self._rx_hdrs, 0, batch * sizeof(mmsghdr))
-            for i in range(batch):
-                self._rx_iov[i].iov_base = self._rx_buf + i * C_RX_SLOT
-                self._rx_iov[i].iov_len = C_RX_SLOT
+            memset(self._rx_hdrs, 0, self._rx_batch * sizeof(mmsghdr))
+            for i in range(self._rx_batch):
+                self._rx_iov[i].iov_base = self._rx_buf + i * self._rx_slot
+                self._rx_iov[i].iov_len = self._rx_slot
                 self._rx_hdrs[i].msg_hdr.msg_iov = &self._rx_iov[i]
                 self._rx_hdrs[i].msg_hdr.msg_iovlen = 1
                 self._rx_hdrs[i].msg_hdr.msg_name = &self._rx_addrs[i]
+                if use_gro:
+                    self._rx_hdrs[i].msg_hdr.msg_control = self._rx_cmsg + i * MSGNET_GRO_CMSG_SPACE
 
     def __dealloc__(self):
         cdef int i
@@ -719,6 +743,7 @@ cdef class UdpEngine:
         PyMem_Free(self._rx_hdrs)
         PyMem_Free(self._rx_iov)
         PyMem_Free(self._rx_addrs)
+        PyMem_Free(self._rx_cmsg)
         PyMem_Free(self._tx_buf)
         PyMem_Free(self._tx_hdrs)
         PyMem_Free(self._tx_iov)
@@ -798,6 +823,11 @@ cdef class UdpEngine:
 
     # -- sessions --------------------------------------------------------------------------
 
+    def set_response_handler(self, handler not None):
+        """Call handler(session, request_id, data) for RESPONSE frames instead of the
+        delegate's handle_response: the host's request table, without a hop between."""
+        self._on_response = handler
+
     def new_session(self, peer_id, uint64_t local_index, bint initiator) -> Session:
         """A session bound to this engine (not yet registered: see add_session)."""
         if not 0 < local_index <= 0xFFFFFFFF:
@@ -874,13 +904,13 @@ cdef class UdpEngine:
     cdef int _read_batches(self) except -1:
         """At most max_rounds recvmmsg batches, so a flood cannot starve the rest of the loop."""
         cdef int rounds, i, n, err = 0
-        cdef int batch = self._batch
+        cdef int batch = self._rx_batch
         cdef mmsghdr* hdr
-        cdef uint8_t* slot
-        self._now = self._loop_time()
         for rounds in range(self._max_rounds):
             for i in range(batch):
                 self._rx_hdrs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+                if self._gro:
+                    self._rx_hdrs[i].msg_hdr.msg_controllen = MSGNET_GRO_CMSG_SPACE
             with nogil:
                 n = recvmmsg(self._fd, self._rx_hdrs, batch, MSG_DONTWAIT, NULL)
                 if n < 0:
@@ -892,21 +922,40 @@ cdef class UdpEngine:
                     self._report("msgnet: recvmmsg failed", OSError(err, os.strerror(err)),
                                  None)
                 return 0
+            self._now = self._loop_time()
             for i in range(n):
                 hdr = &self._rx_hdrs[i]
-                slot = self._rx_buf + i * C_RX_SLOT
-                if hdr.msg_len > C_DATAGRAM_CEILING or hdr.msg_hdr.msg_flags & MSG_TRUNC:
-                    self._counters[CNT_PACKETS_IN] += 1
-                    self._counters[CNT_BYTES_IN] += hdr.msg_len
-                    self._counters[CNT_OVERSIZE] += 1
-                else:
-                    self._datagram(slot, hdr.msg_len, slot + DATA_HEADER_SIZE,
-                                   <sockaddr*>&self._rx_addrs[i], None, None)
-                if self._closed:
-                    return 0
+                if self._read(self._rx_buf + i * self._rx_slot, hdr.msg_len,
+                              hdr.msg_hdr.msg_flags & MSG_TRUNC,
+                              msgnet_gro_size(&hdr.msg_hdr) if self._gro else 0,
+                              <sockaddr*>&self._rx_addrs[i]) < 0:
+                    return 0  # the engine closed
             if n < batch:
                 return 0
         return 0
+
+    cdef int _read(self, uint8_t* buf, Py_ssize_t n, bint truncated, Py_ssize_t segment,
+                   const sockaddr* sa) except -2:
+        """One read of n bytes from sa: a datagram, or with GRO a run of datagrams of segment
+        bytes each (the last possibly shorter). Each is opened in place. -1 once the engine
+        closed (a handler may close it)."""
+        cdef Py_ssize_t at = 0
+        cdef Py_ssize_t size
+        if segment <= 0 or segment >= n:
+            segment = n
+        while True:  # at least once: an empty datagram is counted (truncated) too
+            size = min(segment, n - at)
+            if size > C_DATAGRAM_CEILING or truncated:
+                self._counters[CNT_PACKETS_IN] += 1
+                self._counters[CNT_BYTES_IN] += size
+                self._counters[CNT_OVERSIZE] += 1
+            else:
+                self._datagram(buf + at, size, buf + at + DATA_HEADER_SIZE, sa, None, None)
+            if self._closed:
+                return -1
+            at += size
+            if at >= n:
+                return 0
 
     def feed_datagram(self, bytes data not None, addr):
         """Process data as a datagram from addr that arrived now: DATA that a pending
@@ -926,9 +975,6 @@ cdef class UdpEngine:
         cdef Py_buffer view
         cdef uint8_t* pkt
         cdef Py_ssize_t n
-        cdef Py_ssize_t plen = 0
-        cdef int rc
-        cdef Session s
         PyObject_GetBuffer(packet, &view, PyBUF_WRITABLE)
         try:
             pkt = <uint8_t*>view.buf
@@ -938,23 +984,30 @@ cdef class UdpEngine:
             found = self.sessions.get(_load_u32_be(pkt + 1))
             if found is None or (<Session>found).crypto is None:
                 return STREAM_UNKNOWN
-            s = <Session>found
-            self._counters[CNT_PACKETS_IN] += 1
-            self._counters[CNT_BYTES_IN] += n
-            self._now = self._loop_time()
-            rc = s.crypto.open_into(pkt, n, pkt + DATA_HEADER_SIZE, n - DATA_HEADER_SIZE, &plen)
-            if rc != OPEN_OK:
-                self._counters[_drop_counter(rc)] += 1
-                return STREAM_REPLAY if rc == DROP_REPLAY else STREAM_BAD
-            if s.last_received == 0 and s.initiator:
-                s.last_received = self._now
-                self._confirmed(s)
-            s.last_received = self._now
-            s.rx_stream = conn
-            self._frames(s, pkt + DATA_HEADER_SIZE, plen, <int64_t>_load_u64_be(pkt + 5))
-            return STREAM_OK
+            return self._feed_stream(<Session>found, pkt, n, conn)
         finally:
             PyBuffer_Release(&view)
+
+    cdef int _feed_stream(self, Session s, uint8_t* pkt, Py_ssize_t n, object conn) except -3:
+        """feed_stream once the packet's session is known (s has keys; pkt[0:n] is a DATA or
+        PLAIN_DATA packet of at least DATA_HEADER_SIZE bytes, opened in place): the entry
+        point of msgnet._stream, which parses the connection's stream in C."""
+        cdef Py_ssize_t plen = 0
+        cdef int rc
+        self._counters[CNT_PACKETS_IN] += 1
+        self._counters[CNT_BYTES_IN] += n
+        self._now = self._loop_time()
+        rc = s.crypto.open_into(pkt, n, pkt + DATA_HEADER_SIZE, n - DATA_HEADER_SIZE, &plen)
+        if rc != OPEN_OK:
+            self._counters[_drop_counter(rc)] += 1
+            return C_STREAM_REPLAY if rc == DROP_REPLAY else C_STREAM_BAD
+        if s.last_received == 0 and s.initiator:
+            s.last_received = self._now
+            self._confirmed(s)
+        s.last_received = self._now
+        s.rx_stream = conn
+        self._frames(s, pkt + DATA_HEADER_SIZE, plen, <int64_t>_load_u64_be(pkt + 5))
+        return C_STREAM_OK
 
     cdef int _feed(self, bytes data, object addr) except -1:
         """The endpoint path: the same C function as recvmmsg, decrypting into a stack buffer
@@ -1054,7 +1107,8 @@ cdef class UdpEngine:
         cdef Py_buffer view
         if addr is not None and addr != session._get_address():
             session._set_address(addr, self._family)
-        session.last_received = self._loop_time()
+        self._now = self._loop_time()
+        session.last_received = self._now
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
             self._frames(session, <const uint8_t*>view.buf, view.len, -1)
@@ -1075,6 +1129,8 @@ cdef class UdpEngine:
         cdef int bound_count = 0
         cdef uint16_t bound[C_MAX_FRAMES_PER_PACKET]  # aliases answered BOUND in this packet
         cdef str protocol
+        if n > 0:
+            s.last_frames = self._now
         while not s._closed:
             rc = read_frame(p, n, &pos, &fv)
             if rc == READ_END:
@@ -1381,8 +1437,12 @@ cdef class UdpEngine:
         self._counters[CNT_MESSAGES_OUT] += 1
         return out
 
-    def send_payload(self, Session session not None, bytes payload not None) -> int:
+    def send_payload(self, Session session not None, bytes payload not None,
+                     bint drain=True) -> int:
         """Seal payload (whole frames) as one DATA packet of its own now and return its counter.
+
+        drain=False leaves the packet in the send ring for drain_sealed (or the ring filling
+        up, or the end of a receive batch) to send with others in one sendmmsg.
 
         For the delivery layer, which must know which packet carried which fragments. A packet
         the socket (or a back-pressured stream) cannot take is dropped and counted
@@ -1410,9 +1470,15 @@ cdef class UdpEngine:
             return counter
         if self._seal_to_ring(session, payload, now) < 0:
             raise ClosedError("session send counter exhausted")
-        if not self._in_batch:
+        if drain and not self._in_batch:
             self._drain_tx()
         return counter
+
+    def drain_sealed(self):
+        """Send the packets sealed into the send ring (send_payload(drain=False)) now; inside a
+        receive batch they go at its end anyway."""
+        if not self._in_batch and not self._closed:
+            self._drain_tx()
 
     cdef int _queue_reply(self, Session s, uint8_t frame_type, uint64_t a,
                           uint64_t b) except -1:
@@ -1582,16 +1648,26 @@ cdef class UdpEngine:
     cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now) except -2:
         """Seal payload as one packet written to s.stream; its counter, or -1 if the session's
         counter is exhausted. A packet the connection refuses (it closed) is counted as
-        send_errors, like a lost datagram."""
+        send_errors, like a lost datagram.
+
+        The packet is sealed behind its stream ``length:varint`` prefix in one bytes object,
+        which the connection (msgnet._stream.StreamCore.write_sealed) writes as it is."""
         cdef SessionCrypto crypto = s.crypto
         cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
         cdef Py_ssize_t size = n + (DATA_HEADER_SIZE if crypto.plaintext else DATA_OVERHEAD)
-        cdef bytes packet = PyBytes_FromStringAndSize(NULL, size)
+        cdef Py_ssize_t head = varint_size(<uint64_t>size)
+        cdef bytes packet = PyBytes_FromStringAndSize(NULL, head + size)
         cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(packet)
         cdef const uint8_t* tag
         cdef uint64_t counter = crypto.send_counter
-        cdef Py_ssize_t length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload), n,
-                                                  out, size)
+        cdef Py_ssize_t length, k
+        cdef uint64_t left = <uint64_t>size
+        for k in range(head - 1):
+            out[k] = <uint8_t>(left & 0x7F | 0x80)
+            left >>= 7
+        out[head - 1] = <uint8_t>left
+        out += head
+        length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload), n, out, size)
         if length < 0:
             self._counters[CNT_COUNTER_EXHAUSTED if length == -1 else CNT_SEND_ERRORS] += 1
             return -1
@@ -1603,7 +1679,7 @@ cdef class UdpEngine:
                 tag = out + length - AEAD_TAG_SIZE
             s._retain(counter, tag, payload, now)
         s.last_sent = now
-        if s.stream.write_packet(packet):
+        if s.stream.write_sealed(packet, s, counter, payload):
             self._counters[CNT_PACKETS_OUT] += 1
             self._counters[CNT_BYTES_OUT] += length
         else:
@@ -1877,6 +1953,11 @@ cdef class UdpEngine:
             context["session"] = s
         self.loop.call_exception_handler(context)
         return 0
+
+    @property
+    def use_gro(self) -> bool:
+        """Whether reads take runs of datagrams coalesced by UDP GRO."""
+        return self._gro
 
     @property
     def use_gso(self) -> bool:

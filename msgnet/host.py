@@ -274,6 +274,46 @@ class MessageHost:
         finally:
             pending.pop(request_id, None)
 
+    def request_nowait(self, peer: PeerID, protocol: str, data: bytes, *,
+                       timeout: float = 5.0) -> asyncio.Future[bytes]:
+        """:meth:`request` (best effort) without a coroutine: send now, return the reply's
+        future.
+
+        For protocols that fan a request out to many peers (a DHT asks 20 at once), where a
+        task per request would cost more than the request itself. The future fails as
+        :meth:`request` would; cancelling it forgets the request. When the request cannot
+        go out at once (back-pressure, or too large for one datagram) the future is a task
+        running :meth:`request`.
+        """
+        if timeout <= 0:
+            raise UsageError("timeout must be positive")
+        pending = self._pending
+        if len(pending) >= MAX_PENDING_REQUESTS:
+            raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
+        network = self._network
+        if network is None:
+            raise ClosedError("host is not started")
+        loop = network.loop
+        request_id = next(self._request_ids)
+        future: asyncio.Future[bytes] = loop.create_future()
+        deadline = loop.time() + timeout
+        pending[request_id] = [future, protocol, peer, timeout, deadline]
+        try:
+            sent = network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST, request_id)
+        except MessageTooLargeError:
+            sent = False
+        except BaseException:
+            del pending[request_id]
+            raise
+        if not sent:
+            del pending[request_id]
+            return loop.create_task(self.request(peer, protocol, data, timeout=timeout,
+                                                 qos=BEST_EFFORT))
+        future.add_done_callback(lambda _: pending.pop(request_id, None))
+        if deadline < self._timeout_at:
+            self._arm_timeouts(loop, deadline)
+        return future
+
     def _arm_timeouts(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timeout_timer is not None:
             self._timeout_timer.cancel()

@@ -63,6 +63,7 @@ REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_TIME = 180.0
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 SESSION_IDLE_TIMEOUT = 180.0
+KEEPALIVE_AFTER = 15.0
 MAX_SESSIONS = 65536
 RESET_MEMORY = 30.0
 
@@ -107,6 +108,12 @@ STREAM_IDLE_TIMEOUT = 180.0
 MAX_STREAM_CONNECTIONS_PER_IP = 16
 MAX_STREAM_CONNECTIONS = 4096
 STREAM_HIGH_WATER = 1 << 20
+# Reliable messages on a stream (docs/wire.md §6.1): what a sender keeps per connection until
+# the peer's PONG proves it arrived (half the replay window, so a resumed session's packets
+# are all still within the receiver's window), and how long it awaits that PONG.
+STREAM_RETAIN_PACKETS = 512
+STREAM_RETAIN_BYTES = 8 << 20
+STREAM_ACK_TIMEOUT = 1.0
 
 # Delivery (docs/wire.md §3.6).
 MAX_BEST_EFFORT_FRAGMENTS = 16

@@ -65,7 +65,14 @@ from .identity import KeyPair, PeerID
 from .metrics import merge, prometheus_text
 from .peerstore import Peerstore
 from .qos import BEST_EFFORT, DeliveryManager, QoS, Reliable
-from .tcp import StreamAddress, StreamConnection, StreamListener, StreamSettings, TcpStreams
+from .tcp import (
+    StreamAddress,
+    StreamConnection,
+    StreamListener,
+    StreamRecovery,
+    StreamSettings,
+    TcpStreams,
+)
 
 __all__ = [
     "MessageNetwork",
@@ -98,6 +105,7 @@ CONSOLIDATE_AFTER = 1.0
 """First contact that got no ACK this long after the session was confirmed (the ACK was
 lost): settle on a path by our own policy instead of sending everything twice."""
 
+_FLAG_REQUEST = limits.FLAG_REQUEST
 _ZERO_COOKIE = bytes(16)
 _U32 = struct.Struct(">I")
 _HANDSHAKE_MALFORMED = ("truncated", "unknown_packet_type", "initiation_too_short",
@@ -213,6 +221,8 @@ class UdpSocket:
             use_recvmmsg=network.use_recvmmsg,
         )
         self.engine.transport_id = transport_id
+        if network._response_listener is not None:
+            self.engine.set_response_handler(network._response_listener)
 
     @property
     def listen_addr(self) -> Multiaddr:
@@ -340,13 +350,19 @@ class MessageNetwork:
         self.delivery = DeliveryManager(self.loop, max_datagram)
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
-        # (peer, session, engine) of the latest session_for: a peer sent to again and again
-        # (the PeerID object the caller holds) skips two PeerID hashes and the LRU move, and
-        # is already the most recently used. Cleared whenever _sessions changes.
-        self._last: tuple[PeerID, Session, UdpEngine] | None = None
+        # (peer, session, engine, path) of the latest session_for: a peer sent to again and
+        # again (the PeerID object the caller holds) skips the PeerID hashes and the LRU move,
+        # and is already the most recently used. Cleared whenever _sessions or _paths changes.
+        self._last: tuple[PeerID, Session, UdpEngine, _PeerPath | None] | None = None
         # Every live session (sending or receive-only) by our local index (its engine is
         # session.engine).
         self._by_index: dict[int, Session] = {}
+        self.streams.sessions = self._by_index  # connections feed their DATA to the engines
+        # Reliable messages on streams: kept until acknowledged, resumed after a connection
+        # dies (docs/wire.md §6.1); its two reserved protocols are handled here.
+        self.stream_recovery = StreamRecovery(self.streams, self._send_reliable_nowait,
+                                              self._count, self._by_index)
+        self.handlers.update(self.stream_recovery.handlers())
         # Local indices of our initiator sessions not yet confirmed by an authenticated packet:
         # the housekeeping timer tells the handshake to stop re-sending FINISH for them.
         self._unconfirmed: set[int] = set()
@@ -420,6 +436,8 @@ class MessageNetwork:
             raise UsageError(f"protocol id longer than {limits.MAX_PROTOCOL_LENGTH} bytes")
         if not callable(handler):
             raise UsageError("handler must be callable")
+        if protocol.startswith("/msgnet/stream-"):
+            raise UsageError("protocol ids beginning with /msgnet/stream- are msgnet's own")
         self.handlers[protocol] = handler
 
     def remove_message_handler(self, protocol: str) -> None:
@@ -470,13 +488,24 @@ class MessageNetwork:
         ``Reliable(wait=True)``, until the peer acknowledged it.
 
         On a stream path a reliable message is sent as it is: TCP acknowledges, retransmits
-        and orders it, so ``wait`` returns once it is queued. A message too large for one
-        datagram takes the peer's stream (dialled if need be) before it is fragmented."""
+        and orders it, so ``wait`` returns once it is queued; the connection keeps it until
+        the peer's PONG proves it arrived, and sends it again by the next path if the
+        connection dies first (docs/wire.md §6.1). A message too large for one datagram takes
+        the peer's stream (dialled if need be) before it is fragmented."""
         session, engine = self.session_for(peer_id, protocol)
         if flags & limits.FLAG_REQUEST:
             self._expect_reply(peer_id)
         if isinstance(qos, Reliable) and session.sends_on_stream:
-            qos = BEST_EFFORT
+            recovery = self.stream_recovery
+            while True:
+                recovery.retain(session)  # first: a request may be written at once
+                if engine.send_message(session, protocol, data, flags, request_id):
+                    recovery.sent(session)
+                    return
+                await engine.wait_drained(session)
+                session, engine = self.session_for(peer_id, protocol)
+                if not session.sends_on_stream:
+                    break  # moved off the stream meanwhile: the delivery layer takes it
         if isinstance(qos, Reliable):
             waiter = self.delivery.send(session, engine, protocol, data, qos, flags, request_id)
             if waiter is not None:
@@ -508,9 +537,13 @@ class MessageNetwork:
         qos: QoS = Reliable(ordered=ordered) if reliable else BEST_EFFORT
         try:
             if session.sends_on_stream:
+                if reliable:
+                    self.stream_recovery.retain(session)
                 if not session.engine.send_message(session, protocol, data,
                                                    limits.FLAG_RESPONSE, request_id):
                     self._count("reply_dropped")
+                elif reliable:
+                    self.stream_recovery.sent(session)
                 return
             self.delivery.send(session, session.engine, protocol, data, qos,
                                limits.FLAG_RESPONSE, request_id)
@@ -518,16 +551,42 @@ class MessageNetwork:
             self._count("reply_dropped")
             log.debug("reply on %s dropped: %s", protocol, exc)
 
+    def _send_reliable_nowait(self, peer_id: PeerID, protocol: str, data: bytes, flags: int,
+                              request_id: int) -> None:
+        """A reliable message sent from a callback: stream recovery's RESUME, its answer,
+        and the messages it sends again (docs/wire.md §6.1)."""
+        try:
+            session, engine = self.session_for(peer_id)
+            if not session.sends_on_stream:
+                self.delivery.send(session, engine, protocol, data, Reliable(), flags,
+                                   request_id)
+                return
+            self.stream_recovery.retain(session)
+            if engine.send_message(session, protocol, data, flags, request_id):
+                self.stream_recovery.sent(session)
+                return
+        except MsgnetError as exc:
+            self._count("stream_resend_failed")
+            log.debug("stream recovery could not send on %s: %s", protocol, exc)
+            return
+        task = self.loop.create_task(self.send_message(  # the queue is full: wait for room
+            peer_id, protocol, data, flags=flags, request_id=request_id, qos=Reliable()))
+        task.add_done_callback(_consume_exception)
+
     def send_message_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
                             flags: int = 0, request_id: int = 0) -> bool:
         """Queue a message now, as send_message does, but never wait: False when the peer's
         queue is full (then await send_message). What callers use first, to spare a
         coroutine per message in the common case."""
-        if flags & limits.FLAG_REQUEST:
-            self._expect_reply(peer_id)
         last = self._last
         if last is not None and last[0] is peer_id and not self._refused and not self._closed:
+            if flags & _FLAG_REQUEST:
+                path = last[3]
+                if path is not None and path.mode == "udp" and not path.expect_since:
+                    path.expect_since = self.loop.time()
             return last[2].send_message(last[1], protocol, data, flags, request_id)
+        if flags & _FLAG_REQUEST:
+            self._expect_reply(peer_id)
         session, engine = self.session_for(peer_id, protocol)
         return engine.send_message(session, protocol, data, flags, request_id)
 
@@ -575,7 +634,7 @@ class MessageNetwork:
         if session is not None:
             self._sessions.move_to_end(peer_id)
             engine = session.engine
-            self._last = (peer_id, session, engine)
+            self._last = (peer_id, session, engine, self._paths.get(peer_id))
             return session, engine
         dial = self._dial_by_peer.get(peer_id)
         if dial is None:
@@ -612,6 +671,7 @@ class MessageNetwork:
                      "udp-only": "UDP", "tcp-only": "TCP"}[self.transport_policy]
             raise PeerUnreachableError(f"no usable {kinds} address known for {peer_id}")
         self._paths[peer_id] = path
+        self._last = None
         if udp is not None:
             path.udp = udp.sockaddr
             sock = self._socket_for(udp)
@@ -728,6 +788,8 @@ class MessageNetwork:
             self._stream_engine = UdpEngine(None, self.loop, self, self.handlers,
                                             max_datagram=self.max_datagram)
             self._stream_engine.transport_id = 0
+            if self._response_listener is not None:
+                self._stream_engine.set_response_handler(self._response_listener)
             self._stream_engine.start()
         return self._stream_engine
 
@@ -1067,6 +1129,7 @@ class MessageNetwork:
 
     def handle_pong(self, session: Session, data: bytes) -> None:
         self._count("pongs_received")
+        self.stream_recovery.pong_received(session, data)
 
     def handle_ack(self, session: Session, transport_id: int) -> None:
         """The responder's choice (docs/wire.md §5): consolidate onto the path the ACK came on.
@@ -1099,8 +1162,9 @@ class MessageNetwork:
         if path is None or not self._use_udp or session.engine.sock is None:
             return
         path.udp = session.address
-        if path.mode == "tcp" and (path.open_stream() is None
-                                   or self.loop.time() - path.stream_rx >= ADOPT_AFTER):
+        stream = path.open_stream()
+        if path.mode == "tcp" and (stream is None or self.loop.time() - max(
+                path.stream_rx, stream.rx_time) >= ADOPT_AFTER):
             path.mode = "udp"
             path.expect_since = 0.0
             self._apply(session.peer_id, path)
@@ -1154,6 +1218,17 @@ class MessageNetwork:
         counters = self._handshaker.counters
         return sum(counters[name] for name in _HANDSHAKE_MALFORMED)
 
+    def stream_bad_packet(self, conn: StreamConnection) -> None:
+        """A DATA packet for a known session failed its checks on conn: before the
+        connection proved itself that closes it (docs/wire.md §6)."""
+        if conn not in self._trusted:
+            conn.abort("bad_stream")
+
+    def stream_authenticated(self, session: Session, conn: StreamConnection) -> None:
+        """An authenticated packet on conn for a session that does not send on it alone
+        (the connection's fast path handles the rest without calling here)."""
+        self._stream_authenticated(session, conn)
+
     def _stream_authenticated(self, session: Session, conn: StreamConnection) -> None:
         """An authenticated packet came on conn: it is the peer's connection now, and the
         session follows the peer onto it once its UDP path has been silent (ADOPT_AFTER)."""
@@ -1192,7 +1267,14 @@ class MessageNetwork:
     def stream_closed(self, conn: StreamConnection, reason: str) -> None:
         """A path failed (docs/wire.md §5): move the peer's sessions to UDP if they may use it,
         else dial TCP again. (With UDP working, a new connection is dialled when a message
-        needs one, or when UDP fails in turn.)"""
+        needs one, or when UDP fails in turn.) Then what the connection kept unacknowledged
+        is resumed on that next path (docs/wire.md §6.1)."""
+        queued = self.stream_recovery.take_queued(conn) if not self._closed else []
+        self._stream_path_closed(conn)
+        if not self._closed:
+            self.stream_recovery.stream_closed(conn, queued)
+
+    def _stream_path_closed(self, conn: StreamConnection) -> None:
         self._trusted.discard(conn)
         entry = self._conn_path.pop(conn, None)
         if entry is None or self._closed:
@@ -1270,6 +1352,7 @@ class MessageNetwork:
             self._handle_handshake_event(event)
         self._expire_sessions(now)
         self._check_paths(now)
+        self.stream_recovery.tick(now)
         for engine in self._engines():
             engine.purge_retained()
         self._arm_timer(self._handshaker.next_deadline())
@@ -1285,6 +1368,7 @@ class MessageNetwork:
                 if (peer_id not in self._dial_by_peer and path.dialing is None
                         and path.open_stream() is None):
                     del self._paths[peer_id]
+                    self._last = None
                 continue
             if path.mode == "both":
                 if session.last_received and now - path.started >= CONSOLIDATE_AFTER:
@@ -1332,6 +1416,12 @@ class MessageNetwork:
                   and session.initiator and session.peer_id not in self._dial_by_peer
                   and now - session.last_sent < limits.REKEY_AFTER_TIME):
                 self._rekey(session)
+            elif (now - session.last_sent >= limits.KEEPALIVE_AFTER
+                  and now - session.last_frames < limits.KEEPALIVE_AFTER
+                  and session.established and not session.sends_on_stream
+                  and self._sessions.get(session.peer_id) is session):
+                session.engine.flush_session(session, True)  # docs/wire.md §2.3.2 keep-alive
+                self._count("keepalives_sent")
 
     def _rekey(self, session: Session) -> None:
         """Start a fresh handshake; the old session keeps working until the new one is up."""
@@ -1353,7 +1443,11 @@ class MessageNetwork:
     # -- helpers -------------------------------------------------------------------------
 
     def add_response_listener(self, listener: ResponseListener) -> None:
+        """Have listener take every RESPONSE frame; the engines call it directly (one call
+        less on the request/response path than going through handle_response)."""
         self._response_listener = listener
+        for engine in self._engines():
+            engine.set_response_handler(listener)
 
     def add_reset_listener(self, listener: Callable[[PeerID, str, int], None]) -> None:
         self._reset_listeners.append(listener)

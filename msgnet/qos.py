@@ -30,7 +30,7 @@ from .core.delivery import (
     OutgoingMessage,
     ReassemblyBudget,
 )
-from .errors import UsageError
+from .errors import MsgnetError, UsageError
 
 if TYPE_CHECKING:
     from ._engine import Session, UdpEngine
@@ -90,19 +90,30 @@ class DeliveryManager:
         self._timers: dict[Session, tuple[asyncio.Handle, float]] = {}
         self._waiters: dict[OutgoingMessage, asyncio.Future[None]] = {}
         self._room = max_datagram - limits.DATA_OVERHEAD
+        self._fragment_sizes: dict[str, int] = {}
+        # Sessions to pump once the loop iteration's sends, acks and receptions are in: every
+        # message, ack and window opening of one iteration shares packets (DESIGN §2: the
+        # engine coalesces its best-effort frames per iteration the same way).
+        self._dirty: dict[Session, None] = {}
+        self._flush_handle: asyncio.Handle | None = None
 
     # -- sending ---------------------------------------------------------------------
 
     def send(self, session: Session, engine: UdpEngine, protocol: str, data: bytes, qos: QoS,
              flags_extra: int = 0, request_id: int = 0) -> asyncio.Future[None] | None:
         """Queue a message that needs the delivery layer; returns a future when waiting."""
-        reliable = isinstance(qos, Reliable)
+        reliable = type(qos) is Reliable or isinstance(qos, Reliable)
         ordered = reliable and qos.ordered  # type: ignore[union-attr]
-        room = fragment_size(self._max_datagram, protocol)
-        if room <= 0:
-            raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
-        conn = self._conn(session, engine)
         # Per protocol: a fragment sent as INIT (the alias not yet bound) must fit a datagram.
+        room = self._fragment_sizes.get(protocol)
+        if room is None:
+            room = fragment_size(self._max_datagram, protocol)
+            if room <= 0:
+                raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
+            if len(self._fragment_sizes) < 4096:
+                self._fragment_sizes[protocol] = room
+        entry = self._conns.get(session)
+        conn = entry[0] if entry is not None else self._conn(session, engine)
         handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
                            flags_extra=flags_extra, request_id=request_id,
                            now=self._loop.time(), fragment_size=room)
@@ -111,7 +122,7 @@ class DeliveryManager:
             future = self._loop.create_future()
             future.add_done_callback(_retrieve)  # a caller that timed out no longer awaits it
             self._waiters[handle] = future
-        self._pump(session, conn, engine)
+        self._schedule(session)
         return future
 
     def _conn(self, session: Session, engine: UdpEngine) -> DeliveryConnection:
@@ -125,6 +136,20 @@ class DeliveryManager:
             )
             entry = self._conns[session] = (conn, engine)
         return entry[0]
+
+    def _schedule(self, session: Session) -> None:
+        """Pump ``session`` at the end of this loop iteration (see __init__)."""
+        self._dirty[session] = None
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, {}
+        for session in dirty:
+            entry = self._conns.get(session)
+            if entry is not None:
+                self._pump(session, entry[0], entry[1])
 
     def _pump(self, session: Session, conn: DeliveryConnection, engine: UdpEngine) -> None:
         """Send what the core lets out now, as packets of their own: an ack, then fragments.
@@ -162,12 +187,13 @@ class DeliveryManager:
                 size += len(frame)
         if frames:
             self._send_packet(session, conn, engine, frames, carried, now)
+        engine.drain_sealed()  # the packets of this pump go out in one sendmmsg
         self._arm(session, conn)
 
     def _send_packet(self, session: Session, conn: DeliveryConnection, engine: UdpEngine,
                      frames: list[bytes], carried: list[Fragment], now: float) -> None:
         payload = b"".join(frames)
-        counter = engine.send_payload(session, payload)
+        counter = engine.send_payload(session, payload, False)
         conn.on_packet_sent(counter, carried, len(payload) + limits.DATA_OVERHEAD, now)
 
     def session_established(self, session: Session) -> None:
@@ -181,23 +207,28 @@ class DeliveryManager:
     def fragment_received(self, session: Session, engine: UdpEngine, counter: int,
                           protocol: str, flags: int, request_id: int, seq: int,
                           frag_index: int, frag_count: int, data: bytes) -> None:
-        conn = self._conn(session, engine)
+        entry = self._conns.get(session)
+        conn = entry[0] if entry is not None else self._conn(session, engine)
         delivered = conn.on_fragment(counter, protocol, flags, request_id, seq, frag_index,
                                      frag_count, data, self._loop.time())
-        for message in delivered:
-            engine.deliver(session, message.protocol, message.flags, message.request_id,
-                           message.payload)
+        if delivered:
+            deliver = engine.deliver
+            for message in delivered:
+                deliver(session, message.protocol, message.flags, message.request_id,
+                        message.payload)
 
     def packet_received(self, session: Session, counter: int, acknowledge: bool) -> None:
         entry = self._conns.get(session)
         if entry is None:
             return
-        conn, engine = entry
+        conn = entry[0]
         now = self._loop.time()
         conn.on_packet_received(counter, now, acknowledge=acknowledge)
         if conn.ack_frame_due(now):
-            self._pump(session, conn, engine)  # the ack goes out now, with any fragments
-        else:
+            # Out once this iteration's datagrams are in: one ack for all of them, with
+            # any fragments (RFC 9000 13.2.1 lets an ack wait for the batch).
+            self._schedule(session)
+        elif session not in self._dirty:
             self._arm(session, conn)
 
     def ack_received(self, session: Session, body: bytes) -> bool:
@@ -205,7 +236,7 @@ class DeliveryManager:
         entry = self._conns.get(session)
         if entry is None:
             return True  # nothing in flight: an ack for nothing is harmless
-        conn, engine = entry
+        conn = entry[0]
         frame, _ = decode_frame(bytes((limits.FRAME_DELIVERY_ACK,)) + encode_varint(len(body))
                                 + body)
         if not isinstance(frame, DeliveryAck):
@@ -213,10 +244,13 @@ class DeliveryManager:
         events = conn.on_ack(frame.largest, frame.ack_delay_us, frame.first_range,
                              frame.ranges, self._loop.time())
         self._settle(events)
-        self._pump(session, conn, engine)
+        # What the window lets out now, at once: this runs inside the engine's receive batch,
+        # whose end sends every packet sealed meanwhile in one sendmmsg (GSO where it can).
+        self._pump(session, conn, entry[1])
         return True
 
     def close_session(self, session: Session, error: BaseException) -> None:
+        self._dirty.pop(session, None)
         entry = self._conns.pop(session, None)
         timer = self._timers.pop(session, None)
         if timer is not None:
@@ -225,6 +259,22 @@ class DeliveryManager:
             self._settle(entry[0].close(error))  # type: ignore[arg-type]
 
     def close(self, error: BaseException) -> None:
+        """The host is closing: acknowledge what arrived (the peer would otherwise wait
+        MAX_RETRANSMISSIONS timeouts and fail messages we did receive), then fail what is
+        outstanding."""
+        now = self._loop.time()
+        for session, (conn, engine) in list(self._conns.items()):
+            if conn.ack_pending and session.established:
+                ack = _ack_frame(conn, now)
+                if ack is not None:
+                    try:
+                        self._send_packet(session, conn, engine, [ack], [], now)
+                        engine.drain_sealed()
+                    except MsgnetError:
+                        pass  # the session went first: nothing to acknowledge on
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         for session in list(self._conns):
             self.close_session(session, error)
 

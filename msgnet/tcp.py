@@ -29,11 +29,18 @@ plus the totals ``stream_connections_in``, ``stream_connections_out``,
 does for the handshake's rate limits: one subscriber gets a whole /64, so counting single
 IPv6 addresses would bound nothing.
 
-Reading uses :class:`asyncio.BufferedProtocol`: the transport reads straight into the
-connection's buffer, and each packet reaches the delegate as a ``memoryview`` of that buffer,
-without a copy. The buffer grows only as bytes actually arrive (doubling, up to the packet
-being read), so a peer that merely *announces* a 1 MiB packet costs us no more than a peer
-that sends a few bytes.
+Reading uses :class:`asyncio.BufferedProtocol` with a compiled core
+(:mod:`msgnet._stream`): the transport reads straight into the connection's C buffer, length
+prefixes are parsed in C, and a DATA packet of a known session (:attr:`TcpStreams.sessions`)
+goes to its engine without a Python object per packet; other packets reach the delegate as a
+``memoryview`` of the buffer, without a copy. The buffer grows only as bytes actually arrive
+(doubling, up to the packet being read), so a peer that merely *announces* a 1 MiB packet
+costs us no more than a peer that sends a few bytes.
+
+:class:`StreamRecovery` (for the network) makes reliable messages on a stream survive a
+connection that dies (docs/wire.md §6.1): the connections keep what they wrote for sessions
+that send reliable messages until a PONG proves it arrived, and after a failure the peer is
+asked which packets it opened and the rest are sent again by the next path.
 """
 
 from __future__ import annotations
@@ -41,45 +48,42 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import os
 import socket
+import struct
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import limits
+from ._frame import Continuation, Init, Ping, decode_packet, encode_frame
+from ._stream import (
+    MIN_READ,
+    READ_BUFFER,
+    Retention,
+    StreamCore,
+    encode_stream_header,
+    resume_report,
+)
 from .errors import ClosedError, PeerUnreachableError, UsageError
+
+if TYPE_CHECKING:
+    from ._engine import Message, Session
 
 __all__ = [
     "READ_BUFFER",
+    "RESUMED_PROTOCOL",
+    "RESUME_PROTOCOL",
     "StreamAddress",
     "StreamConnection",
     "StreamDelegate",
     "StreamListener",
+    "StreamRecovery",
     "StreamSettings",
     "TcpStreams",
     "encode_stream_header",
 ]
-
-READ_BUFFER = 64 * 1024
-"""Initial receive buffer per connection, and the size it shrinks back to when empty."""
-_MIN_READ = 4096  # below this much free room, the buffer is compacted or grown before a read
-# Bytes of the longest valid length prefix: any longer varint is malformed or too large, so it
-# is refused as soon as that many bytes arrive without its end.
-_MAX_HEADER = (limits.MAX_STREAM_PACKET.bit_length() + 6) // 7
-_ONE_BYTE_HEADERS = tuple(bytes((n,)) for n in range(128))
-
-
-def encode_stream_header(length: int) -> bytes:
-    """The ``length:varint`` that precedes a packet of ``length`` bytes on a stream."""
-    if length < 128:
-        return _ONE_BYTE_HEADERS[length]
-    out = bytearray()
-    while length >= 0x80:
-        out.append(length & 0x7F | 0x80)
-        length >>= 7
-    out.append(length)
-    return bytes(out)
 
 
 class StreamDelegate(Protocol):
@@ -94,7 +98,20 @@ class StreamDelegate(Protocol):
 
     def stream_packet(self, conn: StreamConnection, packet: memoryview) -> None:
         """One whole packet. The view is into the connection's receive buffer and valid
-        only during this call: copy it (``bytes(packet)``) to keep it."""
+        only during this call: copy it (``bytes(packet)``) to keep it.
+
+        With :attr:`TcpStreams.sessions` set, DATA packets of the sessions in it never come
+        here: the connection runs them through the session's engine itself and calls the
+        two optional methods below when something is to be decided."""
+
+    # Optional (looked up once per connection):
+    #
+    # def stream_authenticated(self, session: Session, conn: StreamConnection) -> None:
+    #     """A packet authenticated for ``session`` on ``conn``, and the session does not
+    #     send on ``conn`` alone (first contact, or the peer moved to ``conn``)."""
+    #
+    # def stream_bad_packet(self, conn: StreamConnection) -> None:
+    #     """A DATA packet for a known session failed its checks on ``conn``."""
 
     def stream_writable(self, conn: StreamConnection) -> None:
         """``conn``'s write buffer drained below the low-water mark after back-pressure."""
@@ -172,12 +189,14 @@ class StreamAddress(tuple[Any, ...]):
         return f"StreamAddress({self[0]!r}, {self[1]!r})"
 
 
-class StreamConnection(asyncio.BufferedProtocol):
+class StreamConnection(StreamCore, asyncio.BufferedProtocol):
     """One TCP connection carrying ``length:varint | packet`` both ways.
 
     Created by :class:`TcpStreams` (``listen`` or ``connect``). ``remote`` and ``local`` are
     the ends' ``(host, port)`` (IPv6: the 4-tuple); ``outbound`` says who dialled;
     ``transport_id`` is the owner's number for the listener (or dialler) it belongs to.
+    Reading and the engine's write path are compiled (:class:`msgnet._stream.StreamCore`);
+    this class is the asyncio glue around them.
     """
 
     def __init__(self, streams: TcpStreams, outbound: bool, transport_id: int = 0) -> None:
@@ -191,26 +210,17 @@ class StreamConnection(asyncio.BufferedProtocol):
         self._delegate = streams.delegate
         self._settings = streams.settings
         self._counters = streams._counters
-        self._on_packet = self._delegate.stream_packet
-        # Traffic totals, folded into the streams' counters when the connection ends: a
-        # shared dict updated per packet costs more than the packet's framing.
-        self.packets_in = self.bytes_in = self.packets_out = self.bytes_out = 0
         self._loop = streams.loop
-        self._transport: asyncio.Transport | None = None
-        self._buf = bytearray(READ_BUFFER)
-        self._start = 0  # first unread byte of _buf
-        self._end = 0  # end of the bytes received into _buf
-        self._header = 0  # length of the pending packet's prefix, 0 until it is parsed
-        self._need = 0  # bytes from _start the pending packet takes, 0 until known
-        self._packet_started = 0.0  # loop time of the pending packet's first byte, 0: none
+        # Traffic totals (packets_in ...) live in the core and are folded into the streams'
+        # counters when the connection ends: a shared dict updated per packet costs more
+        # than the packet's framing.
+        self._setup_core(self._delegate, self._counters, self._loop,
+                         self._settings.packet_timeout, streams.sessions, streams.retention)
         self._last_active = 0.0
-        self._active = False  # traffic since _last_active: the timer moves it (lazily)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._paused = False
         self._waiters: list[asyncio.Future[None]] = []
         self._admitted = False
-        self._reason: str | None = None  # set once: the connection is unusable from then
         # Done once connection_made ran: uvloop may return from create_connection before.
         self._made: asyncio.Future[None] = self._loop.create_future()
 
@@ -223,12 +233,7 @@ class StreamConnection(asyncio.BufferedProtocol):
 
     @property
     def close_reason(self) -> str | None:
-        return self._reason
-
-    @property
-    def writable(self) -> bool:
-        """Open and not back-pressured: ``write_packet`` will accept a packet."""
-        return self._reason is None and not self._paused and self._transport is not None
+        return cast("str | None", self._reason)
 
     @property
     def write_buffer_size(self) -> int:
@@ -245,31 +250,16 @@ class StreamConnection(asyncio.BufferedProtocol):
         """Queue one packet with its length prefix. False (counted as
         ``stream_write_refused``) when the connection is closed or back-pressured: a caller
         checks :attr:`writable` or awaits :meth:`wait_writable` first, which keeps the write
-        buffer below ``high_water`` plus one batch."""
+        buffer below ``high_water`` plus one batch. (Sessions' DATA packets take the
+        compiled path, ``write_sealed``; this one carries handshakes and tests.)"""
+        return self.write_packets((packet,))
+
+    def write_packets(self, packets: Iterable[bytes | bytearray | memoryview]) -> bool:
+        """Queue several packets in one transport write (one ``writev`` on uvloop)."""
         transport = self._transport
         if self._reason is not None or self._paused or transport is None:
             self._counters["stream_write_refused"] += 1
             return False
-        n = len(packet)
-        if not 0 < n <= limits.MAX_STREAM_PACKET:
-            raise UsageError(f"a stream packet is 1 to {limits.MAX_STREAM_PACKET} bytes, "
-                             f"not {n}")
-        header = _ONE_BYTE_HEADERS[n] if n < 128 else encode_stream_header(n)
-        if n <= _MIN_READ:  # small: one copy is cheaper than another buffer entry
-            transport.write(header + packet)
-        else:
-            transport.writelines((header, packet))
-        self.packets_out += 1
-        self.bytes_out += len(header) + n
-        self._active = True
-        return True
-
-    def write_packets(self, packets: Iterable[bytes | bytearray | memoryview]) -> bool:
-        """Queue several packets in one transport write (one ``writev`` on uvloop)."""
-        if not self.writable:
-            self._counters["stream_write_refused"] += 1
-            return False
-        assert self._transport is not None
         pieces: list[Any] = []
         count = size = 0
         for packet in packets:
@@ -278,7 +268,7 @@ class StreamConnection(asyncio.BufferedProtocol):
                 raise UsageError(f"a stream packet is 1 to {limits.MAX_STREAM_PACKET} bytes, "
                                  f"not {n}")
             header = encode_stream_header(n)
-            if n <= _MIN_READ:  # small: one copy is cheaper than another buffer entry
+            if n <= MIN_READ:  # small: one copy is cheaper than another buffer entry
                 pieces.append(header + packet)
             else:
                 pieces.append(header)
@@ -286,9 +276,9 @@ class StreamConnection(asyncio.BufferedProtocol):
             count += 1
             size += len(header) + n
         if len(pieces) == 1:
-            self._transport.write(pieces[0])
+            transport.write(pieces[0])
         else:
-            self._transport.writelines(pieces)
+            transport.writelines(pieces)
         self.packets_out += count
         self.bytes_out += size
         self._active = True
@@ -343,7 +333,7 @@ class StreamConnection(asyncio.BufferedProtocol):
             self._call(self._delegate.stream_closed, reason)
         return True
 
-    # -- asyncio.BufferedProtocol -------------------------------------------------------------
+    # -- asyncio.BufferedProtocol (get_buffer and buffer_updated are StreamCore's) -----------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's are virtual
@@ -372,7 +362,7 @@ class StreamConnection(asyncio.BufferedProtocol):
                 pass
         self._counters["stream_connections_out" if self.outbound
                        else "stream_connections_in"] += 1
-        self._last_active = self._loop.time()
+        self._last_active = self.rx_time = self._loop.time()
         self._arm(self._last_active + self._settings.idle_timeout)
         self._call(self._delegate.stream_opened)
 
@@ -396,109 +386,6 @@ class StreamConnection(asyncio.BufferedProtocol):
             if not future.done():
                 future.set_result(None)
         self._call(self._delegate.stream_writable)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._start == self._end:
-            self._start = self._end = 0
-            if len(self._buf) > READ_BUFFER:  # release what a large packet needed
-                self._buf = bytearray(READ_BUFFER)
-        if self._need and self._start + self._need <= len(self._buf):
-            pass  # the pending packet completes within the buffer where it is
-        elif self._need or len(self._buf) - self._end < _MIN_READ:
-            self._make_room()
-        return memoryview(self._buf)[self._end:]
-
-    def _make_room(self) -> None:
-        """Move the pending bytes to the front, in a buffer grown (at most doubling what was
-        received) toward the pending packet's size.
-
-        A new buffer is allocated rather than resizing in place: a bytearray cannot be
-        resized while a view of it (from get_buffer, or held past its call) is alive.
-        """
-        pending = self._end - self._start
-        size = READ_BUFFER
-        if self._need > READ_BUFFER:
-            size = min(self._need, max(READ_BUFFER, 2 * pending))
-        if size == len(self._buf):
-            self._buf[:pending] = self._buf[self._start:self._end]
-        else:
-            fresh = bytearray(size)
-            fresh[:pending] = memoryview(self._buf)[self._start:self._end]
-            self._buf = fresh
-        self._start, self._end = 0, pending
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._reason is not None:
-            return
-        was_empty = self._start == self._end
-        self._end += nbytes
-        self.bytes_in += nbytes
-        self._active = True
-        delivered = self._deliver()
-        if self._start == self._end:
-            self._packet_started = 0.0
-        elif (delivered or was_empty) and self._reason is None:
-            # A new packet began in this read: it has packet_timeout to complete.
-            now = self._packet_started = self._loop.time()
-            self._arm(now + self._settings.packet_timeout)
-
-    def _deliver(self) -> bool:
-        """Hand every whole packet in the buffer to the delegate; False if there was none.
-
-        Closes the connection (``bad_stream``) on a malformed length prefix.
-        """
-        buf = self._buf
-        view: memoryview | None = None
-        delivered = False
-        while self._start < self._end and self._reason is None:
-            start = self._start
-            if not self._need:
-                first = buf[start]
-                if 0 < first < 0x80:  # a one-byte length: the common case, inlined
-                    self._header = 1
-                    self._need = 1 + first
-                else:
-                    length = self._parse_header(buf, start, self._end)
-                    if length <= 0:
-                        if length < 0:
-                            self.abort("bad_stream")
-                        break
-            if self._end - start < self._need:
-                break
-            stop = start + self._need
-            if view is None:
-                view = memoryview(buf)
-            packet = view[start + self._header:stop]
-            self._start = stop
-            self._header = self._need = 0
-            self.packets_in += 1
-            delivered = True
-            try:
-                self._on_packet(self, packet)
-            except Exception as exc:
-                self._report("stream_packet", exc)
-        return delivered
-
-    def _parse_header(self, buf: bytearray, start: int, end: int) -> int:
-        """Parse the length prefix at ``start``: the length (setting _header and _need), 0 if
-        more bytes are needed, -1 if it is malformed (docs/wire.md §6, notation)."""
-        length = shift = 0
-        pos = start
-        stop = min(end, start + _MAX_HEADER)
-        while pos < stop:
-            byte = buf[pos]
-            pos += 1
-            length |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                if byte == 0 and pos - start > 1:  # non-minimal
-                    return -1
-                if not 0 < length <= limits.MAX_STREAM_PACKET:
-                    return -1
-                self._header = pos - start
-                self._need = self._header + length
-                return length
-            shift += 7
-        return -1 if pos - start == _MAX_HEADER else 0
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -582,6 +469,11 @@ class TcpStreams:
         self.delegate = delegate
         self.loop = loop or asyncio.get_running_loop()
         self.settings = settings or StreamSettings()
+        # Sessions by local index (the network's): DATA packets for these are run through
+        # their engine by the connection itself. Set before the first connection.
+        self.sessions: dict[int, Any] | None = None
+        # Which sessions' stream packets are kept until acknowledged (docs/wire.md §6.1).
+        self.retention = Retention()
         self._counters: Counter[str] = Counter()
         self._connections: set[StreamConnection] = set()
         self._per_address: Counter[bytes] = Counter()
@@ -680,3 +572,267 @@ class TcpStreams:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("stream transport closed")
+
+
+# -- reliable messages on streams (docs/wire.md §6.1) ----------------------------------------
+
+RESUME_PROTOCOL = "/msgnet/stream-resume/1"
+"""A sender whose connection died asks which of its packets arrived (docs/wire.md §6.1)."""
+RESUMED_PROTOCOL = "/msgnet/stream-resumed/1"
+"""The receiver's answer: which arrived; the others will never be accepted any more."""
+_RESUME = struct.Struct(">IQ")      # receiver_index, up_to
+_RESUMED = struct.Struct(">IQH")    # receiver_index, up_to, count; then the bitmap
+_PING_MARK = b"\xa5msgnet/ack"       # PING data: this prefix and 8 random bytes
+
+
+class StreamRecovery:
+    """Reliable messages on stream paths (docs/wire.md §6.1), for the network.
+
+    TCP acknowledges and retransmits, so a reliable message on a stream is sent once, as it
+    is; but bytes written to a connection that then dies may never reach the peer. So the
+    packets of a session that sent reliable messages on a stream are kept (by the connection
+    that wrote them, :class:`msgnet._stream.StreamCore`) until a PONG answers a PING written
+    after them on that connection. When a connection dies with packets kept, the sender asks
+    the peer (``RESUME_PROTOCOL``, a reliable message on the session's next path) which of
+    them it opened; the peer answers (``RESUMED_PROTOCOL``) and from then on refuses the rest,
+    and the sender sends the messages of the rest again, as new reliable messages: each
+    arrives exactly once, whatever path carries it.
+
+    ``send_reliable(peer_id, protocol, data, flags, request_id)`` sends a reliable message
+    now (on a stream it calls :meth:`retain` and :meth:`sent` around the engine's send);
+    ``count(name)`` counts; ``sessions`` maps local index to live sessions.
+    """
+
+    def __init__(self, streams: TcpStreams,
+                 send_reliable: Callable[[Any, str, bytes, int, int], None],
+                 count: Callable[[str], None], sessions: dict[int, Session]) -> None:
+        self.retention = streams.retention
+        self._streams = streams
+        self._send_reliable = send_reliable
+        self._count = count
+        self._sessions = sessions
+        # (peer, its receiver index) -> (session, packets awaiting the RESUMED answer)
+        self._resuming: dict[tuple[Any, int], tuple[Session, list[tuple[int, bytes]]]] = {}
+        self.retention.on_full = self._connection_full
+
+    def handlers(self) -> dict[str, Callable[[Message], None]]:
+        """The message handlers the network registers for the two reserved protocols."""
+        return {RESUME_PROTOCOL: self._on_resume, RESUMED_PROTOCOL: self._on_resumed}
+
+    # -- the sending side --------------------------------------------------------------------
+
+    def retain(self, session: Session) -> None:
+        """A reliable message is about to be queued for ``session`` on its stream: keep the
+        session's stream packets from now on (before it is queued: a request or reply may be
+        written at once)."""
+        self.retention.sessions.add(session)
+
+    def sent(self, session: Session) -> None:
+        """A reliable message was queued for ``session`` on its stream: unless a PING is
+        already awaiting its PONG, one follows it in the same packet."""
+        if session not in self.retention.pings:
+            self._ping(session, alone=False)
+
+    def _ping(self, session: Session, alone: bool) -> None:
+        """A PING whose PONG will acknowledge what the session wrote to its stream before it:
+        queued after what the session has queued, or (``alone``) sealed now, covering what
+        was already written."""
+        marker = _PING_MARK + os.urandom(8)
+        self.retention.pings[session] = [marker, None, 0, self._streams.loop.time()]
+        frame = encode_frame(Ping(marker))
+        try:
+            if alone:
+                session.engine.send_payload(session, frame)
+            else:
+                session.engine.send_control(session, frame)
+        except (ClosedError, UsageError):
+            self.retention.pings.pop(session, None)
+            return
+        self._count("stream_acks_requested")
+
+    def _connection_full(self, conn: StreamConnection) -> None:
+        """conn's retention reached its bound: the sessions whose PING did not go out on it
+        yet send one now, alone, so that a PONG can free room (docs/wire.md §6.1)."""
+        if conn.closed or not conn.retain_full:
+            return
+        pings = self.retention.pings
+        for session in conn.retained_sessions():
+            ping = pings.get(session)
+            if (ping is None or ping[1] is None) and session.stream is conn \
+                    and session.sends_on_stream:
+                self._ping(session, alone=True)
+
+    def pong_received(self, session: Session, data: bytes) -> bool:
+        """A PONG: True if it answers our acknowledgement PING (releasing what it covers)."""
+        pings = self.retention.pings
+        ping = pings.get(session)
+        if ping is None or ping[0] != data:
+            return False
+        del pings[session]
+        conn = ping[1]
+        if conn is not None and not conn.closed:
+            full = conn.retain_full
+            conn.release(session, ping[2])
+            if full and conn.writable:  # room again: send what waited for it
+                delegate = self._streams.delegate
+                delegate.stream_writable(conn)
+        stream = session.stream
+        if (stream is not None and not stream.closed and stream.kept_count(session)
+                and session.sends_on_stream and session not in pings):
+            self._ping(session, alone=True)  # for what was written after that PING
+        return True
+
+    def take_queued(self, conn: StreamConnection) -> list[tuple[Session, bytes]]:
+        """``conn`` died: before its sessions move to their next path, take out what the
+        retaining ones queued for it and never wrote (whole frames). Moved to UDP as it is, it
+        would go without the delivery layer, and a message too large for a datagram would be
+        dropped; :meth:`stream_closed` sends its messages again as reliable ones instead."""
+        queued = []
+        for session in list(self.retention.sessions):
+            if session.stream is conn and session.queued_bytes:
+                try:
+                    payload = session.engine.take_payload(session, 1 << 40)
+                except ClosedError:
+                    continue
+                if payload:
+                    queued.append((session, payload))
+        return queued
+
+    def stream_closed(self, conn: StreamConnection,
+                      queued: list[tuple[Session, bytes]] | None = None) -> None:
+        """``conn`` died: ask the peer of every session with packets kept on it which of them
+        it opened (the session has moved to its next path by now), and send again what
+        :meth:`take_queued` took out."""
+        pings = self.retention.pings
+        for session in conn.retained_sessions():
+            kept = conn.forget(session)
+            ping = pings.get(session)
+            if ping is not None and ping[1] is conn:
+                del pings[session]
+            if not kept:
+                continue
+            key = (session.peer_id, session.remote_index)
+            entry = self._resuming.get(key)
+            if entry is None:
+                entry = self._resuming[key] = (session, [])
+            entry[1].extend(kept)
+            up_to = max(counter for counter, _ in entry[1])
+            self._count("stream_resumes_sent")
+            self._send_reliable(session.peer_id, RESUME_PROTOCOL,
+                                _RESUME.pack(session.remote_index, up_to), 0, 0)
+        for session, payload in queued or ():
+            for protocol, flags, request_id, data in _messages_of(session, [payload]):
+                self._count("stream_requeued_messages")
+                self._send_reliable(session.peer_id, protocol, data, flags, request_id)
+
+    def tick(self, now: float) -> None:
+        """Once a second: forget sessions that ended, ask again for acknowledgements whose
+        PONG did not come within STREAM_ACK_TIMEOUT (or whose PING never went out)."""
+        retention = self.retention
+        sessions = self._sessions
+        live = [s for s in retention.sessions if sessions.get(s.local_index) is s]
+        if len(live) != len(retention.sessions):
+            retention.sessions = set(live)
+            for session in list(retention.pings):
+                if session not in retention.sessions:
+                    del retention.pings[session]
+            for conn in self._streams.connections():
+                for session in conn.retained_sessions():
+                    if session not in retention.sessions:
+                        self._count("stream_retained_dropped")
+                        conn.forget(session)
+        for key, (session, _) in list(self._resuming.items()):
+            if sessions.get(session.local_index) is not session:
+                del self._resuming[key]  # the session ended: its peer forgot it too
+                self._count("stream_resumes_abandoned")
+        for session in live:
+            ping = retention.pings.get(session)
+            if ping is not None and now - ping[3] < limits.STREAM_ACK_TIMEOUT:
+                continue
+            stream = session.stream
+            if (stream is not None and not stream.closed and stream.kept_count(session)
+                    and session.sends_on_stream):
+                self._ping(session, alone=True)
+
+    # -- the reserved protocols -------------------------------------------------------------
+
+    def _on_resume(self, message: Message) -> None:
+        """The peer's connection died: report which of its packets we opened (and refuse
+        the others from now on)."""
+        try:
+            index, up_to = _RESUME.unpack(message.data)
+        except struct.error:
+            self._count("bad_stream_resume")
+            return
+        session = self._sessions.get(index)
+        self._count("stream_resumes_received")
+        if (session is None or session.peer_id != message.from_peer
+                or session.crypto is None):
+            count, bits = 0, b""  # not a session of ours with this peer (any more)
+        else:
+            count, bits = resume_report(session.crypto, up_to)
+        self._send_reliable(message.from_peer, RESUMED_PROTOCOL,
+                            _RESUMED.pack(index, up_to, count) + bits, 0, 0)
+
+    def _on_resumed(self, message: Message) -> None:
+        """The peer's report: send again the messages of the packets it did not open."""
+        data = message.data
+        try:
+            index, up_to, count = _RESUMED.unpack_from(data)
+        except struct.error:
+            self._count("bad_stream_resume")
+            return
+        bits = data[_RESUMED.size:]
+        if count > limits.REPLAY_WINDOW or len(bits) != (count + 7) // 8:
+            self._count("bad_stream_resume")
+            return
+        key = (message.from_peer, index)
+        entry = self._resuming.get(key)
+        if entry is None:
+            return  # answered already (a later RESUME covered it), or the session ended
+        session, kept = entry
+        rest = [e for e in kept if e[0] > up_to]
+        if rest:
+            self._resuming[key] = (session, rest)
+        else:
+            del self._resuming[key]
+        lost: list[bytes] = []
+        for counter, payload in kept:
+            if counter > up_to:
+                continue
+            i = up_to - counter
+            if i < count:
+                if bits[i >> 3] >> (i & 7) & 1:
+                    continue  # it arrived
+            else:
+                self._count("stream_resend_uncertain")  # beyond what the peer could tell
+            lost.append(payload)
+        for protocol, flags, request_id, payload in _messages_of(session, lost):
+            self._count("stream_resent_messages")
+            self._send_reliable(session.peer_id, protocol, payload, flags, request_id)
+
+
+def _messages_of(session: Session, payloads: list[bytes]) -> list[tuple[str, int, int, bytes]]:
+    """The messages in our own sent payloads, as (protocol, flags, request_id, payload).
+
+    Frames of the delivery layer (SEQ) are left out: it retransmits them itself. Control
+    frames (PING, BOUND, ...) belong to the moment they were sent and are not repeated.
+    """
+    protocols = {alias: protocol for protocol, alias in session.protocols_out.items()}
+    out = []
+    for payload in payloads:
+        for frame in decode_packet(payload):
+            if isinstance(frame, Init):
+                protocol = frame.protocol
+            elif isinstance(frame, Continuation):
+                known = protocols.get(frame.protocol_int)
+                if known is None:
+                    continue
+                protocol = known
+            else:
+                continue
+            if frame.flags & limits.FLAG_SEQ:
+                continue
+            out.append((protocol, frame.flags & (limits.FLAG_REQUEST | limits.FLAG_RESPONSE),
+                        frame.request_id or 0, bytes(frame.payload)))
+    return out

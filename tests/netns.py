@@ -3,29 +3,44 @@
 The kernel here has no ``tc netem``: loss comes from iptables' ``statistic`` match, rate limits
 from ``tc tbf``; delay, reordering and duplication from msgnet's seeded userspace relay.
 Everything is torn down on exit, also when the test fails.
+
+benchmarks/reliable.py imports this module too (pytest is needed only to skip).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import pytest
+from pathlib import Path
+from typing import Any
 
 SUBNET = "10.231.{}.{}"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def netns_unavailable() -> str | None:
+    """Why network namespace pairs cannot be made here, or None if they can."""
+    if os.geteuid() != 0:
+        return "network namespace tests need root"
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (.ci/run installs iproute2 and iptables)"
+    return None
 
 
 def require_netns() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("network namespace tests need root")
-    for tool in ("ip", "iptables"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (.ci/run installs iproute2 and iptables)")
+    reason = netns_unavailable()
+    if reason is not None:
+        import pytest
+
+        pytest.skip(reason)
 
 
 def sh(*args: str) -> None:
@@ -46,6 +61,40 @@ class NamespacePair:
 
     def iptables(self, ns: str, *rule: str) -> None:
         sh(*self.exec_args(ns), "iptables", *rule)
+
+    def drop_udp(self, probability: float) -> None:
+        """Drop this share of the UDP datagrams entering each namespace (iptables statistic)."""
+        for ns, dev in ((self.a, self.dev_a), (self.b, self.dev_b)):
+            self.iptables(ns, "-A", "INPUT", "-i", dev, "-p", "udp", "-m", "statistic",
+                          "--mode", "random", "--probability", str(probability), "-j", "DROP")
+
+    def transfer(self, receiver: list[str], sender: list[str], timeout: float = 250.0
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One msgnet._testing.transfer run: the receiver (and its relay) in b, the sender
+        in a. The receiver stays up until the sender has exited, then reports. Returns the
+        sender's report and the receiver's."""
+        module = [sys.executable, "-m", "msgnet._testing.transfer"]
+        proc = subprocess.Popen(
+            self.exec_args(self.b) + module + ["receive", "--host", self.addr_b] + receiver,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            hello = json.loads(proc.stdout.readline())
+            done = subprocess.run(
+                self.exec_args(self.a) + module
+                + ["send", "--host", self.addr_b, "--port", str(hello["port"]),
+                   "--peer", hello["peer"]] + sender,
+                check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            if done.returncode != 0:
+                raise AssertionError(f"sender failed:\n{done.stderr}")
+            sent = json.loads(done.stdout.strip().splitlines()[-1])
+            proc.stdin.write("report\n")
+            proc.stdin.flush()
+            received = json.loads(proc.stdout.readline())
+            return sent, received
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
@@ -71,4 +120,4 @@ def namespace_pair() -> Iterator[NamespacePair]:
         yield NamespacePair(a, b, addr_a, addr_b, veth_a, veth_b)
     finally:
         for ns in created:  # deleting a namespace removes its veth end and iptables rules
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "delete", ns], check=False, capture_output=True)

@@ -379,3 +379,35 @@ def test_response_from_another_peer_does_not_answer_a_request(run):
             assert await pending == b"from b"
 
     run(main())
+
+
+def test_keepalives_only_while_the_peer_sends(run, monkeypatch):
+    """docs/wire.md §2.3.2: a host that only receives sends an empty DATA packet every
+    KEEPALIVE_AFTER (its NAT state stays open); keep-alives never answer keep-alives, so once
+    the sender stops, both ends fall silent."""
+    import msgnet.limits
+
+    monkeypatch.setattr(msgnet.limits, "KEEPALIVE_AFTER", 0.5)  # instead of 15 s
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            got: list[bytes] = []
+            b.set_message_handler("/feed/1", lambda m: got.append(m.data))
+            a.add_peer(b.addrs[0])
+            await a.connect(b.peer_id)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 3.2
+            while loop.time() < deadline:  # a sends, b only receives
+                await a.send_message(b.peer_id, "/feed/1", b"tick")
+                await asyncio.sleep(0.05)
+            await wait_for(lambda: b.metrics().get("keepalives_sent", 0) >= 2)
+            sent = b.metrics()["keepalives_sent"]
+            assert sent <= 7  # about one per KEEPALIVE_AFTER, not one per message
+            quiet_a = a.metrics().get("keepalives_sent", 0)
+            await asyncio.sleep(2.5)  # nobody sends frames now
+            assert b.metrics()["keepalives_sent"] <= sent + 1  # one may be due already
+            assert a.metrics().get("keepalives_sent", 0) == quiet_a  # none answers b's
+            assert a.network.sessions(b.peer_id)[0].last_received > 0
+
+    run(main())

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from msgnet import MessageHost, SecurityError, UsageError
+from msgnet import MessageHost, SecurityError, UsageError, limits
 from msgnet._frame import Ack, encode_frame, encode_varint
 from msgnet.core.handshake import decode_handshake_payload
 from msgnet.identity import KeyPair
@@ -224,6 +224,88 @@ def test_closing_the_connection_moves_traffic_back_to_udp(run):
     run(main())
 
 
+@pytest.mark.parametrize("listen,policy", [([TCP], "tcp-only"), ([UDP, TCP], "prefer-tcp")],
+                         ids=["reconnect", "to-udp"])
+def test_reliable_messages_survive_a_dying_connection(run, listen, policy):
+    """docs/wire.md §6.1: reliable messages written to a TCP connection that dies are kept
+    until the peer's PONG covers them, and after the failover the peer tells which arrived;
+    the rest are sent again by the next path (a new connection, or UDP: fragmented there),
+    so every one arrives exactly once."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, listen, policy_a=policy, policy_b=policy)
+            got: list[bytes] = []
+            b.set_message_handler("/m", lambda m: got.append(m.data))
+            if policy == "prefer-tcp":
+                await tcp_then_both(a, b)
+            sent = [b"warm-up"]
+            await a.send_message(b.peer_id, "/m", sent[0], qos=Reliable())
+            await wait_for(lambda: got == sent and a.network.paths(b.peer_id) == ["tcp"])
+            [conn_a] = a.network.streams.connections()
+            await wait_for(lambda: conn_a.retained_packets == 0)  # the PONG came
+            [conn_b] = b.network.streams.connections()
+            # The first half arrives; then B stops reading and the rest waits in buffers.
+            for i in range(100):
+                sent.append(b"%d:" % i + b"x" * 300)
+                await a.send_message(b.peer_id, "/m", sent[-1], qos=Reliable())
+            await wait_for(lambda: len(got) == len(sent))
+            conn_b._transport.pause_reading()
+            for i in range(100, 300):  # 6 MB: more than the buffers hold, so some is queued
+                sent.append(b"%d:" % i + (os.urandom(200_000) if i % 7 == 3 else b"y" * 300))
+                await a.send_message(b.peer_id, "/m", sent[-1], qos=Reliable())
+            await asyncio.sleep(0.1)
+            session = a.network.sessions(b.peer_id)[0]
+            assert conn_a.retained_packets > 0 and session.queued_bytes > 0
+            assert len(got) == 101
+            conn_b.abort("stream_reset")  # B's unread bytes and A's unsent ones are lost
+            await wait_for(lambda: len(got) >= len(sent), timeout=30)
+            await asyncio.sleep(0.5)  # nothing arrives twice, late
+            assert len(got) == len(sent) and sorted(got) == sorted(sent)
+            ma, mb = a.metrics(), b.metrics()
+            assert ma["stream_resumes_sent"] >= 1 and mb["stream_resumes_received"] >= 1
+            assert ma["stream_resent_messages"] > 0  # something was lost and sent again
+            assert ma["stream_requeued_messages"] > 0  # and queued, unwritten ones too
+            assert ma.get("stream_resend_uncertain", 0) == 0
+            if policy == "prefer-tcp":
+                assert a.network.paths(b.peer_id) == ["udp"]
+
+    run(main())
+
+
+def test_reliable_stream_packets_are_kept_only_until_acknowledged(run):
+    """docs/wire.md §6.1: a connection keeps a retaining session's packets until a PONG
+    covers them, never more than its bound (back-pressure instead), and lets them go."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            got: list[int] = []
+            b.set_message_handler("/m", lambda m: got.append(len(m.data)))
+            await a.send_message(b.peer_id, "/m", b"first", qos=Reliable())
+            await wait_for(lambda: len(got) == 1)
+            [conn] = a.network.streams.connections()
+            most = 0
+            for _ in range(3000):  # 12 MB: more than the bound of 8 MiB
+                await a.send_message(b.peer_id, "/m", bytes(4096), qos=Reliable())
+                most = max(most, conn.retained_bytes)
+            await wait_for(lambda: len(got) == 3001, timeout=30)
+            await wait_for(lambda: conn.retained_packets == 0)
+            assert 0 < most <= limits.STREAM_RETAIN_BYTES + 65536
+            assert conn.retained_bytes == 0 and not conn.retain_full
+            assert a.metrics()["stream_acks_requested"] >= 2
+            assert a.metrics().get("stream_resumes_sent", 0) == 0
+            # Best effort alone keeps nothing.
+            c = await stack.enter_async_context(MessageHost(listen=[TCP],
+                                                            transport_policy="tcp-only"))
+            c.add_peer(b.addrs[0])
+            for _ in range(100):
+                await c.send_message(b.peer_id, "/m", b"x")
+            await wait_for(lambda: len(got) == 3101)
+            [conn_c] = c.network.streams.connections()
+            assert conn_c.retained_packets == 0 and c.metrics().get("stream_acks_requested", 0) == 0
+
+    run(main())
+
+
 def test_spoofed_ack_changes_nothing(run):
     async def main():
         async with AsyncExitStack() as stack:
@@ -253,6 +335,66 @@ def test_spoofed_ack_changes_nothing(run):
             assert a.network.paths(b.peer_id) == ["udp"]
             await a.send_message(b.peer_id, "/m", b"still fine")
             await wait_for(lambda: len(got) == 2)
+
+    run(main())
+
+
+def test_authenticated_acks_steer_only_their_own_session(run):
+    """An ACK that authenticates, but from another peer, for a transport the peer never
+    announced, or sent to the responder, changes no path (docs/wire.md §5)."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [UDP, TCP])
+            got = record(b)
+            await a.send_message(b.peer_id, "/m", b"hello")
+            await wait_for(lambda: a.network.paths(b.peer_id) == ["udp"] and got)
+            c = await stack.enter_async_context(MessageHost(listen=[UDP, TCP]))
+            for addr in a.addrs:
+                c.add_peer(addr)
+            record(a)
+            await c.send_message(a.peer_id, "/m", b"third")
+            await wait_for(lambda: c.network.paths(a.peer_id) == ["udp"])
+            before, paths_c = a.metrics(), a.network.paths(c.peer_id)
+            # C (a proven peer, but not B) names A's TCP transport; B names one it never had.
+            session_c, engine_c = c.network.session_for(a.peer_id)
+            engine_c.send_control(session_c, encode_frame(Ack(2)))
+            engine_c.flush()
+            session_b, engine_b = b.network.session_for(a.peer_id)
+            engine_b.send_control(session_b, encode_frame(Ack(99)))
+            engine_b.flush()
+            await wait_for(lambda: a.metrics()["acks_received"] == before["acks_received"] + 2)
+            m = a.metrics()
+            assert m["acks_ignored"] == before.get("acks_ignored", 0) + 2
+            assert a.network.paths(b.peer_id) == ["udp"]
+            assert a.network.paths(c.peer_id) == paths_c
+            await a.send_message(b.peer_id, "/m", b"still udp")
+            await wait_for(lambda: len(got) == 2)
+            assert a.network.paths(b.peer_id) == ["udp"]
+
+    run(main())
+
+
+def test_forged_packet_on_a_proven_connection_is_dropped_not_fatal(run):
+    """docs/wire.md §6: once a connection carried an authenticated packet, a DATA packet
+    that fails its checks on it is dropped (auth_failed) as on UDP; the connection and its
+    traffic go on."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            got = record(a)
+            await b.send_message(a.peer_id, "/m", b"before")
+            await wait_for(lambda: got == [b"before"])
+            session = a.network.sessions(b.peer_id)[0]
+            [conn_b] = b.network.streams.connections()
+            forged = (bytes((0x07,)) + struct.pack(">IQ", session.local_index, 10**6)
+                      + encode_frame(Ack(1)) + bytes(16))
+            failed = a.metrics().get("auth_failed", 0)
+            assert conn_b.write_packet(forged)
+            await b.send_message(a.peer_id, "/m", b"after")
+            await wait_for(lambda: got == [b"before", b"after"])
+            m = a.metrics()
+            assert m["auth_failed"] == failed + 1 and m.get("bad_stream", 0) == 0
+            assert not conn_b.closed and a.network.streams.connections()[0].packets_in >= 3
 
     run(main())
 

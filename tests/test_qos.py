@@ -141,3 +141,24 @@ def test_reliable_send_to_a_vanished_peer_fails_or_times_out(run):
                                      qos=Reliable(wait=True, timeout=1.0))
 
     run(main())
+
+
+def test_a_host_closing_right_after_receiving_still_acknowledges(run):
+    """The receiver's host closes the moment its handler has the message: the ack it owed
+    (delayed up to MAX_ACK_DELAY) goes out before the session does, so the sender's wait
+    ends in success instead of MAX_RETRANSMISSIONS timeouts and PeerUnreachableError."""
+    async def main():
+        async with MessageHost() as a:
+            b = MessageHost()
+            await b.start()
+            closing: list[asyncio.Future] = []
+            b.set_message_handler("/r/1", lambda m: closing.append(
+                asyncio.ensure_future(b.close())))
+            a.add_peer(b.addrs[0])
+            await a.connect(b.peer_id)
+            await a.send_message(b.peer_id, "/r/1", b"last",
+                                 qos=Reliable(wait=True, timeout=5.0))
+            await asyncio.gather(*closing)
+            assert len(closing) == 1
+
+    run(main())

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 from msgnet import limits
 from msgnet._frame import encode_varint
+from msgnet._packet import SessionCrypto
+from msgnet._stream import resume_report
 from msgnet.errors import ClosedError, PeerUnreachableError, UsageError
 from msgnet.tcp import (
     READ_BUFFER,
@@ -183,7 +185,7 @@ def feed(conn: StreamConnection, data: bytes, cuts: list[int]) -> None:
     pos = 0
     for bound in bounds:
         while pos < bound:
-            buf = conn.get_buffer(-1)
+            buf = memoryview(conn.get_buffer(-1))
             assert len(buf) > 0
             n = min(len(buf), bound - pos)
             buf[:n] = data[pos:pos + n]
@@ -311,7 +313,7 @@ def test_announced_large_packet_grows_the_buffer_only_with_received_bytes() -> N
         feed(conn, encode_varint(limits.MAX_STREAM_PACKET) + b"x" * 1000, [])
         assert len(conn.get_buffer(-1)) + 1003 <= READ_BUFFER
         feed(conn, b"y" * (READ_BUFFER * 3), [])
-        assert READ_BUFFER * 3 < len(conn._buf) <= 2 * (READ_BUFFER * 3 + 1003)
+        assert READ_BUFFER * 3 < conn.buffer_size <= 2 * (READ_BUFFER * 3 + 1003)
         conn.close()
     finally:
         loop.close()
@@ -348,6 +350,83 @@ def test_slowloris_is_dropped_within_the_packet_timeout(run) -> None:
             streams.close()
 
     run(main())
+
+
+def test_one_byte_per_second_is_dropped_at_the_packet_timeout(run) -> None:
+    """The issue's trickle: one byte a second keeps the connection busy but never completes
+    a packet; it is closed packet_timeout after its first byte (the bytes that follow do not
+    extend it), while a good peer on the same listener is served throughout."""
+    async def main() -> None:
+        streams, recorder, port = await server(packet_timeout=2.0)
+        loop = asyncio.get_running_loop()
+        good = await raw_client(port)
+        slow = await raw_client(port)
+        try:
+            started = loop.time()
+            await loop.sock_sendall(slow, encode_varint(50))
+            closed = asyncio.ensure_future(closed_by_server(slow, timeout=5.0))
+            ticks = 0
+            while not closed.done() and loop.time() - started < 4.0:
+                with suppress(OSError):
+                    await loop.sock_sendall(slow, b"s")
+                for _ in range(10):  # ten packets a second from the good peer meanwhile
+                    await loop.sock_sendall(good, frame(b"tick"))
+                    ticks += 1
+                    await asyncio.sleep(0.1)
+            assert await closed
+            assert 2.0 <= loop.time() - started < 3.2
+            assert streams.counters["stream_packet_timeout"] == 1
+            await wait_for(lambda: len(recorder.packets) == ticks)
+            assert recorder.received() == [b"tick"] * ticks
+            assert len(streams.connections()) == 1
+        finally:
+            good.close()
+            slow.close()
+            streams.close()
+
+    run(main())
+
+
+def test_default_limits_are_the_documented_ones() -> None:
+    """docs/wire.md §6 and §6.1 name these values; the defaults must be them."""
+    settings = StreamSettings()
+    assert settings.packet_timeout == limits.STREAM_PACKET_TIMEOUT == 10.0
+    assert settings.idle_timeout == limits.STREAM_IDLE_TIMEOUT == 180.0
+    assert settings.max_connections_per_ip == limits.MAX_STREAM_CONNECTIONS_PER_IP == 16
+    assert settings.max_connections == limits.MAX_STREAM_CONNECTIONS == 4096
+    assert settings.high_water == limits.STREAM_HIGH_WATER == 1 << 20
+    assert limits.MAX_STREAM_PACKET == (1 << 20) + 4096
+    assert limits.STREAM_RETAIN_PACKETS == limits.REPLAY_WINDOW // 2
+    assert limits.STREAM_RETAIN_BYTES == 8 << 20 and limits.STREAM_ACK_TIMEOUT == 1.0
+
+
+def test_resume_report_tells_what_arrived_and_refuses_the_rest() -> None:
+    """docs/wire.md §6.1: the bitmap names the counters the replay window saw, from up_to
+    down; afterwards every counter up to up_to is refused (a late copy is a replay)."""
+    crypto = SessionCrypto(1, 2, bytes(32), bytes(32), False)
+    window = crypto.window
+    arrived = set(range(40)) | {45, 47}
+    for counter in sorted(arrived):
+        assert window.accept(counter)
+    count, bits = resume_report(crypto, 50)
+    assert count == 51 and len(bits) == 7
+    seen = {50 - i for i in range(count) if bits[i >> 3] >> (i & 7) & 1}
+    assert seen == arrived
+    assert not any(window.would_accept(c) for c in range(51))  # all refused now
+    assert window.would_accept(51)
+    # Far ahead of what arrived: the window tells about its own reach only.
+    crypto = SessionCrypto(1, 2, bytes(32), bytes(32), False)
+    assert crypto.window.accept(5000)
+    count, bits = resume_report(crypto, 6000)
+    assert count == limits.REPLAY_WINDOW  # 4977..6000: the most a report covers
+    assert {6000 - i for i in range(count) if bits[i >> 3] >> (i & 7) & 1} == {5000}
+    assert not crypto.window.would_accept(5500) and crypto.window.would_accept(6001)
+    count, bits = resume_report(crypto, 100)  # entirely below the window: nothing to tell
+    assert count == 0 and bits == b""
+    # up_to comes from the peer: the largest u64 must not wrap anything around.
+    crypto = SessionCrypto(1, 2, bytes(32), bytes(32), False)
+    count, bits = resume_report(crypto, (1 << 64) - 1)
+    assert count == limits.REPLAY_WINDOW and not any(bits)
 
 
 def test_whole_packets_spread_out_are_not_a_slowloris(run) -> None:

@@ -345,6 +345,11 @@ class DeliveryHarness:
                 idle = 0
                 self.clock.now = when
 
+    def step(self) -> None:
+        """One round at the current instant, as the engine pumps after every send: while
+        the window is open each message leaves in a packet of its own."""
+        self._round()
+
     def run_for(self, seconds: float) -> None:
         """Run every event in the next ``seconds``; the clock ends exactly there."""
         self.run(lambda: False, seconds)

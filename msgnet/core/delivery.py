@@ -51,7 +51,9 @@ Counters (:attr:`DeliveryConnection.counters`):
 retransmissions   fragments handed out again after their packet was lost
 lost_packets      in-flight packets declared lost (threshold or timeout)
 spurious          packets acknowledged after they were declared lost (reordering, late acks)
+undone            congestion reductions undone: every packet they declared lost was spurious
 timeouts          retransmission timer expiries
+probes            tail probes sent (no acknowledgement for a PTO, before the timeout)
 failed            messages failed (PeerUnreachableError, or close())
 acks_received     DELIVERY_ACK frames processed
 acks_sent         DELIVERY_ACK frames built
@@ -83,6 +85,15 @@ Interpretations of wire.md 3.6 (reported upstream)
   ``_HEAD_ROOM`` bytes of each bound are kept for the message an ordered space
   waits for: out-of-order messages held for ordering cannot starve the one that
   releases them.
+* A packet that completes a fragmented reliable message is acknowledged at once
+  rather than up to MAX_ACK_DELAY later (wire.md sets only the latest time): its
+  sender may be awaiting exactly that acknowledgement (``Reliable(wait=True)``),
+  and on a fast path the delay would be most of the transfer's time.
+* A tail probe precedes the retransmission timeout (wire.md 3.6): with nothing
+  acknowledged for a PTO (RFC 9002 6.2, no MIN_RTO floor) after the last reliable
+  send or acknowledgement, one packet may go beyond the window: queued fragments,
+  or the newest in-flight packet's again.  On a fast path the floor of 200 ms
+  otherwise stalls the flow every time the one ack of a small window is lost.
 * On a retransmission timeout every in-flight packet is deemed lost (RFC 6298
   5.4-5.6 with SACK), the window drops to ``MIN_WINDOW`` and the timer backs
   off.  The timeouts counted are the consecutive ones (the backoff resets on any
@@ -95,6 +106,19 @@ Interpretations of wire.md 3.6 (reported upstream)
 * Packets declared lost are remembered for 3 RTO: a late acknowledgement
   (reordering) still completes their fragments (``spurious``), so a queued
   retransmission of them is skipped.
+* Loss detection adapts to reordering (wire.md 3.6; RFC 9002 6.1 allows it, and
+  QUIC stacks and TCP RACK do it): a packet declared lost by a threshold and
+  acknowledged later raises the packet threshold to the reordering it showed
+  (the largest counter acknowledged before it, minus it, plus one) and the time
+  threshold 1 + 2**-k RTT (k from 3 down to 0) until that packet would have been
+  in time.  Both only rise, for the session's life: a path that reordered once
+  will again, and the retransmission timer still bounds a real loss.
+* Congestion episodes can be undone: the window, slow-start threshold and
+  recovery point from before an episode's reduction are kept with the counters it
+  declared lost (a timeout within the recovery of an episode joins it).  When the
+  last of those counters is acknowledged late, no packet was lost: the window and
+  threshold return to at least what they were (RFC 4015's response).  Without
+  this, jitter of a fraction of the RTT keeps the window at MIN_WINDOW.
 """
 
 from __future__ import annotations
@@ -132,13 +156,23 @@ from msgnet.limits import (
     MAX_RTO,
     MIN_RTO,
     MIN_WINDOW,
+    REPLAY_WINDOW,
     SEQ_WINDOW,
 )
 
 PACKET_THRESHOLD = 3
-"""RFC 9002 kPacketThreshold: lost when this many later packets were acknowledged."""
+"""RFC 9002 kPacketThreshold: lost when this many later packets were acknowledged (the
+initial value; it grows with the reordering observed, see _adapt_thresholds)."""
+MAX_PACKET_THRESHOLD = REPLAY_WINDOW
+"""The packet threshold never grows beyond the receiver's replay window: a packet
+overtaken by more than that is dropped as a replay anyway."""
 TIME_THRESHOLD = 9 / 8
-"""RFC 9002 kTimeThreshold: lost when older than this many RTTs and a later one was acked."""
+"""RFC 9002 kTimeThreshold: lost when older than this many RTTs and a later one was acked
+(the initial value: 1 + 2**-REORDER_SHIFT)."""
+REORDER_SHIFT = 3
+"""The time threshold is 1 + 2**-shift RTTs; the shift starts here (9/8) and goes down to
+0 (2 RTTs) as spurious losses show later arrivals (RFC 9002 6.1.2 allows adaptive
+thresholds)."""
 GRANULARITY = 0.001
 """RFC 9002 kGranularity: the smallest timer interval worth scheduling."""
 INITIAL_RTT = 0.333
@@ -292,7 +326,7 @@ class Fragment:
     """
 
     __slots__ = ("message", "protocol", "flags", "request_id", "seq", "frag_index",
-                 "frag_count", "chunk", "acked")
+                 "frag_count", "chunk", "acked", "queued")
 
     def __init__(
         self,
@@ -314,6 +348,7 @@ class Fragment:
         self.frag_count = frag_count
         self.chunk = chunk
         self.acked = False  # a fragment may be acknowledged by a packet declared lost
+        self.queued = False  # in the retransmission queue (once, whatever sent it again)
 
     def __repr__(self) -> str:
         return (
@@ -397,12 +432,13 @@ class _Reassembly:
 class _SentPacket:
     """A sent packet that carried reliable fragments (the only kind tracked)."""
 
-    __slots__ = ("time", "size", "fragments")
+    __slots__ = ("time", "size", "fragments", "by_threshold")
 
     def __init__(self, time: float, size: int, fragments: list[Fragment]) -> None:
         self.time = time
         self.size = size
         self.fragments = fragments
+        self.by_threshold = False  # declared lost by the packet or time threshold
 
 
 def _charge_for(count: int, unit: int) -> int:
@@ -431,7 +467,8 @@ class DeliveryConnection:
         "_min_cwnd", "_cwnd", "_ssthresh", "_recovery_end", "_cwnd_limited", "_pace_tokens",
         "_pace_time", "_pace_at", "_in_unordered", "_in_ordered", "_be_partials", "_held",
         "_veto", "_eliciting", "_ranges", "_largest_received_at", "_unacked_eliciting",
-        "_ack_at",
+        "_ack_at", "_packet_threshold", "_reorder_shift", "_undo", "_episode", "_ack_now",
+        "_probe_base", "_probed", "_probe_budget",
     )
 
     def __init__(
@@ -463,6 +500,7 @@ class DeliveryConnection:
                 "retransmissions", "lost_packets", "spurious", "timeouts", "failed",
                 "acks_received", "acks_sent", "bad_ack", "ack_unsent", "duplicates",
                 "bad_fragment", "reassembly_full", "seq_window", "window_slides", "expired",
+                "undone", "probes",
             ),
             0,
         )
@@ -490,6 +528,13 @@ class DeliveryConnection:
         self._backoff = 0  # consecutive timeouts without an acknowledgement
         self._rto_base = 0.0  # the timer runs from here (last send into an idle pipe or ack)
         self._loss_time = 0.0  # time-threshold loss check due (0: none)
+        # Tail probe (RFC 9002 6.2's PTO, before the floored retransmission timeout).
+        self._probe_base = 0.0  # the probe timer runs from here (last reliable send or ack)
+        self._probed = False  # a probe went out and nothing new was acknowledged since
+        self._probe_budget = 0  # bytes the next poll_transmit may send beyond the window
+        # Loss detection thresholds, raised by spurious losses (reordering the path showed).
+        self._packet_threshold = PACKET_THRESHOLD
+        self._reorder_shift = REORDER_SHIFT
 
         # NewReno (RFC 9002 7), in bytes.
         self._mss = max_datagram
@@ -501,6 +546,11 @@ class DeliveryConnection:
         # the engine sends in the same loop iteration (same ``now``) as it detects.
         self._recovery_end = -1
         self._cwnd_limited = False  # grow only while the window is what limits sending
+        # Undo of a spurious congestion event: (cwnd, ssthresh, recovery_end) from before the
+        # current episode's reduction, and the counters declared lost in the episode that
+        # were not acknowledged since.  All of them acknowledged late = no loss: undo.
+        self._undo: tuple[float, float, int] | None = None
+        self._episode: set[int] = set()
 
         # Best-effort pacing: a token bucket refilled at cwnd / srtt.
         self._pace_tokens = self._cwnd
@@ -514,6 +564,7 @@ class DeliveryConnection:
         self._held = 0  # reassembly bytes reserved by this connection
         self._veto = -1  # counter whose acknowledgement on_fragment refused
         self._eliciting = -1  # counter of the packet with a reliable fragment last seen
+        self._ack_now = -1  # counter of the packet that completed a fragmented reliable message
 
         # Acknowledgements to send.
         self._ranges: list[list[int]] = []  # received counters, [lo, hi] ascending
@@ -553,6 +604,16 @@ class DeliveryConnection:
     @property
     def ssthresh(self) -> float:
         return self._ssthresh
+
+    @property
+    def packet_threshold(self) -> int:
+        """Later packets acknowledged before an older one counts as lost (RFC 9002 6.1.1)."""
+        return self._packet_threshold
+
+    @property
+    def time_threshold(self) -> float:
+        """RTTs after which an older packet counts as lost once a later one was acknowledged."""
+        return 1 + 1 / (1 << self._reorder_shift)
 
     @property
     def bytes_in_flight(self) -> int:
@@ -671,12 +732,14 @@ class DeliveryConnection:
         charged to the window until then).
         """
         out: list[Fragment] = []
-        budget = self._cwnd - self._bytes_in_flight - self._handed_out
+        budget = self._cwnd - self._bytes_in_flight - self._handed_out + self._probe_budget
+        self._probe_budget = 0
         retransmit = self._retransmit
         queue = self._queue
         while budget > 0 and len(out) < max_fragments:
             if retransmit:
                 fragment = retransmit.popleft()
+                fragment.queued = False
                 if fragment.acked or fragment.message.error is not None:
                     continue
                 self.counters["retransmissions"] += 1
@@ -772,6 +835,7 @@ class DeliveryConnection:
         self._handed_out -= handed
         if not self._sent:
             self._rto_base = now  # RFC 6298 5.1: start the timer if it is not running
+        self._probe_base = now
         self._sent[counter] = _SentPacket(now, size, fragments)
         self._bytes_in_flight += size
 
@@ -810,10 +874,11 @@ class DeliveryConnection:
             if not spans:
                 return []
         counters["acks_received"] += 1
-        if largest > self._largest_acked:
+        previous = self._largest_acked
+        if largest > previous:
             self._largest_acked = largest
         events: list[DeliveryEvent] = []
-        acked = bool(self._lost) and self._ack_lost(spans, now, events)
+        acked = bool(self._lost) and self._ack_lost(spans, previous, now, events)
         sent = self._sent
         newest: _SentPacket | None = None
         oldest = next(iter(sent)) if sent else largest + 1
@@ -852,6 +917,8 @@ class DeliveryConnection:
             self._update_rtt(now - newest.time, min(ack_delay_us * 1e-6, MAX_ACK_DELAY))
         self._backoff = 0
         self._rto_base = now  # RFC 6298 5.3: restart the timer on new acknowledgements
+        self._probe_base = now
+        self._probed = False
         self._detect_losses(now)
         return events
 
@@ -871,10 +938,12 @@ class DeliveryConnection:
                 del message._space.unacked[message.seq]
                 events.append(MessageDelivered(message))
 
-    def _ack_lost(self, spans: list[tuple[int, int]], now: float,
+    def _ack_lost(self, spans: list[tuple[int, int]], previous: int, now: float,
                   events: list[DeliveryEvent]) -> bool:
         """Late acknowledgements of packets declared lost: their fragments are delivered
-        (a queued retransmission is then skipped).  Forgets packets older than 3 RTO."""
+        (a queued retransmission is then skipped), the loss thresholds learn the reordering,
+        and a congestion episode whose every loss was spurious is undone.  Forgets packets
+        older than 3 RTO.  ``previous`` is the largest counter acknowledged before this ack."""
         lost = self._lost
         horizon = now - 3 * self._rto_value
         while lost:
@@ -882,11 +951,57 @@ class DeliveryConnection:
             if lost[oldest].time >= horizon:
                 break
             del lost[oldest]
-        late = [c for c in lost if any(low <= c <= high for low, high in spans)]
+        if not lost:
+            return False
+        # Both ascend: one merge instead of every lost counter against every span.
+        late = []
+        ascending = spans[::-1]
+        i, count = 0, len(ascending)
+        for counter in lost:
+            while i < count and ascending[i][1] < counter:
+                i += 1
+            if i == count:
+                break
+            if ascending[i][0] <= counter:
+                late.append(counter)
+        if not late:
+            return False
+        episode = self._episode
         for counter in late:
-            self._ack_fragments(lost.pop(counter).fragments, events)
+            packet = lost.pop(counter)
+            self._ack_fragments(packet.fragments, events)
+            if packet.by_threshold:
+                self._adapt_thresholds(counter, packet.time, previous, now)
+            episode.discard(counter)
         self.counters["spurious"] += len(late)
-        return bool(late)
+        if self._undo is not None and not episode:
+            self._undo_congestion()
+        return True
+
+    def _adapt_thresholds(self, counter: int, sent: float, previous: int, now: float) -> None:
+        """A packet declared lost by a threshold arrived after all: raise the thresholds so
+        that it would not have been (the adaptive reordering thresholds of RFC 9002 6.1,
+        as QUIC implementations and TCP RACK do)."""
+        distance = previous - counter + 1
+        if distance > self._packet_threshold:
+            self._packet_threshold = min(distance, MAX_PACKET_THRESHOLD)
+        needed = now - sent
+        rtt = max(self._srtt, self._latest_rtt)
+        shift = self._reorder_shift
+        while shift and rtt + rtt / (1 << shift) < needed:
+            shift -= 1
+        self._reorder_shift = shift
+
+    def _undo_congestion(self) -> None:
+        """Every packet the current episode declared lost was acknowledged after all: the
+        reduction was spurious (reordering, delay spikes); restore the window as it was
+        (RFC 4015's response; TCP's undo)."""
+        cwnd, ssthresh, recovery_end = self._undo  # type: ignore[misc]
+        self._undo = None
+        self._cwnd = max(self._cwnd, cwnd)
+        self._ssthresh = max(self._ssthresh, ssthresh)
+        self._recovery_end = recovery_end
+        self.counters["undone"] += 1
 
     def _update_rtt(self, latest: float, ack_delay: float) -> None:
         """RFC 9002 5.3 (the RFC 6298 gains), then RTO per wire.md 3.6."""
@@ -909,14 +1024,16 @@ class DeliveryConnection:
         """RFC 9002 6.1: packet and time thresholds below the largest acknowledged."""
         self._loss_time = 0.0
         largest = self._largest_acked
-        delay = max(TIME_THRESHOLD * max(self._srtt, self._latest_rtt), GRANULARITY)
+        threshold = self._packet_threshold
+        rtt = max(self._srtt, self._latest_rtt)
+        delay = max(rtt + rtt / (1 << self._reorder_shift), GRANULARITY)
         lost: list[int] = []
         # Counters ascend with send times: the first packet not lost ends the scan.
         for counter, packet in self._sent.items():
             if counter > largest:
                 break
             due = packet.time + delay  # computed as the deadline is, so it always fires
-            if due <= now or largest - counter >= PACKET_THRESHOLD:
+            if due <= now or largest - counter >= threshold:
                 lost.append(counter)
             else:
                 self._loss_time = due
@@ -928,17 +1045,19 @@ class DeliveryConnection:
         """Re-queue the lost packets' fragments; NewReno halves once per round trip."""
         sent = self._sent
         lost = self._lost
-        retransmit = self._retransmit
         for counter in counters:
             packet = lost[counter] = sent.pop(counter)
+            packet.by_threshold = True
             self._bytes_in_flight -= packet.size
-            retransmit.extend(
-                f for f in packet.fragments if not f.acked and f.message.error is None
-            )
+            self._requeue(packet.fragments)
         self.counters["lost_packets"] += len(counters)
-        if counters[-1] > self._recovery_end:
+        if counters[-1] > self._recovery_end:  # a new congestion episode
+            self._undo = (self._cwnd, self._ssthresh, self._recovery_end)
+            self._episode = set(counters)
             self._recovery_end = self._largest_sent
             self._cwnd = self._ssthresh = max(self._cwnd / 2, self._min_cwnd)
+        elif self._undo is not None:
+            self._episode.update(counters)
 
     # -- timers -------------------------------------------------------------------------
 
@@ -946,7 +1065,7 @@ class DeliveryConnection:
         """When handle_timer is due (then check ack_frame_due too), or None."""
         deadline = _INF
         if self._sent:
-            deadline = self._rto_base + self.rto
+            deadline = min(self._rto_base + self.rto, self._probe_deadline())
             if self._loss_time and self._loss_time < deadline:
                 deadline = self._loss_time
         if self._unacked_eliciting and self._ack_at < deadline:
@@ -967,28 +1086,64 @@ class DeliveryConnection:
                 self._detect_losses(now)
             elif now >= self._rto_base + self.rto:
                 self._on_timeout(now, events)
+            elif now >= self._probe_deadline():
+                self._probe()
         if self._be_partials:
             self._expire(now)
         return events
+
+    def _probe_deadline(self) -> float:
+        """When the tail probe is due: a PTO (RFC 9002 6.2: SRTT + max(4 RTTVAR, 1 ms) +
+        max_ack_delay, no MIN_RTO floor, no backoff) after the last reliable send or new
+        acknowledgement, once per such event, with an RTT sample; infinity otherwise."""
+        if self._probed or not self._has_rtt:
+            return _INF
+        pto = self._srtt + max(4 * self._rttvar, GRANULARITY) + MAX_ACK_DELAY
+        return self._probe_base + pto
+
+    def _probe(self) -> None:
+        """Nothing acknowledged for a PTO: send one packet beyond the window to elicit an
+        acknowledgement (the packets or their acks may be lost, and nothing later would
+        reveal it before the retransmission timeout).  New fragments if any are queued,
+        else the newest in-flight packet's again.  Neither the window, the backoff nor the
+        timeout count changes: acknowledgements of the probe let the thresholds find what
+        was lost, and the NewReno response follows from them (RFC 8985 7, RFC 9002 6.2)."""
+        self._probed = True
+        self.counters["probes"] += 1
+        if not (self._retransmit or self._queue):
+            self._requeue(self._sent[next(reversed(self._sent))].fragments)
+        self._probe_budget = self._mss
+
+    def _requeue(self, fragments: list[Fragment]) -> None:
+        """Queue for retransmission what is neither acknowledged, failed nor queued already
+        (a fragment may be in flight in several packets: a probe, a lost one)."""
+        retransmit = self._retransmit
+        for fragment in fragments:
+            if not fragment.acked and not fragment.queued and fragment.message.error is None:
+                fragment.queued = True
+                retransmit.append(fragment)
 
     def _on_timeout(self, now: float, events: list[DeliveryEvent]) -> None:
         """Retransmission timeout: every in-flight packet is lost, the window collapses."""
         self.counters["timeouts"] += 1
         lost = self._sent
         self._sent = {}
+        if self._undo is None or self._largest_acked > self._recovery_end:
+            # Not within the recovery of an undoable episode: this one starts here.
+            self._undo = (self._cwnd, self._ssthresh, self._recovery_end)
+            self._episode = set()
+        self._episode.update(lost)
         self._bytes_in_flight = 0
         self._loss_time = 0.0
         self._lost.update(lost)
-        retransmit = self._retransmit
         for packet in lost.values():
-            retransmit.extend(
-                f for f in packet.fragments if not f.acked and f.message.error is None
-            )
+            self._requeue(packet.fragments)
         self.counters["lost_packets"] += len(lost)
         self._ssthresh = max(self._cwnd / 2, self._min_cwnd)
         self._cwnd = float(self._min_cwnd)
         self._recovery_end = self._largest_sent
-        self._rto_base = now
+        self._rto_base = self._probe_base = now
+        self._probed = False
         self._backoff += 1
         if self._backoff >= MAX_RETRANSMISSIONS:
             self._backoff = 0
@@ -1021,6 +1176,8 @@ class DeliveryConnection:
         self._queue.clear()
         self._retransmit.clear()
         self._lost.clear()
+        self._undo = None
+        self._episode.clear()
 
     def close(self, error: Exception | None = None) -> list[DeliveryEvent]:
         """End the session: fail what is outstanding, return reassembly memory.
@@ -1232,7 +1389,9 @@ class DeliveryConnection:
             return None
         del space.partial[seq]
         self._release(partial.charge)
-        if not reliable:
+        if reliable:
+            self._ack_now = counter  # its sender may be waiting for this ack: no delay
+        else:
             del self._be_partials[partial]
         return b"".join(partial.parts)  # type: ignore[arg-type]  # all present now
 
@@ -1324,8 +1483,10 @@ class DeliveryConnection:
             self._largest_received_at = now
         if counter == self._eliciting:
             self._unacked_eliciting += 1
-            if not in_order:
-                self._ack_at = now  # RFC 9000 13.2.1: a gap or a late packet, ack at once
+            if not in_order or counter == self._ack_now:
+                # RFC 9000 13.2.1: a gap or a late packet, ack at once; and the last
+                # fragment of a large message, which its sender may be awaiting.
+                self._ack_at = now
             elif self._unacked_eliciting == 1:
                 self._ack_at = now + MAX_ACK_DELAY
 

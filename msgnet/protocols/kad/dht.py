@@ -16,17 +16,39 @@ on, while its reply is still used until the *hard* deadline,
 failed, which is likely gone).  A peer that stalls, answers garbage or
 invents peers therefore delays a lookup by at most one hard deadline, and
 garbage gets it evicted from the routing table at once.
+
+Where the time goes (20 nodes in one process, ``benchmarks/bench_kad.py``): a
+put is a lookup (k FIND_NODE queries once the network is that small) and k
+PUT_VALUE requests, 40 round trips, so every per-request cost counts:
+
+* queries are :meth:`MessageHost.request_nowait` futures driven by callbacks
+  (:class:`_Lookup`), not a task each; a put's k stores go out in one loop
+  iteration, encoded once, and their replies are counted as they come;
+* a FIND_NODE reply whose peers do not depend on the key (the whole table
+  when it is small, else a full bucket: :meth:`KadDHT._known_closer_reply`)
+  is encoded once per table state, and the requester decodes the same bytes
+  once (``KadDHT._decode_reply``); the usual requests and value replies are
+  read by exact-form fast paths in :mod:`.wire`;
+* a signature is checked once per record and node (``KadDHT._validate``);
+  content-addressed (``/ipld/``) records are only hashed, and a get of one
+  stops at the first valid value, which is the only one there can be;
+* a FIND_NODE lookup's answer is reused by a store of the same key soon after
+  (``lookup_cache_ttl``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import logging
+import math
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
+from operator import itemgetter
 from types import TracebackType
 from typing import Any, Self
 
@@ -36,9 +58,17 @@ from ..._engine import Message
 from ...errors import MsgnetError, ProtocolResetError, UsageError
 from ...host import MessageHost
 from ...identity import PeerID
+from ...peerstore import Peerstore
 from ..dagcbor import CID, DagCborError, check_multihash
 from .errors import InvalidRecordError, MalformedMessageError, NotFoundError, ValueTooLargeError
-from .records import ProviderStore, RecordStore, Validator, default_validator, format_key
+from .records import (
+    ProviderStore,
+    RecordStore,
+    Validator,
+    default_validator,
+    format_key,
+    is_immutable,
+)
 from .routing import PeerEntry, RoutingTable, kad_id, key_in_bucket
 from .wire import (
     MAX_ADDR_SIZE,
@@ -54,8 +84,10 @@ from .wire import (
     Request,
     decode_reply,
     decode_request,
+    encode_closer_page,
     encode_reply_page,
     encode_request,
+    encode_value_reply,
     peer_of_addr,
 )
 
@@ -64,6 +96,13 @@ __all__ = ["KadConfig", "KadDHT", "LookupResult"]
 log = logging.getLogger("msgnet.kad")
 
 _KID_CACHE_SIZE = 8192
+# Recent FIND_NODE answers kept for stores of the same key, and records known valid.
+_LOOKUP_CACHE_SIZE = 256
+_VALID_CACHE_SIZE = 4096
+# Encoded replies whose peers do not depend on the key (see _known_closer_reply).
+_REPLY_CACHE_SIZE = 1024
+# Decoded replies by their bytes (each at most MAX_MESSAGE bytes).
+_DECODED_CACHE_SIZE = 128
 BOOTSTRAP_ATTEMPTS = 3
 # The hard deadline of a query to a peer whose last query failed, in soft ones.
 HARD_TIMEOUT_FACTOR = 4
@@ -75,7 +114,8 @@ COUNTERS = (
     "queries_refused", "queries_slow", "lookups", "lookup_deadlines", "liveness_pings",
     "routing_table_added", "routing_table_evicted", "puts_refused_quota",
     "providers_refused_quota", "records_expired", "providers_expired", "refreshes",
-    "republished", "stale_records_corrected",
+    "republished", "stale_records_corrected", "lookups_reused", "validations",
+    "validations_cached",
 )
 # Metrics that are current values rather than running totals.
 GAUGES = frozenset({"routing_table_peers", "records_stored", "provider_entries",
@@ -110,6 +150,12 @@ class KadConfig:
     max_records_per_peer: int = 100
     max_providers_per_key: int = 32
     max_provider_entries: int = 50_000
+    # A store (put, provide, republish) reuses a FIND_NODE lookup of the same key this
+    # recent (0 turns it off); a failed store forgets it.
+    lookup_cache_ttl: float = 10.0
+    # A record this node validated is not validated again (signature checked once per
+    # node) for this long; validators must depend on the key and value only.
+    validation_cache_ttl: float = 600.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_PEERS_PER_REPLY:
@@ -136,39 +182,41 @@ class LookupResult:
 
 
 class _RttEstimator:
-    """Smoothed RTT and its variation per peer (RFC 6298 weights), bounded LRU."""
+    """Smoothed RTT and its variation per peer (RFC 6298 weights), and the soft query
+    timeout they give, computed once per sample; bounded (the oldest peer goes first)."""
 
-    def __init__(self, capacity: int = 4096) -> None:
-        self._peers: OrderedDict[PeerID, tuple[float, float]] = OrderedDict()
+    def __init__(self, config: KadConfig, capacity: int = 4096) -> None:
+        self._first = min(config.first_contact_timeout, config.max_query_timeout)
+        self._min = config.min_query_timeout
+        self._max = config.max_query_timeout
+        # A peer contacted once: that exchange included a handshake, so no RTT sample.
+        self._contacted = (-1.0, -1.0, self._first)
+        # peer -> (srtt, rttvar, soft timeout), or _contacted.
+        self._peers: dict[PeerID, tuple[float, float, float]] = {}
         self._capacity = capacity
-        self.contacted: OrderedDict[PeerID, None] = OrderedDict()
 
     def sample(self, peer: PeerID, rtt: float) -> None:
-        if peer not in self.contacted:
-            # The first exchange included a handshake: not an RTT sample.
-            self.contacted[peer] = None
-            if len(self.contacted) > self._capacity:
-                self.contacted.popitem(last=False)
-            return
-        old = self._peers.pop(peer, None)
+        peers = self._peers
+        old = peers.get(peer)
         if old is None:
+            peers[peer] = self._contacted
+            if len(peers) > self._capacity:
+                del peers[next(iter(peers))]
+            return
+        if old is self._contacted:
             srtt, rttvar = rtt, rtt / 2
         else:
-            srtt, rttvar = old
+            srtt, rttvar, _ = old
             rttvar = 0.75 * rttvar + 0.25 * abs(srtt - rtt)
             srtt = 0.875 * srtt + 0.125 * rtt
-        self._peers[peer] = (srtt, rttvar)
-        if len(self._peers) > self._capacity:
-            self._peers.popitem(last=False)
+        soft = min(max(3 * srtt, srtt + 4 * rttvar, self._min), self._max)
+        peers[peer] = (srtt, rttvar, soft)
 
-    def soft_timeout(self, peer: PeerID, config: KadConfig) -> float:
+    def soft_timeout(self, peer: PeerID) -> float:
+        """``max(3*srtt, srtt + 4*rttvar, min_query_timeout)``, first_contact_timeout for a
+        peer without a sample, both capped at max_query_timeout."""
         stats = self._peers.get(peer)
-        if stats is None:
-            timeout = config.first_contact_timeout
-        else:
-            srtt, rttvar = stats
-            timeout = max(3 * srtt, srtt + 4 * rttvar, config.min_query_timeout)
-        return min(timeout, config.max_query_timeout)
+        return self._first if stats is None else stats[2]
 
 
 _NEW, _INFLIGHT, _SLOW, _OK, _FAILED = range(5)
@@ -177,25 +225,361 @@ _NEW, _INFLIGHT, _SLOW, _OK, _FAILED = range(5)
 # believe them: the caller's bootstrap list, our routing table, or a reply.
 _SEED, _TABLE, _REPLY = range(3)
 
+# A lookup candidate is a plain list (a lookup makes k of them and often asks
+# only alpha: a list costs a fifth of a slotted object to build), indexed by:
+_DIST = 0  # XOR distance to the target
+_STATE = 1  # _NEW ... _FAILED
+_INFO = 2  # PeerInfo
+_SOURCE = 3  # _SEED, _TABLE or _REPLY
+_DEPTH = 4  # round of the lookup that found it (1: table and seeds)
+_DEADLINE = 5  # soft deadline of its query
+_SENT = 6  # when its query was sent (loop time)
+_FUTURE = 7  # its query (reply future, or the task fetching more pages)
+_VERIFIED = 8  # addresses a successful query proves
 
-class _Candidate:
-    __slots__ = ("deadline", "depth", "distance", "info", "source", "state")
-
-    def __init__(self, info: PeerInfo, source: int, distance: int, depth: int) -> None:
-        self.info = info
-        self.source = source
-        self.distance = distance
-        self.depth = depth
-        self.state = _NEW
-        self.deadline = 0.0
-
-
-def _distance(candidate: _Candidate) -> int:
-    return candidate.distance
+_Candidate = list  # [distance, state, info, source, depth, deadline, sent, future, verified]
+_by_distance = itemgetter(_DIST)
 
 
 # A lookup's reply callback: True stops the lookup (e.g. quorum reached).
 ReplyHook = Callable[[PeerInfo, Reply], bool]
+
+
+class _Lookup:
+    """One iterative lookup, driven by the replies' callbacks.
+
+    Every query is a :meth:`MessageHost.request_nowait` future whose done
+    callback processes the reply; the replies that arrive together are all
+    taken in before the next queries go out (:meth:`kick`).  No task per
+    query, no ``asyncio.wait`` over all of them per reply.  One timer
+    (re-armed for the earliest soft deadline) turns late queries into slow
+    ones; ``done`` resolves with the :class:`LookupResult`.
+    """
+
+    __slots__ = (
+        "candidates",
+        "complete",
+        "config",
+        "data",
+        "deadline",
+        "dht",
+        "done",
+        "failures",
+        "inflight",
+        "loop",
+        "me",
+        "nearest",
+        "on_reply",
+        "order",
+        "pump_soon",
+        "queries",
+        "request",
+        "seconds",
+        "seen_infos",
+        "stalled",
+        "started_at",
+        "target",
+        "timer",
+        "timer_at",
+    )
+
+    def __init__(self, dht: KadDHT, target: int, request: Request,
+                 on_reply: ReplyHook | None, seeds: Sequence[PeerInfo]) -> None:
+        self.dht = dht
+        self.config = config = dht.config
+        self.loop = loop = asyncio.get_running_loop()
+        self.started_at = time.perf_counter()  # loop.time() is only ms-precise on uvloop
+        self.deadline = loop.time() + config.lookup_timeout
+        self.target = target
+        self.request = request
+        self.data = encode_request(request)  # the same bytes for every peer asked
+        self.on_reply = on_reply
+        self.me = dht.host.peer_id
+        # Every candidate, nearest first.  The table's closest peers come sorted.
+        self.order: list[_Candidate] = [[e.kid ^ target, _NEW, e.info, _TABLE, 1, 0.0, 0.0,
+                                         None, ()] for e in dht.table.closest(target, config.k)]
+        # Candidates by peer, built when a reply first names peers (a get answered
+        # with the value never needs it).
+        self.candidates: dict[PeerID, _Candidate] | None = None
+        # PeerInfos named by replies so far, by id (see add_reply_peers).
+        self.seen_infos: dict[int, PeerInfo] = {}
+        for info in seeds:
+            self.add(info, _SEED, 1)
+        self.inflight: dict[int, _Candidate] = {}  # by id()
+        self.queries = self.failures = 0
+        # Kademlia's widening rule: once answers stop bringing peers closer than
+        # the closest seen (alpha answers in a row), ask all of the k closest
+        # not yet asked at once instead of alpha at a time.
+        self.nearest = self.order[0][_DIST] if self.order else 0
+        self.stalled = 0
+        self.complete = False  # ran until the k closest answered (not stopped, no deadline)
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+        self.pump_soon = False
+        self.seconds = 0.0
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def add(self, info: PeerInfo, source: int, depth: int) -> _Candidate | None:
+        candidates = self.candidates
+        if candidates is None:
+            candidates = self.candidates = {c[_INFO].peer_id: c for c in self.order}
+        known = candidates.get(info.peer_id)
+        if known is not None:
+            known[_DEPTH] = min(known[_DEPTH], depth)
+            return known
+        if info.peer_id == self.me:
+            return None
+        candidate = [self.dht._kid(info.peer_id) ^ self.target, _NEW, info, source, depth,
+                     0.0, 0.0, None, ()]
+        candidates[info.peer_id] = candidate
+        bisect.insort(self.order, candidate, key=_by_distance)
+        return candidate
+
+    def add_reply_peers(self, peers: list[PeerInfo], depth: int,
+                        by_id: dict[int, PeerInfo] | None) -> None:
+        """Take in the peers a reply names (``by_id``: the same, by their PeerInfos' ids,
+        when the reply was remembered).
+
+        Replies share their PeerInfo objects (wire.py caches them by address), so the
+        peers already met are told apart by identity, and a remembered reply brings them
+        by id: a set difference finds what is new without visiting the rest.  A peer
+        keeps the depth at which it was first named.
+        """
+        seen = self.seen_infos
+        if by_id is not None:
+            for key in by_id.keys() - seen.keys():
+                info = seen[key] = by_id[key]
+                self.add(info, _REPLY, depth)
+            return
+        for info in peers:
+            key = id(info)
+            if key not in seen:
+                seen[key] = info  # keeps it alive: its id stays unique
+                self.add(info, _REPLY, depth)
+
+    def pump(self) -> None:
+        """Send the queries the state allows, or finish; re-arm the timer."""
+        if self.done.done():
+            return
+        config = self.config
+        now = self.loop.time()
+        if now >= self.deadline:
+            self.dht._counters["lookup_deadlines"] += 1
+            self.finish()
+            return
+        active = 0
+        wake = self.deadline
+        for candidate in self.inflight.values():
+            if candidate[_STATE] == _INFLIGHT:
+                if now >= candidate[_DEADLINE]:
+                    candidate[_STATE] = _SLOW  # keeps running, holds no slot
+                    self.dht._counters["queries_slow"] += 1
+                else:
+                    active += 1
+                    wake = min(wake, candidate[_DEADLINE])
+        width = config.k if self.stalled >= config.alpha else config.alpha
+        waiting = False  # some of the k closest are (or wait to be) asked
+        seen = 0
+        for candidate in self.order:
+            state = candidate[_STATE]
+            if state == _FAILED:
+                continue
+            if state == _NEW and self.queries < config.max_queries_per_lookup:
+                waiting = True
+                if active < width:
+                    if not self.send(candidate, now):
+                        continue  # failed at once: the next candidate takes the slot
+                    active += 1
+                    wake = min(wake, candidate[_DEADLINE])
+            elif state == _INFLIGHT or state == _SLOW:
+                # A slow peer among the k closest is waited for (up to its hard
+                # deadline) but no longer holds up other queries.
+                waiting = True
+            seen += 1
+            if seen == config.k:
+                break
+        if not waiting:
+            self.complete = True  # the k closest have all answered or failed
+            self.finish()
+            return
+        if wake < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = wake
+            self.timer = self.loop.call_at(wake, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self.timer_at = math.inf
+        self.pump()
+
+    def kick(self) -> None:
+        """Pump once the replies that arrived together are all in: a get whose quorum
+        they complete then sends no query it would not wait for."""
+        if not self.pump_soon:
+            self.pump_soon = True
+            self.loop.call_soon(self._pump_now)
+
+    def _pump_now(self) -> None:
+        self.pump_soon = False
+        self.pump()
+
+    def send(self, candidate: _Candidate, now: float) -> bool:
+        """Query ``candidate``; False if that failed at once (no address, refused...)."""
+        dht = self.dht
+        info = candidate[_INFO]
+        peer = info.peer_id
+        soft = dht._rtt.soft_timeout(peer)
+        candidate[_STATE] = _INFLIGHT
+        candidate[_DEADLINE] = now + soft
+        candidate[_SENT] = now
+        self.queries += 1
+        dht._counters["requests_out"] += 1
+        try:
+            if candidate[_SOURCE] == _REPLY:
+                # Addresses from a reply are believed only if they are the ones we dial
+                # (the peer was unknown): a successful query then proves them.
+                if dht._add_to_peerstore(peer, info.addrs):
+                    candidate[_VERIFIED] = info.addrs
+            else:
+                dht._add_to_peerstore(peer, info.addrs,
+                                      replace_known=candidate[_SOURCE] == _SEED)
+                candidate[_VERIFIED] = info.addrs
+            future = dht.host.request_nowait(peer, PROTOCOL, self.data,
+                                             timeout=dht._hard_timeout(peer, soft))
+        except MsgnetError as exc:
+            self.failed(candidate, exc)
+            return False
+        candidate[_FUTURE] = future
+        self.inflight[id(candidate)] = candidate
+        future.add_done_callback(partial(self._on_reply, candidate))
+        return True
+
+    def _on_reply(self, candidate: _Candidate, future: asyncio.Future[bytes]) -> None:
+        if self.done.done():
+            _consume(future)
+            return
+        del self.inflight[id(candidate)]
+        try:
+            if future.cancelled():
+                self.failed(candidate, asyncio.CancelledError())
+            elif (exc := future.exception()) is not None:
+                self.failed(candidate, exc)
+            else:
+                try:
+                    reply, ids = self.dht._decode_reply(future.result(), self.request.type)
+                except MalformedMessageError as bad:
+                    self.failed(candidate, bad)
+                else:
+                    peer = candidate[_INFO].peer_id
+                    self.dht._rtt.sample(peer, self.loop.time() - candidate[_SENT])
+                    if reply.pages > 1:  # fetch the rest before the reply counts
+                        task = self.loop.create_task(self.dht._rest_pages(
+                            peer, self.request, reply, self.config.max_query_timeout))
+                        candidate[_FUTURE] = task
+                        self.inflight[id(candidate)] = candidate
+                        task.add_done_callback(partial(self._on_pages, candidate))
+                        return
+                    if self.answered(candidate, reply, ids):
+                        return
+            self.kick()
+        except Exception as exc:  # noqa: BLE001 - a bug (or a validator's): fail the lookup
+            self.abort(exc)
+
+    def _on_pages(self, candidate: _Candidate, task: asyncio.Task[Reply]) -> None:
+        if self.done.done():
+            _consume(task)
+            return
+        del self.inflight[id(candidate)]
+        try:
+            if task.cancelled():
+                self.failed(candidate, asyncio.CancelledError())
+            elif (exc := task.exception()) is not None:
+                self.failed(candidate, exc)
+            elif self.answered(candidate, task.result(), None):
+                return
+            self.kick()
+        except Exception as exc:  # noqa: BLE001 - as in _on_reply
+            self.abort(exc)
+
+    def answered(self, candidate: _Candidate, reply: Reply,
+                 ids: dict[int, PeerInfo] | None) -> bool:
+        """Take a reply in; True if the reply hook stopped the lookup."""
+        dht = self.dht
+        info = candidate[_INFO]
+        # A peer already in the table keeps the addresses it advertised itself.
+        entry = dht.table.get(info.peer_id)
+        if entry is not None:
+            dht.table.touch(entry)
+        else:
+            dht._seen(info.peer_id, candidate[_VERIFIED])
+        dht._counters["queries_ok"] += 1
+        candidate[_STATE] = _OK
+        self.stalled += 1
+        if reply.closer:
+            self.add_reply_peers(reply.closer, candidate[_DEPTH] + 1, ids)
+            if self.order[0][_DIST] < self.nearest:
+                self.nearest, self.stalled = self.order[0][_DIST], 0
+        if self.on_reply is not None and self.on_reply(info, reply):
+            self.finish()
+            return True
+        return False
+
+    def failed(self, candidate: _Candidate, exc: BaseException) -> None:
+        candidate[_STATE] = _FAILED
+        self.failures += 1
+        self.stalled += 1
+        self.dht._query_failed(candidate[_INFO].peer_id, exc)
+
+    def finish(self) -> None:
+        """Resolve ``done``.  The queries still out are cancelled by :meth:`close` once
+        the caller has resumed (their cancellation callbacks would otherwise run before
+        it), and the :class:`LookupResult` is built by :meth:`result` if it is wanted."""
+        if self.done.done():
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.timer_at = math.inf
+        self.seconds = time.perf_counter() - self.started_at
+        self.done.set_result(None)
+
+    def answered_count(self) -> int:
+        return sum(1 for c in self.order if c[_STATE] == _OK)
+
+    def result(self) -> LookupResult:
+        answered = [c for c in self.order if c[_STATE] == _OK]
+        best_info = self.dht._best_info
+        return LookupResult(
+            closest=[best_info(c[_INFO]) for c in answered[:self.config.k]],
+            queries=self.queries,
+            failures=self.failures,
+            hops=max((c[_DEPTH] for c in answered), default=0),
+            seconds=self.seconds,
+        )
+
+    def abort(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the timer and cancel the queries still out (slow ones, or after a stop)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.timer_at = math.inf
+        for candidate in self.inflight.values():
+            if candidate[_FUTURE] is not None:
+                candidate[_FUTURE].cancel()
+        self.inflight.clear()
+
+
+# Replies that are the same bytes every time.
+_PUT_OK = encode_reply_page(MessageType.PUT_VALUE, 0, ok=True)
+_PUT_REFUSED_QUOTA = encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error="storage quota")
+_PUT_REFUSED_OLDER = encode_reply_page(MessageType.PUT_VALUE, 0, ok=False,
+                                       error="older than the stored record")
 
 
 class KadDHT:
@@ -218,13 +602,22 @@ class KadDHT:
         self.providers = ProviderStore(self.config.max_providers_per_key,
                                        self.config.max_provider_entries)
         self._counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
-        self._rtt = _RttEstimator()
+        self._rtt = _RttEstimator(self.config)
         self._kids: dict[PeerID, int] = {}  # kad_id of peers met in lookups (bounded)
         self._own_addrs: tuple[bytes, ...] = ()
+        self._peerstore: Peerstore  # the host's, once started
         self._seeds: list[PeerInfo] = []  # the bootstrap peers, to rejoin through
         self._own_values: dict[bytes, bytes] = {}  # what we put: republished
         self._own_provides: set[bytes] = set()
-        self._lookup_slots = asyncio.Semaphore(self.config.max_lookups)
+        # Lookups wait for a slot past max_lookups (a plain counter: no await when free).
+        self._lookup_waiters: deque[asyncio.Future[None]] = deque()
+        self._recent_lookups: OrderedDict[int, tuple[float, list[PeerInfo]]] = OrderedDict()
+        # sha256(key, value) of records validated here -> when that stops counting.
+        self._valid: OrderedDict[bytes, float] = OrderedDict()
+        self._replies: dict[tuple[Any, ...], bytes] = {}
+        # Decoded replies by their bytes, with their PeerInfos' ids.
+        self._decoded: dict[bytes, tuple[Reply, dict[int, PeerInfo]]] = {}
+        self._replies_version = -1
         self._lookups_in_flight = 0
         self._checks = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -246,6 +639,7 @@ class KadDHT:
         """Answer requests (server mode) and start refresh, expiry and republish."""
         self._own_addrs = tuple(a for a in (m.to_bytes() for m in self.host.addrs)
                                 if len(a) <= MAX_ADDR_SIZE)[:MAX_ADDRS_PER_PEER]
+        self._peerstore = self.host.peerstore
         if self.server:
             self.host.set_message_handler(PROTOCOL, self._on_message)
         now = time.monotonic()
@@ -325,7 +719,7 @@ class KadDHT:
             raise ValueTooLargeError(
                 f"value of {len(value)} bytes exceeds {MAX_VALUE_SIZE} "
                 "(one datagram until reliable QoS lands)")
-        self.validator.validate(key, value)
+        self._validate(key, value)
         self._own_values[key] = value
         self.records.put(key, value, self.host.peer_id, time.monotonic() + self.config.record_ttl)
         return await self._put_remote(key, value)
@@ -333,11 +727,15 @@ class KadDHT:
     async def get_value(self, key: bytes, *, quorum: int | None = None) -> bytes:
         """The best valid value for ``key`` (the validator's ``select``) or NotFoundError.
 
-        Stops after ``quorum`` valid records; peers that returned an outdated
-        record are sent the best one.
+        Stops after ``quorum`` valid records (default: the config's, or 1 for a key
+        with a single valid value, such as an ``/ipld/`` CID: the first valid
+        record found is the answer); peers that returned an outdated record are
+        sent the best one.
         """
         _check_key(key)
-        quorum = quorum or self.config.quorum
+        immutable = is_immutable(self.validator, key)
+        if quorum is None:
+            quorum = 1 if immutable else self.config.quorum
         found: dict[PeerID, bytes] = {}
         local = self.records.get(key, time.monotonic())
         if local is not None:
@@ -350,7 +748,7 @@ class KadDHT:
             if value is not None:
                 if value not in valid:
                     try:
-                        self.validator.validate(key, value)
+                        self._validate(key, value, immutable)
                     except InvalidRecordError:
                         self._counters["invalid_records_in"] += 1
                         return False
@@ -358,13 +756,13 @@ class KadDHT:
                 found[peer.peer_id] = value
             return len(found) >= quorum
 
-        result = None
+        lookup = None
         if len(found) < quorum:
-            result = await self._lookup(kad_id(key), Request(MessageType.GET_VALUE, key),
-                                        on_reply)
+            lookup = await self._run_lookup(kad_id(key), Request(MessageType.GET_VALUE, key),
+                                            on_reply, ())
         if not found:
-            asked = "" if result is None else (
-                f" ({len(result.closest)} peers answered, {result.failures} failed)")
+            asked = "" if lookup is None else (
+                f" ({lookup.answered_count()} peers answered, {lookup.failures} failed)")
             raise NotFoundError(f"no record for key {format_key(key)}{asked}")
         values = list(valid)
         best = values[0] if len(values) == 1 else values[self.validator.select(key, values)]
@@ -484,18 +882,69 @@ class KadDHT:
     def _closer_for(self, key: bytes, requester: PeerID) -> list[PeerInfo]:
         return [e.info for e in self.table.closest(kad_id(key), self.config.k, requester)]
 
+    def _closer_reply(self, kind: MessageType, request: Request, requester: PeerID) -> bytes:
+        """A reply page naming the k peers closest to the key, but the requester."""
+        if request.page == 0:
+            data = self._known_closer_reply(kind, request.key, requester)
+            if data is not None:
+                return data
+        return encode_reply_page(kind, request.page,
+                                 closer=self._closer_for(request.key, requester))
+
+    def _known_closer_reply(self, kind: MessageType, key: bytes, requester: PeerID
+                            ) -> bytes | None:
+        """The reply when which peers it names does not depend on the key, encoded once.
+
+        That is so when the table holds no more than k peers besides the requester
+        (it names all of them), and when the key falls in a full bucket the
+        requester is not in (it names that bucket: its peers are nearer to the key
+        than any other).  Such replies are kept until the table changes.  Peers are
+        then in table order, not by distance (the requester sorts them anyway), so
+        only one-page replies are kept: pages fetched one by one could otherwise be
+        cut from different orders.  None when the reply must be computed.
+        """
+        table = self.table
+        k = self.config.k
+        entry = table.get(requester)
+        if len(table) - (entry is not None) <= k:
+            cache_key: tuple[Any, ...] = (kind, requester)
+            bucket = None
+        else:
+            cpl = table.bucket_index(kad_id(key))
+            if table.bucket_size(cpl) != k or (
+                    entry is not None and table.bucket_index(entry.kid) == cpl):
+                return None
+            cache_key = (kind, cpl)
+            bucket = cpl
+        replies = self._replies
+        if self._replies_version != table.version or len(replies) >= _REPLY_CACHE_SIZE:
+            replies.clear()
+            self._replies_version = table.version
+        data = replies.get(cache_key)
+        if data is None:
+            if bucket is None:
+                peers = [e.info for e in table.entries() if e is not entry]
+            else:
+                peers = [e.info for e in table.bucket_peers(bucket)]
+            data = encode_closer_page(kind, peers)
+            if data is None:
+                return None
+            replies[cache_key] = data
+        return data
+
     def _handle_find_node(self, sender: PeerID, request: Request) -> bytes:
-        return encode_reply_page(MessageType.FIND_NODE, request.page,
-                                 closer=self._closer_for(request.key, sender))
+        return self._closer_reply(MessageType.FIND_NODE, request, sender)
 
     def _handle_get_value(self, sender: PeerID, request: Request) -> bytes:
-        value = self.records.get(request.key, time.monotonic())
-        if value is not None:
-            # The value fills the datagram; the requester learns closer peers from others.
-            return encode_reply_page(MessageType.GET_VALUE, request.page,
-                                     value=value if request.page == 0 else None)
-        return encode_reply_page(MessageType.GET_VALUE, request.page,
-                                 closer=self._closer_for(request.key, sender))
+        record = self.records.get_record(request.key, time.monotonic())
+        if record is None:
+            return self._closer_reply(MessageType.GET_VALUE, request, sender)
+        # The value fills the datagram; the requester learns closer peers from others.
+        if request.page:
+            return encode_reply_page(MessageType.GET_VALUE, request.page)
+        if record.reply is None:  # encoded once per stored record
+            record.reply = encode_value_reply(record.value)
+        return record.reply
 
     def _handle_get_providers(self, sender: PeerID, request: Request) -> bytes:
         found = self.providers.get(request.key, time.monotonic(), MAX_PROVIDERS_PER_REPLY)
@@ -507,22 +956,46 @@ class KadDHT:
         key, value = request.key, request.value
         assert value is not None  # decode_request guarantees it for PUT_VALUE
         now = time.monotonic()
+        # The quota first: a peer past it costs us no signature check.
+        if not self.records.has_room(key, sender):
+            self._counters["puts_refused_quota"] += 1
+            return _PUT_REFUSED_QUOTA
         current = self.records.get(key, now)
         if current != value:  # a value we hold was validated when it arrived
             try:
-                self.validator.validate(key, value)
+                self._validate(key, value)
             except InvalidRecordError as exc:
                 self._counters["invalid_records_in"] += 1
                 return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error=str(exc))
-        if (current is not None and current != value
-                and self.validator.select(key, [current, value]) == 0):
-            return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False,
-                                     error="older than the stored record")
-        if not self.records.has_room(key, sender):
-            self._counters["puts_refused_quota"] += 1
-            return encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error="storage quota")
+            if current is not None and self.validator.select(key, [current, value]) == 0:
+                return _PUT_REFUSED_OLDER
         self.records.put(key, value, sender, now + self.config.record_ttl)
-        return encode_reply_page(MessageType.PUT_VALUE, 0, ok=True)
+        return _PUT_OK
+
+    def _validate(self, key: bytes, value: bytes, immutable: bool | None = None) -> None:
+        """``validator.validate`` once per record and node: a record seen again (a put
+        after a get, a republish, a second get) is not checked again for
+        ``validation_cache_ttl``; the cache is keyed by SHA-256 of key and value."""
+        if immutable is None:
+            immutable = is_immutable(self.validator, key)
+        if immutable:  # checking a content hash is as cheap as a cache lookup
+            self._counters["validations"] += 1
+            self.validator.validate(key, value)
+            return
+        digest = hashlib.sha256(len(key).to_bytes(2, "big") + key + value).digest()
+        now = time.monotonic()
+        valid = self._valid
+        expires = valid.get(digest)
+        if expires is not None and expires > now:
+            self._counters["validations_cached"] += 1
+            return
+        self._counters["validations"] += 1
+        self.validator.validate(key, value)  # raises InvalidRecordError
+        if self.config.validation_cache_ttl > 0:
+            valid.pop(digest, None)
+            valid[digest] = now + self.config.validation_cache_ttl
+            if len(valid) > _VALID_CACHE_SIZE:
+                valid.popitem(last=False)
 
     def _handle_add_provider(self, sender: PeerID, request: Request) -> bytes:
         stored = self.providers.add(request.key, sender, request.provider,
@@ -537,7 +1010,10 @@ class KadDHT:
     def _learn(self, peer: PeerID, addrs: tuple[bytes, ...]) -> None:
         """A DHT server contacted us with its addresses (proven to name it): remember it."""
         entry = self.table.get(peer)
-        if entry is None or entry.addrs != addrs or peer not in self.host.peerstore:
+        if entry is not None and entry.info.addrs == addrs and peer in self._peerstore:
+            self.table.seen(peer, ())  # known, same addresses: only a sign of life
+            return
+        if entry is None or entry.addrs != addrs or peer not in self._peerstore:
             try:
                 self._add_to_peerstore(peer, addrs, replace_known=True)
             except UsageError:  # the multiaddr package refused what our parser let through
@@ -549,137 +1025,107 @@ class KadDHT:
 
     async def _lookup(self, target: int, request: Request, on_reply: ReplyHook | None = None,
                       *, seeds: Sequence[PeerInfo] = ()) -> LookupResult:
-        if not seeds and not len(self.table):
-            seeds = self._seeds  # every peer was lost (timeouts): start over from the seeds
-        async with self._lookup_slots:
-            self._lookups_in_flight += 1
-            self._counters["lookups"] += 1
-            try:
-                return await self._run_lookup(target, request, on_reply, seeds)
-            finally:
-                self._lookups_in_flight -= 1
+        lookup = await self._run_lookup(target, request, on_reply, seeds)
+        result = lookup.result()
+        if lookup.complete and request.type == MessageType.FIND_NODE:
+            self._remember_closest(target, result.closest)
+        return result
 
     async def _run_lookup(self, target: int, request: Request, on_reply: ReplyHook | None,
-                          seeds: Sequence[PeerInfo]) -> LookupResult:
-        config = self.config
-        loop = asyncio.get_running_loop()
-        started_at = time.perf_counter()  # loop.time() is only ms-precise on uvloop
-        deadline = loop.time() + config.lookup_timeout
-        me = self.host.peer_id
-        candidates: dict[PeerID, _Candidate] = {}
-        order: list[_Candidate] = []  # every candidate, nearest first
-
-        def add(info: PeerInfo, source: int, depth: int) -> None:
-            known = candidates.get(info.peer_id)
-            if known is not None:
-                known.depth = min(known.depth, depth)
-            elif info.peer_id != me:
-                candidate = _Candidate(info, source, self._kid(info.peer_id) ^ target, depth)
-                candidates[info.peer_id] = candidate
-                bisect.insort(order, candidate, key=_distance)
-
-        # The table's closest peers come sorted already: no insertion one by one.
-        order += [_Candidate(e.info, _TABLE, e.kid ^ target, 1)
-                  for e in self.table.closest(target, config.k)]
-        candidates.update((c.info.peer_id, c) for c in order)
-        for info in seeds:
-            add(info, _SEED, 1)
-
-        if self.server and self._own_addrs:
-            request = replace(request, addrs=self._own_addrs)
-        data = encode_request(request)  # the same bytes for every peer asked
-        tasks: dict[asyncio.Task[Reply], _Candidate] = {}
-        queries = failures = 0
-        # Kademlia's widening rule: once answers stop bringing peers closer than
-        # the closest seen (alpha answers in a row), ask all of the k closest
-        # not yet asked at once instead of alpha at a time.
-        nearest = order[0].distance if order else 0
-        stalled = 0
-        stop = False
+                          seeds: Sequence[PeerInfo]) -> _Lookup:
+        """Run a lookup to its end; the finished :class:`_Lookup`."""
+        if not seeds and not len(self.table):
+            seeds = self._seeds  # every peer was lost (timeouts): start over from the seeds
+        if self._lookups_in_flight >= self.config.max_lookups or self._lookup_waiters:
+            await self._lookup_slot()  # returns holding a slot
+        else:
+            self._lookups_in_flight += 1
+        self._counters["lookups"] += 1
         try:
-            while not stop:
-                now = loop.time()
-                if now >= deadline:
-                    self._counters["lookup_deadlines"] += 1
-                    break
-                active = 0
-                wake = deadline
-                for candidate in tasks.values():
-                    if candidate.state == _INFLIGHT:
-                        if now >= candidate.deadline:
-                            candidate.state = _SLOW  # keeps running, holds no slot
-                            self._counters["queries_slow"] += 1
-                        else:
-                            active += 1
-                            wake = min(wake, candidate.deadline)
-                width = config.k if stalled >= config.alpha else config.alpha
-                waiting = False  # some of the k closest are (or wait to be) asked
-                seen = 0
-                for candidate in order:
-                    if candidate.state == _FAILED:
-                        continue
-                    if candidate.state == _NEW and queries < config.max_queries_per_lookup:
-                        waiting = True
-                        if active < width:
-                            soft = self._rtt.soft_timeout(candidate.info.peer_id, config)
-                            candidate.state = _INFLIGHT
-                            candidate.deadline = now + soft
-                            wake = min(wake, candidate.deadline)
-                            hard = self._hard_timeout(candidate.info.peer_id, soft)
-                            task = loop.create_task(self._query(
-                                candidate.info, candidate.source, request, data, hard))
-                            tasks[task] = candidate
-                            queries += 1
-                            active += 1
-                    elif candidate.state in (_INFLIGHT, _SLOW):
-                        # A slow peer among the k closest is waited for (up to its
-                        # hard deadline) but no longer holds up other queries.
-                        waiting = True
-                    seen += 1
-                    if seen == config.k:
-                        break
-                if not waiting:
-                    break  # the k closest have all answered or failed
-                done, _ = await asyncio.wait(tasks, timeout=max(wake - now, 0),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    candidate = tasks.pop(task)
-                    reply = self._query_outcome(task, candidate.info.peer_id)
-                    stalled += 1
-                    if reply is None:
-                        candidate.state = _FAILED
-                        failures += 1
-                        continue
-                    candidate.state = _OK
-                    for info in reply.closer:
-                        add(info, _REPLY, candidate.depth + 1)
-                    if order[0].distance < nearest:
-                        nearest, stalled = order[0].distance, 0
-                    if on_reply is not None and on_reply(candidate.info, reply):
-                        stop = True
+            if self.server and self._own_addrs and not request.addrs:
+                request = Request(request.type, request.key, request.page, request.value,
+                                  self._own_addrs, request.provider)
+            lookup = _Lookup(self, target, request, on_reply, seeds)
+            try:
+                lookup.pump()
+                await lookup.done
+            finally:
+                lookup.close()  # forget the queries still out (slow, cancelled, stopped)
+            return lookup
         finally:
-            for task in tasks:  # slow queries, or any left when the lookup stopped early
-                task.cancel()
-                task.add_done_callback(_consume)
-        answered = [c for c in order if c.state == _OK]
-        return LookupResult(
-            closest=[self._best_info(c.info) for c in answered[:config.k]],
-            queries=queries,
-            failures=failures,
-            hops=max((c.depth for c in answered), default=0),
-            seconds=time.perf_counter() - started_at,
-        )
+            self._release_lookup_slot()
+
+    async def _lookup_slot(self) -> None:
+        """Wait for a lookup slot, first come first served (a plain counter rather than an
+        asyncio.Semaphore: no await at all while slots are free)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lookup_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_lookup_slot()  # handed a slot, but cancelled: pass it on
+            raise
+
+    def _release_lookup_slot(self) -> None:
+        while self._lookup_waiters:
+            waiter = self._lookup_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes to the waiter as it is
+                return
+        self._lookups_in_flight -= 1
+
+    def _remember_closest(self, target: int, closest: list[PeerInfo]) -> None:
+        """Keep a finished FIND_NODE lookup's answer for a store soon after (put, provide,
+        republish of the same key), for ``lookup_cache_ttl`` seconds."""
+        if self.config.lookup_cache_ttl <= 0 or not closest:
+            return
+        recent = self._recent_lookups
+        recent.pop(target, None)
+        recent[target] = (time.monotonic() + self.config.lookup_cache_ttl, closest)
+        while len(recent) > _LOOKUP_CACHE_SIZE:
+            recent.popitem(last=False)
+
+    async def _closest_for_store(self, key: bytes) -> tuple[int, list[PeerInfo]]:
+        """The k peers closest to ``key``: a recent lookup's answer, else a new lookup."""
+        target = kad_id(key)
+        cached = self._recent_lookups.get(target)
+        if cached is not None:
+            if cached[0] > time.monotonic():
+                self._counters["lookups_reused"] += 1
+                return target, cached[1]
+            del self._recent_lookups[target]
+        return target, (await self._lookup(target, Request(MessageType.FIND_NODE, key))).closest
+
+    def _decode_reply(self, data: bytes, kind: MessageType
+                      ) -> tuple[Reply, dict[int, PeerInfo] | None]:
+        """decode_reply of a first page, remembering replies that only name peers (a peer
+        answers the same bytes to many keys, see _known_closer_reply) with the ids of
+        their PeerInfos (for _Lookup.add_reply_peers); None for others."""
+        memo = self._decoded
+        known = memo.get(data)
+        if known is not None and known[0].type is kind:
+            return known
+        reply = decode_reply(data, kind, 0)
+        if reply.value is not None or reply.pages != 1 or reply.providers:
+            return reply, None
+        if len(memo) >= _DECODED_CACHE_SIZE:
+            memo.clear()
+        known = memo[data] = (reply, {id(info): info for info in reply.closer})
+        return known
 
     def _best_info(self, info: PeerInfo) -> PeerInfo:
         """The table's entry (addresses the peer advertised) over what a reply said."""
         entry = self.table.get(info.peer_id)
         return info if entry is None else entry.info
 
-    def _hard_timeout(self, peer: PeerID, soft: float) -> float:
+    def _hard_timeout(self, peer: PeerID, soft: float | None = None) -> float:
         """How long a query may run at all: max_query_timeout, as a loaded peer may need
         it, unless the peer failed its last query (then likely dead: a few soft ones)."""
         entry = self.table.get(peer)
         if entry is not None and entry.failures:
+            if soft is None:
+                soft = self._rtt.soft_timeout(peer)
             return min(HARD_TIMEOUT_FACTOR * soft, self.config.max_query_timeout)
         return self.config.max_query_timeout
 
@@ -692,48 +1138,28 @@ class KadDHT:
             kid = self._kids[peer] = kad_id(peer.to_bytes())
         return kid
 
-    def _query_outcome(self, task: asyncio.Task[Reply], peer: PeerID) -> Reply | None:
-        """The reply of a finished query, or None after counting why it failed."""
-        exc = task.exception()
-        if exc is None:
-            self._counters["queries_ok"] += 1
-            return task.result()
+    def _query_failed(self, peer: PeerID, exc: BaseException) -> None:
+        """Count why a query failed and tell the routing table; raise what is not a
+        network failure (a bug)."""
         if isinstance(exc, MalformedMessageError):
             self._counters["dropped_malformed_replies"] += 1
             self._failed(peer, 1)  # garbage is not an accident: evict at once
         elif isinstance(exc, ProtocolResetError):
             self._counters["queries_refused"] += 1
             self._failed(peer, 1)  # not a DHT server
-        elif isinstance(exc, MsgnetError):
+        elif isinstance(exc, (MsgnetError, asyncio.CancelledError)):
             self._counters["queries_failed"] += 1
             self._failed(peer, self.config.evict_after_failures)
         else:
             raise exc
-        log.debug("query to %s failed: %s", peer, exc)
-        return None
+        log.debug("query to %s failed: %r", peer, exc)
 
-    async def _query(self, info: PeerInfo, source: int, request: Request, data: bytes,
-                     timeout: float) -> Reply:
-        """One RPC to ``info`` (``data`` is ``request`` encoded) with all its reply pages.
-
-        The peer joins our table on success.  Addresses from a reply are
-        believed only if they are the ones we dialed (the peer was unknown):
-        a successful query then proves them.
-        """
-        peer = info.peer_id
-        added = self._add_to_peerstore(peer, info.addrs, replace_known=source == _SEED)
-        verified = info.addrs if source != _REPLY or added else ()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        first = await self._rpc(peer, request, data, timeout)
-        self._rtt.sample(peer, loop.time() - started)
-        if first.pages > 1:
-            rest = await asyncio.gather(*(self._rpc(peer, replace(request, page=n), None, timeout)
-                                          for n in range(1, first.pages)))
-            first = _merge_pages(first, rest)
-        # A peer already in the table keeps the addresses it advertised itself.
-        self._seen(peer, () if peer in self.table else verified)
-        return first
+    async def _rest_pages(self, peer: PeerID, request: Request, first: Reply,
+                          timeout: float) -> Reply:
+        """Fetch pages 1.. of a paged reply (rare: peers with many addresses) and merge."""
+        rest = await asyncio.gather(*(self._rpc(peer, replace(request, page=n), None, timeout)
+                                      for n in range(1, first.pages)))
+        return _merge_pages(first, rest)
 
     async def _rpc(self, peer: PeerID, request: Request, data: bytes | None = None,
                    timeout: float | None = None) -> Reply:
@@ -801,7 +1227,7 @@ class KadDHT:
         the peer itself or the caller's bootstrap list (``replace_known``)
         update known addresses.
         """
-        if peer in self.host.peerstore and not replace_known:
+        if not replace_known and peer in self._peerstore:
             return False
         for addr in reversed(addrs):  # the peerstore keeps the newest first
             self.host.add_peer(Multiaddr(addr), peer)
@@ -810,10 +1236,48 @@ class KadDHT:
     # -- storing -------------------------------------------------------------------------------
 
     async def _put_remote(self, key: bytes, value: bytes) -> int:
-        result = await self._lookup(kad_id(key), Request(MessageType.FIND_NODE, key))
-        stored = await asyncio.gather(*(self._store_at(p.peer_id, key, value)
-                                        for p in result.closest))
-        return sum(stored)
+        target, closest = await self._closest_for_store(key)
+        data = encode_request(Request(MessageType.PUT_VALUE, key, value=value))
+        return await self._store_all(target, closest, data, MessageType.PUT_VALUE)
+
+    async def _provide_remote(self, mh: bytes) -> int:
+        target, closest = await self._closest_for_store(mh)
+        data = encode_request(Request(MessageType.ADD_PROVIDER, mh, provider=self._own_addrs))
+        return await self._store_all(target, closest, data, MessageType.ADD_PROVIDER)
+
+    async def _store_all(self, target: int, peers: Sequence[PeerInfo], data: bytes,
+                         kind: MessageType) -> int:
+        """Send one encoded store request (``data``) to every peer at once; the number of
+        peers that answered ok.
+
+        Every request goes out in the same loop iteration, without a task each, and the
+        replies are awaited together: a put costs one round trip after its lookup.
+        """
+        futures = []
+        for info in peers:
+            peer = info.peer_id
+            try:
+                futures.append(self.host.request_nowait(
+                    peer, PROTOCOL, data, timeout=self._hard_timeout(peer)))
+            except MsgnetError as exc:
+                log.debug("store at %s not sent: %s", peer, exc)
+        self._counters["requests_out"] += len(futures)
+        stored = 0
+        failed = False
+        for outcome in await asyncio.gather(*futures, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                failed = True
+                continue
+            if outcome == _PUT_OK:  # the one canonical form of {"type": 0, "ok": true}
+                stored += 1
+                continue
+            try:
+                stored += bool(decode_reply(outcome, kind).ok)
+            except MalformedMessageError:
+                self._counters["dropped_malformed_replies"] += 1
+        if failed or len(futures) < len(peers):
+            self._recent_lookups.pop(target, None)  # look again next time
+        return stored
 
     async def _store_at(self, peer: PeerID, key: bytes, value: bytes) -> bool:
         try:
@@ -824,18 +1288,6 @@ class KadDHT:
         except MsgnetError:
             return False
         return bool(reply.ok)
-
-    async def _provide_remote(self, mh: bytes) -> int:
-        result = await self._lookup(kad_id(mh), Request(MessageType.FIND_NODE, mh))
-        request = Request(MessageType.ADD_PROVIDER, mh, provider=self._own_addrs)
-
-        async def announce(peer: PeerID) -> bool:
-            try:
-                return bool((await self._rpc(peer, request)).ok)
-            except MsgnetError:
-                return False
-
-        return sum(await asyncio.gather(*(announce(p.peer_id) for p in result.closest)))
 
     # -- maintenance --------------------------------------------------------------------------
 
@@ -862,7 +1314,7 @@ class KadDHT:
         task.add_done_callback(self._tasks.discard)
 
 
-def _consume(task: asyncio.Task[Any]) -> None:
+def _consume(task: asyncio.Future[Any]) -> None:
     """Retrieve the outcome of a query nobody waits for any more (no "never retrieved")."""
     if not task.cancelled():
         task.exception()

@@ -43,6 +43,7 @@ __all__ = [
     "content_record",
     "default_validator",
     "format_key",
+    "is_immutable",
     "parse_key",
     "parse_pk_key",
     "pk_key",
@@ -63,12 +64,23 @@ class Validator(Protocol):
     def select(self, key: bytes, values: Sequence[bytes]) -> int:
         """Index of the best of several valid ``values`` (never empty)."""
 
+    # Optional: ``immutable(key) -> bool``, True when a key has exactly one valid value
+    # (content addressing), so that a get may stop at the first valid record.
+
+
+def is_immutable(validator: Validator, key: bytes) -> bool:
+    """Whether ``validator`` says ``key`` has a single valid value (see :class:`Validator`)."""
+    immutable = getattr(validator, "immutable", None)
+    return bool(immutable is not None and immutable(key))
+
 
 class NamespacedValidator:
     """Dispatches on the key's namespace: ``/<namespace>/...``; unknown namespaces fail."""
 
     def __init__(self, validators: dict[str, Validator]) -> None:
         self._validators = {ns.encode(): v for ns, v in validators.items()}
+        self._immutable = {ns: getattr(v, "immutable", None)
+                           for ns, v in self._validators.items()}
 
     def _for(self, key: bytes) -> Validator:
         if key[:1] == b"/":
@@ -84,6 +96,14 @@ class NamespacedValidator:
 
     def select(self, key: bytes, values: Sequence[bytes]) -> int:
         return self._for(key).select(key, values)
+
+    def immutable(self, key: bytes) -> bool:
+        end = key.find(b"/", 1)
+        if key[:1] == b"/" and end > 1:
+            immutable = self._immutable.get(key[1:end])
+            if immutable is not None:
+                return bool(immutable(key))
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,15 +245,22 @@ class ContentValidator:
     def validate(self, key: bytes, value: bytes) -> None:
         if not key.startswith(_IPLD_PREFIX):
             raise InvalidRecordError("not an /ipld/ key")
-        try:
-            cid = CID(key[len(_IPLD_PREFIX):])
-        except DagCborError as exc:
-            raise InvalidRecordError(f"/ipld/ key does not hold a CID: {exc}") from None
-        if cid.multihash != sha256_multihash(value):
+        raw = key[len(_IPLD_PREFIX):]
+        if len(raw) == 36 and raw[0] == 1 and raw[1] < 0x80 and raw[2:4] == b"\x12\x20":
+            multihash = raw[2:]  # CIDv1, one-byte codec, sha2-256: the usual form, parsed
+        else:
+            try:
+                multihash = CID(raw).multihash
+            except DagCborError as exc:
+                raise InvalidRecordError(f"/ipld/ key does not hold a CID: {exc}") from None
+        if multihash != sha256_multihash(value):
             raise InvalidRecordError("value does not match the CID's sha2-256 multihash")
 
     def select(self, key: bytes, values: Sequence[bytes]) -> int:
         return 0  # every valid value for a CID is the same bytes
+
+    def immutable(self, key: bytes) -> bool:
+        return True  # the CID names the one value it can hold
 
 
 def content_record(value: bytes, codec: int = RAW) -> tuple[bytes, bytes]:
@@ -257,6 +284,7 @@ class StoredRecord:
     value: bytes
     owner: PeerID  # who stored it here (counts against that peer's quota)
     expires: float
+    reply: bytes | None = None  # the GET_VALUE reply carrying it, once encoded
 
 
 class RecordStore:
@@ -269,13 +297,17 @@ class RecordStore:
         self._max_per_peer = max_per_peer
 
     def get(self, key: bytes, now: float) -> bytes | None:
+        record = self.get_record(key, now)
+        return None if record is None else record.value
+
+    def get_record(self, key: bytes, now: float) -> StoredRecord | None:
         record = self._records.get(key)
         if record is None:
             return None
         if record.expires <= now:
             self._remove(key)
             return None
-        return record.value
+        return record
 
     def has_room(self, key: bytes, owner: PeerID, *, exempt: bool = False) -> bool:
         """Whether ``owner`` may store (or replace) ``key``; ``exempt`` skips the per-peer quota."""

@@ -67,6 +67,7 @@ class PeerEntry:
     info: PeerInfo  # what replies advertise: the peer and its verified addresses
     last_seen: float
     failures: int = 0
+    bucket: int = 0  # index of its bucket (the common prefix length with us, capped)
 
     @property
     def addrs(self) -> tuple[bytes, ...]:
@@ -90,6 +91,9 @@ class RoutingTable:
         self.k = k
         self._buckets = [_Bucket() for _ in range(KEY_BITS)]
         self._index: dict[PeerID, PeerEntry] = {}
+        # Bumped whenever a peer joins or leaves the table or changes its addresses:
+        # what is derived from the table (encoded replies) is valid while it stays.
+        self.version = 0
 
     def _bucket_of(self, kid: int) -> _Bucket:
         return self._buckets[min(common_prefix_length(kid, self.local_kid), KEY_BITS - 1)]
@@ -105,36 +109,47 @@ class RoutingTable:
         and that entry should be pinged (the caller pings it and reports back
         with :meth:`seen` or :meth:`failed`); None otherwise.
         """
+        entry = self._index.get(peer)
+        if entry is not None:  # the usual case, kept short
+            entry.last_seen = time.monotonic() if now is None else now
+            entry.failures = 0
+            if addrs:
+                addrs = tuple(addrs)[:MAX_ADDRS_PER_PEER]
+                if addrs and addrs != entry.info.addrs:
+                    entry.info = PeerInfo(peer, addrs)
+                    self.version += 1
+            self._buckets[entry.bucket].peers.move_to_end(peer)
+            return None
         if peer == self.local:
             return None
         now = time.monotonic() if now is None else now
         addrs = tuple(addrs)[:MAX_ADDRS_PER_PEER]
-        entry = self._index.get(peer)
-        if entry is not None:
-            entry.last_seen = now
-            entry.failures = 0
-            if addrs and addrs != entry.info.addrs:
-                entry.info = PeerInfo(peer, addrs)
-            self._bucket_of(entry.kid).peers.move_to_end(peer)
-            return None
         if not addrs:
             return None  # nothing to dial it back with
         kid = kad_id(peer.to_bytes())
-        bucket = self._bucket_of(kid)
+        index = self.bucket_index(kid)
+        bucket = self._buckets[index]
         if len(bucket.peers) < self.k:
-            entry = PeerEntry(peer, kid, PeerInfo(peer, addrs), now)
+            entry = PeerEntry(peer, kid, PeerInfo(peer, addrs), now, bucket=index)
             bucket.peers[peer] = entry
             self._index[peer] = entry
+            self.version += 1
             bucket.replacements.pop(peer, None)
             return None
         bucket.replacements.pop(peer, None)
-        bucket.replacements[peer] = PeerEntry(peer, kid, PeerInfo(peer, addrs), now)
+        bucket.replacements[peer] = PeerEntry(peer, kid, PeerInfo(peer, addrs), now, bucket=index)
         while len(bucket.replacements) > self.k:
             bucket.replacements.popitem(last=False)
         if bucket.checking:
             return None
         bucket.checking = True
         return next(iter(bucket.peers.values()))
+
+    def touch(self, entry: PeerEntry) -> None:
+        """A table peer answered: :meth:`seen` without new addresses, for an entry in hand."""
+        entry.last_seen = time.monotonic()
+        entry.failures = 0
+        self._buckets[entry.bucket].peers.move_to_end(entry.peer_id)
 
     def check_done(self, entry: PeerEntry) -> None:
         """The liveness ping asked for by :meth:`seen` finished (either way)."""
@@ -155,6 +170,7 @@ class RoutingTable:
             return None
         del self._bucket_of(entry.kid).peers[peer]
         del self._index[peer]
+        self.version += 1
         return entry
 
     def take_replacement(self, kid: int) -> PeerEntry | None:
@@ -165,9 +181,33 @@ class RoutingTable:
         return bucket.replacements.popitem(last=True)[1]
 
     def closest(self, kid: int, count: int, exclude: PeerID | None = None) -> list[PeerEntry]:
-        """The ``count`` known peers closest to ``kid`` (XOR), nearest first."""
-        entries = (e for e in self._index.values() if e.peer_id != exclude)
-        return sorted(entries, key=lambda e: e.kid ^ kid)[:count]
+        """The ``count`` known peers closest to ``kid`` (XOR), nearest first.
+
+        Small tables are sorted whole.  In a large one the buckets are visited in
+        order of distance: with ``c`` the bucket ``kid`` falls in, every peer of
+        bucket ``c`` is nearer to ``kid`` than any peer of a deeper bucket, which
+        are all nearer than those of bucket ``c - 1``, then ``c - 2``... so only the
+        buckets needed to gather ``count`` peers are sorted.
+        """
+        index = self._index
+        skip = None if exclude is None else index.get(exclude)
+        if len(index) <= 4 * count:
+            entries = index.values() if skip is None else [
+                e for e in index.values() if e is not skip]
+            return sorted(entries, key=lambda e: e.kid ^ kid)[:count]
+        buckets = self._buckets
+        home = min(common_prefix_length(kid, self.local_kid), KEY_BITS - 1)
+        groups = [buckets[home].peers.values(),
+                  [e for b in buckets[home + 1:] for e in b.peers.values()]]
+        groups += (buckets[i].peers.values() for i in range(home - 1, -1, -1))
+        found: list[PeerEntry] = []
+        for group in groups:
+            if skip is not None:
+                group = [e for e in group if e is not skip]
+            found += sorted(group, key=lambda e: e.kid ^ kid)
+            if len(found) >= count:
+                break
+        return found[:count]
 
     def stale_buckets(self, older_than: float, max_cpl: int) -> list[int]:
         """Buckets up to the deepest non-empty one (capped) not refreshed since ``older_than``.
@@ -189,6 +229,17 @@ class RoutingTable:
 
     def mark_refreshed(self, cpl: int, now: float) -> None:
         self._buckets[min(cpl, KEY_BITS - 1)].refreshed = now
+
+    def bucket_index(self, kid: int) -> int:
+        """The bucket a kad ID falls in: its common prefix length with ours (capped)."""
+        return min(KEY_BITS - (kid ^ self.local_kid).bit_length(), KEY_BITS - 1)
+
+    def bucket_size(self, index: int) -> int:
+        return len(self._buckets[index].peers)
+
+    def bucket_peers(self, index: int) -> list[PeerEntry]:
+        """The peers of bucket ``index``, least recently seen first."""
+        return list(self._buckets[index].peers.values())
 
     def peers(self) -> list[PeerID]:
         return list(self._index)

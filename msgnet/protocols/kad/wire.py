@@ -29,7 +29,14 @@ peer's multihash to find it); PING has no key.  ``maddr`` is a binary
 multiaddr ending in ``/p2p/<peer-id>``, so a reply names both who a peer is
 and where to reach it, and addresses a sender gives for itself (``addrs``,
 sent by DHT servers so that others add them to their tables) must name the
-peer its session proved.
+peer its session proved.  The peers of a reply are a set: their order means
+nothing (the requester sorts them by distance to the key itself).
+
+Decoding is strict DAG-CBOR (:mod:`msgnet.protocols.dagcbor`).  The requests
+a node receives all the time (FIND_NODE, GET_*, PUT_VALUE) and GET_VALUE
+replies with a value are first matched against their one canonical form and
+read directly; anything else, including every non-canonical variant, goes
+through the generic decoder, which accepts or rejects it as it always did.
 """
 
 from __future__ import annotations
@@ -63,8 +70,10 @@ __all__ = [
     "Request",
     "decode_reply",
     "decode_request",
+    "encode_closer_page",
     "encode_reply_page",
     "encode_request",
+    "encode_value_reply",
     "peer_of_addr",
     "peers_from_addrs",
 ]
@@ -125,9 +134,20 @@ class PeerInfo:
         return [Multiaddr(a) for a in self.addrs]
 
 
-# Replies name the same peers over and over: parsed addresses are remembered.
+# Replies name the same peers over and over: parsed addresses are remembered,
+# with one PeerID object per peer (interned), so that the peers of a reply can be
+# told apart by identity.  The three tables are cleared together when full.
 _ADDR_CACHE: dict[bytes, PeerID] = {}
+_INFO_CACHE: dict[bytes, PeerInfo] = {}
+_PEERS: dict[bytes, PeerID] = {}
 _ADDR_CACHE_SIZE = 8192
+
+
+def _make_room(count: int) -> None:
+    if len(_ADDR_CACHE) + count > _ADDR_CACHE_SIZE or len(_PEERS) + count > _ADDR_CACHE_SIZE:
+        _ADDR_CACHE.clear()
+        _INFO_CACHE.clear()
+        _PEERS.clear()
 
 
 def peer_of_addr(data: bytes) -> PeerID:
@@ -140,14 +160,27 @@ def peer_of_addr(data: bytes) -> PeerID:
     """
     peer = _ADDR_CACHE.get(data)
     if peer is None:
-        peer = _parse_peer_addr(data)
-        if len(_ADDR_CACHE) >= _ADDR_CACHE_SIZE:
-            _ADDR_CACHE.clear()
+        _make_room(1)
+        mh = _parse_peer_addr(data)
+        peer = _PEERS.get(mh)
+        if peer is None:
+            try:
+                peer = _PEERS[mh] = PeerID(mh)
+            except UsageError as exc:
+                raise MalformedMessageError(f"bad multiaddr: {exc}") from None
         _ADDR_CACHE[data] = peer
     return peer
 
 
-def _parse_peer_addr(data: bytes) -> PeerID:
+def _info_of_addr(data: bytes) -> PeerInfo:
+    info = _INFO_CACHE.get(data)
+    if info is None:
+        info = _INFO_CACHE[data] = PeerInfo(peer_of_addr(data), (data,))
+    return info
+
+
+def _parse_peer_addr(data: bytes) -> bytes:
+    """The ``/p2p/`` multihash of a binary multiaddr (checked as a PeerID by the caller)."""
     try:
         if len(data) > MAX_ADDR_SIZE:
             raise MalformedMessageError(f"multiaddr longer than {MAX_ADDR_SIZE} bytes")
@@ -171,8 +204,8 @@ def _parse_peer_addr(data: bytes) -> PeerID:
         size, pos = read_uvarint(data, pos)
         if pos + size != len(data):
             raise MalformedMessageError("multiaddr /p2p part has the wrong length")
-        return PeerID(data[pos:])
-    except (DagCborError, UsageError) as exc:
+        return data[pos:]
+    except DagCborError as exc:
         raise MalformedMessageError(f"bad multiaddr: {exc}") from None
 
 
@@ -182,10 +215,17 @@ def peers_from_addrs(addrs: Sequence[bytes], limit: int) -> list[PeerInfo]:
     At most ``limit`` peers and MAX_ADDRS_PER_PEER addresses per peer: more
     is a malformed reply, never silently cut.
     """
+    if not addrs:
+        return []
+    _make_room(len(addrs))  # no clearing below: the PeerIDs stay comparable by identity
+    cached = _INFO_CACHE.get
+    infos = [cached(a) or _info_of_addr(a) for a in addrs]
+    if len(infos) <= limit and len({id(i.peer_id) for i in infos}) == len(infos):
+        return infos  # one address per peer, the usual case
     by_peer: dict[PeerID, list[bytes]] = {}
-    for addr in addrs:
-        peer = peer_of_addr(addr)
-        known = by_peer.setdefault(peer, [])
+    for info in infos:
+        known = by_peer.setdefault(info.peer_id, [])
+        addr = info.addrs[0]
         if addr in known:
             continue
         if len(known) == MAX_ADDRS_PER_PEER:
@@ -235,12 +275,93 @@ def encode_request(request: Request) -> bytes:
     return data
 
 
+def _read_bytes(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    """A shortest-form CBOR byte string at ``pos`` (below 64 KiB): (bytes, end), else None."""
+    if pos >= len(data):
+        return None
+    head = data[pos]
+    if 0x40 <= head < 0x58:
+        size, pos = head - 0x40, pos + 1
+    elif head == 0x58 and pos + 1 < len(data) and data[pos + 1] >= 24:
+        size, pos = data[pos + 1], pos + 2
+    elif head == 0x59 and pos + 2 < len(data) and (
+            size := int.from_bytes(data[pos + 1:pos + 3], "big")) >= 0x100:
+        pos += 3
+    else:
+        return None
+    end = pos + size
+    return (data[pos:end], end) if end <= len(data) else None
+
+
+_KEY_FIELD = b"ckey"
+_TYPE_FIELD = b"dtype"
+_ADDRS_FIELD = b"eaddrs"
+_VALUE_FIELD = b"evalue"
+
+
+def _fast_request(data: bytes, sender: PeerID) -> Request | None:
+    """The usual requests read without the generic decoder, when ``data`` is exactly
+    the canonical form of ``{"key", "type"}``, ``{"key", "type", "addrs"}`` (FIND_NODE,
+    GET_VALUE, GET_PROVIDERS) or ``{"key", "type", "value"}`` (PUT_VALUE); None for
+    anything else, which the generic path then decodes (or rejects)."""
+    if (len(data) < 10 or len(data) > MAX_MESSAGE or data[0] not in (0xA2, 0xA3)
+            or data[1:5] != _KEY_FIELD):
+        return None
+    got = _read_bytes(data, 5)
+    if got is None:
+        return None
+    key, pos = got
+    if not key or len(key) > MAX_KEY_SIZE or data[pos:pos + 5] != _TYPE_FIELD:
+        return None
+    kind = _TYPES.get(data[pos + 5]) if pos + 5 < len(data) else None
+    pos += 6
+    if kind is None or kind is MessageType.PING or kind is MessageType.ADD_PROVIDER:
+        return None
+    if data[0] == 0xA2:
+        if pos != len(data) or kind is MessageType.PUT_VALUE:
+            return None
+        return Request(kind, key, 0, None, (), ())
+    field_name = data[pos:pos + 6]
+    pos += 6
+    if field_name == _VALUE_FIELD and kind is MessageType.PUT_VALUE:
+        got = _read_bytes(data, pos)
+        if got is None or got[1] != len(data) or len(got[0]) > MAX_VALUE_SIZE:
+            return None
+        return Request(kind, key, 0, got[0], (), ())
+    if field_name != _ADDRS_FIELD or kind is MessageType.PUT_VALUE or pos >= len(data):
+        return None
+    count = data[pos] - 0x80
+    if not 1 <= count <= MAX_ADDRS_PER_PEER:
+        return None
+    pos += 1
+    addrs = []
+    for _ in range(count):
+        got = _read_bytes(data, pos)
+        if got is None:
+            return None
+        addr, pos = got
+        if peer_of_addr(addr) != sender:
+            raise MalformedMessageError("addrs names another peer than the sender")
+        addrs.append(addr)
+    if pos != len(data):
+        return None
+    return Request(kind, key, 0, None, tuple(dict.fromkeys(addrs)), ())
+
+
 def decode_request(data: bytes, sender: PeerID) -> Request:
     """Decode and validate a request from ``sender`` (the peer its session proved).
 
     Unknown fields are ignored (room to grow); known ones must have the right
     type and size.  Addresses the sender gives for itself must name it.
     """
+    request = _fast_request(data, sender)
+    if request is not None:
+        return request
+    return _decode_request(data, sender)
+
+
+def _decode_request(data: bytes, sender: PeerID) -> Request:
+    """decode_request by the generic decoder (every request shape)."""
     body = _decode_map(data)
     kind = _message_type(body)
     key = b""
@@ -325,6 +446,12 @@ def _skeleton_size(kind: MessageType, extra: dict[str, Any]) -> int:
 
 
 _PAGE_BUDGET = {kind: MAX_MESSAGE - _skeleton_size(kind, {}) for kind in _PAGED}
+# A one-page reply of closer peers, around its address list: the map in canonical key
+# order (page, type, pages, closer, providers) up to "closer", and the empty providers.
+_NO_PROVIDERS = b"\x69providers\x80"
+_ONE_PAGE_HEAD = {kind: dagcbor.encode({"type": int(kind), "page": 0, "pages": 1, "closer": [],
+                                        "providers": []})[:-len(_NO_PROVIDERS) - 1]
+                  for kind in _PAGED}
 
 
 def encode_reply_page(kind: MessageType, page: int, *, providers: Sequence[PeerInfo] = (),
@@ -335,6 +462,14 @@ def encode_reply_page(kind: MessageType, page: int, *, providers: Sequence[PeerI
     ``value``, ``ok`` and ``error`` go on page 0, peers fill the pages in
     order, providers first.
     """
+    if (closer and not providers and value is None and ok is None and error is None
+            and kind in _PAGED):
+        data = encode_closer_page(kind, closer)
+        if data is not None:
+            if page:  # a page past the end
+                return dagcbor.encode({"type": int(kind), "page": page, "pages": 1,
+                                       "closer": [], "providers": []})
+            return data
     extra: dict[str, Any] = {}
     if value is not None:
         extra["value"] = value
@@ -363,8 +498,61 @@ def encode_reply_page(kind: MessageType, page: int, *, providers: Sequence[PeerI
     return data
 
 
+def encode_closer_page(kind: MessageType, closer: Sequence[PeerInfo]) -> bytes | None:
+    """The common reply, closer peers only (FIND_NODE, and GET_* from a node that holds
+    nothing), if it fits one page; None if it needs more (:func:`encode_reply_page`).
+
+    Peers carry at most MAX_ADDRS_PER_PEER addresses (the routing table and the
+    reply parser both cap them).
+    """
+    addrs = [a for p in closer for a in p.addrs]
+    if sum(map(len, addrs)) + 2 * len(addrs) > _PAGE_BUDGET[kind]:
+        return None
+    return _ONE_PAGE_HEAD[kind] + dagcbor.encode(addrs) + _NO_PROVIDERS
+
+
+# A GET_VALUE reply carrying a value, in its one canonical form, around the value.
+_VALUE_HEAD = b"\xa6dpage\x00dtype\x01epages\x01evalue"
+_VALUE_TAIL = b"fcloser\x80iproviders\x80"
+
+
+def encode_value_reply(value: bytes) -> bytes:
+    """``encode_reply_page(GET_VALUE, 0, value=value)``, built around the value directly."""
+    if len(value) > MAX_VALUE_SIZE:
+        raise UsageError(f"value of {len(value)} bytes (max {MAX_VALUE_SIZE})")
+    return _VALUE_HEAD + dagcbor.encode(value) + _VALUE_TAIL
+
+
+def _value_reply(data: bytes) -> Reply | None:
+    """The GET_VALUE reply with a value, read without the generic decoder, when ``data``
+    is exactly its canonical form (what every msgnet peer sends); None otherwise."""
+    if not (data.startswith(_VALUE_HEAD) and data.endswith(_VALUE_TAIL)):
+        return None
+    pos = len(_VALUE_HEAD)
+    end = len(data) - len(_VALUE_TAIL)
+    if pos >= end:
+        return None
+    head = data[pos]
+    if 0x40 <= head < 0x58:  # length in the head: 0..23
+        size, pos = head - 0x40, pos + 1
+    elif head == 0x58 and pos + 1 < end and data[pos + 1] >= 24:
+        size, pos = data[pos + 1], pos + 2
+    elif head == 0x59 and pos + 2 < end and (size := int.from_bytes(data[pos + 1:pos + 3],
+                                                                     "big")) >= 0x100:
+        pos += 3
+    else:
+        return None  # not shortest-form, or not bytes: the generic path decides
+    if pos + size != end or size > MAX_VALUE_SIZE:
+        return None
+    return Reply(MessageType.GET_VALUE, [], [], data[pos:end], None, None, 0, 1)
+
+
 def decode_reply(data: bytes, expected: MessageType, page: int = 0) -> Reply:
     """Decode and validate reply page ``page`` to a request of type ``expected``."""
+    if expected is MessageType.GET_VALUE and page == 0:
+        reply = _value_reply(data)
+        if reply is not None:
+            return reply
     body = _decode_map(data)
     kind = _message_type(body)
     if kind != expected:

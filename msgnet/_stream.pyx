@@ -1,0 +1,561 @@
+# cython: auto_pickle=False
+"""The stream transport's hot path (docs/wire.md §6): length prefixes parsed in C, DATA packets
+handed to the session's engine at C level, sealed packets written with their prefix in one
+transport write.
+
+:class:`StreamCore` is the compiled base of :class:`msgnet.tcp.StreamConnection` (the asyncio
+glue: connecting, limits, timers, closing). Per read it costs uvloop two calls
+(``get_buffer``, which returns the core itself, and ``buffer_updated``) and no Python object per
+packet: the receive buffer is C memory that the core exports through the buffer protocol, a
+DATA packet of a known session goes straight to ``UdpEngine._feed_stream`` (AEAD open, replay
+window, frames, handlers), and the engines the packets touched send what the handlers queued
+(replies, BOUND, PONG) at the end of the read, as the UDP receive batch does, instead of an
+event-loop iteration later. Everything else (handshakes, unknown sessions, a packet that proves
+the peer moved to this connection) goes to the delegate's Python methods.
+
+Sending: the engine seals a stream packet into a bytes object that already holds its
+``length:varint`` prefix and calls :meth:`StreamCore.write_sealed`, one ``transport.write``
+with no copy. The core also keeps what reliable delivery on a stream needs
+(docs/wire.md §6.1): the packets of sessions that sent reliable messages, until the peer's
+PONG to a PING written after them proves they arrived.
+"""
+
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_WRITE, PyBUF_WRITABLE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.long cimport PyLong_FromUnsignedLong
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.ref cimport PyObject
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memmove
+
+from msgnet._engine cimport Session, UdpEngine
+from msgnet._packet cimport (
+    C_REPLAY_WINDOW,
+    DATA_HEADER_SIZE,
+    PACKET_DATA,
+    PACKET_PLAIN_DATA,
+    ReplayWindow,
+    SessionCrypto,
+)
+
+from msgnet import limits
+from msgnet._engine import STREAM_BAD, STREAM_OK
+
+__all__ = ["MAX_HEADER", "MIN_READ", "READ_BUFFER", "Retention", "StreamCore",
+           "encode_stream_header", "resume_report"]
+
+READ_BUFFER = 64 * 1024
+"""Initial receive buffer per connection, and the size it shrinks back to when empty."""
+MIN_READ = 4096
+"""Below this much free room, the buffer is compacted or grown before a read."""
+
+cdef Py_ssize_t _READ_BUFFER = READ_BUFFER
+cdef Py_ssize_t _MIN_READ = MIN_READ
+cdef uint64_t _MAX_PACKET = limits.MAX_STREAM_PACKET
+# Bytes of the longest valid length prefix: any longer varint is malformed or too large, so it
+# is refused as soon as that many bytes arrive without its end.
+cdef int _MAX_HEADER = (limits.MAX_STREAM_PACKET.bit_length() + 6) // 7
+MAX_HEADER = _MAX_HEADER
+cdef Py_ssize_t _RETAIN_PACKETS = limits.STREAM_RETAIN_PACKETS
+cdef Py_ssize_t _RETAIN_BYTES = limits.STREAM_RETAIN_BYTES
+cdef int _OK = STREAM_OK
+cdef int _BAD = STREAM_BAD
+
+cdef char* _FORMAT_B = "B"
+
+
+def encode_stream_header(Py_ssize_t length) -> bytes:
+    """The ``length:varint`` that precedes a packet of ``length`` bytes on a stream."""
+    cdef uint8_t out[10]
+    cdef int k = 0
+    if length < 0:
+        raise ValueError("negative length")
+    while length >= 0x80:
+        out[k] = <uint8_t>(length & 0x7F | 0x80)
+        length >>= 7
+        k += 1
+    out[k] = <uint8_t>length
+    return (<char*>out)[:k + 1]
+
+
+cdef class Retention
+
+
+cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
+    return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8)
+            | <uint32_t>p[3])
+
+
+cdef class StreamCore:
+    """Receive buffer, packet splitting and the write path of one stream connection.
+
+    Attributes the glue shares with the core: ``_reason`` (None while open), ``_transport``,
+    ``_paused``, ``_active`` (traffic since the idle timer last looked), ``_packet_started``,
+    the traffic totals, and ``rx_time`` (loop time of the last packet that authenticated for
+    a session on this connection).
+    """
+
+    cdef uint8_t* _buf
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _start          # first unread byte
+    cdef Py_ssize_t _end            # end of the received bytes
+    cdef Py_ssize_t _header         # length of the pending packet's prefix, 0 until parsed
+    cdef Py_ssize_t _need           # bytes from _start the pending packet takes, 0 until known
+    cdef int _exports               # live buffer-protocol exports of the free room
+    cdef Py_ssize_t _shape[1]
+    cdef Py_ssize_t _strides[1]
+
+    cdef public object _reason
+    cdef public object _transport
+    cdef public bint _paused
+    cdef public bint _active
+    cdef public double _packet_started
+    cdef public double rx_time
+    cdef public Py_ssize_t packets_in
+    cdef public Py_ssize_t bytes_in
+    cdef public Py_ssize_t packets_out
+    cdef public Py_ssize_t bytes_out
+
+    cdef object _sessions           # local index -> Session, or None (no fast path)
+    cdef object _on_packet          # delegate.stream_packet: the slow path
+    cdef object _on_authenticated   # delegate.stream_authenticated, or None
+    cdef object _on_bad             # delegate.stream_bad_packet, or None
+    cdef object _counters           # the owner's Counter (stream_write_refused)
+    cdef object _loop_time
+    cdef object _call_soon
+    cdef double _packet_timeout
+    cdef uint32_t _last_index       # the session of the previous DATA packet (cache)
+    cdef Session _last_session
+
+    # Reliable delivery (docs/wire.md §6.1): the packets of retaining sessions written here
+    # and not yet acknowledged, as (counter, payload) in write order.
+    cdef Retention _retention       # shared by the host's connections, or None
+    cdef dict _kept                 # Session -> list of (counter, payload)
+    cdef readonly Py_ssize_t retained_packets
+    cdef readonly Py_ssize_t retained_bytes
+    cdef bint _retain_full
+
+    def __cinit__(self, *args, **kwargs):
+        self._buf = <uint8_t*>PyMem_Malloc(_READ_BUFFER)
+        if self._buf == NULL:
+            raise MemoryError()
+        self._cap = _READ_BUFFER
+        self._strides[0] = 1
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+        self._buf = NULL
+
+    cpdef _setup_core(self, delegate, counters, loop, double packet_timeout, sessions,
+                      Retention retention):
+        """Bind the core to its owner (called once, by the glue's __init__)."""
+        self._retention = retention
+        self._on_packet = delegate.stream_packet
+        self._on_authenticated = getattr(delegate, "stream_authenticated", None)
+        self._on_bad = getattr(delegate, "stream_bad_packet", None)
+        self._sessions = sessions
+        self._counters = counters
+        self._loop_time = loop.time
+        self._call_soon = loop.call_soon
+        self._packet_timeout = packet_timeout
+
+    @property
+    def writable(self) -> bool:
+        """Open, not back-pressured, and with room for retained packets: the engine seals
+        packets for it."""
+        return (self._reason is None and not self._paused and self._transport is not None
+                and not self._retain_full)
+
+    # -- the receive buffer ----------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet delivered (a partial packet)."""
+        return self._end - self._start
+
+    @property
+    def buffer_size(self) -> int:
+        """The receive buffer's current allocation."""
+        return self._cap
+
+    def __len__(self):
+        """The free room that the next read may fill (what get_buffer offers)."""
+        return self._cap - self._end
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        self._shape[0] = self._cap - self._end
+        view.buf = <char*>(self._buf + self._end)
+        view.obj = self
+        view.len = self._cap - self._end
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = _FORMAT_B if flags & PyBUF_FORMAT else NULL
+        view.ndim = 1
+        view.shape = self._shape
+        view.strides = self._strides
+        view.suboffsets = NULL
+        view.internal = NULL
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer* view):
+        self._exports -= 1
+
+    def get_buffer(self, sizehint):
+        """asyncio.BufferedProtocol: the core itself, exporting its free room."""
+        if self._start == self._end:
+            self._start = self._end = 0
+            if self._cap > _READ_BUFFER:  # release what a large packet needed
+                self._resize(_READ_BUFFER, 0)
+        if self._need and self._start + self._need <= self._cap:
+            pass  # the pending packet completes within the buffer where it is
+        elif self._need or self._cap - self._end < _MIN_READ:
+            self._make_room()
+        return self
+
+    cdef int _resize(self, Py_ssize_t size, Py_ssize_t pending) except -1:
+        """A buffer of size bytes holding the pending bytes at its front."""
+        cdef uint8_t* fresh
+        if self._exports:
+            raise BufferError("the stream buffer is exported: it cannot move")
+        fresh = <uint8_t*>PyMem_Malloc(size)
+        if fresh == NULL:
+            raise MemoryError()
+        if pending:
+            memmove(fresh, self._buf + self._start, pending)
+        PyMem_Free(self._buf)
+        self._buf = fresh
+        self._cap = size
+        return 0
+
+    cdef int _make_room(self) except -1:
+        """Move the pending bytes to the front, in a buffer grown (at most doubling what was
+        received) toward the pending packet's size: a peer that merely announces a large
+        packet costs no more memory than the bytes it sent."""
+        cdef Py_ssize_t pending = self._end - self._start
+        cdef Py_ssize_t size = _READ_BUFFER
+        if self._need > _READ_BUFFER:
+            size = min(self._need, max(_READ_BUFFER, 2 * pending))
+        if size == self._cap:
+            if self._start:
+                memmove(self._buf, self._buf + self._start, pending)
+        else:
+            self._resize(size, pending)
+        self._start = 0
+        self._end = pending
+        return 0
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        """asyncio.BufferedProtocol: nbytes arrived; deliver every whole packet."""
+        cdef bint was_empty
+        cdef bint delivered
+        cdef double now
+        if self._reason is not None:
+            return
+        if not 0 < nbytes <= self._cap - self._end:
+            raise ValueError("buffer_updated beyond the buffer")
+        was_empty = self._start == self._end
+        self._end += nbytes
+        self.bytes_in += nbytes
+        self._active = True
+        delivered = self._deliver()
+        if self._start == self._end:
+            self._packet_started = 0.0
+        elif (delivered or was_empty) and self._reason is None:
+            # A new packet began in this read: it has packet_timeout to complete.
+            now = self._loop_time()
+            self._packet_started = now
+            self._arm(now + self._packet_timeout)
+
+    cdef Py_ssize_t _parse_header(self) except -2:
+        """The pending packet's length prefix: its length (setting _header and _need), 0 if
+        more bytes are needed, -1 if it is malformed (docs/wire.md §6, notation)."""
+        cdef const uint8_t* p = self._buf + self._start
+        cdef Py_ssize_t avail = self._end - self._start
+        cdef uint64_t length = 0
+        cdef int shift = 0
+        cdef Py_ssize_t i = 0
+        cdef uint8_t byte
+        while i < avail and i < _MAX_HEADER:
+            byte = p[i]
+            i += 1
+            length |= (<uint64_t>(byte & 0x7F)) << shift
+            if byte < 0x80:
+                if byte == 0 and i > 1:  # non-minimal
+                    return -1
+                if length == 0 or length > _MAX_PACKET:
+                    return -1
+                self._header = i
+                self._need = i + <Py_ssize_t>length
+                return <Py_ssize_t>length
+            shift += 7
+        return -1 if i == _MAX_HEADER else 0
+
+    cdef bint _deliver(self) except -1:
+        """Hand every whole packet in the buffer on; False if there was none. Closes the
+        connection (bad_stream) on a malformed length prefix."""
+        cdef bint delivered = False
+        cdef Py_ssize_t start, n
+        cdef uint8_t first
+        cdef uint8_t* pkt
+        cdef UdpEngine engine
+        cdef UdpEngine first_engine = None
+        cdef list engines = None
+        try:
+            while self._start < self._end and self._reason is None:
+                start = self._start
+                if not self._need:
+                    first = self._buf[start]
+                    if 0 < first < 0x80:  # a one-byte length: the common case
+                        self._header = 1
+                        self._need = 1 + first
+                    else:
+                        n = self._parse_header()
+                        if n <= 0:
+                            if n < 0:
+                                self.abort("bad_stream")
+                            break
+                if self._end - start < self._need:
+                    break
+                pkt = self._buf + start + self._header
+                n = self._need - self._header
+                self._start = start + self._need
+                self._header = self._need = 0
+                self.packets_in += 1
+                delivered = True
+                engine = self._packet(pkt, n)
+                if engine is not None and engine is not first_engine:
+                    if first_engine is None:
+                        first_engine = engine
+                    elif engines is None:
+                        engines = [engine]
+                    elif engine not in engines:
+                        engines.append(engine)
+        finally:
+            if first_engine is not None:
+                self._end_batch(first_engine)
+                if engines is not None:
+                    for engine in engines:
+                        self._end_batch(engine)
+        return delivered
+
+    cdef UdpEngine _packet(self, uint8_t* pkt, Py_ssize_t n):
+        """One whole packet: DATA for a session with keys goes to its engine here (the engine
+        is returned when this read began a receive batch on it); anything else to the
+        delegate. Never raises: errors go to the loop's exception handler."""
+        cdef uint32_t index
+        cdef PyObject* found
+        cdef Session s = None
+        cdef UdpEngine engine
+        cdef UdpEngine batch = None
+        cdef int status
+        if (self._sessions is not None and n >= DATA_HEADER_SIZE
+                and (pkt[0] == PACKET_DATA or pkt[0] == PACKET_PLAIN_DATA)):
+            index = _load_u32_be(pkt + 1)
+            if (self._last_session is not None and index == self._last_index
+                    and not self._last_session._closed):
+                s = self._last_session
+            else:
+                found = PyDict_GetItem(self._sessions, PyLong_FromUnsignedLong(index))
+                if found != NULL and (<Session>found).crypto is not None:
+                    s = <Session>found
+                    self._last_session = s
+                    self._last_index = index
+        if s is None or s.crypto is None:
+            self._slow(pkt, n)
+            return None
+        engine = s._engine
+        if not engine._in_batch:
+            engine._in_batch = True
+            engine._sent_early = False
+            batch = engine
+        try:
+            status = engine._feed_stream(s, pkt, n, self)
+            if status == _OK:
+                self.rx_time = s.last_received
+                if (s.stream is not self or s._udp) and self._on_authenticated is not None:
+                    self._on_authenticated(s, self)  # first contact, or the peer moved here
+            elif status == _BAD and self._on_bad is not None:
+                self._on_bad(self)
+        except Exception as exc:
+            self._report("stream_packet", exc)
+        return batch
+
+    cdef int _slow(self, uint8_t* pkt, Py_ssize_t n) except -1:
+        """The delegate's stream_packet, with a view of the packet valid during the call."""
+        view = PyMemoryView_FromMemory(<char*>pkt, n, PyBUF_WRITE)
+        try:
+            self._on_packet(self, view)
+        except Exception as exc:
+            self._report("stream_packet", exc)
+        finally:
+            try:
+                view.release()
+            except BufferError:  # the delegate kept a view of it: it stays valid, unused
+                pass
+        return 0
+
+    cdef int _end_batch(self, UdpEngine engine) except -1:
+        """Send what the read made engine queue, coalesced per session (its receive batch)."""
+        engine._in_batch = False
+        try:
+            if engine._dirty and not engine._closed:
+                engine._flush_all()
+            elif engine._tx_count and not engine._closed:
+                engine._drain_tx()
+        except Exception as exc:
+            self._report("flush", exc)
+        return 0
+
+    # -- sending ---------------------------------------------------------------------------
+
+    cpdef bint write_sealed(self, bytes packet, Session session, uint64_t counter,
+                            bytes payload) except -1:
+        """Write one sealed packet that already carries its length prefix (the engine's stream
+        send path). False (counted as stream_write_refused) when closed or back-pressured.
+        A retaining session's packets are kept until acknowledged (docs/wire.md §6.1)."""
+        cdef list kept
+        cdef list ping
+        cdef Retention retention = self._retention
+        transport = self._transport
+        if self._reason is not None or self._paused or transport is None:
+            self._counters["stream_write_refused"] += 1
+            return False
+        transport.write(packet)
+        self.packets_out += 1
+        self.bytes_out += PyBytes_GET_SIZE(packet)
+        self._active = True
+        if retention is not None and retention.sessions and session in retention.sessions:
+            if self._kept is None:
+                self._kept = {}
+            kept = self._kept.get(session)
+            if kept is None:
+                kept = self._kept[session] = []
+            kept.append((counter, payload))
+            self.retained_packets += 1
+            self.retained_bytes += PyBytes_GET_SIZE(payload)
+            ping = retention.pings.get(session)
+            if ping is not None and ping[1] is None and ping[0] in payload:
+                ping[1] = self          # the PING went out here: its PONG covers these
+                ping[2] = len(kept)
+            if (not self._retain_full and (self.retained_packets >= _RETAIN_PACKETS
+                                           or self.retained_bytes >= _RETAIN_BYTES)):
+                self._retain_full = True
+                if retention.on_full is not None:  # the PING that frees room must go out
+                    self._call_soon(retention.on_full, self)
+        return True
+
+    # -- reliable delivery (docs/wire.md §6.1) ------------------------------------------------
+
+    @property
+    def retain_full(self) -> bool:
+        """The retained packets reached their bound: no DATA is sealed for this connection
+        until a PONG releases some (the connection is not :attr:`writable` meanwhile)."""
+        return self._retain_full
+
+    def retained(self, Session session not None) -> list:
+        """session's unacknowledged packets here, as (counter, payload) in write order."""
+        if self._kept is None:
+            return []
+        return list(self._kept.get(session) or ())
+
+    def kept_count(self, Session session not None) -> int:
+        """How many of session's packets written here await acknowledgement."""
+        if self._kept is None:
+            return 0
+        kept = self._kept.get(session)
+        return 0 if kept is None else len(kept)
+
+    def retained_sessions(self) -> list:
+        """The sessions with unacknowledged packets here."""
+        return [s for s, kept in self._kept.items() if kept] if self._kept is not None else []
+
+    def release(self, Session session not None, Py_ssize_t count) -> int:
+        """The first count packets kept for session arrived: forget them. Returns how many
+        were released."""
+        cdef list kept
+        cdef Py_ssize_t k
+        if self._kept is None:
+            return 0
+        kept = self._kept.get(session)
+        if not kept:
+            return 0
+        count = min(count, len(kept))
+        for k in range(count):
+            self.retained_bytes -= PyBytes_GET_SIZE(kept[k][1])
+        self.retained_packets -= count
+        del kept[:count]
+        if not kept:
+            del self._kept[session]
+        if (self._retain_full and self.retained_packets < _RETAIN_PACKETS
+                and self.retained_bytes < _RETAIN_BYTES):
+            self._retain_full = False
+        return count
+
+    def forget(self, Session session not None) -> list:
+        """Stop keeping session's packets here; returns them, as (counter, payload)."""
+        if self._kept is None:
+            return []
+        kept = self._kept.get(session)
+        if not kept:
+            return []
+        self.release(session, 0)
+        self._kept.pop(session, None)
+        self.retained_packets -= len(kept)
+        for _, payload in kept:
+            self.retained_bytes -= len(payload)
+        if (self._retain_full and self.retained_packets < _RETAIN_PACKETS
+                and self.retained_bytes < _RETAIN_BYTES):
+            self._retain_full = False
+        return kept
+
+
+cdef class Retention:
+    """What the connections of one host share for reliable delivery on streams
+    (docs/wire.md §6.1): the sessions whose stream packets are kept, and per session the PING
+    that will acknowledge them: [marker, connection it went out on (None: not yet written),
+    how many of that connection's kept packets it covers, when it was queued]."""
+
+    cdef public set sessions
+    cdef public dict pings
+    cdef public object on_full      # called (soon) with a connection whose retention is full
+
+    def __cinit__(self):
+        self.sessions = set()
+        self.pings = {}
+
+
+def resume_report(SessionCrypto crypto not None, uint64_t up_to):
+    """For a stream resume (docs/wire.md §6.1): which of the counters up_to, up_to - 1, ...
+    the replay window has seen, as (count, bitmap) where bit i (LSB first) of the bitmap is
+    counter up_to - i and count is how many counters the window can tell about (0..1024);
+    then refuse every counter up to up_to from now on, so that a packet still on its way
+    from a dead connection is dropped as a replay."""
+    cdef ReplayWindow window = crypto.window
+    cdef uint64_t highest = window.highest          # highest counter seen + 1 (0: none)
+    cdef uint64_t low, c
+    cdef Py_ssize_t count, i
+    cdef bytearray bits
+    # The window knows about counters above highest - REPLAY_WINDOW - 1 (older ones are
+    # refused as replays whether or not they came); above highest - 1 nothing came yet.
+    if highest > C_REPLAY_WINDOW:
+        low = highest - C_REPLAY_WINDOW
+    else:
+        low = 0
+    # (up_to comes from the peer: any u64, so no arithmetic here may wrap around.)
+    if up_to < low:
+        count = 0
+    elif up_to - low >= <uint64_t>(C_REPLAY_WINDOW - 1):
+        count = C_REPLAY_WINDOW
+    else:
+        count = <Py_ssize_t>(up_to - low) + 1
+    bits = bytearray((count + 7) // 8)
+    for i in range(count):
+        c = up_to - <uint64_t>i
+        if c < highest and not window.check(c):
+            bits[i >> 3] |= 1 << (i & 7)
+    # Refuse from now on: mark every counter within the window's reach up to up_to as seen.
+    for i in range(count - 1, -1, -1):
+        window.update(up_to - <uint64_t>i)
+    return count, bytes(bits)
