@@ -208,6 +208,20 @@ def _zmq_oneway_sender(conn: Any, core: int, count: int, payload: bytes) -> None
 
 # --------------------------------------------------------------------------- request/response
 
+async def _rate_window(state: dict[str, Any], seconds: float,
+                       on_start: Callable[[], None] | None = None) -> float:
+    """Round trips per second of a ping-pong client counting state["done"]: after 0.3 s of
+    warm-up, over ``seconds``; then sets state["stop"]."""
+    await asyncio.sleep(0.3)
+    if on_start is not None:
+        on_start()
+    start, before = time.perf_counter(), state["done"]
+    await asyncio.sleep(seconds)
+    elapsed, done = time.perf_counter() - start, state["done"] - before
+    state["stop"] = True
+    return done / elapsed
+
+
 def _raw_echo_server(conn: Any, core: int) -> None:
     _pin(core)
 
@@ -249,13 +263,9 @@ def _raw_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float) -
         transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=tuple(addr))
         for _ in range(in_flight):
             transport.sendto(PAYLOAD_64)
-        await asyncio.sleep(0.3)  # warm up
-        start, before = time.perf_counter(), state["done"]
-        await asyncio.sleep(seconds)
-        elapsed, done = time.perf_counter() - start, state["done"] - before
-        state["stop"] = True
+        rate = await _rate_window(state, seconds)
         transport.close()
-        return {"rate": done / elapsed}
+        return {"rate": rate}
 
     conn.send(_uvloop_run(main()))
 
@@ -295,15 +305,10 @@ def _msgnet_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float
                     state["done"] += 1
 
             tasks = [asyncio.create_task(worker()) for _ in range(in_flight)]
-            await asyncio.sleep(0.3)
-            start, before = time.perf_counter(), state["done"]
-            latencies.clear()
-            await asyncio.sleep(seconds)
-            elapsed, done = time.perf_counter() - start, state["done"] - before
-            state["stop"] = True
+            rate = await _rate_window(state, seconds, latencies.clear)
             await asyncio.gather(*tasks)
             lat = sorted(latencies)
-            return {"rate": done / elapsed,
+            return {"rate": rate,
                     "p50_us": lat[len(lat) // 2] * 1e6 if lat else 0,
                     "p99_us": lat[int(len(lat) * 0.99)] * 1e6 if lat else 0}
 
@@ -467,13 +472,9 @@ def _raw_tcp_pingpong_client(conn: Any, core: int, in_flight: int, seconds: floa
         transport, client = await loop.create_connection(lambda: _FrameReader(on_reply), *addr)
         for _ in range(in_flight):
             transport.write(frame)
-        await asyncio.sleep(0.3)  # warm up
-        start, before = time.perf_counter(), state["done"]
-        await asyncio.sleep(seconds)
-        elapsed, done = time.perf_counter() - start, state["done"] - before
-        state["stop"] = True
+        rate = await _rate_window(state, seconds)
         transport.close()
-        return {"rate": done / elapsed}
+        return {"rate": rate}
 
     conn.send(_uvloop_run(main()))
 
@@ -634,13 +635,9 @@ def _aioquic_pingpong_client(conn: Any, core: int, in_flight: int, seconds: floa
                 client._quic.send_datagram_frame(PAYLOAD_64)
             client.transmit()
             guard = asyncio.create_task(watchdog())
-            await asyncio.sleep(0.3)  # warm up
-            start, before = time.perf_counter(), state["done"]
-            await asyncio.sleep(seconds)
-            elapsed, done = time.perf_counter() - start, state["done"] - before
-            state["stop"] = True
+            rate = await _rate_window(state, seconds)
             guard.cancel()
-        return {"rate": done / elapsed}
+        return {"rate": rate}
 
     conn.send(_uvloop_run(main()))
 

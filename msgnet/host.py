@@ -241,19 +241,10 @@ class MessageHost:
         """
         if qos is None:
             qos = self._default_qos.get(protocol, BEST_EFFORT)
-        if timeout <= 0:
-            raise UsageError("timeout must be positive")
-        pending = self._pending
-        if len(pending) >= MAX_PENDING_REQUESTS:
-            raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
-        network = self._network
-        if network is None:
-            raise ClosedError("host is not started")
+        network, request_id, entry = self._new_request(peer, protocol, timeout)
         loop = network.loop
-        request_id = next(self._request_ids)
-        future: asyncio.Future[bytes] = loop.create_future()
-        entry: list[Any] = [future, protocol, peer, timeout]
-        pending[request_id] = entry
+        future: asyncio.Future[bytes] = entry[0]
+        pending = self._pending
         try:
             try:
                 sent = qos is BEST_EFFORT and network.send_message_nowait(
@@ -285,19 +276,12 @@ class MessageHost:
         go out at once (back-pressure, or too large for one datagram) the future is a task
         running :meth:`request`.
         """
-        if timeout <= 0:
-            raise UsageError("timeout must be positive")
-        pending = self._pending
-        if len(pending) >= MAX_PENDING_REQUESTS:
-            raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
-        network = self._network
-        if network is None:
-            raise ClosedError("host is not started")
+        network, request_id, entry = self._new_request(peer, protocol, timeout)
         loop = network.loop
-        request_id = next(self._request_ids)
-        future: asyncio.Future[bytes] = loop.create_future()
+        future: asyncio.Future[bytes] = entry[0]
+        pending = self._pending
         deadline = loop.time() + timeout
-        pending[request_id] = [future, protocol, peer, timeout, deadline]
+        entry.append(deadline)
         try:
             sent = network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST, request_id)
         except MessageTooLargeError:
@@ -313,6 +297,23 @@ class MessageHost:
         if deadline < self._timeout_at:
             self._arm_timeouts(loop, deadline)
         return future
+
+    def _new_request(self, peer: PeerID, protocol: str, timeout: float
+                     ) -> tuple[MessageNetwork, int, list[Any]]:
+        """Check a request's arguments and register it: its id and pending entry
+        [future, protocol, peer, timeout] (the sender appends the deadline once it is sent)."""
+        if timeout <= 0:
+            raise UsageError("timeout must be positive")
+        pending = self._pending
+        if len(pending) >= MAX_PENDING_REQUESTS:
+            raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
+        network = self._network
+        if network is None:
+            raise ClosedError("host is not started")
+        request_id = next(self._request_ids)
+        entry: list[Any] = [network.loop.create_future(), protocol, peer, timeout]
+        pending[request_id] = entry
+        return network, request_id, entry
 
     def _arm_timeouts(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timeout_timer is not None:
