@@ -95,6 +95,8 @@ class DeliveryManager:
         # message, ack and window opening of one iteration shares packets (DESIGN §2: the
         # engine coalesces its best-effort frames per iteration the same way).
         self._dirty: dict[Session, None] = {}
+        # Senders waiting for a session's outstanding bytes to fall (back-pressure).
+        self._room_waiters: dict[Session, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
 
     # -- sending ---------------------------------------------------------------------
@@ -124,6 +126,26 @@ class DeliveryManager:
             self._waiters[handle] = future
         self._schedule(session)
         return future
+
+    async def wait_room(self, session: Session) -> bool:
+        """Return once session holds less than MAX_OUTSTANDING_PER_SESSION bytes of unfinished
+        messages (docs/wire.md §3.6): at once in the common case (False), else when
+        acknowledgements bring it under half of that, or the session ends (True: the caller
+        looks up the peer's session again)."""
+        entry = self._conns.get(session)
+        if entry is None or entry[0].outstanding_bytes < limits.MAX_OUTSTANDING_PER_SESSION:
+            return False
+        future = self._loop.create_future()
+        self._room_waiters.setdefault(session, []).append(future)
+        await future
+        return True
+
+    def _wake_room(self, session: Session, conn: DeliveryConnection | None) -> None:
+        if conn is not None and conn.outstanding_bytes > limits.MAX_OUTSTANDING_PER_SESSION // 2:
+            return
+        for future in self._room_waiters.pop(session, ()):
+            if not future.done():
+                future.set_result(None)
 
     def _conn(self, session: Session, engine: UdpEngine) -> DeliveryConnection:
         entry = self._conns.get(session)
@@ -189,6 +211,8 @@ class DeliveryManager:
             self._send_packet(session, conn, engine, frames, carried, now)
         engine.drain_sealed()  # the packets of this pump go out in one sendmmsg
         self._arm(session, conn)
+        if self._room_waiters and session in self._room_waiters:
+            self._wake_room(session, conn)
 
     def _send_packet(self, session: Session, conn: DeliveryConnection, engine: UdpEngine,
                      frames: list[bytes], carried: list[Fragment], now: float) -> None:
@@ -257,6 +281,7 @@ class DeliveryManager:
             timer[0].cancel()
         if entry is not None:
             self._settle(entry[0].close(error))  # type: ignore[arg-type]
+        self._wake_room(session, None)  # the send that waited fails on the closed session
 
     def close(self, error: BaseException) -> None:
         """The host is closing: acknowledge what arrived (the peer would otherwise wait

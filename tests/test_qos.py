@@ -162,3 +162,42 @@ def test_a_host_closing_right_after_receiving_still_acknowledges(run):
             assert len(closing) == 1
 
     run(main())
+
+
+def test_reliable_sends_wait_when_the_peer_falls_behind(run):
+    """docs/wire.md §3.6 sender memory: with the peer's acknowledgements cut off, reliable
+    sends are accepted up to MAX_OUTSTANDING_PER_SESSION and then wait (memory stays bounded);
+    once acknowledgements flow again they go on, and every message arrives once."""
+    from msgnet import limits
+
+    async def main():
+        async with AsyncExitStack() as stack:
+            cut = {"acks": False}
+            impairment = Impairment(drop_rule=lambda _data, way: cut["acks"] and way == "b->a")
+            a, b, _ = await impaired_pair(stack, impairment)
+            got: list[bytes] = []
+            b.set_message_handler("/bulk/1", lambda m: got.append(m.data[:8]))
+            await a.send_message(b.peer_id, "/bulk/1", b"%08d" % 0, qos=Reliable(wait=True))
+            session = a.network.sessions(b.peer_id)[0]  # confirmed: the first ack came back
+            cut["acks"] = True
+            blob = os.urandom(1 << 20)
+            limit = limits.MAX_OUTSTANDING_PER_SESSION
+            sends = []
+            for i in range(1, limit // len(blob) + 5):
+                task = asyncio.ensure_future(
+                    a.send_message(b.peer_id, "/bulk/1", b"%08d" % i + blob[8:],
+                                   qos=Reliable()))
+                sends.append(task)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)
+            waiting = [t for t in sends if not t.done()]
+            assert len(waiting) >= 3  # the sends beyond the bound wait ...
+            conn = a.network.delivery.connection(session)
+            assert conn.outstanding_bytes <= limit + len(blob)  # ... and memory stays bounded
+            cut["acks"] = False
+            await asyncio.wait_for(asyncio.gather(*sends), 60)  # ... until acks flow again
+            await wait_for(lambda: len(got) == len(sends) + 1, timeout=60)
+            assert sorted(got) == [b"%08d" % i for i in range(len(sends) + 1)]
+            assert conn.outstanding_bytes == 0
+
+    run(main())

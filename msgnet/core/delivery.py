@@ -468,7 +468,7 @@ class DeliveryConnection:
         "_pace_time", "_pace_at", "_in_unordered", "_in_ordered", "_be_partials", "_held",
         "_veto", "_eliciting", "_ranges", "_largest_received_at", "_unacked_eliciting",
         "_ack_at", "_packet_threshold", "_reorder_shift", "_undo", "_episode", "_ack_now",
-        "_probe_base", "_probed", "_probe_budget",
+        "_probe_base", "_probed", "_probe_budget", "_outstanding",
     )
 
     def __init__(
@@ -562,6 +562,7 @@ class DeliveryConnection:
         self._in_ordered: dict[str, _InSpace] = {}
         self._be_partials: dict[_Reassembly, None] = {}  # best effort, oldest first
         self._held = 0  # reassembly bytes reserved by this connection
+        self._outstanding = 0  # bytes of messages sent and not yet done (back-pressure)
         self._veto = -1  # counter whose acknowledgement on_fragment refused
         self._eliciting = -1  # counter of the packet with a reliable fragment last seen
         self._ack_now = -1  # counter of the packet that completed a fragmented reliable message
@@ -618,6 +619,12 @@ class DeliveryConnection:
     @property
     def bytes_in_flight(self) -> int:
         return self._bytes_in_flight
+
+    @property
+    def outstanding_bytes(self) -> int:
+        """Payload bytes of the messages accepted by send() and not yet done: what the
+        engine bounds to push back on a sender that outruns the path."""
+        return self._outstanding
 
     @property
     def packets_in_flight(self) -> int:
@@ -710,6 +717,7 @@ class DeliveryConnection:
         if count > 1:
             flags |= FLAG_FRAGMENT
         message = OutgoingMessage(protocol, seq, flags, request_id, size, count, now, space)
+        self._outstanding += size
         queue = self._queue if reliable else self._be_queue
         if count == 1:
             queue.append(Fragment(message, protocol, flags, request_id, seq, 0, 1, payload))
@@ -790,6 +798,7 @@ class DeliveryConnection:
             tokens -= len(fragment.chunk) + _FRAGMENT_OVERHEAD
             if fragment.frag_index == fragment.frag_count - 1:
                 message.done = True
+                self._outstanding -= message.size
         if paced:
             self._pace_tokens = tokens
             self._pace_at = now + max(-tokens / rate, GRANULARITY) if tokens <= 0 else 0.0
@@ -922,8 +931,7 @@ class DeliveryConnection:
         self._detect_losses(now)
         return events
 
-    @staticmethod
-    def _ack_fragments(fragments: list[Fragment], events: list[DeliveryEvent]) -> None:
+    def _ack_fragments(self, fragments: list[Fragment], events: list[DeliveryEvent]) -> None:
         """Count acknowledged fragments; a message is delivered with its last one."""
         for fragment in fragments:
             if fragment.acked:
@@ -935,6 +943,7 @@ class DeliveryConnection:
             message._unacked -= 1
             if not message._unacked:
                 message.done = True
+                self._outstanding -= message.size
                 del message._space.unacked[message.seq]
                 events.append(MessageDelivered(message))
 
@@ -1157,6 +1166,7 @@ class DeliveryConnection:
         if message.done:
             return
         message.done = True
+        self._outstanding -= message.size
         message.error = error
         self.counters["failed"] += 1
         events.append(MessageFailed(message, error))
