@@ -46,7 +46,7 @@ from multiaddr import Multiaddr
 
 from . import limits
 from ._engine import STREAM_BAD, STREAM_OK, Message, Session, UdpEngine
-from ._frame import Ack, Continuation, Init, Ping, decode_packet, encode_frame
+from ._frame import Ack, Ping, encode_frame
 from ._packet import SessionCrypto, decode_session_unknown
 from .addr import Endpoint, parse_multiaddr, sockaddr_to_multiaddr
 from .core.handshake import FinishRepeated, HandshakeFailed, Handshaker, SessionEstablished
@@ -72,6 +72,7 @@ from .tcp import (
     StreamRecovery,
     StreamSettings,
     TcpStreams,
+    messages_in_payloads,
 )
 
 __all__ = [
@@ -1108,7 +1109,7 @@ class MessageNetwork:
             return
         self._count("sessions_forgotten_by_peer")
         peer_id = session.peer_id
-        messages = _retained_messages(session, payloads)
+        messages = messages_in_payloads(session, payloads)
         self._drop_session(session)
         if self._dial_by_peer.get(peer_id) is None and not isinstance(addr, StreamAddress):
             self.peerstore.add_addrs(peer_id, [sockaddr_to_multiaddr(addr, "udp")])
@@ -1480,30 +1481,6 @@ class MessageNetwork:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("network closed")
-
-
-def _retained_messages(session: Session, payloads: list[bytes]
-                       ) -> list[tuple[str, int, int, bytes]]:
-    """The messages in packets a peer lost, as (protocol, flags, request_id, payload).
-
-    Aliases die with the session, so the frames cannot be re-sent as they are:
-    they are decoded and the messages re-sent on the new session.
-    """
-    protocols = {alias: protocol for protocol, alias in session.protocols_out.items()}
-    messages = []
-    for payload in payloads:
-        for frame in decode_packet(payload):
-            if isinstance(frame, Init):
-                protocol = frame.protocol
-            elif isinstance(frame, Continuation):
-                protocol = protocols.get(frame.protocol_int)
-                if protocol is None:
-                    continue
-            else:
-                continue
-            request_id = frame.request_id or 0
-            messages.append((protocol, frame.flags, request_id, bytes(frame.payload)))
-    return messages
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

@@ -721,7 +721,7 @@ class StreamRecovery:
             self._send_reliable(session.peer_id, RESUME_PROTOCOL,
                                 _RESUME.pack(session.remote_index, up_to), 0, 0)
         for session, payload in queued or ():
-            for protocol, flags, request_id, data in _messages_of(session, [payload]):
+            for protocol, flags, request_id, data in messages_in_payloads(session, [payload]):
                 self._count("stream_requeued_messages")
                 self._send_reliable(session.peer_id, protocol, data, flags, request_id)
 
@@ -807,16 +807,19 @@ class StreamRecovery:
             else:
                 self._count("stream_resend_uncertain")  # beyond what the peer could tell
             lost.append(payload)
-        for protocol, flags, request_id, payload in _messages_of(session, lost):
+        for protocol, flags, request_id, payload in messages_in_payloads(session, lost):
             self._count("stream_resent_messages")
             self._send_reliable(session.peer_id, protocol, payload, flags, request_id)
 
 
-def _messages_of(session: Session, payloads: list[bytes]) -> list[tuple[str, int, int, bytes]]:
-    """The messages in our own sent payloads, as (protocol, flags, request_id, payload).
+def messages_in_payloads(session: Session, payloads: list[bytes]) -> list[tuple[str, int, int, bytes]]:
+    """The messages in our own sent payloads, as (protocol, flags, request_id, payload):
+    what is re-sent when the packets are lost with their path or their session. Aliases die
+    with the session, so frames cannot be re-sent as they are.
 
-    Frames of the delivery layer (SEQ) are left out: it retransmits them itself. Control
-    frames (PING, BOUND, ...) belong to the moment they were sent and are not repeated.
+    Frames of the delivery layer (SEQ) are left out: it retransmits them itself (or fails
+    them with the session). Control frames (PING, BOUND, ...) belong to the moment they were
+    sent and are not repeated.
     """
     protocols = {alias: protocol for protocol, alias in session.protocols_out.items()}
     out = []

@@ -411,3 +411,38 @@ def test_keepalives_only_while_the_peer_sends(run, monkeypatch):
             assert a.network.sessions(b.peer_id)[0].last_received > 0
 
     run(main())
+
+
+def test_remote_restart_with_reliable_traffic_in_flight(run):
+    """SESSION_UNKNOWN recovery re-sends the retained best-effort messages; the reliable ones
+    (SEQ frames, whose delivery state died with the session) are not replayed as plain frames:
+    they fail with the session (no exception escapes into the event loop), and new ones flow
+    on the new session."""
+    async def main():
+        key = KeyPair.generate()
+        async with MessageHost() as a:
+            b = MessageHost(key)
+            await b.start()
+            port = b.network.sockets()[0].sockname[1]
+            b.set_message_handler("/r/1", lambda m: None)
+            a.add_peer(b.addrs[0])
+            await a.send_message(b.peer_id, "/r/1", b"warm", qos=msgnet.Reliable(wait=True))
+            await b.close()
+            for i in range(5):  # sealed and retained, never acknowledged
+                await a.send_message(b.peer_id, "/r/1", b"lost %d" % i, qos=msgnet.Reliable())
+            await a.send_message(b.peer_id, "/note/1", b"best effort")
+            b = MessageHost(key, listen=[f"/ip4/127.0.0.1/udp/{port}"])
+            await b.start()
+            try:
+                got: list[bytes] = []
+                b.set_message_handler("/note/1", lambda m: got.append(m.data))
+                b.set_message_handler("/r/1", lambda m: got.append(m.data))
+                await a.send_message(b.peer_id, "/note/1", b"after restart")
+                await wait_for(lambda: b"after restart" in got)
+                await a.send_message(b.peer_id, "/r/1", b"new", qos=msgnet.Reliable(wait=True))
+                assert b"new" in got
+                assert a.metrics()["sessions_forgotten_by_peer"] >= 1
+            finally:
+                await b.close()
+
+    run(main())
