@@ -769,13 +769,14 @@ def _have(module: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages and repetitions")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="rounds of every scenario (default 3; 1 with --quick)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--only", help="comma-separated scenario prefixes to run")
     args = parser.parse_args(argv)
     count = 50_000 if args.quick else 200_000
     seconds = 1.0 if args.quick else 2.0
-    repeat = 1 if args.quick else args.repeat
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
 
     import msgnet
     from msgnet import _engine, _packet

@@ -352,13 +352,14 @@ def _sim(core_path: str | None) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages and rounds")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of a and b")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="rounds of a and b (default 3; 1 with --quick)")
     parser.add_argument("--only", help="comma-separated parts: a, b, c, sim")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--core", help="sim only: another delivery.py to run the sim on")
     args = parser.parse_args(argv)
     parts = set(args.only.split(",")) if args.only else {"a", "b", "c", "sim"}
-    repeat = 1 if args.quick else args.repeat
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     transfers = 5 if args.quick else 10
     count = 50_000 if args.quick else 200_000
 

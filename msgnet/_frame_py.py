@@ -561,7 +561,7 @@ def decode_packet(data: Buffer) -> list[Frame]:
             if frame is not None and len(frames) == MAX_FRAMES_PER_PACKET:
                 _malformed("more than 256 frames in packet", start)
         except FrameError as exc:
-            exc.frames = frames  # type: ignore[attr-defined]
+            exc.frames = frames  # type: ignore[attr-defined,assignment]
             raise
         if frame is None:
             return frames
