@@ -69,7 +69,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from msgnet.core.noise import HandshakeState, x25519_public
+from msgnet.core.noise import HandshakeState, x25519_private_key, x25519_public
 from msgnet.errors import (
     HandshakeError,
     MsgnetError,
@@ -511,6 +511,7 @@ class Handshaker:
         self._random = random_bytes
         self._static = static_key if static_key is not None else random_bytes(_KEY)
         self._static_public = x25519_public(self._static)
+        self._static_key = x25519_private_key(self._static)
         # Signing once here keeps the Ed25519 signature off the per-handshake path.
         self._identity_key = encode_public_key_protobuf(keypair.public_key_bytes)
         self._identity_sig = keypair.sign(SIGNATURE_PREFIX + self._static_public)
@@ -617,7 +618,8 @@ class Handshaker:
         """
         if not 0 < local_index <= 0xFFFFFFFF or self.holds_index(local_index):
             raise UsageError(f"local_index {local_index} is not a free non-zero u32 here")
-        noise = HandshakeState("XX", True, self._prologue, s=self._static, e=self._random(_KEY))
+        noise = HandshakeState("XX", True, self._prologue, s=self._static_key,
+                               e=self._random(_KEY))
         message = noise.write_message(bytes(_INITIATION_PADDING))
         header = bytes((PACKET_INITIATION, PROTOCOL_VERSION)) + _U32.pack(local_index)
         packet = header + _ZERO_COOKIE + message
@@ -785,7 +787,8 @@ class Handshaker:
             return
         if not self._admit(sender, cookie, address, now, out):
             return
-        noise = HandshakeState("XX", False, self._prologue, s=self._static, e=self._random(_KEY))
+        noise = HandshakeState("XX", False, self._prologue, s=self._static_key,
+                               e=self._random(_KEY))
         try:
             noise.read_message(message)
             reply = noise.write_message(self._payload)
