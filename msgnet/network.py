@@ -508,7 +508,9 @@ class MessageNetwork:
                 if not session.sends_on_stream:
                     break  # moved off the stream meanwhile: the delivery layer takes it
         if isinstance(qos, Reliable):
-            if await self.delivery.wait_room(session):  # back-pressure (docs/wire.md §3.6)
+            room = self.delivery.room_waiter(session)  # back-pressure (docs/wire.md §3.6)
+            if room is not None:
+                await room
                 session, engine = self.session_for(peer_id, protocol)
             waiter = self.delivery.send(session, engine, protocol, data, qos, flags, request_id)
             if waiter is not None:

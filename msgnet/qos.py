@@ -127,18 +127,17 @@ class DeliveryManager:
         self._schedule(session)
         return future
 
-    async def wait_room(self, session: Session) -> bool:
-        """Return once session holds less than MAX_OUTSTANDING_PER_SESSION bytes of unfinished
-        messages (docs/wire.md §3.6): at once in the common case (False), else when
-        acknowledgements bring it under half of that, or the session ends (True: the caller
+    def room_waiter(self, session: Session) -> asyncio.Future[None] | None:
+        """None while session holds less than MAX_OUTSTANDING_PER_SESSION bytes of unfinished
+        messages (docs/wire.md §3.6), the common case; else a future that completes when
+        acknowledgements bring it under half of that, or the session ends (then the caller
         looks up the peer's session again)."""
         entry = self._conns.get(session)
         if entry is None or entry[0].outstanding_bytes < limits.MAX_OUTSTANDING_PER_SESSION:
-            return False
+            return None
         future = self._loop.create_future()
         self._room_waiters.setdefault(session, []).append(future)
-        await future
-        return True
+        return future
 
     def _wake_room(self, session: Session, conn: DeliveryConnection | None) -> None:
         if conn is not None and conn.outstanding_bytes > limits.MAX_OUTSTANDING_PER_SESSION // 2:
