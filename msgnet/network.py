@@ -107,6 +107,7 @@ CONSOLIDATE_AFTER = 1.0
 lost): settle on a path by our own policy instead of sending everything twice."""
 
 _FLAG_REQUEST = limits.FLAG_REQUEST
+_WAIT_PING_MARK = b"\xa5msgnet/wait"  # PING data of Reliable(wait=True) on a stream + 8 random
 _ZERO_COOKIE = bytes(16)
 _U32 = struct.Struct(">I")
 _HANDSHAKE_MALFORMED = ("truncated", "unknown_packet_type", "initiation_too_short",
@@ -372,6 +373,8 @@ class MessageNetwork:
         self._dial_by_peer: dict[PeerID, _Dial] = {}
         self._refused: dict[tuple[PeerID, str], float] = {}
         self._response_listener: ResponseListener | None = None
+        # Reliable(wait=True) on a stream: PING data -> (peer, future its PONG completes).
+        self._wait_pongs: dict[bytes, tuple[PeerID, asyncio.Future[None]]] = {}
         self._reset_listeners: list[Callable[[PeerID, str, int], None]] = []
         self._unreachable_listeners: list[Callable[[PeerID, BaseException], None]] = []
         self._counters: dict[str, int] = {}
@@ -502,6 +505,10 @@ class MessageNetwork:
                 recovery.retain(session)  # first: a request may be written at once
                 if engine.send_message(session, protocol, data, flags, request_id):
                     recovery.sent(session)
+                    if qos.wait:
+                        await self._stream_acknowledged(
+                            session, engine, protocol,
+                            limits.STREAM_WAIT_TIMEOUT if qos.timeout is None else qos.timeout)
                     return
                 await engine.wait_drained(session)
                 session, engine = self.session_for(peer_id, protocol)
@@ -1134,7 +1141,29 @@ class MessageNetwork:
 
     def handle_pong(self, session: Session, data: bytes) -> None:
         self._count("pongs_received")
-        self.stream_recovery.pong_received(session, data)
+        if not self.stream_recovery.pong_received(session, data) and self._wait_pongs:
+            entry = self._wait_pongs.get(data)
+            if entry is not None and entry[0] == session.peer_id and not entry[1].done():
+                entry[1].set_result(None)
+
+    async def _stream_acknowledged(self, session: Session, engine: UdpEngine, protocol: str,
+                                   timeout: float) -> None:
+        """Reliable(wait=True) on a stream (docs/wire.md §6.1): a PING queued right after the
+        message; its PONG proves the peer handled the message (the stream is ordered and the
+        peer handles frames in order). RequestTimeoutError if it does not come in time (the
+        connection died meanwhile: the message is still re-sent, but not confirmed)."""
+        marker = _WAIT_PING_MARK + os.urandom(8)
+        future: asyncio.Future[None] = self.loop.create_future()
+        self._wait_pongs[marker] = (session.peer_id, future)
+        try:
+            engine.send_control(session, encode_frame(Ping(marker)))
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"{session.peer_id} did not acknowledge a message on {protocol} within "
+                f"{timeout} s") from None
+        finally:
+            self._wait_pongs.pop(marker, None)
 
     def handle_ack(self, session: Session, transport_id: int) -> None:
         """The responder's choice (docs/wire.md §5): consolidate onto the path the ACK came on.

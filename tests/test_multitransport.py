@@ -587,3 +587,19 @@ def test_udp_blocked_then_restored(namespaces):
         for peer in (a, b):
             if peer is not None:
                 peer.close()
+
+
+def test_reliable_wait_on_a_stream_returns_once_the_peer_has_the_message(run):
+    """docs/wire.md §6.1: Reliable(wait=True) on a stream resolves on the PONG of a PING
+    written right after the message, so by then the peer's handler has run."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            got = record(b)
+            for i in range(20):
+                await a.send_message(b.peer_id, "/m", b"%d" % i, qos=Reliable(wait=True))
+                assert got[-1:] == [b"%d" % i]  # handled before the send returned
+            assert a.network.paths(b.peer_id) == ["tcp"]
+            assert not a.network._wait_pongs  # nothing left registered
+
+    run(main())
