@@ -256,6 +256,23 @@ cdef extern from *:
         return -1;
     }
 
+    /* What seal and open share: (re)start ctx on key (unless it holds it already) and nonce,
+       take the AD and process in[0:n] into out. 1 on success; on a failure the context's key
+       is unknown, so held forgets it. */
+    static int msgnet_evp_begin(EVP_CIPHER_CTX *ctx, unsigned char *held, int enc,
+                                const unsigned char *key, const unsigned char *nonce,
+                                const unsigned char *ad, int adlen,
+                                const unsigned char *in, int n, unsigned char *out) {
+        int len;
+        if (EVP_CipherInit_ex(ctx, NULL, NULL, msgnet_key_for(held, key), nonce, enc) != 1
+                || EVP_CipherUpdate(ctx, NULL, &len, ad, adlen) != 1
+                || (n > 0 && EVP_CipherUpdate(ctx, out, &len, in, n) != 1)) {
+            held[0] = 0;
+            return 0;
+        }
+        return 1;
+    }
+
     /* ciphertext || tag (n + 16 bytes) of in[0:n] at out, AD = ad[0:adlen]; out may equal in.
        0 on success, -1 on an OpenSSL failure (none is expected once set up). */
     static int msgnet_evp_seal(const unsigned char *key, const unsigned char *nonce,
@@ -263,12 +280,9 @@ cdef extern from *:
                                const unsigned char *in, int n, unsigned char *out) {
         EVP_CIPHER_CTX *ctx = msgnet_seal_ctx;
         int len;
-        if (EVP_CipherInit_ex(ctx, NULL, NULL, msgnet_key_for(msgnet_seal_key, key), nonce, 1) != 1
-                || EVP_CipherUpdate(ctx, NULL, &len, ad, adlen) != 1
-                || (n > 0 && EVP_CipherUpdate(ctx, out, &len, in, n) != 1)
+        if (!msgnet_evp_begin(ctx, msgnet_seal_key, 1, key, nonce, ad, adlen, in, n, out)
                 || EVP_CipherFinal_ex(ctx, out + n, &len) != 1
                 || msgnet_evp_tag(ctx, 0, out + n) != 1) {
-            msgnet_seal_key[0] = 0;  /* the context's key is unknown now */
             ERR_clear_error();
             return -1;
         }
@@ -284,11 +298,8 @@ cdef extern from *:
                                const unsigned char *in, int n, unsigned char *out) {
         EVP_CIPHER_CTX *ctx = msgnet_open_ctx;
         int len;
-        if (EVP_CipherInit_ex(ctx, NULL, NULL, msgnet_key_for(msgnet_open_key, key), nonce, 0) != 1
-                || EVP_CipherUpdate(ctx, NULL, &len, ad, adlen) != 1
-                || (n > 0 && EVP_CipherUpdate(ctx, out, &len, in, n) != 1)
+        if (!msgnet_evp_begin(ctx, msgnet_open_key, 0, key, nonce, ad, adlen, in, n, out)
                 || msgnet_evp_tag(ctx, 1, (unsigned char *)(in + n)) != 1) {
-            msgnet_open_key[0] = 0;
             ERR_clear_error();
             return -1;
         }

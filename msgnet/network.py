@@ -498,7 +498,7 @@ class MessageNetwork:
         the peer's stream (dialled if need be) before it is fragmented."""
         session, engine = self.session_for(peer_id, protocol)
         if flags & limits.FLAG_REQUEST:
-            self._expect_reply(peer_id)
+            self._expect_reply(self._paths.get(peer_id))
         if isinstance(qos, Reliable) and session.sends_on_stream:
             recovery = self.stream_recovery
             while True:
@@ -593,18 +593,15 @@ class MessageNetwork:
         last = self._last
         if last is not None and last[0] is peer_id and not self._refused and not self._closed:
             if flags & _FLAG_REQUEST:
-                path = last[3]
-                if path is not None and path.mode == "udp" and not path.expect_since:
-                    path.expect_since = self.loop.time()
+                self._expect_reply(last[3])
             return last[2].send_message(last[1], protocol, data, flags, request_id)
         if flags & _FLAG_REQUEST:
-            self._expect_reply(peer_id)
+            self._expect_reply(self._paths.get(peer_id))
         session, engine = self.session_for(peer_id, protocol)
         return engine.send_message(session, protocol, data, flags, request_id)
 
-    def _expect_reply(self, peer_id: PeerID) -> None:
-        """A request went out: its reply is what shows the UDP path still works."""
-        path = self._paths.get(peer_id)
+    def _expect_reply(self, path: _PeerPath | None) -> None:
+        """A request went out on path: its reply is what shows the UDP path still works."""
         if path is not None and path.mode == "udp" and not path.expect_since:
             path.expect_since = self.loop.time()
 

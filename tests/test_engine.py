@@ -28,6 +28,7 @@ from msgnet._frame import (
     encode_init,
 )
 from msgnet._packet import SessionCrypto
+from msgnet._testing import wait_for as until
 from msgnet.errors import ClosedError, MessageTooLargeError, UsageError
 
 INDEX_A = 0x0A0A0A0A  # A's local index: the receiver index of DATA sent to A
@@ -139,15 +140,6 @@ async def pair(mode, **engine_kw):
         for peer in (a, b):
             if peer is not None:
                 peer.close()
-
-
-async def until(predicate, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
 
 
 def raw_socket():

@@ -21,6 +21,7 @@ from msgnet import (
     UsageError,
 )
 from msgnet._frame import Init, decode_packet
+from msgnet._testing import wait_for
 from msgnet._testing.relay import Impairment, Relay
 from msgnet.identity import KeyPair
 
@@ -34,14 +35,6 @@ async def start_hosts(stack: AsyncExitStack, count: int, **options) -> list[Mess
             if other is not host:
                 host.add_peer(other.addrs[0])
     return hosts
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 def test_two_hosts_several_protocols_both_ways(run):

@@ -25,6 +25,7 @@ import pytest
 
 from msgnet import MessageHost, SecurityError, UsageError, limits
 from msgnet._frame import Ack, encode_frame, encode_varint
+from msgnet._testing import wait_for as _wait_for
 from msgnet.core.handshake import decode_handshake_payload
 from msgnet.identity import KeyPair
 from msgnet.qos import Reliable
@@ -36,13 +37,9 @@ UDP = "/ip4/127.0.0.1/udp/0"
 TCP = "/ip4/127.0.0.1/tcp/0"
 
 
-async def wait_for(predicate, timeout: float = 8.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
+def wait_for(predicate, timeout: float = 8.0):
+    """The shared polling wait, with this file's longer default timeout."""
+    return _wait_for(predicate, timeout)
 
 
 async def pair(stack: AsyncExitStack, listen: list[str], *, policy_a: str = "prefer-udp",

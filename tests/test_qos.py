@@ -16,18 +16,15 @@ from msgnet import (
     Reliable,
     RequestTimeoutError,
 )
+from msgnet._testing import wait_for as _wait_for
 from msgnet._testing.relay import Impairment, Relay
 
 pytestmark = pytest.mark.timeout(120)
 
 
-async def wait_for(predicate, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
+def wait_for(predicate, timeout: float = 30.0):
+    """The shared polling wait, with this file's longer default timeout."""
+    return _wait_for(predicate, timeout)
 
 
 async def impaired_pair(stack: AsyncExitStack, impairment: Impairment):

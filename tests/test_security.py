@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 import pytest
 
 from msgnet import MessageHost, PeerUnreachableError, Reliable, SecurityError
+from msgnet._testing import wait_for
 from msgnet._testing.relay import Impairment, Relay
 from msgnet.core.handshake import Handshaker
 from msgnet.identity import KeyPair
@@ -20,15 +21,6 @@ from msgnet.identity import KeyPair
 pytestmark = pytest.mark.timeout(60)
 
 DATA = 0x07
-
-
-async def wait_for(predicate, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 class Recorder:

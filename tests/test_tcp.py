@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
@@ -24,6 +23,7 @@ from msgnet import limits
 from msgnet._frame import encode_varint
 from msgnet._packet import SessionCrypto
 from msgnet._stream import resume_report
+from msgnet._testing import wait_for
 from msgnet.errors import ClosedError, PeerUnreachableError, UsageError
 from msgnet.tcp import (
     READ_BUFFER,
@@ -65,15 +65,6 @@ class Recorder:
 
 def frame(*packets: bytes) -> bytes:
     return b"".join(encode_varint(len(p)) + p for p in packets)
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.005)
 
 
 async def server(**options: Any) -> tuple[TcpStreams, Recorder, int]:
@@ -691,7 +682,6 @@ def test_settings_are_validated() -> None:
         with pytest.raises(UsageError):
             StreamSettings(**bad)
     assert StreamSettings().low == limits.STREAM_HIGH_WATER // 4
-
 
 
 def test_stream_address_names_its_connection(run) -> None:
