@@ -3,11 +3,14 @@
 Environment switches:
   MSGNET_DEBUG=1           annotate, line tracing, MSGNET_DEBUG invariants
   MSGNET_NO_EXTENSIONS=1   build nothing (the pure-Python codec twin is used where possible)
-  MSGNET_NO_OPENSSL=1      do not link libcrypto: _packet seals with cryptography only
+  MSGNET_NO_OPENSSL=1      do not link libcrypto
+  MSGNET_NO_SODIUM=1       do not link libsodium
 
-_packet links libcrypto (OpenSSL's EVP ChaCha20-Poly1305, the "openssl" AEAD backend) when a
-test program including <openssl/evp.h> compiles and links here (Debian/Ubuntu: libssl-dev);
-otherwise it builds without it and uses cryptography's AEAD, which is slower per packet.
+_packet links libsodium (the "sodium" AEAD backend, cheapest for small packets; Debian/Ubuntu:
+libsodium-dev) and libcrypto (OpenSSL's EVP ChaCha20-Poly1305, the "openssl" backend, faster
+for large packets; libssl-dev) when a test program for each compiles and links here; with both
+it uses each for the sizes it is faster at ("sodium+openssl"). Without either it uses
+cryptography's AEAD, which is slower per packet.
 """
 
 import os
@@ -20,12 +23,14 @@ OPENSSL_PROBE = """
 int main(void) { EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new(); EVP_CIPHER_CTX_free(c);
                  return EVP_chacha20_poly1305() == NULL; }
 """
+SODIUM_PROBE = """
+#include <sodium.h>
+int main(void) { return sodium_init() < 0 || crypto_aead_chacha20poly1305_ietf_KEYBYTES != 32; }
+"""
 
 
-def _have_openssl() -> bool:
-    """Whether a program using libcrypto's EVP ChaCha20-Poly1305 compiles and links."""
-    if os.environ.get("MSGNET_NO_OPENSSL"):
-        return False
+def _links(program: str, library: str) -> bool:
+    """Whether ``program`` compiles and links against ``library`` here."""
     from setuptools._distutils.ccompiler import new_compiler
     from setuptools._distutils.errors import CompileError, LinkError
     from setuptools._distutils.sysconfig import customize_compiler
@@ -35,13 +40,23 @@ def _have_openssl() -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "probe.c")
         with open(source, "w") as f:
-            f.write(OPENSSL_PROBE)
+            f.write(program)
         try:
             objects = compiler.compile([source], output_dir=tmp)
-            compiler.link_executable(objects, os.path.join(tmp, "probe"), libraries=["crypto"])
+            compiler.link_executable(objects, os.path.join(tmp, "probe"), libraries=[library])
         except (CompileError, LinkError):
             return False
     return True
+
+
+def _have_openssl() -> bool:
+    """libcrypto's EVP ChaCha20-Poly1305 (Debian/Ubuntu: libssl-dev)."""
+    return not os.environ.get("MSGNET_NO_OPENSSL") and _links(OPENSSL_PROBE, "crypto")
+
+
+def _have_sodium() -> bool:
+    """libsodium's ChaCha20-Poly1305 (Debian/Ubuntu: libsodium-dev)."""
+    return not os.environ.get("MSGNET_NO_SODIUM") and _links(SODIUM_PROBE, "sodium")
 
 EXTENSIONS = ["msgnet._frame", "msgnet._packet", "msgnet._engine", "msgnet._stream"]
 
@@ -56,14 +71,18 @@ def _extensions():
     if debug:
         macros.append(("CYTHON_TRACE_NOGIL", "1"))
     openssl = _have_openssl()
-    print(f"msgnet: AEAD backend {'openssl (libcrypto)' if openssl else 'cryptography only'}")
+    sodium = _have_sodium()
+    found = [name for name, have in (("sodium", sodium), ("openssl", openssl)) if have]
+    print(f"msgnet: AEAD backends {', '.join(found + ['cryptography'])}")
     modules = [
         Extension(
             name,
             [name.replace(".", "/") + ".pyx"],
             define_macros=macros + ([("MSGNET_HAVE_OPENSSL", "1")]
-                                    if openssl and name == "msgnet._packet" else []),
-            libraries=["crypto"] if openssl and name == "msgnet._packet" else [],
+                                    if openssl and name == "msgnet._packet" else [])
+            + ([("MSGNET_HAVE_SODIUM", "1")] if sodium and name == "msgnet._packet" else []),
+            libraries=(["crypto"] if openssl and name == "msgnet._packet" else [])
+            + (["sodium"] if sodium and name == "msgnet._packet" else []),
             extra_compile_args=["-O2"] if os.name != "nt" else [],
         )
         for name in EXTENSIONS

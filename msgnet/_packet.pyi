@@ -7,6 +7,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 DROP_REASON_NAMES: tuple[str, ...]
 PXD_CONSTANTS: dict[str, int]
 HAVE_OPENSSL: bool
+HAVE_SODIUM: bool
 AEAD_BACKENDS: tuple[str, ...]
 AEAD_BACKEND: str
 

@@ -170,9 +170,13 @@ cdef class ReplayWindow:
 
 # ---------------------------------------------------------------------------------------------
 # The AEAD seam: the only place that encrypts or decrypts DATA. Two C function pointers,
-# _aead_seal and _aead_open, point at one backend; everything else sees pointers, lengths, a key
-# and a counter.
+# _aead_seal and _aead_open, point at one backend (each computes RFC 8439's AEAD, byte for
+# byte the same); everything else sees pointers, lengths, a key and a counter.
 #
+# "sodium": libsodium's crypto_aead_chacha20poly1305_ietf_*_detached, linked when setup.py found
+#   its headers: stateless calls with a short path, the cheapest for small packets.
+# "sodium+openssl" (when both are linked): libsodium for small packets, libcrypto for large ones
+#   (see _SODIUM_BELOW).
 # "openssl": libcrypto's EVP ChaCha20-Poly1305, linked when setup.py found the OpenSSL headers.
 #   One EVP_CIPHER_CTX per direction for the whole process, given the packet's nonce on every
 #   call and the session's key when it differs from the last call's: re-keying costs ~70 ns
@@ -184,7 +188,7 @@ cdef class ReplayWindow:
 #   Its objects hold two contexts (2.3 KB) and cost ~0.9 us to build, so the few in use are
 #   kept in a small cache by key instead of one pair per session.
 #
-# Both run with the GIL held for the whole call and share module-level state, which the GIL
+# All run with the GIL held for the whole call and share module-level state, which the GIL
 # serialises: the EVP contexts and the _CBuffer windows (cryptography may release the GIL inside
 # a call for large inputs, but it has taken its own copy of each window's pointer and length
 # by then; the nonce it reads there is a fresh bytes object per call for that reason).
@@ -322,8 +326,53 @@ cdef extern from *:
         return -1;
     }
     #endif
+    #ifndef MSGNET_HAVE_SODIUM
+    #define MSGNET_HAVE_SODIUM 0
+    #endif
+    #if MSGNET_HAVE_SODIUM
+    #include <sodium.h>
+    static int msgnet_sodium_setup(void) { return sodium_init() < 0 ? -1 : 0; }
+
+    /* Same contract as msgnet_evp_seal; libsodium cannot fail here. */
+    static int msgnet_sodium_seal(const unsigned char *key, const unsigned char *nonce,
+                                  const unsigned char *ad, int adlen,
+                                  const unsigned char *in, int n, unsigned char *out) {
+        crypto_aead_chacha20poly1305_ietf_encrypt_detached(
+            out, out + n, NULL, in, (unsigned long long)n, ad, (unsigned long long)adlen,
+            NULL, nonce, key);
+        return 0;
+    }
+
+    /* Same contract as msgnet_evp_open (0 verified, 1 forged). libsodium checks the tag
+       before it decrypts. */
+    static int msgnet_sodium_open(const unsigned char *key, const unsigned char *nonce,
+                                  const unsigned char *ad, int adlen,
+                                  const unsigned char *in, int n, unsigned char *out) {
+        return crypto_aead_chacha20poly1305_ietf_decrypt_detached(
+            out, NULL, in, (unsigned long long)n, in + n, ad, (unsigned long long)adlen,
+            nonce, key) == 0 ? 0 : 1;
+    }
+    #else
+    static int msgnet_sodium_setup(void) { return -1; }
+    static int msgnet_sodium_seal(const unsigned char *key, const unsigned char *nonce,
+                                  const unsigned char *ad, int adlen,
+                                  const unsigned char *in, int n, unsigned char *out) {
+        return -1;
+    }
+    static int msgnet_sodium_open(const unsigned char *key, const unsigned char *nonce,
+                                  const unsigned char *ad, int adlen,
+                                  const unsigned char *in, int n, unsigned char *out) {
+        return -1;
+    }
+    #endif
     """
     const int MSGNET_HAVE_OPENSSL
+    const int MSGNET_HAVE_SODIUM
+    int msgnet_sodium_setup()
+    int msgnet_sodium_seal(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
+                           const uint8_t* inp, int n, uint8_t* out) noexcept
+    int msgnet_sodium_open(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
+                           const uint8_t* inp, int n, uint8_t* out) noexcept
     int msgnet_evp_setup()
     int msgnet_evp_seal(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
                         const uint8_t* inp, int n, uint8_t* out) noexcept
@@ -363,6 +412,44 @@ cdef int _evp_open(const uint8_t* key, uint64_t counter, const uint8_t* header,
     if rc < 0:
         raise RuntimeError("libcrypto failed to open a packet")
     return -rc  # 1 (tag mismatch) -> -1
+
+
+cdef int _sodium_seal(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                      const uint8_t* plaintext, Py_ssize_t n, uint8_t* sealed) except -1:
+    cdef uint8_t nonce[12]
+    _store_nonce(nonce, counter)
+    msgnet_sodium_seal(key, nonce, header, DATA_HEADER_SIZE, plaintext, <int>n, sealed)
+    return 0
+
+
+cdef int _sodium_open(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                      const uint8_t* sealed, Py_ssize_t n, uint8_t* plaintext) except -2:
+    cdef uint8_t nonce[12]
+    _store_nonce(nonce, counter)
+    return -msgnet_sodium_open(key, nonce, header, DATA_HEADER_SIZE, sealed, <int>n, plaintext)
+
+
+# "sodium+openssl": libsodium below this many bytes of plaintext, libcrypto from it on. Measured
+# here (callgrind, seal+open): libsodium 10.1k instructions at 64 B against 12.2k, and its
+# shorter call path costs less again when caches are cold (a request/response round trip:
+# -12% instructions, -15% wall time); from about 512 B OpenSSL's AVX2/AVX-512 code is ahead
+# (1200 B: 28.1k against 31.0k).
+cdef enum:
+    _SODIUM_BELOW = 512
+
+
+cdef int _mixed_seal(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                     const uint8_t* plaintext, Py_ssize_t n, uint8_t* sealed) except -1:
+    if n < _SODIUM_BELOW:
+        return _sodium_seal(key, counter, header, plaintext, n, sealed)
+    return _evp_seal(key, counter, header, plaintext, n, sealed)
+
+
+cdef int _mixed_open(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                     const uint8_t* sealed, Py_ssize_t n, uint8_t* plaintext) except -2:
+    if n < _SODIUM_BELOW:
+        return _sodium_open(key, counter, header, sealed, n, plaintext)
+    return _evp_open(key, counter, header, sealed, n, plaintext)
 
 
 # The cryptography backend's state: its ChaCha20Poly1305 objects by key (at most
@@ -419,8 +506,14 @@ cdef int _cryptography_open(const uint8_t* key, uint64_t counter, const uint8_t*
 
 
 HAVE_OPENSSL = bool(MSGNET_HAVE_OPENSSL) and msgnet_evp_setup() == 0
+HAVE_SODIUM = bool(MSGNET_HAVE_SODIUM) and msgnet_sodium_setup() == 0
 # The backends this build can use, preferred first.
-AEAD_BACKENDS = ("openssl", "cryptography") if HAVE_OPENSSL else ("cryptography",)
+AEAD_BACKENDS = (
+    (("sodium+openssl",) if HAVE_SODIUM and HAVE_OPENSSL else ())
+    + (("sodium",) if HAVE_SODIUM else ())
+    + (("openssl",) if HAVE_OPENSSL else ())
+    + ("cryptography",)
+)
 # The backend in use: what tests and benchmarks print. set_aead_backend() changes it.
 AEAD_BACKEND = None
 
@@ -434,7 +527,13 @@ def set_aead_backend(str name not None) -> str:
     if name not in AEAD_BACKENDS:
         raise UsageError(f"AEAD backend {name!r} is not available (have {AEAD_BACKENDS})")
     previous = AEAD_BACKEND
-    if name == "openssl":
+    if name == "sodium+openssl":
+        _aead_seal = _mixed_seal
+        _aead_open = _mixed_open
+    elif name == "sodium":
+        _aead_seal = _sodium_seal
+        _aead_open = _sodium_open
+    elif name == "openssl":
         _aead_seal = _evp_seal
         _aead_open = _evp_open
     else:

@@ -23,8 +23,8 @@ except ImportError:
 
 IMPLS = [m for m in (_packet, _packet_py) if m is not None]
 needs_extension = pytest.mark.skipif(_packet is None, reason="MSGNET_NO_EXTENSIONS")
-# The extension once per AEAD backend it was built with (openssl and cryptography, or
-# cryptography alone), then the pure-Python twin.
+# The extension once per AEAD backend it was built with (sodium+openssl, sodium, openssl and
+# cryptography, or those of them it could link), then the pure-Python twin.
 BACKENDS = _packet.AEAD_BACKENDS if _packet is not None else ()
 IMPL_PARAMS = [pytest.param((_packet, b), id=f"_packet-{b}") for b in BACKENDS] + [
     pytest.param((_packet_py, None), id="_packet_py")]
@@ -144,6 +144,9 @@ def test_aead_backend_flag():
     assert _packet.AEAD_BACKEND in _packet.AEAD_BACKENDS
     assert _packet.AEAD_BACKENDS[-1] == "cryptography"  # always there, the fallback
     assert ("openssl" in _packet.AEAD_BACKENDS) == _packet.HAVE_OPENSSL
+    assert ("sodium" in _packet.AEAD_BACKENDS) == _packet.HAVE_SODIUM
+    assert ("sodium+openssl" in _packet.AEAD_BACKENDS) == (_packet.HAVE_SODIUM
+                                                           and _packet.HAVE_OPENSSL)
     if os.environ.get("MSGNET_AEAD_BACKEND"):
         assert _packet.AEAD_BACKEND == os.environ["MSGNET_AEAD_BACKEND"]
     else:
@@ -165,6 +168,25 @@ def test_backends_match_the_cryptography_oracle(counter, payload):
         try:
             assert sender(_packet, send_counter=counter).seal(payload) == expected, name
             assert receiver(_packet).open(expected) == payload, name
+        finally:
+            _packet.set_aead_backend(previous)
+
+
+@needs_extension
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 511, 512, 513, 1200, 1500, 9000])
+def test_backends_match_the_oracle_on_both_sides_of_the_size_switch(size):
+    """sodium+openssl hands packets below 512 bytes to libsodium and the rest to libcrypto:
+    every backend must agree with cryptography at and around that switch."""
+    payload = os.urandom(size)
+    expected = data_packet(KEY_AB, INDEX_B, 7, payload)
+    for name in BACKENDS:
+        previous = _packet.set_aead_backend(name)
+        try:
+            assert sender(_packet, send_counter=7).seal(payload) == expected, name
+            assert receiver(_packet).open(expected) == payload, name
+            forged = bytearray(expected)
+            forged[-1] ^= 1
+            assert drop_reason(receiver(_packet), bytes(forged)) == "auth_failed", name
         finally:
             _packet.set_aead_backend(previous)
 
