@@ -107,7 +107,6 @@ CONSOLIDATE_AFTER = 1.0
 lost): settle on a path by our own policy instead of sending everything twice."""
 
 _FLAG_REQUEST = limits.FLAG_REQUEST
-_WAIT_PING_MARK = b"\xa5msgnet/wait"  # PING data of Reliable(wait=True) on a stream + 8 random
 _ZERO_COOKIE = bytes(16)
 _U32 = struct.Struct(">I")
 _HANDSHAKE_MALFORMED = ("truncated", "unknown_packet_type", "initiation_too_short",
@@ -373,8 +372,6 @@ class MessageNetwork:
         self._dial_by_peer: dict[PeerID, _Dial] = {}
         self._refused: dict[tuple[PeerID, str], float] = {}
         self._response_listener: ResponseListener | None = None
-        # Reliable(wait=True) on a stream: PING data -> (peer, future its PONG completes).
-        self._wait_pongs: dict[bytes, tuple[PeerID, asyncio.Future[None]]] = {}
         self._reset_listeners: list[Callable[[PeerID, str, int], None]] = []
         self._unreachable_listeners: list[Callable[[PeerID, BaseException], None]] = []
         self._counters: dict[str, int] = {}
@@ -507,7 +504,7 @@ class MessageNetwork:
                     recovery.sent(session)
                     if qos.wait:
                         await self._stream_acknowledged(
-                            session, engine, protocol,
+                            session, protocol,
                             limits.STREAM_WAIT_TIMEOUT if qos.timeout is None else qos.timeout)
                     return
                 await engine.wait_drained(session)
@@ -564,26 +561,32 @@ class MessageNetwork:
             log.debug("reply on %s dropped: %s", protocol, exc)
 
     def _send_reliable_nowait(self, peer_id: PeerID, protocol: str, data: bytes, flags: int,
-                              request_id: int) -> None:
+                              request_id: int, wait: bool = False) -> asyncio.Future[None] | None:
         """A reliable message sent from a callback: stream recovery's RESUME, its answer,
-        and the messages it sends again (docs/wire.md §6.1)."""
+        and the messages it sends again (docs/wire.md §6.1). With ``wait``, the future of its
+        acknowledgement, or None when it went on a stream (a later PING acknowledges it)."""
+        qos = Reliable(wait=True) if wait else Reliable()
         try:
             session, engine = self.session_for(peer_id)
             if not session.sends_on_stream:
-                self.delivery.send(session, engine, protocol, data, Reliable(), flags,
-                                   request_id)
-                return
+                return self.delivery.send(session, engine, protocol, data, qos, flags,
+                                          request_id)
             self.stream_recovery.retain(session)
             if engine.send_message(session, protocol, data, flags, request_id):
                 self.stream_recovery.sent(session)
-                return
+                return None
         except MsgnetError as exc:
             self._count("stream_resend_failed")
             log.debug("stream recovery could not send on %s: %s", protocol, exc)
-            return
+            if not wait:
+                return None
+            failed: asyncio.Future[None] = self.loop.create_future()
+            failed.set_exception(exc)
+            return failed
         task = self.loop.create_task(self.send_message(  # the queue is full: wait for room
-            peer_id, protocol, data, flags=flags, request_id=request_id, qos=Reliable()))
+            peer_id, protocol, data, flags=flags, request_id=request_id, qos=qos))
         task.add_done_callback(_consume_exception)
+        return task if wait else None
 
     def send_message_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
                             flags: int = 0, request_id: int = 0) -> bool:
@@ -1138,29 +1141,23 @@ class MessageNetwork:
 
     def handle_pong(self, session: Session, data: bytes) -> None:
         self._count("pongs_received")
-        if not self.stream_recovery.pong_received(session, data) and self._wait_pongs:
-            entry = self._wait_pongs.get(data)
-            if entry is not None and entry[0] == session.peer_id and not entry[1].done():
-                entry[1].set_result(None)
+        self.stream_recovery.pong_received(session, data)
 
-    async def _stream_acknowledged(self, session: Session, engine: UdpEngine, protocol: str,
+    async def _stream_acknowledged(self, session: Session, protocol: str,
                                    timeout: float) -> None:
         """Reliable(wait=True) on a stream (docs/wire.md §6.1): a PING queued right after the
         message; its PONG proves the peer handled the message (the stream is ordered and the
-        peer handles frames in order). RequestTimeoutError if it does not come in time (the
-        connection died meanwhile: the message is still re-sent, but not confirmed)."""
-        marker = _WAIT_PING_MARK + os.urandom(8)
-        future: asyncio.Future[None] = self.loop.create_future()
-        self._wait_pongs[marker] = (session.peer_id, future)
+        peer handles frames in order); if the connection dies first, the acknowledgement of
+        the message sent again in its place. RequestTimeoutError if it does not come in time."""
+        marker, future = self.stream_recovery.wait(session)
         try:
-            engine.send_control(session, encode_frame(Ping(marker)))
             await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise RequestTimeoutError(
                 f"{session.peer_id} did not acknowledge a message on {protocol} within "
                 f"{timeout} s") from None
         finally:
-            self._wait_pongs.pop(marker, None)
+            self.stream_recovery.unwait(marker)
 
     def handle_ack(self, session: Session, transport_id: int) -> None:
         """The responder's choice (docs/wire.md §5): consolidate onto the path the ACK came on.

@@ -583,6 +583,7 @@ RESUMED_PROTOCOL = "/msgnet/stream-resumed/1"
 _RESUME = struct.Struct(">IQ")      # receiver_index, up_to
 _RESUMED = struct.Struct(">IQH")    # receiver_index, up_to, count; then the bitmap
 _PING_MARK = b"\xa5msgnet/ack"       # PING data: this prefix and 8 random bytes
+_WAIT_PING_MARK = b"\xa5msgnet/wait"  # PING data of a Reliable(wait=True) send: + 8 random
 
 
 class StreamRecovery:
@@ -598,13 +599,21 @@ class StreamRecovery:
     and the sender sends the messages of the rest again, as new reliable messages: each
     arrives exactly once, whatever path carries it.
 
-    ``send_reliable(peer_id, protocol, data, flags, request_id)`` sends a reliable message
-    now (on a stream it calls :meth:`retain` and :meth:`sent` around the engine's send);
+    A ``Reliable(wait=True)`` send on a stream completes on the PONG of a PING of its own
+    written after the message (:meth:`wait`); when the connection dies first, it completes
+    once the messages sent again in its place are acknowledged, or at once if the peer
+    reports the PING's packet opened.
+
+    ``send_reliable(peer_id, protocol, data, flags, request_id, wait)`` sends a reliable
+    message now (on a stream it calls :meth:`retain` and :meth:`sent` around the engine's
+    send); with ``wait`` it returns a future of the message's acknowledgement, or None when
+    the message went on a stream (a PING written after it acknowledges it).
     ``count(name)`` counts; ``sessions`` maps local index to live sessions.
     """
 
     def __init__(self, streams: TcpStreams,
-                 send_reliable: Callable[[Any, str, bytes, int, int], None],
+                 send_reliable: Callable[[Any, str, bytes, int, int, bool],
+                                         asyncio.Future[None] | None],
                  count: Callable[[str], None], sessions: dict[int, Session]) -> None:
         self.retention = streams.retention
         self._streams = streams
@@ -613,6 +622,8 @@ class StreamRecovery:
         self._sessions = sessions
         # (peer, its receiver index) -> (session, packets awaiting the RESUMED answer)
         self._resuming: dict[tuple[Any, int], tuple[Session, list[tuple[int, bytes]]]] = {}
+        # Waiting sends: their PING data -> (peer, the future their acknowledgement completes).
+        self.waits: dict[bytes, tuple[Any, asyncio.Future[None]]] = {}
         self.retention.on_full = self._connection_full
 
     def handlers(self) -> dict[str, Callable[[Message], None]]:
@@ -662,11 +673,54 @@ class StreamRecovery:
                     and session.sends_on_stream:
                 self._ping(session, alone=True)
 
+    def wait(self, session: Session) -> tuple[bytes, asyncio.Future[None]]:
+        """A reliable message was just queued for ``session`` on its stream by a send that
+        waits: queue a PING of its own after it; returns the PING's data (to :meth:`unwait`
+        once done) and the future its acknowledgement completes."""
+        marker = _WAIT_PING_MARK + os.urandom(8)
+        future: asyncio.Future[None] = self._streams.loop.create_future()
+        self.waits[marker] = (session.peer_id, future)
+        try:
+            session.engine.send_control(session, encode_frame(Ping(marker)))
+        except BaseException:
+            del self.waits[marker]
+            raise
+        return marker, future
+
+    def unwait(self, marker: bytes) -> None:
+        self.waits.pop(marker, None)
+
+    def _settle_wait(self, session: Session, marker: bytes,
+                     acks: list[asyncio.Future[None]] | None) -> None:
+        """The packet with a waiting send's PING was opened by the peer (``acks`` None), or
+        lost and the messages before it sent again: complete the wait when ``acks`` (theirs,
+        on UDP) are all done, or by a new PING after them (on a stream)."""
+        entry = self.waits.get(marker)
+        if entry is None or entry[1].done():
+            return
+        future = entry[1]
+        if acks is None:
+            future.set_result(None)
+        elif session.sends_on_stream:
+            try:
+                session.engine.send_control(session, encode_frame(Ping(marker)))
+            except (ClosedError, UsageError) as exc:
+                future.set_exception(PeerUnreachableError(f"could not confirm: {exc}"))
+        else:
+            _complete_when_all(acks, future)
+
     def pong_received(self, session: Session, data: bytes) -> bool:
-        """A PONG: True if it answers our acknowledgement PING (releasing what it covers)."""
+        """A PONG: True if it answers one of our PINGs, releasing what an acknowledgement
+        PING covers or completing a waiting send."""
         pings = self.retention.pings
         ping = pings.get(session)
         if ping is None or ping[0] != data:
+            if self.waits:
+                entry = self.waits.get(data)
+                if entry is not None and entry[0] == session.peer_id:
+                    if not entry[1].done():
+                        entry[1].set_result(None)
+                    return True
             return False
         del pings[session]
         conn = ping[1]
@@ -719,11 +773,24 @@ class StreamRecovery:
             up_to = max(counter for counter, _ in entry[1])
             self._count("stream_resumes_sent")
             self._send_reliable(session.peer_id, RESUME_PROTOCOL,
-                                _RESUME.pack(session.remote_index, up_to), 0, 0)
+                                _RESUME.pack(session.remote_index, up_to), 0, 0, False)
         for session, payload in queued or ():
+            self._send_again(session, [payload], "stream_requeued_messages")
+
+    def _send_again(self, session: Session, payloads: list[bytes], counter: str) -> None:
+        """Send the messages of our ``payloads``, lost with a connection, again as new
+        reliable messages; the waiting sends whose PING was among them now wait for these."""
+        acks: list[asyncio.Future[None]] = []
+        for payload in payloads:
             for protocol, flags, request_id, data in messages_in_payloads(session, [payload]):
-                self._count("stream_requeued_messages")
-                self._send_reliable(session.peer_id, protocol, data, flags, request_id)
+                self._count(counter)
+                ack = self._send_reliable(session.peer_id, protocol, data, flags, request_id,
+                                          bool(self.waits))
+                if ack is not None:
+                    acks.append(ack)
+            if self.waits:
+                for marker in wait_markers(payload):
+                    self._settle_wait(session, marker, list(acks))
 
     def tick(self, now: float) -> None:
         """Once a second: forget sessions that ended, ask again for acknowledgements whose
@@ -772,7 +839,7 @@ class StreamRecovery:
         else:
             count, bits = resume_report(session.crypto, up_to)
         self._send_reliable(message.from_peer, RESUMED_PROTOCOL,
-                            _RESUMED.pack(index, up_to, count) + bits, 0, 0)
+                            _RESUMED.pack(index, up_to, count) + bits, 0, 0, False)
 
     def _on_resumed(self, message: Message) -> None:
         """The peer's report: send again the messages of the packets it did not open."""
@@ -802,14 +869,44 @@ class StreamRecovery:
                 continue
             i = up_to - counter
             if i < count:
-                if bits[i >> 3] >> (i & 7) & 1:
-                    continue  # it arrived
+                if bits[i >> 3] >> (i & 7) & 1:  # it arrived
+                    if self.waits:
+                        for marker in wait_markers(payload):
+                            self._settle_wait(session, marker, None)
+                    continue
             else:
                 self._count("stream_resend_uncertain")  # beyond what the peer could tell
             lost.append(payload)
-        for protocol, flags, request_id, payload in messages_in_payloads(session, lost):
-            self._count("stream_resent_messages")
-            self._send_reliable(session.peer_id, protocol, payload, flags, request_id)
+        self._send_again(session, lost, "stream_resent_messages")
+
+
+def wait_markers(payload: bytes) -> list[bytes]:
+    """The data of the waiting sends' PINGs in one of our sent payloads."""
+    pings = [bytes(frame.data) for frame in decode_packet(payload) if isinstance(frame, Ping)]
+    return [data for data in pings if data.startswith(_WAIT_PING_MARK)]
+
+
+def _complete_when_all(acks: list[asyncio.Future[None]], future: asyncio.Future[None]) -> None:
+    """Complete ``future`` once every one of ``acks`` is done: with the first failure, if any."""
+    left = len(acks)
+    if not left:
+        future.set_result(None)
+        return
+
+    def done(ack: asyncio.Future[None]) -> None:
+        nonlocal left
+        left -= 1
+        if future.done():
+            return
+        if ack.cancelled():
+            future.set_exception(PeerUnreachableError("the message sent again was cancelled"))
+        elif ack.exception() is not None:
+            future.set_exception(ack.exception())  # type: ignore[arg-type]
+        elif left == 0:
+            future.set_result(None)
+
+    for ack in acks:
+        ack.add_done_callback(done)
 
 
 def messages_in_payloads(session: Session, payloads: list[bytes]) -> list[tuple[str, int, int, bytes]]:

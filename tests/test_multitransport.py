@@ -269,6 +269,41 @@ def test_reliable_messages_survive_a_dying_connection(run, listen, policy):
     run(main())
 
 
+@pytest.mark.parametrize("listen,policy", [([TCP], "tcp-only"), ([UDP, TCP], "prefer-tcp")],
+                         ids=["reconnect", "to-udp"])
+def test_waiting_sends_complete_when_their_connection_dies(run, listen, policy):
+    """docs/wire.md §6.1: a Reliable(wait=True) send whose connection dies before its PONG
+    completes once the message sent again in its place is acknowledged (on a new connection
+    or on UDP), not by timing out, and each message arrives once."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, listen, policy_a=policy, policy_b=policy)
+            got: list[bytes] = []
+            b.set_message_handler("/m", lambda m: got.append(m.data))
+            if policy == "prefer-tcp":
+                await tcp_then_both(a, b)
+            await a.send_message(b.peer_id, "/m", b"warm-up", qos=Reliable(wait=True))
+            assert got == [b"warm-up"] and a.network.paths(b.peer_id) == ["tcp"]
+            [conn_b] = b.network.streams.connections()
+            conn_b._transport.pause_reading()  # what A writes from now on stays in buffers
+            qos = Reliable(wait=True, timeout=20)
+            sends = [asyncio.create_task(a.send_message(b.peer_id, "/m", b"%d" % i, qos=qos))
+                     for i in range(20)]
+            await asyncio.sleep(0.2)
+            assert not any(task.done() for task in sends)  # no PONG can come
+            conn_b.abort("stream_reset")
+            started = asyncio.get_running_loop().time()
+            await asyncio.wait_for(asyncio.gather(*sends), 10)  # none times out
+            assert asyncio.get_running_loop().time() - started < 10
+            assert sorted(got[1:]) == sorted(b"%d" % i for i in range(20))  # each once
+            assert not a.network.stream_recovery.waits
+            assert a.metrics()["stream_resent_messages"] > 0
+            if policy == "prefer-tcp":
+                assert a.network.paths(b.peer_id) == ["udp"]
+
+    run(main())
+
+
 def test_reliable_stream_packets_are_kept_only_until_acknowledged(run):
     """docs/wire.md §6.1: a connection keeps a retaining session's packets until a PONG
     covers them, never more than its bound (back-pressure instead), and lets them go."""
@@ -597,6 +632,6 @@ def test_reliable_wait_on_a_stream_returns_once_the_peer_has_the_message(run):
                 await a.send_message(b.peer_id, "/m", b"%d" % i, qos=Reliable(wait=True))
                 assert got[-1:] == [b"%d" % i]  # handled before the send returned
             assert a.network.paths(b.peer_id) == ["tcp"]
-            assert not a.network._wait_pongs  # nothing left registered
+            assert not a.network.stream_recovery.waits  # nothing left registered
 
     run(main())
