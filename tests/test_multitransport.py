@@ -152,6 +152,17 @@ async def tcp_then_both(a: MessageHost, b: MessageHost) -> None:
     a.add_peer(udp_b)
 
 
+async def stream_pair(stack: AsyncExitStack, listen: list[str],
+                      policy: str) -> tuple[MessageHost, MessageHost, list[bytes]]:
+    """A and B whose session runs on TCP (prefer-tcp: with UDP as the next path), and what B
+    receives on /m."""
+    a, b = await pair(stack, listen, policy_a=policy, policy_b=policy)
+    got = record(b)
+    if policy == "prefer-tcp":
+        await tcp_then_both(a, b)
+    return a, b, got
+
+
 @pytest.mark.parametrize("policy_b, settles_on", [("prefer-udp", "udp"), ("prefer-tcp", "tcp")])
 def test_first_contact_goes_on_both_and_is_delivered_once(run, policy_b, settles_on):
     async def main():
@@ -230,11 +241,7 @@ def test_reliable_messages_survive_a_dying_connection(run, listen, policy):
     so every one arrives exactly once."""
     async def main():
         async with AsyncExitStack() as stack:
-            a, b = await pair(stack, listen, policy_a=policy, policy_b=policy)
-            got: list[bytes] = []
-            b.set_message_handler("/m", lambda m: got.append(m.data))
-            if policy == "prefer-tcp":
-                await tcp_then_both(a, b)
+            a, b, got = await stream_pair(stack, listen, policy)
             sent = [b"warm-up"]
             await a.send_message(b.peer_id, "/m", sent[0], qos=Reliable())
             await wait_for(lambda: got == sent and a.network.paths(b.peer_id) == ["tcp"])
@@ -277,11 +284,7 @@ def test_waiting_sends_complete_when_their_connection_dies(run, listen, policy):
     or on UDP), not by timing out, and each message arrives once."""
     async def main():
         async with AsyncExitStack() as stack:
-            a, b = await pair(stack, listen, policy_a=policy, policy_b=policy)
-            got: list[bytes] = []
-            b.set_message_handler("/m", lambda m: got.append(m.data))
-            if policy == "prefer-tcp":
-                await tcp_then_both(a, b)
+            a, b, got = await stream_pair(stack, listen, policy)
             await a.send_message(b.peer_id, "/m", b"warm-up", qos=Reliable(wait=True))
             assert got == [b"warm-up"] and a.network.paths(b.peer_id) == ["tcp"]
             [conn_b] = b.network.streams.connections()
