@@ -6,6 +6,8 @@ otherwise, secure mode unless it says plaintext. Every loop is bounded by count 
 Scenarios named ``-tcp`` run msgnet's TCP transport (policy tcp-only) and compare it with
 raw asyncio TCP on uvloop carrying the same ``length:varint | payload`` frames (an
 asyncio.Protocol per end, one write per message): their ``raw-uvloop`` row is that baseline.
+``rr1/msgnet-openssl-aead`` is msgnet on libcrypto's AEAD alone, beside the default backend
+(``sodium+openssl`` where both link) in the same run.
 
     python -m benchmarks.e2e [--quick] [--repeat N] [--json FILE]
 
@@ -758,6 +760,19 @@ def _idle_session_memory(count: int) -> dict[str, float]:
             proc.kill()
 
 
+def _on_aead_backend(backend: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``run`` with its (spawned) processes importing msgnet on AEAD ``backend``."""
+    previous = os.environ.get("MSGNET_AEAD_BACKEND")
+    os.environ["MSGNET_AEAD_BACKEND"] = backend
+    try:
+        return run()
+    finally:
+        if previous is None:
+            del os.environ["MSGNET_AEAD_BACKEND"]
+        else:
+            os.environ["MSGNET_AEAD_BACKEND"] = previous
+
+
 def _have(module: str) -> bool:
     try:
         __import__(module)
@@ -781,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     import msgnet
     from msgnet import _engine, _packet
 
+    backends = getattr(_packet, "AEAD_BACKENDS", ())
     print(f"msgnet {msgnet.__version__}: AEAD backend {getattr(_packet, 'AEAD_BACKEND', '?')}, "
           f"UDP GSO {getattr(_engine, 'HAVE_GSO', False)}, recvmmsg {_engine.HAVE_RECVMMSG}",
           file=sys.stderr)
@@ -825,6 +841,11 @@ def main(argv: list[str] | None = None) -> int:
         measure(f"rr{k}/msgnet", lambda k=k: _pair(_msgnet_echo_server, (False,),
                                                   _msgnet_pingpong_client, (k, seconds, False),
                                                   server_result=False))
+        if k == 1 and "openssl" in backends and backends[0] != "openssl":
+            # The default backend against libcrypto alone, same run: what the choice is worth.
+            measure("rr1/msgnet-openssl-aead", lambda: _on_aead_backend("openssl", lambda: _pair(
+                _msgnet_echo_server, (False,), _msgnet_pingpong_client, (1, seconds, False),
+                server_result=False)))
         if _have("zmq"):
             measure(f"rr{k}/pyzmq", lambda k=k: _pair(_zmq_echo_server, (),
                                                      _zmq_pingpong_client, (k, seconds),
