@@ -59,6 +59,8 @@ def _have_sodium() -> bool:
     return not os.environ.get("MSGNET_NO_SODIUM") and _links(SODIUM_PROBE, "sodium")
 
 EXTENSIONS = ["msgnet._frame", "msgnet._packet", "msgnet._engine", "msgnet._stream"]
+# Plain-Python modules also compiled, typed by the .pxd beside them (they still run uncompiled).
+COMPILED_PY = ["msgnet.core.delivery"]
 
 
 def _extensions():
@@ -88,7 +90,20 @@ def _extensions():
         for name in EXTENSIONS
         if os.path.exists(name.replace(".", "/") + ".pyx")
     ]
-    return cythonize(
+    compiled_py = [
+        Extension(name, [name.replace(".", "/") + ".py"], define_macros=macros,
+                  extra_compile_args=["-O2"] if os.name != "nt" else [])
+        for name in COMPILED_PY
+    ]
+    # Python's semantics (indexing, division) as the uncompiled module has; C types from the
+    # .pxd only, not from the annotations written for mypy.
+    compiled_py = cythonize(
+        compiled_py,
+        compiler_directives={"language_level": 3, "annotation_typing": False,
+                             "embedsignature": True, "linetrace": debug},
+        annotate=debug,
+    )
+    return compiled_py + cythonize(
         modules,
         compiler_directives={
             "language_level": 3,

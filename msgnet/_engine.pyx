@@ -1394,22 +1394,63 @@ cdef class UdpEngine:
             PyBuffer_Release(&view)
         self._mark_dirty(session)
 
-    def encode_message_frame(self, Session session not None, str protocol not None, payload,
-                             int flags, uint64_t request_id, uint64_t seq,
-                             uint64_t frag_index, uint64_t frag_count) -> bytes:
-        """One message frame with the delivery layer's fields, as INIT until the peer BOUND the
-        protocol's alias, else CONTINUATION. The delivery layer packs these into its own
-        packets (send_payload), so it learns each packet's counter."""
-        cdef Py_buffer view
-        cdef int alias
-        cdef bytes encoded = None
-        cdef bytes out
-        cdef Py_ssize_t body, size, written
+    def pack_message_frames(self, Session session not None, list fragments not None,
+                            bytes head not None, Py_ssize_t room):
+        """The delivery layer's fragments (objects with protocol, chunk, flags, request_id,
+        seq, frag_index, frag_count) as message frames, INIT until the peer BOUND the
+        protocol's alias, else CONTINUATION, packed in order into payloads of at most room
+        bytes, the first after head (say an ack frame; b"" for none). Returns the payloads and
+        how many fragments each carries: the delivery layer seals them itself (send_payload),
+        so it learns which packet carried which fragments. One call per pump, not per frame."""
+        cdef Py_ssize_t used = PyBytes_GET_SIZE(head)
+        cdef Py_ssize_t carried = 0
+        cdef Py_ssize_t size
+        cdef int flags
+        cdef bint fragmented
+        cdef uint8_t* buf
+        cdef list payloads = []
+        cdef list counts = []
         if session._closed or self._closed:
             raise ClosedError("session or engine is closed")
-        alias = session._alias(protocol)
-        if not session._is_bound(alias):
-            encoded = session._out_encoded[alias]
+        if used > room:
+            raise UsageError("head must fit in room")
+        buf = <uint8_t*>PyMem_Malloc(room if room > 0 else 1)
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            memcpy(buf, PyBytes_AS_STRING(head), used)
+            for f in fragments:
+                flags = f.flags
+                fragmented = flags & FLAG_FRAGMENT
+                while True:
+                    size = self._message_frame(
+                        session, f.protocol, f.chunk, flags, f.request_id, f.seq,
+                        f.frag_index if fragmented else 0, f.frag_count if fragmented else 0,
+                        buf + used, room - used)
+                    if size <= room - used or not used:
+                        break
+                    payloads.append(PyBytes_FromStringAndSize(<char*>buf, used))
+                    counts.append(carried)
+                    used = carried = 0
+                if size > room:
+                    raise MessageTooLargeError(_too_large(len(f.chunk), self.max_datagram))
+                used += size
+                carried += 1
+            if used:
+                payloads.append(PyBytes_FromStringAndSize(<char*>buf, used))
+                counts.append(carried)
+        finally:
+            PyMem_Free(buf)
+        return payloads, counts
+
+    cdef Py_ssize_t _message_frame(self, Session s, str protocol, object payload, int flags,
+                                   uint64_t request_id, uint64_t seq, uint64_t frag_index,
+                                   uint64_t frag_count, uint8_t* at, Py_ssize_t cap) except -1:
+        """Write one message frame at ``at`` if it fits in cap bytes; its size either way."""
+        cdef Py_buffer view
+        cdef int alias = s._alias(protocol)
+        cdef bytes encoded = None if s._is_bound(alias) else s._out_encoded[alias]
+        cdef Py_ssize_t body, size, written
         PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
         try:
             body = (varint_size(alias) + view.len
@@ -1417,25 +1458,23 @@ cdef class UdpEngine:
             if encoded is not None:
                 body += 2 + varint_size(PyBytes_GET_SIZE(encoded)) + PyBytes_GET_SIZE(encoded)
             size = 1 + varint_size(body) + body
-            if size > session._cap:
-                raise MessageTooLargeError(_too_large(view.len, self.max_datagram))
-            out = PyBytes_FromStringAndSize(NULL, size)
+            if size > cap:
+                return size
             if encoded is not None:
-                written = write_init(<uint8_t*>PyBytes_AS_STRING(out), size,
-                                     session._transport_id,
+                written = write_init(at, size, s._transport_id,
                                      <const uint8_t*>PyBytes_AS_STRING(encoded),
                                      PyBytes_GET_SIZE(encoded), alias, flags, request_id, seq,
                                      frag_index, frag_count, <const uint8_t*>view.buf, view.len)
             else:
-                written = write_continuation(<uint8_t*>PyBytes_AS_STRING(out), size, alias,
-                                             flags, request_id, seq, frag_index, frag_count,
-                                             <const uint8_t*>view.buf, view.len)
+                written = write_continuation(at, size, alias, flags, request_id, seq,
+                                             frag_index, frag_count, <const uint8_t*>view.buf,
+                                             view.len)
             if written != size:
                 raise AssertionError("frame size mismatch")
         finally:
             PyBuffer_Release(&view)
         self._counters[CNT_MESSAGES_OUT] += 1
-        return out
+        return size
 
     def send_payload(self, Session session not None, bytes payload not None,
                      bint drain=True) -> int:

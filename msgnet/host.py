@@ -222,6 +222,9 @@ class MessageHost:
                     return
             except MessageTooLargeError:
                 pass  # network.send_message fragments it
+        elif (type(qos) is Reliable and not qos.wait
+              and network.send_reliable_nowait(peer, protocol, data, qos.ordered)):
+            return
         await network.send_message(peer, protocol, data, qos=qos)
 
     def set_default_qos(self, protocol: str, qos: QoS) -> None:

@@ -603,6 +603,18 @@ class MessageNetwork:
         session, engine = self.session_for(peer_id, protocol)
         return engine.send_message(session, protocol, data, flags, request_id)
 
+    def send_reliable_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
+                             ordered: bool) -> bool:
+        """send_message of ``Reliable(ordered=ordered)`` (no ``wait``) in the common case: the
+        peer's last datagram session has room. False otherwise: then await send_message."""
+        last = self._last
+        if last is None or last[0] is not peer_id or self._refused or self._closed:
+            return False
+        session = last[1]
+        if session.sends_on_stream:
+            return False
+        return self.delivery.send_nowait(session, last[2], protocol, data, ordered)
+
     def _expect_reply(self, path: _PeerPath | None) -> None:
         """A request went out on path: its reply is what shows the UDP path still works."""
         if path is not None and path.mode == "udp" and not path.expect_since:
@@ -1331,11 +1343,11 @@ class MessageNetwork:
         if not self.delivery.ack_received(session, body):
             self._count("bad_delivery_ack")
 
-    def handle_fragment(self, session: Session, counter: int, protocol: str, flags: int,
-                        request_id: int, seq: int, frag_index: int, frag_count: int,
-                        data: bytes) -> None:
-        self.delivery.fragment_received(session, session.engine, counter, protocol, flags,
-                                        request_id, seq, frag_index, frag_count, data)
+    @property
+    def handle_fragment(self) -> Callable[..., None]:
+        """The engine's hook for sequenced frames: the delivery layer's own (one call less
+        per message)."""
+        return self.delivery.fragment_received
 
     def handle_confirmed(self, session: Session) -> None:
         """The responder's first packet on a session we initiated: it holds the session."""

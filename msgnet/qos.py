@@ -106,6 +106,29 @@ class DeliveryManager:
         """Queue a message that needs the delivery layer; returns a future when waiting."""
         reliable = type(qos) is Reliable or isinstance(qos, Reliable)
         ordered = reliable and qos.ordered  # type: ignore[union-attr]
+        handle = self._send(session, engine, protocol, data, reliable, ordered, flags_extra,
+                            request_id)
+        future = None
+        if reliable and qos.wait:  # type: ignore[union-attr]
+            future = self._loop.create_future()
+            future.add_done_callback(_retrieve)  # a caller that timed out no longer awaits it
+            self._waiters[handle] = future
+        return future
+
+    def send_nowait(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
+                    ordered: bool) -> bool:
+        """send() of a reliable message nobody waits for, unless the session is full: False
+        then (room_waiter() would not be None), and the caller takes the waiting path."""
+        entry = self._conns.get(session)
+        if (entry is not None
+                and entry[0].outstanding_bytes >= limits.MAX_OUTSTANDING_PER_SESSION):
+            return False
+        self._send(session, engine, protocol, data, True, ordered, 0, 0)
+        return True
+
+    def _send(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
+              reliable: bool, ordered: bool, flags_extra: int,
+              request_id: int) -> OutgoingMessage:
         # Per protocol: a fragment sent as INIT (the alias not yet bound) must fit a datagram.
         room = self._fragment_sizes.get(protocol)
         if room is None:
@@ -119,13 +142,9 @@ class DeliveryManager:
         handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
                            flags_extra=flags_extra, request_id=request_id,
                            now=self._loop.time(), fragment_size=room)
-        future = None
-        if reliable and qos.wait:  # type: ignore[union-attr]
-            future = self._loop.create_future()
-            future.add_done_callback(_retrieve)  # a caller that timed out no longer awaits it
-            self._waiters[handle] = future
-        self._schedule(session)
-        return future
+        if session not in self._dirty:
+            self._schedule(session)
+        return handle
 
     def room_waiter(self, session: Session) -> asyncio.Future[None] | None:
         """None while session holds less than MAX_OUTSTANDING_PER_SESSION bytes of unfinished
@@ -182,40 +201,32 @@ class DeliveryManager:
         if not session.established or (session.initiator and not session.last_received):
             return  # until the responder confirmed the session; session_established() pumps
         now = self._loop.time()
-        room = self._room
-        frames: list[bytes] = []
-        carried: list[Fragment] = []
-        size = 0
+        ack = None
         if conn.ack_pending or conn.ack_frame_due(now):
             ack = _ack_frame(conn, now)
-            if ack is not None:
-                frames.append(ack)
-                size = len(ack)
+        fragments: list[Fragment] = []
         while conn.transmit_pending:
-            fragments = conn.poll_transmit(now, _MAX_POLL)
-            if not fragments:
+            polled = conn.poll_transmit(now, _MAX_POLL)
+            if not polled:
                 break
-            for f in fragments:
-                fragmented = f.flags & limits.FLAG_FRAGMENT
-                frame = engine.encode_message_frame(
-                    session, f.protocol, f.chunk, f.flags, f.request_id, f.seq,
-                    f.frag_index if fragmented else 0, f.frag_count if fragmented else 0)
-                if size + len(frame) > room and frames:
-                    self._send_packet(session, conn, engine, frames, carried, now)
-                    frames, carried, size = [], [], 0
-                frames.append(frame)
-                carried.append(f)
-                size += len(frame)
-        if frames:
-            self._send_packet(session, conn, engine, frames, carried, now)
+            fragments += polled
+        if fragments:
+            payloads, counts = engine.pack_message_frames(session, fragments, ack or b"",
+                                                          self._room)
+            start = 0
+            for payload, count in zip(payloads, counts):
+                self._send_packet(session, conn, engine, payload,
+                                  fragments[start:start + count], now)
+                start += count
+        elif ack is not None:
+            self._send_packet(session, conn, engine, ack, [], now)
         engine.drain_sealed()  # the packets of this pump go out in one sendmmsg
         self._arm(session, conn)
         if self._room_waiters and session in self._room_waiters:
             self._wake_room(session, conn)
 
     def _send_packet(self, session: Session, conn: DeliveryConnection, engine: UdpEngine,
-                     frames: list[bytes], carried: list[Fragment], now: float) -> None:
-        payload = b"".join(frames)
+                     payload: bytes, carried: list[Fragment], now: float) -> None:
         counter = engine.send_payload(session, payload, False)
         conn.on_packet_sent(counter, carried, len(payload) + limits.DATA_OVERHEAD, now)
 
@@ -227,10 +238,12 @@ class DeliveryManager:
 
     # -- engine hooks ----------------------------------------------------------------
 
-    def fragment_received(self, session: Session, engine: UdpEngine, counter: int,
-                          protocol: str, flags: int, request_id: int, seq: int,
-                          frag_index: int, frag_count: int, data: bytes) -> None:
+    def fragment_received(self, session: Session, counter: int, protocol: str, flags: int,
+                          request_id: int, seq: int, frag_index: int, frag_count: int,
+                          data: bytes) -> None:
+        """The engine's handle_fragment hook (the network passes it on as it is)."""
         entry = self._conns.get(session)
+        engine = session.engine
         conn = entry[0] if entry is not None else self._conn(session, engine)
         delivered = conn.on_fragment(counter, protocol, flags, request_id, seq, frag_index,
                                      frag_count, data, self._loop.time())
@@ -292,7 +305,7 @@ class DeliveryManager:
                 ack = _ack_frame(conn, now)
                 if ack is not None:
                     try:
-                        self._send_packet(session, conn, engine, [ack], [], now)
+                        self._send_packet(session, conn, engine, ack, [], now)
                         engine.drain_sealed()
                     except MsgnetError:
                         pass  # the session went first: nothing to acknowledge on
@@ -338,6 +351,8 @@ class DeliveryManager:
         self._pump(session, conn, engine)
 
     def _settle(self, events: list[Any]) -> None:
+        if not self._waiters:
+            return  # events only complete futures: the common case has none
         for event in events:
             if isinstance(event, MessageDelivered):
                 future = self._waiters.pop(event.message, None)

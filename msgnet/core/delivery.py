@@ -249,6 +249,9 @@ class MessageFailed(NamedTuple):
 
 DeliveryEvent = MessageDelivered | MessageFailed
 
+_new = tuple.__new__
+"""Makes the NamedTuples above per message without their Python-level __new__ (a frame each)."""
+
 
 class OutgoingMessage:
     """The handle :meth:`DeliveryConnection.send` returns.
@@ -258,8 +261,21 @@ class OutgoingMessage:
     event) or when it failed (``error`` set, a :class:`MessageFailed` event); for
     fragmented best effort when its last fragment was handed out by poll_transmit
     (nothing is ever confirmed, so no event).  ``queued_at`` is the ``now`` given to
-    send(), for the engine's latency accounting and send timeouts.
+    send(), for the engine's latency accounting and send timeouts.  Made by the core
+    (_outgoing_message), never by the application.
     """
+
+    protocol: str
+    seq: int
+    flags: int
+    request_id: int
+    size: int
+    frag_count: int
+    queued_at: float
+    done: bool
+    error: Exception | None
+    _space: _OutSpace
+    _unacked: int
 
     __slots__ = (
         "protocol",
@@ -274,29 +290,6 @@ class OutgoingMessage:
         "_space",
         "_unacked",
     )
-
-    def __init__(
-        self,
-        protocol: str,
-        seq: int,
-        flags: int,
-        request_id: int,
-        size: int,
-        frag_count: int,
-        queued_at: float,
-        space: _OutSpace,
-    ) -> None:
-        self.protocol = protocol
-        self.seq = seq
-        self.flags = flags
-        self.request_id = request_id
-        self.size = size
-        self.frag_count = frag_count
-        self.queued_at = queued_at
-        self.done = False
-        self.error: Exception | None = None
-        self._space = space
-        self._unacked = frag_count  # reliable: fragments not yet acknowledged
 
     @property
     def reliable(self) -> bool:
@@ -322,39 +315,68 @@ class Fragment:
     out of poll_transmit again, unchanged (same seq and frag_index).  ``chunk`` is
     a slice of the application's payload (bytes, or a memoryview for fragments of a
     larger message).  Without FLAG_FRAGMENT, frag_index/frag_count are 0/1 and are
-    not written.
+    not written.  Made by the core (_fragment).
     """
+
+    message: OutgoingMessage
+    protocol: str
+    flags: int
+    request_id: int
+    seq: int
+    frag_index: int
+    frag_count: int
+    chunk: bytes | memoryview
+    acked: bool
+    queued: bool
 
     __slots__ = ("message", "protocol", "flags", "request_id", "seq", "frag_index",
                  "frag_count", "chunk", "acked", "queued")
-
-    def __init__(
-        self,
-        message: OutgoingMessage,
-        protocol: str,
-        flags: int,
-        request_id: int,
-        seq: int,
-        frag_index: int,
-        frag_count: int,
-        chunk: bytes | memoryview,
-    ) -> None:
-        self.message = message
-        self.protocol = protocol
-        self.flags = flags
-        self.request_id = request_id
-        self.seq = seq
-        self.frag_index = frag_index
-        self.frag_count = frag_count
-        self.chunk = chunk
-        self.acked = False  # a fragment may be acknowledged by a packet declared lost
-        self.queued = False  # in the retransmission queue (once, whatever sent it again)
 
     def __repr__(self) -> str:
         return (
             f"<Fragment {self.protocol!r} seq={self.seq} {self.frag_index}/{self.frag_count} "
             f"flags=0x{self.flags:02x} {len(self.chunk)} B>"
         )
+
+
+def _outgoing_message(
+    protocol: str, seq: int, flags: int, request_id: int, size: int, frag_count: int,
+    queued_at: float, space: _OutSpace,
+) -> OutgoingMessage:
+    """A new OutgoingMessage. Made by __new__ and stores rather than an __init__: compiled,
+    these are C struct writes instead of a call that parses eight arguments per message."""
+    new = OutgoingMessage.__new__(OutgoingMessage)
+    new.protocol = protocol
+    new.seq = seq
+    new.flags = flags
+    new.request_id = request_id
+    new.size = size
+    new.frag_count = frag_count
+    new.queued_at = queued_at
+    new.done = False
+    new.error = None
+    new._space = space
+    new._unacked = frag_count  # reliable: fragments not yet acknowledged
+    return new
+
+
+def _fragment(
+    message: OutgoingMessage, protocol: str, flags: int, request_id: int, seq: int,
+    frag_index: int, frag_count: int, chunk: bytes | memoryview,
+) -> Fragment:
+    """A new Fragment (made as _outgoing_message makes messages, for the same reason)."""
+    new = Fragment.__new__(Fragment)
+    new.message = message
+    new.protocol = protocol
+    new.flags = flags
+    new.request_id = request_id
+    new.seq = seq
+    new.frag_index = frag_index
+    new.frag_count = frag_count
+    new.chunk = chunk
+    new.acked = False  # a fragment may be acknowledged by a packet declared lost
+    new.queued = False  # in the retransmission queue (once, whatever sent it again)
+    return new
 
 
 class ReassemblyBudget:
@@ -444,6 +466,26 @@ class _SentPacket:
 def _charge_for(count: int, unit: int) -> int:
     """Reassembly memory reserved for ``count`` fragments of ``unit`` bytes."""
     return count * (unit + _PER_FRAGMENT_COST) + _PER_MESSAGE_COST
+
+
+def _within_window(space: _OutSpace, seq: int) -> bool:
+    """Whether ``seq`` may go out: below the oldest unacked reliable seq + SEQ_WINDOW.
+
+    This is what lets the receiver slide its unordered window (module docstring).
+    ``space.oldest`` only moves up here, one seq at a time, so the scan is
+    amortised O(1) per message.
+    """
+    oldest, unacked, end = space.oldest, space.unacked, space.next_seq
+    while oldest < end and oldest not in unacked:
+        oldest += 1
+    space.oldest = oldest
+    return seq - oldest < SEQ_WINDOW
+
+
+def _valid_ranges(ranges: tuple[tuple[int, int], ...]) -> bool:
+    """Whether a DELIVERY_ACK's (gap, length) ranges are what a decoded frame can hold."""
+    return len(ranges) <= MAX_ACK_RANGES and all(gap >= 0 and length >= 0
+                                                 for gap, length in ranges)
 
 
 # --- the connection ----------------------------------------------------------------------
@@ -701,6 +743,14 @@ class DeliveryConnection:
                 f"best-effort message of {size} bytes needs {count} fragments of {fs}, "
                 f"more than {MAX_BEST_EFFORT_FRAGMENTS}"
             )
+        return self._enqueue(protocol, payload, reliable, ordered, flags_extra, request_id,
+                             count, fs, now)
+
+    def _enqueue(
+        self, protocol: str, payload: bytes, reliable: bool, ordered: bool, flags_extra: int,
+        request_id: int, count: int, fs: int, now: float,
+    ) -> OutgoingMessage:
+        """send() once the arguments are checked: a seq, the handle and its fragments."""
         spaces = self._out_ordered if ordered else self._out_unordered
         space = spaces.get(protocol)
         if space is None:
@@ -716,18 +766,17 @@ class DeliveryConnection:
             flags |= (FLAG_RELIABLE | FLAG_ORDERED) if ordered else FLAG_RELIABLE
         if count > 1:
             flags |= FLAG_FRAGMENT
-        message = OutgoingMessage(protocol, seq, flags, request_id, size, count, now, space)
+        size = len(payload)
+        message = _outgoing_message(protocol, seq, flags, request_id, size, count, now, space)
         self._outstanding += size
         queue = self._queue if reliable else self._be_queue
         if count == 1:
-            queue.append(Fragment(message, protocol, flags, request_id, seq, 0, 1, payload))
+            queue.append(_fragment(message, protocol, flags, request_id, seq, 0, 1, payload))
         else:
             view = memoryview(payload)
-            queue.extend(
-                Fragment(message, protocol, flags, request_id, seq, i, count,
-                         view[i * fs:(i + 1) * fs])
-                for i in range(count)
-            )
+            for i in range(count):
+                queue.append(_fragment(message, protocol, flags, request_id, seq, i, count,
+                                       view[i * fs:(i + 1) * fs]))
         if reliable:
             space.unacked[seq] = message
         return message
@@ -757,7 +806,7 @@ class DeliveryConnection:
                 if message.error is not None:
                     queue.popleft()
                     continue
-                if fragment.seq - message._space.oldest >= SEQ_WINDOW and not self._within_window(
+                if fragment.seq - message._space.oldest >= SEQ_WINDOW and not _within_window(
                     message._space, fragment.seq
                 ):
                     break
@@ -789,7 +838,7 @@ class DeliveryConnection:
         while queue and len(out) < max_fragments and tokens > 0:
             fragment = queue[0]
             message = fragment.message
-            if fragment.seq - message._space.oldest >= SEQ_WINDOW and not self._within_window(
+            if fragment.seq - message._space.oldest >= SEQ_WINDOW and not _within_window(
                 message._space, fragment.seq
             ):
                 break
@@ -802,20 +851,6 @@ class DeliveryConnection:
         if paced:
             self._pace_tokens = tokens
             self._pace_at = now + max(-tokens / rate, GRANULARITY) if tokens <= 0 else 0.0
-
-    @staticmethod
-    def _within_window(space: _OutSpace, seq: int) -> bool:
-        """Whether ``seq`` may go out: below the oldest unacked reliable seq + SEQ_WINDOW.
-
-        This is what lets the receiver slide its unordered window (module docstring).
-        ``space.oldest`` only moves up here, one seq at a time, so the scan is
-        amortised O(1) per message.
-        """
-        oldest, unacked, end = space.oldest, space.unacked, space.next_seq
-        while oldest < end and oldest not in unacked:
-            oldest += 1
-        space.oldest = oldest
-        return seq - oldest < SEQ_WINDOW
 
     def on_packet_sent(
         self, counter: int, fragments: list[Fragment], size: int, now: float
@@ -866,9 +901,8 @@ class DeliveryConnection:
         if largest > self._largest_sent:
             counters["ack_unsent"] += 1
             return []
-        if first_range < 0 or ack_delay_us < 0 or len(ranges) > MAX_ACK_RANGES or any(
-            gap < 0 or length < 0 for gap, length in ranges
-        ):  # what no decoded frame can hold: a caller's bug
+        if first_range < 0 or ack_delay_us < 0 or not _valid_ranges(ranges):
+            # what no decoded frame can hold: a caller's bug
             counters["bad_ack"] += 1
             return []
         low = largest - first_range
@@ -945,7 +979,7 @@ class DeliveryConnection:
                 message.done = True
                 self._outstanding -= message.size
                 del message._space.unacked[message.seq]
-                events.append(MessageDelivered(message))
+                events.append(_new(MessageDelivered, (message,)))
 
     def _ack_lost(self, spans: list[tuple[int, int]], previous: int, now: float,
                   events: list[DeliveryEvent]) -> bool:
@@ -1169,7 +1203,7 @@ class DeliveryConnection:
         self._outstanding -= message.size
         message.error = error
         self.counters["failed"] += 1
-        events.append(MessageFailed(message, error))
+        events.append(_new(MessageFailed, (message, error)))
         space = message._space
         space.unacked.pop(message.seq, None)
         if message.flags & FLAG_ORDERED and not space.closed:
@@ -1247,8 +1281,8 @@ class DeliveryConnection:
             space = self._in_unordered[protocol] = _InSpace()
         if seq == space.base and frag_count == 1 and not space.bits and not space.partial:
             space.base = seq + 1  # the common case: the next message, whole
-            return [Delivered(protocol, flags, request_id,
-                              payload if type(payload) is bytes else bytes(payload))]
+            return [_new(Delivered, (protocol, flags, request_id,
+                                     payload if type(payload) is bytes else bytes(payload)))]
         offset = seq - space.base
         if offset < 0 or space.bits >> offset & 1:
             self.counters["duplicates"] += 1
@@ -1267,7 +1301,7 @@ class DeliveryConnection:
                 return []
             data = whole
         self._mark_received(space, seq)
-        return [Delivered(protocol, flags, request_id, data)]
+        return [_new(Delivered, (protocol, flags, request_id, data))]
 
     def _on_ordered(
         self, counter: int, protocol: str, flags: int, request_id: int, seq: int,
@@ -1299,7 +1333,7 @@ class DeliveryConnection:
             if whole is None:
                 return []
             data = whole
-        message = Delivered(protocol, flags, request_id, data)
+        message = _new(Delivered, (protocol, flags, request_id, data))
         if offset:
             charge = len(data) + _PER_MESSAGE_COST
             if frag_count > 1:
@@ -1469,7 +1503,7 @@ class DeliveryConnection:
 
     # -- acknowledgements out -----------------------------------------------------------
 
-    def on_packet_received(self, counter: int, now: float, *, acknowledge: bool = True) -> None:
+    def on_packet_received(self, counter: int, now: float, acknowledge: bool = True) -> None:
         """Record DATA packet ``counter`` after all its frames were processed.
 
         Every opened packet is reported.  It will be acknowledged unless
