@@ -23,7 +23,8 @@ PUT_VALUE requests, 40 round trips, so every per-request cost counts:
 
 * queries are :meth:`MessageHost.request_nowait` futures driven by callbacks
   (:class:`_Lookup`), not a task each; a put's k stores go out in one loop
-  iteration, encoded once, and their replies are counted as they come;
+  iteration, encoded once, and their replies are counted as they come (the
+  usual ones recognised by their bytes, not decoded);
 * a FIND_NODE reply whose peers do not depend on the key (the whole table
   when it is small, else a full bucket: :meth:`KadDHT._known_closer_reply`)
   is encoded once per table state, and the requester decodes the same bytes
@@ -47,7 +48,6 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from operator import itemgetter
 from types import TracebackType
 from typing import Any, Self
@@ -67,7 +67,6 @@ from .records import (
     Validator,
     default_validator,
     format_key,
-    is_immutable,
 )
 from .routing import PeerEntry, RoutingTable, kad_id, key_in_bucket
 from .wire import (
@@ -234,10 +233,9 @@ _SOURCE = 3  # _SEED, _TABLE or _REPLY
 _DEPTH = 4  # round of the lookup that found it (1: table and seeds)
 _DEADLINE = 5  # soft deadline of its query
 _SENT = 6  # when its query was sent (loop time)
-_FUTURE = 7  # its query (reply future, or the task fetching more pages)
-_VERIFIED = 8  # addresses a successful query proves
+_VERIFIED = 7  # addresses a successful query proves
 
-_Candidate = list  # [distance, state, info, source, depth, deadline, sent, future, verified]
+_Candidate = list  # [distance, state, info, source, depth, deadline, sent, verified]
 _by_distance = itemgetter(_DIST)
 
 
@@ -296,8 +294,8 @@ class _Lookup:
         self.on_reply = on_reply
         self.me = dht.host.peer_id
         # Every candidate, nearest first.  The table's closest peers come sorted.
-        self.order: list[_Candidate] = [[e.kid ^ target, _NEW, e.info, _TABLE, 1, 0.0, 0.0,
-                                         None, ()] for e in dht.table.closest(target, config.k)]
+        self.order: list[_Candidate] = [[e.kid ^ target, _NEW, e.info, _TABLE, 1, 0.0, 0.0, ()]
+                                        for e in dht.table.closest(target, config.k)]
         # Candidates by peer, built when a reply first names peers (a get answered
         # with the value never needs it).
         self.candidates: dict[PeerID, _Candidate] | None = None
@@ -305,7 +303,8 @@ class _Lookup:
         self.seen_infos: dict[int, PeerInfo] = {}
         for info in seeds:
             self.add(info, _SEED, 1)
-        self.inflight: dict[int, _Candidate] = {}  # by id()
+        # The queries out (reply futures, or tasks fetching more pages) and their candidates.
+        self.inflight: dict[asyncio.Future[Any], _Candidate] = {}
         self.queries = self.failures = 0
         # Kademlia's widening rule: once answers stop bringing peers closer than
         # the closest seen (alpha answers in a row), ask all of the k closest
@@ -330,7 +329,7 @@ class _Lookup:
         if info.peer_id == self.me:
             return None
         candidate = [self.dht._kid(info.peer_id) ^ self.target, _NEW, info, source, depth,
-                     0.0, 0.0, None, ()]
+                     0.0, 0.0, ()]
         candidates[info.peer_id] = candidate
         bisect.insort(self.order, candidate, key=_by_distance)
         return candidate
@@ -342,11 +341,13 @@ class _Lookup:
 
         Replies share their PeerInfo objects (wire.py caches them by address), so the
         peers already met are told apart by identity, and a remembered reply brings them
-        by id: a set difference finds what is new without visiting the rest.  A peer
-        keeps the depth at which it was first named.
+        by id: a subset test or a set difference finds what is new without visiting the
+        rest.  A peer keeps the depth at which it was first named.
         """
         seen = self.seen_infos
         if by_id is not None:
+            if by_id.keys() <= seen.keys():  # most replies: no allocation at all
+                return
             for key in by_id.keys() - seen.keys():
                 info = seen[key] = by_id[key]
                 self.add(info, _REPLY, depth)
@@ -450,16 +451,15 @@ class _Lookup:
         except MsgnetError as exc:
             self.failed(candidate, exc)
             return False
-        candidate[_FUTURE] = future
-        self.inflight[id(candidate)] = candidate
-        future.add_done_callback(partial(self._on_reply, candidate))
+        self.inflight[future] = candidate
+        future.add_done_callback(self._on_reply)
         return True
 
-    def _on_reply(self, candidate: _Candidate, future: asyncio.Future[bytes]) -> None:
+    def _on_reply(self, future: asyncio.Future[bytes]) -> None:
         if self.done.done():
             _consume(future)
             return
-        del self.inflight[id(candidate)]
+        candidate = self.inflight.pop(future)
         try:
             if future.cancelled():
                 self.failed(candidate, asyncio.CancelledError())
@@ -476,9 +476,8 @@ class _Lookup:
                     if reply.pages > 1:  # fetch the rest before the reply counts
                         task = self.loop.create_task(self.dht._rest_pages(
                             peer, self.request, reply, self.config.max_query_timeout))
-                        candidate[_FUTURE] = task
-                        self.inflight[id(candidate)] = candidate
-                        task.add_done_callback(partial(self._on_pages, candidate))
+                        self.inflight[task] = candidate
+                        task.add_done_callback(self._on_pages)
                         return
                     if self.answered(candidate, reply, ids):
                         return
@@ -486,11 +485,11 @@ class _Lookup:
         except Exception as exc:  # noqa: BLE001 - a bug (or a validator's): fail the lookup
             self.abort(exc)
 
-    def _on_pages(self, candidate: _Candidate, task: asyncio.Task[Reply]) -> None:
+    def _on_pages(self, task: asyncio.Task[Reply]) -> None:
         if self.done.done():
             _consume(task)
             return
-        del self.inflight[id(candidate)]
+        candidate = self.inflight.pop(task)
         try:
             if task.cancelled():
                 self.failed(candidate, asyncio.CancelledError())
@@ -569,9 +568,8 @@ class _Lookup:
             self.timer.cancel()
             self.timer = None
             self.timer_at = math.inf
-        for candidate in self.inflight.values():
-            if candidate[_FUTURE] is not None:
-                candidate[_FUTURE].cancel()
+        for future in self.inflight:
+            future.cancel()
         self.inflight.clear()
 
 
@@ -580,6 +578,13 @@ _PUT_OK = encode_reply_page(MessageType.PUT_VALUE, 0, ok=True)
 _PUT_REFUSED_QUOTA = encode_reply_page(MessageType.PUT_VALUE, 0, ok=False, error="storage quota")
 _PUT_REFUSED_OLDER = encode_reply_page(MessageType.PUT_VALUE, 0, ok=False,
                                        error="older than the stored record")
+_PROVIDER_OK = encode_reply_page(MessageType.ADD_PROVIDER, 0, ok=True)
+_PROVIDER_REFUSED = encode_reply_page(MessageType.ADD_PROVIDER, 0, ok=False)
+# Those replies by request type, with whether they say "stored": read without decoding.
+_STORE_REPLIES = {
+    MessageType.PUT_VALUE: {_PUT_OK: True, _PUT_REFUSED_QUOTA: False, _PUT_REFUSED_OLDER: False},
+    MessageType.ADD_PROVIDER: {_PROVIDER_OK: True, _PROVIDER_REFUSED: False},
+}
 
 
 class KadDHT:
@@ -596,6 +601,9 @@ class KadDHT:
         self.host = host
         self.config = config or KadConfig()
         self.validator: Validator = validator or default_validator()
+        # Its optional ``immutable(key)`` (see records.Validator), looked up once.
+        self._is_immutable: Callable[[bytes], bool] = getattr(
+            self.validator, "immutable", None) or _mutable
         self.server = server
         self.table = RoutingTable(host.peer_id, self.config.k)
         self.records = RecordStore(self.config.max_records, self.config.max_records_per_peer)
@@ -733,7 +741,7 @@ class KadDHT:
         sent the best one.
         """
         _check_key(key)
-        immutable = is_immutable(self.validator, key)
+        immutable = bool(self._is_immutable(key))
         if quorum is None:
             quorum = 1 if immutable else self.config.quorum
         found: dict[PeerID, bytes] = {}
@@ -977,7 +985,7 @@ class KadDHT:
         after a get, a republish, a second get) is not checked again for
         ``validation_cache_ttl``; the cache is keyed by SHA-256 of key and value."""
         if immutable is None:
-            immutable = is_immutable(self.validator, key)
+            immutable = self._is_immutable(key)
         if immutable:  # checking a content hash is as cheap as a cache lookup
             self._counters["validations"] += 1
             self.validator.validate(key, value)
@@ -1002,7 +1010,7 @@ class KadDHT:
                                     time.monotonic() + self.config.provider_ttl)
         if not stored:
             self._counters["providers_refused_quota"] += 1
-        return encode_reply_page(MessageType.ADD_PROVIDER, 0, ok=stored)
+        return _PROVIDER_OK if stored else _PROVIDER_REFUSED
 
     def _handle_ping(self, sender: PeerID, request: Request) -> bytes:
         return encode_reply_page(MessageType.PING, 0)
@@ -1011,7 +1019,7 @@ class KadDHT:
         """A DHT server contacted us with its addresses (proven to name it): remember it."""
         entry = self.table.get(peer)
         if entry is not None and entry.info.addrs == addrs and peer in self._peerstore:
-            self.table.seen(peer, ())  # known, same addresses: only a sign of life
+            self.table.touch(entry)  # known, same addresses: only a sign of life
             return
         if entry is None or entry.addrs != addrs or peer not in self._peerstore:
             try:
@@ -1250,31 +1258,53 @@ class KadDHT:
         """Send one encoded store request (``data``) to every peer at once; the number of
         peers that answered ok.
 
-        Every request goes out in the same loop iteration, without a task each, and the
-        replies are awaited together: a put costs one round trip after its lookup.
+        Every request goes out in the same loop iteration, without a task each, and each
+        reply is counted by its future's callback as it comes (the usual ones are known
+        bytes, not decoded): a put costs one round trip after its lookup.
         """
-        futures = []
+        known = _STORE_REPLIES[kind]
+        counters = self._counters
+        all_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        futures: list[asyncio.Future[bytes]] = []
+        outstanding = stored = 0
+        failed = False
+
+        def count(future: asyncio.Future[bytes]) -> None:
+            nonlocal outstanding, stored, failed
+            outstanding -= 1
+            if future.cancelled() or future.exception() is not None:
+                failed = True
+            else:
+                reply = future.result()
+                ok = known.get(reply)
+                if ok is None:
+                    try:
+                        ok = bool(decode_reply(reply, kind).ok)
+                    except MalformedMessageError:
+                        counters["dropped_malformed_replies"] += 1
+                        ok = False
+                stored += ok
+            if not outstanding and not all_in.done():
+                all_in.set_result(None)
+
         for info in peers:
             peer = info.peer_id
             try:
-                futures.append(self.host.request_nowait(
-                    peer, PROTOCOL, data, timeout=self._hard_timeout(peer)))
+                future = self.host.request_nowait(peer, PROTOCOL, data,
+                                                  timeout=self._hard_timeout(peer))
             except MsgnetError as exc:
                 log.debug("store at %s not sent: %s", peer, exc)
-        self._counters["requests_out"] += len(futures)
-        stored = 0
-        failed = False
-        for outcome in await asyncio.gather(*futures, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                failed = True
                 continue
-            if outcome == _PUT_OK:  # the one canonical form of {"type": 0, "ok": true}
-                stored += 1
-                continue
+            futures.append(future)
+            future.add_done_callback(count)
+        outstanding = len(futures)
+        counters["requests_out"] += outstanding
+        if outstanding:
             try:
-                stored += bool(decode_reply(outcome, kind).ok)
-            except MalformedMessageError:
-                self._counters["dropped_malformed_replies"] += 1
+                await all_in
+            finally:
+                for future in futures:  # cancelled while waiting: forget the requests
+                    future.cancel()
         if failed or len(futures) < len(peers):
             self._recent_lookups.pop(target, None)  # look again next time
         return stored
@@ -1312,6 +1342,11 @@ class KadDHT:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _mutable(key: bytes) -> bool:
+    """``immutable`` for validators without one: every key may change."""
+    return False
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

@@ -19,6 +19,7 @@ Two namespaces are built in:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -247,13 +248,14 @@ class ContentValidator:
             raise InvalidRecordError("not an /ipld/ key")
         raw = key[len(_IPLD_PREFIX):]
         if len(raw) == 36 and raw[0] == 1 and raw[1] < 0x80 and raw[2:4] == b"\x12\x20":
-            multihash = raw[2:]  # CIDv1, one-byte codec, sha2-256: the usual form, parsed
+            # CIDv1, one-byte codec, sha2-256: the usual form, compared digest to digest
+            valid = raw[4:] == hashlib.sha256(value).digest()
         else:
             try:
-                multihash = CID(raw).multihash
+                valid = CID(raw).multihash == sha256_multihash(value)
             except DagCborError as exc:
                 raise InvalidRecordError(f"/ipld/ key does not hold a CID: {exc}") from None
-        if multihash != sha256_multihash(value):
+        if not valid:
             raise InvalidRecordError("value does not match the CID's sha2-256 multihash")
 
     def select(self, key: bytes, values: Sequence[bytes]) -> int:

@@ -243,9 +243,11 @@ def _flatten(peers: Iterable[PeerInfo]) -> list[bytes]:
 # --- requests -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """A decoded, validated request."""
+    """A decoded, validated request; read-only by convention.  Not frozen: a node builds
+    one for every request it receives, and a frozen dataclass's ``__init__`` (a
+    ``object.__setattr__`` call per field) costs three times as much."""
 
     type: MessageType
     key: bytes = b""
@@ -293,10 +295,29 @@ def _read_bytes(data: bytes, pos: int) -> tuple[bytes, int] | None:
     return (data[pos:end], end) if end <= len(data) else None
 
 
+def _tail_bytes(data: bytes, pos: int) -> bytes | None:
+    """The shortest-form CBOR byte string at ``pos`` if it ends exactly where ``data``
+    does, else None: its head must be the one its length, known from the end, gives."""
+    left = len(data) - pos
+    if 0 < left <= 24:
+        return data[pos + 1:] if data[pos] == 0x3F + left else None
+    if 26 <= left <= 257:
+        return data[pos + 2:] if data[pos] == 0x58 and data[pos + 1] == left - 2 else None
+    if left >= 259 and data[pos:pos + 3] == b"\x59" + (left - 3).to_bytes(2, "big"):
+        return data[pos + 3:]
+    return None
+
+
 _KEY_FIELD = b"ckey"
-_TYPE_FIELD = b"dtype"
 _ADDRS_FIELD = b"eaddrs"
 _VALUE_FIELD = b"evalue"
+# "type" and its value as they follow the key in a request the fast path reads.
+_TYPE_TAGS = {b"dtype" + bytes([t]): t for t in (MessageType.PUT_VALUE, MessageType.GET_VALUE,
+                                                  MessageType.GET_PROVIDERS,
+                                                  MessageType.FIND_NODE)}
+# The "addrs" of fast-path requests, by their encoded list: (addresses, the one peer they
+# all name, or None).  A DHT server sends the same list with every request.
+_OWN_ADDRS: dict[bytes, tuple[tuple[bytes, ...], PeerID | None]] = {}
 
 
 def _fast_request(data: bytes, sender: PeerID) -> Request | None:
@@ -304,48 +325,69 @@ def _fast_request(data: bytes, sender: PeerID) -> Request | None:
     the canonical form of ``{"key", "type"}``, ``{"key", "type", "addrs"}`` (FIND_NODE,
     GET_VALUE, GET_PROVIDERS) or ``{"key", "type", "value"}`` (PUT_VALUE); None for
     anything else, which the generic path then decodes (or rejects)."""
-    if (len(data) < 10 or len(data) > MAX_MESSAGE or data[0] not in (0xA2, 0xA3)
-            or data[1:5] != _KEY_FIELD):
+    size = len(data)
+    if size < 13 or size > MAX_MESSAGE or data[1:5] != _KEY_FIELD:
         return None
-    got = _read_bytes(data, 5)
-    if got is None:
+    head = data[5]
+    if 0x41 <= head <= 0x57:  # the key's length in its head: 1..23 bytes
+        pos, end = 6, head - 0x3A
+    elif head == 0x58 and 24 <= data[6] <= MAX_KEY_SIZE:
+        pos, end = 7, 7 + data[6]
+    else:
         return None
-    key, pos = got
-    if not key or len(key) > MAX_KEY_SIZE or data[pos:pos + 5] != _TYPE_FIELD:
+    kind = _TYPE_TAGS.get(data[end:end + 6])
+    if kind is None:
         return None
-    kind = _TYPES.get(data[pos + 5]) if pos + 5 < len(data) else None
-    pos += 6
-    if kind is None or kind is MessageType.PING or kind is MessageType.ADD_PROVIDER:
-        return None
+    rest = end + 6
     if data[0] == 0xA2:
-        if pos != len(data) or kind is MessageType.PUT_VALUE:
+        if rest != size or kind is MessageType.PUT_VALUE:
             return None
-        return Request(kind, key, 0, None, (), ())
-    field_name = data[pos:pos + 6]
-    pos += 6
-    if field_name == _VALUE_FIELD and kind is MessageType.PUT_VALUE:
-        got = _read_bytes(data, pos)
-        if got is None or got[1] != len(data) or len(got[0]) > MAX_VALUE_SIZE:
-            return None
-        return Request(kind, key, 0, got[0], (), ())
-    if field_name != _ADDRS_FIELD or kind is MessageType.PUT_VALUE or pos >= len(data):
+        return Request(kind, data[pos:end], 0, None, (), ())
+    if data[0] != 0xA3:
         return None
-    count = data[pos] - 0x80
+    field_name = data[rest:rest + 6]
+    if field_name == _VALUE_FIELD:
+        value = _tail_bytes(data, rest + 6)
+        if value is None or kind is not MessageType.PUT_VALUE or len(value) > MAX_VALUE_SIZE:
+            return None
+        return Request(kind, data[pos:end], 0, value, (), ())
+    if field_name != _ADDRS_FIELD or kind is MessageType.PUT_VALUE:
+        return None
+    known = _OWN_ADDRS.get(data[rest + 6:])
+    if known is None:
+        known = _read_own_addrs(data, rest + 6)
+        if known is None:
+            return None
+    addrs, peer = known
+    if peer is not sender and peer != sender:
+        raise MalformedMessageError("addrs names another peer than the sender")
+    return Request(kind, data[pos:end], 0, None, addrs, ())
+
+
+def _read_own_addrs(data: bytes, pos: int) -> tuple[tuple[bytes, ...], PeerID | None] | None:
+    """The canonical address list from ``pos`` to the end of ``data`` (None if it is not
+    one), with the peer its addresses name (None if they name several), remembered."""
+    count = data[pos] - 0x80 if pos < len(data) else 0
     if not 1 <= count <= MAX_ADDRS_PER_PEER:
         return None
+    start = pos
     pos += 1
     addrs = []
+    peers = set()
     for _ in range(count):
         got = _read_bytes(data, pos)
         if got is None:
             return None
         addr, pos = got
-        if peer_of_addr(addr) != sender:
-            raise MalformedMessageError("addrs names another peer than the sender")
+        peers.add(peer_of_addr(addr))  # raises MalformedMessageError for a bad address
         addrs.append(addr)
     if pos != len(data):
         return None
-    return Request(kind, key, 0, None, tuple(dict.fromkeys(addrs)), ())
+    if len(_OWN_ADDRS) >= _ADDR_CACHE_SIZE:
+        _OWN_ADDRS.clear()
+    known = _OWN_ADDRS[data[start:]] = (tuple(dict.fromkeys(addrs)),
+                                        peers.pop() if len(peers) == 1 else None)
+    return known
 
 
 def decode_request(data: bytes, sender: PeerID) -> Request:
