@@ -152,13 +152,17 @@ def _b32decode(text: str) -> bytes:
 
 
 @functools.total_ordering
-class PeerID:
-    """A libp2p peer ID: immutable, hashable, ordered by its multihash bytes."""
+class PeerID(bytes):
+    """A libp2p peer ID: immutable, hashable, ordered by its multihash bytes.
 
-    __slots__ = ("_mh",)
-    _mh: bytes
+    It is the multihash itself, as a ``bytes`` subclass: hashing it, which every dict and set
+    of peers does on every message, then runs in C. It equals other PeerIDs with the same
+    bytes, never plain bytes.
+    """
 
-    def __init__(self, multihash: bytes) -> None:
+    __slots__ = ()
+
+    def __new__(cls, multihash: bytes) -> PeerID:
         """Validate and wrap multihash bytes (identity/Ed25519 or sha2-256)."""
         if not isinstance(multihash, (bytes, bytearray, memoryview)):
             raise UsageError(f"PeerID needs multihash bytes, got {type(multihash).__name__}")
@@ -179,7 +183,7 @@ class PeerID:
             raise UsageError(
                 f"unsupported multihash code 0x{code:02x} for a peer ID (identity or sha2-256)"
             )
-        object.__setattr__(self, "_mh", mh)
+        return super().__new__(cls, mh)
 
     @classmethod
     def from_public_key(cls, raw32: bytes) -> PeerID:
@@ -215,28 +219,28 @@ class PeerID:
             raise UsageError(f"invalid peer ID {text!r}: {exc}") from None
 
     def to_bytes(self) -> bytes:
-        """The multihash bytes (the binary form used on the wire)."""
-        return self._mh
+        """The multihash bytes (the binary form used on the wire), as plain bytes."""
+        return bytes(self)
 
     def to_base58(self) -> str:
-        return _b58encode(self._mh)
+        return _b58encode(bytes(self))
 
     def to_cid_string(self) -> str:
         """CIDv1 text: multibase base32 of 0x01 0x72 || multihash."""
-        return "b" + _b32encode(_CID_PREFIX + self._mh)
+        return "b" + _b32encode(_CID_PREFIX + self)
 
     def extract_public_key(self) -> bytes | None:
         """The raw Ed25519 key for inlined IDs; None for sha2-256 IDs."""
-        if self._mh[0] != _MH_IDENTITY:
+        if self[0] != _MH_IDENTITY:
             return None
-        return decode_public_key_protobuf(self._mh[2:])
+        return decode_public_key_protobuf(self[2:])
 
     def matches_public_key(self, raw32: bytes) -> bool:
         """Whether this ID was derived from ``raw32`` (either multihash form)."""
         proto = encode_public_key_protobuf(raw32)
-        if self._mh[0] == _MH_IDENTITY:
-            return self._mh[2:] == proto
-        return self._mh[2:] == hashlib.sha256(proto).digest()
+        if self[0] == _MH_IDENTITY:
+            return self[2:] == proto
+        return self[2:] == hashlib.sha256(proto).digest()
 
     def __str__(self) -> str:
         return self.to_base58()
@@ -244,28 +248,21 @@ class PeerID:
     def __repr__(self) -> str:
         return f"PeerID({self.to_base58()!r})"
 
+    __hash__ = bytes.__hash__  # C, not a Python method: what makes dicts of peers cheap
+
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PeerID):
-            return NotImplemented
-        return self._mh == other._mh
+        if isinstance(other, PeerID):
+            return bytes.__eq__(self, other)
+        if isinstance(other, (bytes, bytearray, memoryview)):
+            return False  # bytes' own comparison would say equal
+        return NotImplemented
 
-    def __lt__(self, other: object) -> bool:
-        if not isinstance(other, PeerID):
-            return NotImplemented
-        return self._mh < other._mh
-
-    def __hash__(self) -> int:
-        return hash(self._mh)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("PeerID is immutable")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError("PeerID is immutable")
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
 
     def __reduce__(self) -> tuple[type[PeerID], tuple[bytes]]:
-        # Slots plus a blocking __setattr__ defeat default pickling/copying.
-        return (PeerID, (self._mh,))
+        return (PeerID, (bytes(self),))
 
 
 # --- KeyPair --------------------------------------------------------------

@@ -336,7 +336,9 @@ def test_peer_id_value_semantics() -> None:
     assert len({a, b, PeerID(bytes(a.to_bytes()))}) == 2
     assert (a < b) == (a.to_bytes() < b.to_bytes())
     assert sorted([b, a]) == sorted([a, b])
-    assert a != a.to_bytes()
+    assert a != a.to_bytes() and a.to_bytes() != a  # never equal to plain bytes, either side
+    assert not a == bytearray(a.to_bytes()) and type(a.to_bytes()) is bytes
+    assert hash(a) == hash(a.to_bytes())  # bytes' own hash: computed in C
     assert repr(a) == f"PeerID('{SPEC_ED25519_ID}')"
     with pytest.raises(AttributeError):
         a._mh = b""  # type: ignore[misc]
