@@ -7,11 +7,12 @@ from typing import Any, Final
 from ._engine import Session
 from ._packet import SessionCrypto
 
-__all__ = ["MAX_HEADER", "MIN_READ", "READ_BUFFER", "Retention", "StreamCore",
+__all__ = ["MAX_HEADER", "MIN_READ", "READ_BUFFER", "Retention", "SHRINK_AFTER", "StreamCore",
            "encode_stream_header", "resume_report"]
 
 READ_BUFFER: Final[int]
 MIN_READ: Final[int]
+SHRINK_AFTER: Final[int]
 MAX_HEADER: Final[int]
 
 def encode_stream_header(length: int) -> bytes: ...

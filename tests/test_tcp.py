@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from msgnet import limits
 from msgnet._frame import encode_varint
 from msgnet._packet import SessionCrypto
-from msgnet._stream import resume_report
+from msgnet._stream import SHRINK_AFTER, resume_report
 from msgnet._testing import wait_for
 from msgnet.errors import ClosedError, PeerUnreachableError, UsageError
 from msgnet.tcp import (
@@ -305,6 +305,33 @@ def test_announced_large_packet_grows_the_buffer_only_with_received_bytes() -> N
         assert len(conn.get_buffer(-1)) + 1003 <= READ_BUFFER
         feed(conn, b"y" * (READ_BUFFER * 3), [])
         assert READ_BUFFER * 3 < conn.buffer_size <= 2 * (READ_BUFFER * 3 + 1003)
+        conn.close()
+    finally:
+        loop.close()
+
+
+def test_buffer_grown_for_large_packets_is_kept_until_small_ones_follow() -> None:
+    """Large packets back to back reuse the buffer the first one grew; SHRINK_AFTER small
+    packets in a row give it back."""
+    loop = asyncio.new_event_loop()
+    try:
+        recorder = Recorder()
+        streams = TcpStreams(recorder, loop=loop)
+        conn = StreamConnection(streams, outbound=False)
+        conn.connection_made(FakeTransport())
+        large = b"\x5a" * 300_000
+        feed(conn, frame(large), [])
+        grown = conn.buffer_size
+        assert grown >= len(large)
+        for _ in range(3):
+            feed(conn, frame(large), [])
+            assert conn.buffer_size == grown  # not released and regrown per packet
+        for i in range(SHRINK_AFTER):
+            assert conn.buffer_size == grown, i
+            feed(conn, frame(b"\x5a" * 100), [])
+        conn.get_buffer(-1)
+        assert conn.buffer_size == READ_BUFFER
+        assert recorder.received() == [large] * 4 + [b"\x5a" * 100] * SHRINK_AFTER
         conn.close()
     finally:
         loop.close()
