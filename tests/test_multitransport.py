@@ -388,7 +388,8 @@ def test_authenticated_acks_steer_only_their_own_session(run):
                 c.add_peer(addr)
             record(a)
             await c.send_message(a.peer_id, "/m", b"third")
-            await wait_for(lambda: c.network.paths(a.peer_id) == ["udp"])
+            await wait_for(lambda: c.network.paths(a.peer_id) == ["udp"]
+                           and a.network.paths(c.peer_id) == ["udp"])  # both ends settled
             before, paths_c = a.metrics(), a.network.paths(c.peer_id)
             # C (a proven peer, but not B) names A's TCP transport; B names one it never had.
             session_c, engine_c = c.network.session_for(a.peer_id)
