@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import msgnet.core.handshake as handshake_module
 from msgnet.core.handshake import (
     MAX_INITIATION_PATHS,
     PLAINTEXT_FLAG,
@@ -306,6 +307,27 @@ def test_a_signature_over_another_static_key_is_rejected(a: Node) -> None:
     initiation = only(a.hs.initiate(B_ADDR, 0.0, local_index=4, peer_id=real.hs.peer_id))
     a.receive(only(replayer.receive(initiation, A_ADDR, 0.0)), B_ADDR, 0.0)
     assert [f.reason for f in a.failed] == ["bad_signature"]
+
+
+def test_a_peer_proven_once_is_not_verified_again(a: Node, b: Node, monkeypatch) -> None:
+    """Later sessions with the same peer (same identity and Noise static key) skip the
+    Ed25519 verification; any other bytes, a forgery for the same keys included, do not."""
+    calls: list[bytes] = []
+    verify = handshake_module.verify_signature
+    monkeypatch.setattr(handshake_module, "verify_signature",
+                        lambda key, data, sig: calls.append(sig) or verify(key, data, sig))
+    handshake(a, b, index=1)
+    assert len(calls) == 2  # each end proved the other
+    handshake(a, b, index=2, now=1.0)
+    assert len(calls) == 2
+    keypair, static = KeyPair.generate(), bytes(range(32))
+    sig = keypair.sign(SIGNATURE_PREFIX + static)
+    public = keypair.public_key_bytes
+    assert handshake_module._identity_proven(public, static, sig)
+    forged = bytes([sig[0] ^ 1]) + sig[1:]
+    assert not handshake_module._identity_proven(public, static, forged)
+    assert not handshake_module._identity_proven(public, bytes(32), sig)
+    assert len(calls) == 5
 
 
 # --- packet corruption ------------------------------------------------------------------

@@ -141,6 +141,8 @@ PROLOGUE = b"msgnet/1"
 """The Noise prologue: separates msgnet from libp2p's stream Noise (empty prologue); it
 names no transport because a session outlives the path of its handshake (docs/wire.md §5)."""
 SIGNATURE_PREFIX = b"noise-libp2p-static-key:"
+PROVEN_IDENTITIES = 1024
+"""How many (identity key, Noise static key, identity_sig) triples that verified are kept."""
 RATE_TABLE_SIZE = 4096
 """Addresses each per-IP rate table remembers (least recently seen evicted)."""
 MAX_INITIATION_PATHS = 4
@@ -1097,7 +1099,7 @@ class Handshaker:
             raise HandshakeError(f"unusable identity_key: {exc}") from None
         static = noise.remote_static
         assert static is not None  # messages 2 and 3 carry it, and both decrypted
-        if not verify_signature(public, SIGNATURE_PREFIX + static, remote.identity_sig):
+        if not _identity_proven(public, static, remote.identity_sig):
             raise _Rejected(
                 "bad_signature", HandshakeError("identity_sig does not sign the Noise static key")
             )
@@ -1107,3 +1109,26 @@ class Handshaker:
                 "wrong_peer_id", SecurityError(f"dialled {expected} but {peer_id} answered")
             )
         return peer_id, remote
+
+
+_proven: dict[bytes, None] = {}
+
+
+def _identity_proven(public: bytes, static: bytes, sig: bytes) -> bool:
+    """Whether ``sig`` is the identity key's signature of the Noise static key.
+
+    A host keeps its static key for its lifetime, so every session with a peer after the
+    first (idle expiry, rekey, a restart of our side) presents the same triple: a verified
+    one is remembered (at most PROVEN_IDENTITIES, oldest dropped first) and spares the
+    Ed25519 verification (~130 us) next time. Only triples that verified are kept, so
+    forgeries cannot fill the table, and any other bytes are verified afresh.
+    """
+    triple = public + static + sig
+    if triple in _proven:
+        return True
+    if not verify_signature(public, SIGNATURE_PREFIX + static, sig):
+        return False
+    if len(_proven) >= PROVEN_IDENTITIES:
+        del _proven[next(iter(_proven))]
+    _proven[triple] = None
+    return True
