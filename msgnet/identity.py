@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import os
 import stat
@@ -150,8 +149,11 @@ def _b32decode(text: str) -> bytes:
 
 # --- PeerID ---------------------------------------------------------------
 
+# Recent PeerIDs by their multihash (plain bytes keys): PeerID(same bytes) is the same object.
+_INTERNED: dict[bytes, PeerID] = {}
+_MAX_INTERNED = 16384
 
-@functools.total_ordering
+
 class PeerID(bytes):
     """A libp2p peer ID: immutable, hashable, ordered by its multihash bytes.
 
@@ -163,10 +165,22 @@ class PeerID(bytes):
     __slots__ = ()
 
     def __new__(cls, multihash: bytes) -> PeerID:
-        """Validate and wrap multihash bytes (identity/Ed25519 or sha2-256)."""
+        """Validate and wrap multihash bytes (identity/Ed25519 or sha2-256).
+
+        The same bytes give the same object while it is in a bounded table of recent
+        IDs: dicts of peers then find their keys by identity, without a Python-level
+        ``__eq__`` (the handshake, the routing table and the DHT's replies all name the
+        same peers).
+        """
+        if type(multihash) is PeerID and cls is PeerID:
+            return multihash
         if not isinstance(multihash, (bytes, bytearray, memoryview)):
             raise UsageError(f"PeerID needs multihash bytes, got {type(multihash).__name__}")
         mh = bytes(multihash)
+        if cls is PeerID:
+            known = _INTERNED.get(mh)
+            if known is not None:
+                return known
         if len(mh) < 2:
             raise UsageError("peer ID multihash is truncated")
         code, length, digest = mh[0], mh[1], mh[2:]
@@ -183,7 +197,12 @@ class PeerID(bytes):
             raise UsageError(
                 f"unsupported multihash code 0x{code:02x} for a peer ID (identity or sha2-256)"
             )
-        return super().__new__(cls, mh)
+        peer = super().__new__(cls, mh)
+        if cls is PeerID:
+            if len(_INTERNED) >= _MAX_INTERNED:  # IDs from the network are unbounded
+                _INTERNED.clear()
+            _INTERNED[mh] = peer
+        return peer
 
     @classmethod
     def from_public_key(cls, raw32: bytes) -> PeerID:

@@ -8,7 +8,7 @@ of growing memory.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from multiaddr import Multiaddr
 
@@ -26,6 +26,9 @@ class Peerstore:
     def __init__(self, max_peers: int = MAX_PEERS,
                  max_addrs_per_peer: int = MAX_ADDRS_PER_PEER) -> None:
         self._addrs: OrderedDict[PeerID, list[Endpoint]] = OrderedDict()
+        # knows(peer): ``peer in self`` as a C call (the dict's own bound method), for
+        # callers that ask on every message (the DHT).
+        self.knows: Callable[[object], bool] = self._addrs.__contains__
         self._max_peers = max_peers
         self._max_addrs = max_addrs_per_peer
 

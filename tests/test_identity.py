@@ -349,6 +349,25 @@ def test_peer_id_value_semantics() -> None:
     assert copy.deepcopy(a) == a
 
 
+def test_peer_ids_of_the_same_bytes_are_one_object() -> None:
+    """Interned (bounded): dicts of peers then find them by identity, not by a Python
+    __eq__, whichever part of the stack (handshake, DHT replies) made them."""
+    from msgnet import identity
+
+    a = PeerID.from_string(SPEC_ED25519_ID)
+    assert PeerID(a.to_bytes()) is a and PeerID(a) is a
+    assert PeerID.from_public_key(a.extract_public_key() or b"") is a
+    assert pickle.loads(pickle.dumps(a)) is a
+    identity._INTERNED.clear()  # past the bound: equal, hashed alike, just not the same object
+    b = PeerID(a.to_bytes())
+    assert b is not a and b == a and hash(b) == hash(a) and len({a, b}) == 1
+
+    class Sub(PeerID):
+        __slots__ = ()
+
+    assert type(Sub(a.to_bytes())) is Sub and type(Sub(a)) is Sub  # subclasses: not interned
+
+
 # --- properties ------------------------------------------------------------
 
 _KEYS = st.binary(min_size=32, max_size=32)

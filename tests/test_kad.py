@@ -21,6 +21,7 @@ from multiaddr import Multiaddr
 
 from msgnet import MessageHost, RequestTimeoutError
 from msgnet._cluster import ClusterProcess
+from msgnet.errors import UsageError
 from msgnet.identity import KeyPair
 from msgnet.protocols import dagcbor
 from msgnet.protocols.dagcbor import CID, DagCborError
@@ -269,6 +270,38 @@ def test_requests_are_validated_against_the_proven_sender() -> None:
                        me.peer_id)
     with pytest.raises(MalformedMessageError):
         decode_request(dagcbor.encode({"type": 77, "key": b"k"}), me.peer_id)
+
+
+def test_request_encoder_writes_the_generic_canonical_map() -> None:
+    """encode_request builds the usual requests directly: byte for byte what the generic
+    DAG-CBOR encoder makes of the request's map, at every length boundary."""
+    from msgnet.protocols.kad import wire
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        kind = rng.choice(list(MessageType))
+        key = os.urandom(rng.choice([0, 1, 23, 24, 38, 100, 255, 256]))
+        value = rng.choice([None, b"", os.urandom(rng.choice([1, 23, 24, 255, 256, 960, 1100]))])
+        addrs = tuple(os.urandom(rng.choice([10, 40])) for _ in range(rng.choice([0, 1, 2, 5])))
+        request = Request(kind, key, rng.choice([0, 0, 1]), value, addrs,
+                          rng.choice([(), (b"p" * 30,)]))
+        body: dict[str, Any] = {"type": int(kind)}
+        if kind != MessageType.PING:
+            body["key"] = key
+        if request.page:
+            body["page"] = request.page
+        if value is not None:
+            body["value"] = value
+        if addrs:
+            body["addrs"] = list(addrs[:wire.MAX_ADDRS_PER_PEER])
+        if request.provider:
+            body["provider"] = list(request.provider)
+        expected = dagcbor.encode(body)
+        if len(expected) > wire.MAX_MESSAGE:
+            with pytest.raises(UsageError):
+                encode_request(request)
+        else:
+            assert encode_request(request) == expected
 
 
 def test_fast_paths_agree_with_the_generic_decoder() -> None:

@@ -34,7 +34,12 @@ PUT_VALUE requests, 40 round trips, so every per-request cost counts:
   content-addressed (``/ipld/``) records are only hashed, and a get of one
   stops at the first valid value, which is the only one there can be;
 * a FIND_NODE lookup's answer is reused by a store of the same key soon after
-  (``lookup_cache_ttl``).
+  (``lookup_cache_ttl``);
+* a PeerID made from the same bytes is the same object (``identity.PeerID``
+  interns them), so the table, the peerstore, the host's sessions and the
+  replies' PeerInfos find one another by identity; the table and peerstore
+  lookups made per message are their dicts' own C methods (``RoutingTable.get``,
+  ``Peerstore.knows``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ from ...peerstore import Peerstore
 from ..dagcbor import CID, DagCborError, check_multihash
 from .errors import InvalidRecordError, MalformedMessageError, NotFoundError, ValueTooLargeError
 from .records import (
+    NO_ROOM,
     ProviderStore,
     RecordStore,
     Validator,
@@ -81,8 +87,9 @@ from .wire import (
     PeerInfo,
     Reply,
     Request,
+    _decode_request,
+    _fast_request,
     decode_reply,
-    decode_request,
     encode_closer_page,
     encode_reply_page,
     encode_request,
@@ -236,6 +243,8 @@ _SENT = 6  # when its query was sent (loop time)
 _VERIFIED = 7  # addresses a successful query proves
 
 _Candidate = list  # [distance, state, info, source, depth, deadline, sent, verified]
+# A remembered reply's PeerInfos by their ids, and those ids as a set (for subset tests).
+_ReplyIds = tuple[dict[int, PeerInfo], frozenset[int]]
 _by_distance = itemgetter(_DIST)
 
 
@@ -273,6 +282,7 @@ class _Lookup:
         "queries",
         "request",
         "seconds",
+        "seen_ids",
         "seen_infos",
         "stalled",
         "started_at",
@@ -294,13 +304,16 @@ class _Lookup:
         self.on_reply = on_reply
         self.me = dht.host.peer_id
         # Every candidate, nearest first.  The table's closest peers come sorted.
-        self.order: list[_Candidate] = [[e.kid ^ target, _NEW, e.info, _TABLE, 1, 0.0, 0.0, ()]
-                                        for e in dht.table.closest(target, config.k)]
+        self.order: list[_Candidate] = [[d, _NEW, e.info, _TABLE, 1, 0.0, 0.0, ()]
+                                        for d, e in dht.table.closest_by_distance(target,
+                                                                                  config.k)]
         # Candidates by peer, built when a reply first names peers (a get answered
         # with the value never needs it).
         self.candidates: dict[PeerID, _Candidate] | None = None
-        # PeerInfos named by replies so far, by id (see add_reply_peers).
-        self.seen_infos: dict[int, PeerInfo] = {}
+        # The ids of the PeerInfos named by replies so far (see add_reply_peers), and
+        # those PeerInfos, kept alive so that their ids stay unique.
+        self.seen_ids: set[int] = set()
+        self.seen_infos: list[PeerInfo] = []
         for info in seeds:
             self.add(info, _SEED, 1)
         # The queries out (reply futures, or tasks fetching more pages) and their candidates.
@@ -334,29 +347,33 @@ class _Lookup:
         bisect.insort(self.order, candidate, key=_by_distance)
         return candidate
 
-    def add_reply_peers(self, peers: list[PeerInfo], depth: int,
-                        by_id: dict[int, PeerInfo] | None) -> None:
-        """Take in the peers a reply names (``by_id``: the same, by their PeerInfos' ids,
-        when the reply was remembered).
+    def add_reply_peers(self, peers: list[PeerInfo], depth: int, ids: _ReplyIds | None
+                        ) -> None:
+        """Take in the peers a reply names (``ids``: the same by their PeerInfos' ids, as
+        a dict and a set, when the reply was remembered).
 
         Replies share their PeerInfo objects (wire.py caches them by address), so the
         peers already met are told apart by identity, and a remembered reply brings them
-        by id: a subset test or a set difference finds what is new without visiting the
-        rest.  A peer keeps the depth at which it was first named.
+        by id: a subset test (see answered) or a set difference finds what is new without
+        visiting the rest.  A peer keeps the depth at which it was first named.
         """
-        seen = self.seen_infos
-        if by_id is not None:
-            if by_id.keys() <= seen.keys():  # most replies: no allocation at all
-                return
-            for key in by_id.keys() - seen.keys():
-                info = seen[key] = by_id[key]
+        seen = self.seen_ids
+        if ids is not None:
+            by_id, id_set = ids
+            infos: Iterable[PeerInfo] = [by_id[key] for key in id_set - seen]
+        else:
+            infos = [info for info in peers if id(info) not in seen]
+        candidates = self.candidates
+        if candidates is None:
+            candidates = self.candidates = {c[_INFO].peer_id: c for c in self.order}
+        for info in infos:
+            seen.add(id(info))
+            self.seen_infos.append(info)  # kept alive: its id stays unique
+            known = candidates.get(info.peer_id)
+            if known is None:
                 self.add(info, _REPLY, depth)
-            return
-        for info in peers:
-            key = id(info)
-            if key not in seen:
-                seen[key] = info  # keeps it alive: its id stays unique
-                self.add(info, _REPLY, depth)
+            elif depth < known[_DEPTH]:  # add() of a known peer, without the call
+                known[_DEPTH] = depth
 
     def pump(self) -> None:
         """Send the queries the state allows, or finish; re-arm the timer."""
@@ -430,24 +447,30 @@ class _Lookup:
         dht = self.dht
         info = candidate[_INFO]
         peer = info.peer_id
-        soft = dht._rtt.soft_timeout(peer)
+        rtt = dht._rtt
+        stats = rtt._peers.get(peer)  # rtt.soft_timeout(peer), without the call
+        soft = rtt._first if stats is None else stats[2]
         candidate[_STATE] = _INFLIGHT
         candidate[_DEADLINE] = now + soft
         candidate[_SENT] = now
         self.queries += 1
         dht._counters["requests_out"] += 1
+        source = candidate[_SOURCE]
+        entry = dht.table.get(peer)
         try:
-            if candidate[_SOURCE] == _REPLY:
+            if source == _TABLE and dht._peerstore.knows(peer):
+                candidate[_VERIFIED] = info.addrs  # the usual case: nothing to add
+            elif source == _REPLY:
                 # Addresses from a reply are believed only if they are the ones we dial
                 # (the peer was unknown): a successful query then proves them.
                 if dht._add_to_peerstore(peer, info.addrs):
                     candidate[_VERIFIED] = info.addrs
             else:
-                dht._add_to_peerstore(peer, info.addrs,
-                                      replace_known=candidate[_SOURCE] == _SEED)
+                dht._add_to_peerstore(peer, info.addrs, replace_known=source == _SEED)
                 candidate[_VERIFIED] = info.addrs
-            future = dht.host.request_nowait(peer, PROTOCOL, self.data,
-                                             timeout=dht._hard_timeout(peer, soft))
+            timeout = (self.config.max_query_timeout if entry is None or not entry.failures
+                       else dht._hard_timeout(peer, soft))
+            future = dht.host.request_nowait(peer, PROTOCOL, self.data, timeout=timeout)
         except MsgnetError as exc:
             self.failed(candidate, exc)
             return False
@@ -466,8 +489,13 @@ class _Lookup:
             elif (exc := future.exception()) is not None:
                 self.failed(candidate, exc)
             else:
+                data = future.result()
+                kind = self.request.type
+                # _decode_reply's memo first: most replies are bytes decoded before.
+                known = self.dht._decoded.get(data)
                 try:
-                    reply, ids = self.dht._decode_reply(future.result(), self.request.type)
+                    reply, ids = (known if known is not None and known[0].type is kind
+                                  else self.dht._decode_reply(data, kind))
                 except MalformedMessageError as bad:
                     self.failed(candidate, bad)
                 else:
@@ -481,7 +509,8 @@ class _Lookup:
                         return
                     if self.answered(candidate, reply, ids):
                         return
-            self.kick()
+            if not self.pump_soon:
+                self.kick()
         except Exception as exc:  # noqa: BLE001 - a bug (or a validator's): fail the lookup
             self.abort(exc)
 
@@ -501,22 +530,20 @@ class _Lookup:
         except Exception as exc:  # noqa: BLE001 - as in _on_reply
             self.abort(exc)
 
-    def answered(self, candidate: _Candidate, reply: Reply,
-                 ids: dict[int, PeerInfo] | None) -> bool:
+    def answered(self, candidate: _Candidate, reply: Reply, ids: _ReplyIds | None) -> bool:
         """Take a reply in; True if the reply hook stopped the lookup."""
         dht = self.dht
         info = candidate[_INFO]
         # A peer already in the table keeps the addresses it advertised itself.
-        entry = dht.table.get(info.peer_id)
-        if entry is not None:
-            dht.table.touch(entry)
-        else:
+        if not dht.table.touch_known(info.peer_id):
             dht._seen(info.peer_id, candidate[_VERIFIED])
         dht._counters["queries_ok"] += 1
         candidate[_STATE] = _OK
         self.stalled += 1
         if reply.closer:
-            self.add_reply_peers(reply.closer, candidate[_DEPTH] + 1, ids)
+            # Most replies name only peers met already: add_reply_peers' first test.
+            if ids is None or not ids[1] <= self.seen_ids:
+                self.add_reply_peers(reply.closer, candidate[_DEPTH] + 1, ids)
             if self.order[0][_DIST] < self.nearest:
                 self.nearest, self.stalled = self.order[0][_DIST], 0
         if self.on_reply is not None and self.on_reply(info, reply):
@@ -548,12 +575,14 @@ class _Lookup:
 
     def result(self) -> LookupResult:
         answered = [c for c in self.order if c[_STATE] == _OK]
-        best_info = self.dht._best_info
+        table_entry = self.dht.table.get
+        # What the table holds (addresses the peer advertised) over what a reply said.
         return LookupResult(
-            closest=[best_info(c[_INFO]) for c in answered[:self.config.k]],
+            closest=[c[_INFO] if (e := table_entry(c[_INFO].peer_id)) is None else e.info
+                     for c in answered[:self.config.k]],
             queries=self.queries,
             failures=self.failures,
-            hops=max((c[_DEPTH] for c in answered), default=0),
+            hops=max([c[_DEPTH] for c in answered], default=0),
             seconds=self.seconds,
         )
 
@@ -572,6 +601,8 @@ class _Lookup:
             future.cancel()
         self.inflight.clear()
 
+
+_FIND_NODE = MessageType.FIND_NODE
 
 # Replies that are the same bytes every time.
 _PUT_OK = encode_reply_page(MessageType.PUT_VALUE, 0, ok=True)
@@ -604,6 +635,10 @@ class KadDHT:
         # Its optional ``immutable(key)`` (see records.Validator), looked up once.
         self._is_immutable: Callable[[bytes], bool] = getattr(
             self.validator, "immutable", None) or _mutable
+        # (key, value) -> whether the key is immutable, having validated the value if so
+        # (NamespacedValidator does both with one namespace lookup).
+        self._validate_if_immutable: Callable[[bytes, bytes], bool] = getattr(
+            self.validator, "validate_if_immutable", None) or self._validate_when_immutable
         self.server = server
         self.table = RoutingTable(host.peer_id, self.config.k)
         self.records = RecordStore(self.config.max_records, self.config.max_records_per_peer)
@@ -624,7 +659,7 @@ class KadDHT:
         self._valid: OrderedDict[bytes, float] = OrderedDict()
         self._replies: dict[tuple[Any, ...], bytes] = {}
         # Decoded replies by their bytes, with their PeerInfos' ids.
-        self._decoded: dict[bytes, tuple[Reply, dict[int, PeerInfo]]] = {}
+        self._decoded: dict[bytes, tuple[Reply, _ReplyIds]] = {}
         self._replies_version = -1
         self._lookups_in_flight = 0
         self._checks = 0
@@ -878,13 +913,18 @@ class KadDHT:
         try:
             if not msg.is_request:
                 raise MalformedMessageError("not a request")
-            request = decode_request(msg.data, sender)
+            data = msg.data
+            request = _fast_request(data, sender) or _decode_request(data, sender)
         except MalformedMessageError as exc:
             counters["dropped_malformed_requests"] += 1
             log.debug("dropped malformed request from %s: %s", sender, exc)
             return
-        if request.addrs:
-            self._learn(sender, request.addrs)
+        addrs = request.addrs
+        # Known with the same addresses (nearly always): only a sign of life.  The table is
+        # touched before the peerstore is asked; _learn would touch it again anyway.
+        if addrs and not (self.table.touch_known(sender, addrs)
+                          and self._peerstore.knows(sender)):
+            self._learn(sender, addrs)
         msg.reply(self._handlers[request.type](sender, request))
 
     def _closer_for(self, key: bytes, requester: PeerID) -> list[PeerInfo]:
@@ -912,6 +952,14 @@ class KadDHT:
         cut from different orders.  None when the reply must be computed.
         """
         table = self.table
+        replies = self._replies
+        if self._replies_version == table.version:
+            # The usual case, a small table: its reply to this requester is known.  (A
+            # requester's key is only ever filled in that case, and the cache is
+            # emptied whenever the table changes.)
+            data = replies.get((kind, requester))
+            if data is not None:
+                return data
         k = self.config.k
         entry = table.get(requester)
         if len(table) - (entry is not None) <= k:
@@ -924,7 +972,6 @@ class KadDHT:
                 return None
             cache_key = (kind, cpl)
             bucket = cpl
-        replies = self._replies
         if self._replies_version != table.version or len(replies) >= _REPLY_CACHE_SIZE:
             replies.clear()
             self._replies_version = table.version
@@ -941,7 +988,17 @@ class KadDHT:
         return data
 
     def _handle_find_node(self, sender: PeerID, request: Request) -> bytes:
-        return self._closer_reply(MessageType.FIND_NODE, request, sender)
+        # _closer_reply, shorter for the most common request: first the usual case of
+        # _known_closer_reply (a small table's reply, known) without the calls.
+        if request.page == 0:
+            if self._replies_version == self.table.version:
+                data = self._replies.get((_FIND_NODE, sender))
+                if data is not None:
+                    return data
+            data = self._known_closer_reply(_FIND_NODE, request.key, sender)
+            if data is not None:
+                return data
+        return self._closer_reply(_FIND_NODE, request, sender)
 
     def _handle_get_value(self, sender: PeerID, request: Request) -> bytes:
         record = self.records.get_record(request.key, time.monotonic())
@@ -965,10 +1022,10 @@ class KadDHT:
         assert value is not None  # decode_request guarantees it for PUT_VALUE
         now = time.monotonic()
         # The quota first: a peer past it costs us no signature check.
-        if not self.records.has_room(key, sender):
+        current = self.records.get_if_room(key, sender, now)
+        if current is NO_ROOM:
             self._counters["puts_refused_quota"] += 1
             return _PUT_REFUSED_QUOTA
-        current = self.records.get(key, now)
         if current != value:  # a value we hold was validated when it arrived
             try:
                 self._validate(key, value)
@@ -984,9 +1041,16 @@ class KadDHT:
         """``validator.validate`` once per record and node: a record seen again (a put
         after a get, a republish, a second get) is not checked again for
         ``validation_cache_ttl``; the cache is keyed by SHA-256 of key and value."""
+        # Checking a content hash (immutable keys) is as cheap as a cache lookup.
         if immutable is None:
-            immutable = self._is_immutable(key)
-        if immutable:  # checking a content hash is as cheap as a cache lookup
+            try:
+                if self._validate_if_immutable(key, value):
+                    self._counters["validations"] += 1
+                    return
+            except InvalidRecordError:
+                self._counters["validations"] += 1
+                raise
+        elif immutable:
             self._counters["validations"] += 1
             self.validator.validate(key, value)
             return
@@ -1005,6 +1069,13 @@ class KadDHT:
             if len(valid) > _VALID_CACHE_SIZE:
                 valid.popitem(last=False)
 
+    def _validate_when_immutable(self, key: bytes, value: bytes) -> bool:
+        """_validate_if_immutable for validators without ``validate_if_immutable``."""
+        if self._is_immutable(key):
+            self.validator.validate(key, value)
+            return True
+        return False
+
     def _handle_add_provider(self, sender: PeerID, request: Request) -> bytes:
         stored = self.providers.add(request.key, sender, request.provider,
                                     time.monotonic() + self.config.provider_ttl)
@@ -1016,11 +1087,9 @@ class KadDHT:
         return encode_reply_page(MessageType.PING, 0)
 
     def _learn(self, peer: PeerID, addrs: tuple[bytes, ...]) -> None:
-        """A DHT server contacted us with its addresses (proven to name it): remember it."""
+        """A DHT server contacted us with its addresses (proven to name it): remember it.
+        (The caller has found it is not known with these addresses already.)"""
         entry = self.table.get(peer)
-        if entry is not None and entry.info.addrs == addrs and peer in self._peerstore:
-            self.table.touch(entry)  # known, same addresses: only a sign of life
-            return
         if entry is None or entry.addrs != addrs or peer not in self._peerstore:
             try:
                 self._add_to_peerstore(peer, addrs, replace_known=True)
@@ -1106,7 +1175,7 @@ class KadDHT:
         return target, (await self._lookup(target, Request(MessageType.FIND_NODE, key))).closest
 
     def _decode_reply(self, data: bytes, kind: MessageType
-                      ) -> tuple[Reply, dict[int, PeerInfo] | None]:
+                      ) -> tuple[Reply, _ReplyIds | None]:
         """decode_reply of a first page, remembering replies that only name peers (a peer
         answers the same bytes to many keys, see _known_closer_reply) with the ids of
         their PeerInfos (for _Lookup.add_reply_peers); None for others."""
@@ -1119,13 +1188,9 @@ class KadDHT:
             return reply, None
         if len(memo) >= _DECODED_CACHE_SIZE:
             memo.clear()
-        known = memo[data] = (reply, {id(info): info for info in reply.closer})
+        by_id = {id(info): info for info in reply.closer}
+        known = memo[data] = (reply, (by_id, frozenset(by_id)))
         return known
-
-    def _best_info(self, info: PeerInfo) -> PeerInfo:
-        """The table's entry (addresses the peer advertised) over what a reply said."""
-        entry = self.table.get(info.peer_id)
-        return info if entry is None else entry.info
 
     def _hard_timeout(self, peer: PeerID, soft: float | None = None) -> float:
         """How long a query may run at all: max_query_timeout, as a loaded peer may need
@@ -1287,11 +1352,15 @@ class KadDHT:
             if not outstanding and not all_in.done():
                 all_in.set_result(None)
 
+        table_entry = self.table.get
+        timeout = self.config.max_query_timeout
         for info in peers:
             peer = info.peer_id
+            entry = table_entry(peer)
             try:
-                future = self.host.request_nowait(peer, PROTOCOL, data,
-                                                  timeout=self._hard_timeout(peer))
+                future = self.host.request_nowait(
+                    peer, PROTOCOL, data, timeout=timeout if entry is None or not entry.failures
+                    else self._hard_timeout(peer))
             except MsgnetError as exc:
                 log.debug("store at %s not sent: %s", peer, exc)
                 continue

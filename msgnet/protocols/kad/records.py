@@ -24,7 +24,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from enum import Enum
+from typing import Final, Literal, Protocol
 
 from ...errors import UsageError
 from ...identity import KeyPair, PeerID, verify_signature
@@ -66,7 +67,9 @@ class Validator(Protocol):
         """Index of the best of several valid ``values`` (never empty)."""
 
     # Optional: ``immutable(key) -> bool``, True when a key has exactly one valid value
-    # (content addressing), so that a get may stop at the first valid record.
+    # (content addressing), so that a get may stop at the first valid record; and
+    # ``validate_if_immutable(key, value) -> bool``, ``validate`` when ``immutable(key)``
+    # (then True), in one call (see NamespacedValidator).
 
 
 def is_immutable(validator: Validator, key: bytes) -> bool:
@@ -82,6 +85,9 @@ class NamespacedValidator:
         self._validators = {ns.encode(): v for ns, v in validators.items()}
         self._immutable = {ns: getattr(v, "immutable", None)
                            for ns, v in self._validators.items()}
+        # Namespaces whose every key is immutable: ContentValidator's, asked nothing.
+        self._all_immutable = {ns for ns, v in self._validators.items()
+                               if getattr(type(v), "immutable", None) is ContentValidator.immutable}
 
     def _for(self, key: bytes) -> Validator:
         if key[:1] == b"/":
@@ -93,10 +99,31 @@ class NamespacedValidator:
         raise InvalidRecordError(f"no validator for the namespace of key {key[:24]!r}")
 
     def validate(self, key: bytes, value: bytes) -> None:
-        self._for(key).validate(key, value)
+        end = key.find(b"/", 1)  # _for inlined: every stored record comes through here
+        validator = self._validators.get(key[1:end]) if key[:1] == b"/" and end > 1 else None
+        if validator is None:
+            validator = self._for(key)  # raises the error
+        validator.validate(key, value)
 
     def select(self, key: bytes, values: Sequence[bytes]) -> int:
         return self._for(key).select(key, values)
+
+    def validate_if_immutable(self, key: bytes, value: bytes) -> bool:
+        """:meth:`validate` if ``key`` is :meth:`immutable` (then True), else nothing (False):
+        the DHT checks content-addressed records every time (a hash costs less than
+        remembering it was checked) and others once; one namespace lookup for both."""
+        end = key.find(b"/", 1)
+        if key[:1] != b"/" or end <= 1:
+            return False
+        namespace = key[1:end]
+        if namespace in self._all_immutable:
+            self._validators[namespace].validate(key, value)
+            return True
+        immutable = self._immutable.get(namespace)
+        if immutable is not None and immutable(key):
+            self._validators[namespace].validate(key, value)
+            return True
+        return False
 
     def immutable(self, key: bytes) -> bool:
         end = key.find(b"/", 1)
@@ -289,6 +316,14 @@ class StoredRecord:
     reply: bytes | None = None  # the GET_VALUE reply carrying it, once encoded
 
 
+class _NoRoom(Enum):
+    NO_ROOM = 0
+
+
+# RecordStore.get_if_room: the owner may not store the key.
+NO_ROOM: Final = _NoRoom.NO_ROOM
+
+
 class RecordStore:
     """Values by key, bounded in total and per storing peer; expired lazily and by sweep."""
 
@@ -299,8 +334,13 @@ class RecordStore:
         self._max_per_peer = max_per_peer
 
     def get(self, key: bytes, now: float) -> bytes | None:
-        record = self.get_record(key, now)
-        return None if record is None else record.value
+        record = self._records.get(key)  # get_record inlined: asked on every PUT_VALUE
+        if record is None:
+            return None
+        if record.expires <= now:
+            self._remove(key)
+            return None
+        return record.value
 
     def get_record(self, key: bytes, now: float) -> StoredRecord | None:
         record = self._records.get(key)
@@ -310,6 +350,23 @@ class RecordStore:
             self._remove(key)
             return None
         return record
+
+    def get_if_room(self, key: bytes, owner: PeerID, now: float
+                    ) -> bytes | None | Literal[_NoRoom.NO_ROOM]:
+        """:meth:`get` if ``owner`` may store ``key`` (:meth:`has_room`), else NO_ROOM: what a
+        PUT_VALUE asks, in one call."""
+        record = self._records.get(key)
+        if record is None:
+            if len(self._records) >= self._max_records or (
+                    self._per_peer.get(owner, 0) >= self._max_per_peer):
+                return NO_ROOM
+            return None
+        if record.owner != owner and self._per_peer.get(owner, 0) >= self._max_per_peer:
+            return NO_ROOM
+        if record.expires <= now:
+            self._remove(key)
+            return None
+        return record.value
 
     def has_room(self, key: bytes, owner: PeerID, *, exempt: bool = False) -> bool:
         """Whether ``owner`` may store (or replace) ``key``; ``exempt`` skips the per-peer quota."""

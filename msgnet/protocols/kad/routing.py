@@ -18,8 +18,9 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from ...identity import PeerID
 from .wire import MAX_ADDRS_PER_PEER, PeerInfo
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 KEY_BITS = 256
+_first = itemgetter(0)
 
 
 def kad_id(key: bytes) -> int:
@@ -91,15 +93,15 @@ class RoutingTable:
         self.k = k
         self._buckets = [_Bucket() for _ in range(KEY_BITS)]
         self._index: dict[PeerID, PeerEntry] = {}
+        # get(peer): its entry or None.  The index's own dict.get, a C call: the DHT asks
+        # several times per query.
+        self.get: Callable[[PeerID], PeerEntry | None] = self._index.get
         # Bumped whenever a peer joins or leaves the table or changes its addresses:
         # what is derived from the table (encoded replies) is valid while it stays.
         self.version = 0
 
     def _bucket_of(self, kid: int) -> _Bucket:
         return self._buckets[min(common_prefix_length(kid, self.local_kid), KEY_BITS - 1)]
-
-    def get(self, peer: PeerID) -> PeerEntry | None:
-        return self._index.get(peer)
 
     def seen(self, peer: PeerID, addrs: Iterable[bytes], now: float | None = None
              ) -> PeerEntry | None:
@@ -151,6 +153,17 @@ class RoutingTable:
         entry.failures = 0
         self._buckets[entry.bucket].peers.move_to_end(entry.peer_id)
 
+    def touch_known(self, peer: PeerID, addrs: tuple[bytes, ...] | None = None) -> bool:
+        """:meth:`touch` ``peer`` if it is in the table (with exactly ``addrs``, unless
+        None); whether it was: one call for what the DHT does on every message."""
+        entry = self._index.get(peer)
+        if entry is None or (addrs is not None and entry.info.addrs != addrs):
+            return False
+        entry.last_seen = time.monotonic()
+        entry.failures = 0
+        self._buckets[entry.bucket].peers.move_to_end(peer)
+        return True
+
     def check_done(self, entry: PeerEntry) -> None:
         """The liveness ping asked for by :meth:`seen` finished (either way)."""
         self._bucket_of(entry.kid).checking = False
@@ -189,22 +202,28 @@ class RoutingTable:
         are all nearer than those of bucket ``c - 1``, then ``c - 2``... so only the
         buckets needed to gather ``count`` peers are sorted.
         """
+        return [e for _, e in self.closest_by_distance(kid, count, exclude)]
+
+    def closest_by_distance(self, kid: int, count: int, exclude: PeerID | None = None
+                            ) -> list[tuple[int, PeerEntry]]:
+        """:meth:`closest` as (distance, entry) pairs: a lookup keeps the distances."""
         index = self._index
         skip = None if exclude is None else index.get(exclude)
         if len(index) <= 4 * count:
-            entries = index.values() if skip is None else [
-                e for e in index.values() if e is not skip]
-            return sorted(entries, key=lambda e: e.kid ^ kid)[:count]
+            # Distances computed by a comprehension, not a key function called per entry.
+            pairs = [(e.kid ^ kid, e) for e in index.values() if e is not skip]
+            pairs.sort(key=_first)
+            return pairs[:count]
         buckets = self._buckets
         home = min(common_prefix_length(kid, self.local_kid), KEY_BITS - 1)
         groups = [buckets[home].peers.values(),
                   [e for b in buckets[home + 1:] for e in b.peers.values()]]
         groups += (buckets[i].peers.values() for i in range(home - 1, -1, -1))
-        found: list[PeerEntry] = []
+        found: list[tuple[int, PeerEntry]] = []
         for group in groups:
-            if skip is not None:
-                group = [e for e in group if e is not skip]
-            found += sorted(group, key=lambda e: e.kid ^ kid)
+            pairs = [(e.kid ^ kid, e) for e in group if e is not skip]
+            pairs.sort(key=_first)
+            found += pairs
             if len(found) >= count:
                 break
         return found[:count]

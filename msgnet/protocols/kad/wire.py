@@ -259,7 +259,49 @@ class Request:
     provider: tuple[bytes, ...] = ()
 
 
+def _byte_string(data: bytes) -> bytes:
+    """``data`` as a shortest-form CBOR byte string (below 64 KiB)."""
+    size = len(data)
+    if size < 24:
+        return bytes((0x40 + size,)) + data
+    if size < 256:
+        return bytes((0x58, size)) + data
+    return b"\x59" + size.to_bytes(2, "big") + data
+
+
+# Map keys of requests as encoded (text strings of 3 and 5 bytes).
+_KEY_FIELD = b"ckey"
+_ADDRS_FIELD = b"eaddrs"
+_VALUE_FIELD = b"evalue"
+# The "addrs" field of a request (name and list), encoded, by the addresses: a DHT server
+# sends the same ones with every request.
+_ADDRS_FIELDS: dict[tuple[bytes, ...], bytes] = {}
+
+
 def encode_request(request: Request) -> bytes:
+    kind = request.type
+    if (kind is not MessageType.PING and not request.page and not request.provider
+            and (request.value is None or not request.addrs)):
+        # The usual requests, built as _fast_request reads them: the canonical map
+        # {"key", "type"[, "addrs" | "value"]} (keys sorted by length, then bytewise).
+        addrs, value = request.addrs, request.value
+        if value is not None:
+            tail = _VALUE_FIELD + _byte_string(value)
+        elif addrs:
+            known = _ADDRS_FIELDS.get(addrs)
+            if known is None:
+                known = _ADDRS_FIELD + dagcbor.encode(list(addrs[:MAX_ADDRS_PER_PEER]))
+                if len(_ADDRS_FIELDS) >= _ADDR_CACHE_SIZE:
+                    _ADDRS_FIELDS.clear()
+                _ADDRS_FIELDS[addrs] = known
+            tail = known
+        else:
+            tail = b""
+        data = (b"\xa3" if tail else b"\xa2") + _KEY_FIELD + _byte_string(request.key) + (
+            b"dtype" + bytes((kind,))) + tail
+        if len(data) > MAX_MESSAGE:
+            raise UsageError(f"{kind.name} request is {len(data)} bytes (max {MAX_MESSAGE})")
+        return data
     body: dict[str, Any] = {"type": int(request.type)}
     if request.type != MessageType.PING:
         body["key"] = request.key
@@ -308,9 +350,6 @@ def _tail_bytes(data: bytes, pos: int) -> bytes | None:
     return None
 
 
-_KEY_FIELD = b"ckey"
-_ADDRS_FIELD = b"eaddrs"
-_VALUE_FIELD = b"evalue"
 # "type" and its value as they follow the key in a request the fast path reads.
 _TYPE_TAGS = {b"dtype" + bytes([t]): t for t in (MessageType.PUT_VALUE, MessageType.GET_VALUE,
                                                   MessageType.GET_PROVIDERS,
@@ -347,9 +386,19 @@ def _fast_request(data: bytes, sender: PeerID) -> Request | None:
         return None
     field_name = data[rest:rest + 6]
     if field_name == _VALUE_FIELD:
-        value = _tail_bytes(data, rest + 6)
-        if value is None or kind is not MessageType.PUT_VALUE or len(value) > MAX_VALUE_SIZE:
+        if kind is not MessageType.PUT_VALUE:
             return None
+        at = rest + 6
+        left = size - at
+        # _tail_bytes(data, at), its short forms without the call: values below 256 bytes.
+        if 0 < left <= 24 and data[at] == 0x3F + left:
+            value: bytes | None = data[at + 1:]
+        elif 26 <= left <= 257 and data[at] == 0x58 and data[at + 1] == left - 2:
+            value = data[at + 2:]
+        else:
+            value = _tail_bytes(data, at)
+            if value is None or len(value) > MAX_VALUE_SIZE:
+                return None
         return Request(kind, data[pos:end], 0, value, (), ())
     if field_name != _ADDRS_FIELD or kind is MessageType.PUT_VALUE:
         return None
