@@ -298,6 +298,9 @@ cdef class Session:
     cdef uint16_t _transport_id        # what INIT frames name (the path's transport)
     cdef readonly double last_datagram # when the last authenticated datagram arrived
     cdef readonly object rx_stream     # the connection the packet being processed came on
+    # The session's delivery-layer state (a msgnet.core.delivery.DeliveryConnection), set by
+    # the delivery manager: the engine hands it SEQ frames itself, without a delegate call.
+    cdef public object delivery
 
     cdef inline Py_ssize_t _queue_len(self) noexcept:
         return 0 if self._queue is None else len(self._queue) - self._queue_head
@@ -423,6 +426,8 @@ cdef class UdpEngine:
     cdef int _dispatch(self, Session s, uint64_t alias, str protocol, int flags,
                        uint64_t request_id, bytes data) except -1
     cdef int _message(self, Session s, uint64_t alias, str protocol, FrameView* fv) except -1
+    cdef int _deliver(self, Session s, str protocol, int flags, uint64_t request_id,
+                      bytes data) except -1
     cdef int _control_frame(self, Session s, FrameView* fv) except -1
     cdef Py_ssize_t _message_frame(self, Session s, str protocol, object payload, int flags,
                                    uint64_t request_id, uint64_t seq, uint64_t frag_index,

@@ -606,7 +606,8 @@ cdef class UdpEngine:
     ``handle_pong(session, data)``, ``handle_ack(session, transport_id)``,
     ``handle_close(session, code, reason)``, ``handle_delivery_ack(session, body)``, and, if it
     has it, ``handle_udp_packet(session)`` for a datagram that authenticated for a session
-    sending on a stream.
+    sending on a stream. SEQ frames go to ``handle_fragment`` if the delegate has it, until it
+    sets ``session.delivery`` (a DeliveryConnection): then to that connection's ``receive``.
 
     Sessions may also send on a TCP connection (``set_path``): flush then writes each sealed
     packet to the connection, length-prefixed, instead of sendmmsg, and ``feed_stream`` runs
@@ -1204,14 +1205,30 @@ cdef class UdpEngine:
         if counter < 0:  # only DATA packets can be acknowledged: never sent in a FINISH
             self._counters[CNT_BAD_FRAME] += 1
             return False
+        payload = PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len)
+        conn = s.delivery
         try:
-            self._on_fragment(s, counter, protocol, fv.flags, fv.request_id, fv.seq,
-                              fv.frag_index,
-                              fv.frag_count if fv.flags & FLAG_FRAGMENT else 1,
-                              PyBytes_FromStringAndSize(<const char*>fv.payload,
-                                                        fv.payload_len))
+            if conn is None:  # the session's first: the delegate sets its delivery state up
+                self._on_fragment(s, counter, protocol, fv.flags, fv.request_id, fv.seq,
+                                  fv.frag_index,
+                                  fv.frag_count if fv.flags & FLAG_FRAGMENT else 1, payload)
+                return True
+            # The delivery core directly (what handle_fragment would do, minus a Python frame
+            # per message): what is now deliverable, exactly once and in order.
+            got = conn.receive(counter, protocol, fv.flags, fv.request_id, fv.seq,
+                               fv.frag_index, fv.frag_count if fv.flags & FLAG_FRAGMENT else 1,
+                               payload, self._now)
         except Exception as exc:
-            self._report("msgnet: delegate.handle_fragment raised", exc, s)
+            self._report("msgnet: the delivery layer raised on a SEQ frame", exc, s)
+            return True
+        if got is None:
+            return True
+        if type(got) is bytes:  # this message, whole: the common case
+            self._dispatch(s, alias, protocol, fv.flags, fv.request_id, <bytes>got)
+            return True
+        for message in <list?>got:  # Delivered tuples: an ordered run
+            item = <tuple>message  # a tuple subclass (NamedTuple)
+            self._deliver(s, <str?>item[0], item[1], item[2], <bytes?>item[3])
         return True
 
     cdef int _message(self, Session s, uint64_t alias, str protocol, FrameView* fv) except -1:
@@ -1222,14 +1239,18 @@ cdef class UdpEngine:
     def deliver(self, Session session not None, str protocol not None, int flags,
                 uint64_t request_id, bytes data not None):
         """Deliver a message the delivery layer completed (reassembled, in order, once)."""
+        self._deliver(session, protocol, flags, request_id, data)
+
+    cdef int _deliver(self, Session s, str protocol, int flags, uint64_t request_id,
+                      bytes data) except -1:
         cdef uint64_t alias = 0
         if not flags & FLAG_RESPONSE and protocol not in self._handlers:
             # Rare (the handler went away): find the peer's alias to RESET it.
-            for key, value in (session._in_protocols or {}).items():
+            for key, value in (s._in_protocols or {}).items():
                 if value == protocol:
                     alias = key
                     break
-        self._dispatch(session, alias, protocol, flags, request_id, data)
+        return self._dispatch(s, alias, protocol, flags, request_id, data)
 
     cdef int _dispatch(self, Session s, uint64_t alias, str protocol, int flags,
                        uint64_t request_id, bytes data) except -1:

@@ -12,6 +12,12 @@ Every send chooses its guarantee (docs/wire.md §3.6):
 per session that has used the delivery layer, feeds it from the engine's hooks and a timer,
 and turns its events into completed or failed futures.  Sessions that only ever carry
 single-datagram best-effort messages never create one, so they pay nothing for it.
+
+The per-message paths skip this glue where it adds nothing: the connection is also
+``session.delivery``, so the engine hands it received SEQ frames itself
+(DeliveryConnection.receive) and delivers what it returns; a reliable send nobody waits
+for is one positional call into the core (send_nowait), which then makes no
+MessageDelivered event.
 """
 
 from __future__ import annotations
@@ -98,6 +104,7 @@ class DeliveryManager:
         # Senders waiting for a session's outstanding bytes to fall (back-pressure).
         self._room_waiters: dict[Session, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
+        self._now = 0.0  # the clock when _schedule last ran: in this loop iteration if dirty
 
     # -- sending ---------------------------------------------------------------------
 
@@ -118,25 +125,21 @@ class DeliveryManager:
     def send_nowait(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
                     ordered: bool) -> bool:
         """send() of a reliable message nobody waits for, unless the session is full: False
-        then (room_waiter() would not be None), and the caller takes the waiting path."""
-        entry = self._conns.get(session)
-        if (entry is not None
-                and entry[0].outstanding_bytes >= limits.MAX_OUTSTANDING_PER_SESSION):
-            return False
-        self._send(session, engine, protocol, data, True, ordered, 0, 0)
-        return True
+        then (room_waiter() would not be None), and the caller takes the waiting path.
+        The per-message hot path: one positional call into the core, no handle kept."""
+        conn = session.delivery
+        room = self._fragment_sizes.get(protocol)
+        if conn is None or room is None:
+            conn = self._conn(session, engine)
+            room = self._room_for(protocol)
+        if session not in self._dirty:
+            self._schedule(session)  # which reads the clock: once per loop iteration
+        return conn.send_nowait(protocol, data, ordered, room, self._now)
 
     def _send(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
               reliable: bool, ordered: bool, flags_extra: int,
               request_id: int) -> OutgoingMessage:
-        # Per protocol: a fragment sent as INIT (the alias not yet bound) must fit a datagram.
-        room = self._fragment_sizes.get(protocol)
-        if room is None:
-            room = fragment_size(self._max_datagram, protocol)
-            if room <= 0:
-                raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
-            if len(self._fragment_sizes) < 4096:
-                self._fragment_sizes[protocol] = room
+        room = self._room_for(protocol)
         entry = self._conns.get(session)
         conn = entry[0] if entry is not None else self._conn(session, engine)
         handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
@@ -145,6 +148,18 @@ class DeliveryManager:
         if session not in self._dirty:
             self._schedule(session)
         return handle
+
+    def _room_for(self, protocol: str) -> int:
+        """Per protocol: a fragment sent as INIT (the alias not yet bound) must fit a
+        datagram."""
+        room = self._fragment_sizes.get(protocol)
+        if room is None:
+            room = fragment_size(self._max_datagram, protocol)
+            if room <= 0:
+                raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
+            if len(self._fragment_sizes) < 4096:
+                self._fragment_sizes[protocol] = room
+        return room
 
     def room_waiter(self, session: Session) -> asyncio.Future[None] | None:
         """None while session holds less than MAX_OUTSTANDING_PER_SESSION bytes of unfinished
@@ -175,11 +190,13 @@ class DeliveryManager:
                 budget=self._budget,
             )
             entry = self._conns[session] = (conn, engine)
+            session.delivery = conn  # the engine hands it received SEQ frames itself
         return entry[0]
 
     def _schedule(self, session: Session) -> None:
         """Pump ``session`` at the end of this loop iteration (see __init__)."""
         self._dirty[session] = None
+        self._now = self._loop.time()
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
@@ -241,7 +258,9 @@ class DeliveryManager:
     def fragment_received(self, session: Session, counter: int, protocol: str, flags: int,
                           request_id: int, seq: int, frag_index: int, frag_count: int,
                           data: bytes) -> None:
-        """The engine's handle_fragment hook (the network passes it on as it is)."""
+        """The engine's handle_fragment hook (the network passes it on as it is): only for
+        a session's first SEQ frame, before session.delivery is set; later ones go from the
+        engine to the core directly."""
         entry = self._conns.get(session)
         engine = session.engine
         conn = entry[0] if entry is not None else self._conn(session, engine)
@@ -288,6 +307,8 @@ class DeliveryManager:
     def close_session(self, session: Session, error: BaseException) -> None:
         self._dirty.pop(session, None)
         entry = self._conns.pop(session, None)
+        if entry is not None:
+            session.delivery = None
         timer = self._timers.pop(session, None)
         if timer is not None:
             timer[0].cancel()

@@ -5,7 +5,17 @@
 
 cimport cython
 
+# Constants read per message or per fragment: C values instead of module-dict lookups and
+# Python arithmetic (they are no longer attributes of the compiled module; nothing reads
+# them from there).
+cdef int FLAG_FRAGMENT, FLAG_ORDERED, FLAG_RELIABLE, FLAG_SEQ
+cdef long long SEQ_WINDOW
+cdef Py_ssize_t MAX_FRAGMENTS, MAX_BEST_EFFORT_FRAGMENTS, MAX_OUTSTANDING_PER_SESSION
+cdef Py_ssize_t _FRAGMENT_OVERHEAD, _PER_MESSAGE_COST
 
+
+# OutgoingMessage and Fragment are also @cython.no_gc (in delivery.py: the directive is only
+# honoured there): see Fragment's docstring.
 @cython.final
 cdef class OutgoingMessage:
     cdef public str protocol
@@ -17,7 +27,7 @@ cdef class OutgoingMessage:
     cdef public double queued_at
     cdef public bint done
     cdef public object error
-    cdef public _OutSpace _space
+    cdef public bint notify
     cdef public int _unacked
 
 
@@ -33,6 +43,7 @@ cdef class Fragment:
     cdef public object chunk
     cdef public bint acked
     cdef public bint queued
+    cdef public _OutSpace _space
 
 
 @cython.final
@@ -81,10 +92,10 @@ cdef class _SentPacket:
 @cython.locals(new=OutgoingMessage)
 cdef OutgoingMessage _outgoing_message(str protocol, long long seq, int flags, request_id,
                                        Py_ssize_t size, int frag_count, double queued_at,
-                                       _OutSpace space)
+                                       bint notify)
 @cython.locals(new=Fragment)
 cdef Fragment _fragment(OutgoingMessage message, str protocol, int flags, request_id,
-                        long long seq, int frag_index, int frag_count, chunk)
+                        long long seq, int frag_index, int frag_count, chunk, _OutSpace space)
 cdef bint _within_window(_OutSpace space, long long seq) except -1
 
 
@@ -144,28 +155,35 @@ cdef class DeliveryConnection:
     cdef Py_ssize_t _probe_budget
     cdef Py_ssize_t _outstanding
 
-    @cython.locals(space=_OutSpace, message=OutgoingMessage, fragment=Fragment)
+    @cython.locals(space=_OutSpace, message=OutgoingMessage, seq=cython.longlong,
+                   flags=cython.int, size=cython.Py_ssize_t, i=cython.Py_ssize_t)
     cdef OutgoingMessage _enqueue(self, str protocol, bytes payload, bint reliable, bint ordered,
                                   int flags_extra, request_id, Py_ssize_t count, Py_ssize_t fs,
-                                  double now)
+                                  double now, bint notify)
+    cpdef bint send_nowait(self, str protocol, payload, bint ordered, Py_ssize_t fragment_size,
+                           double now) except -1
+    cdef Py_ssize_t _fragment_count(self, Py_ssize_t size, bint reliable, bint ordered,
+                                    Py_ssize_t fs) except -1
     @cython.locals(fragment=Fragment, message=OutgoingMessage, budget=cython.double, cost=cython.Py_ssize_t)
     cpdef list poll_transmit(self, double now, Py_ssize_t max_fragments)
     @cython.locals(fragment=Fragment, message=OutgoingMessage, tokens=cython.double, rate=cython.double)
     cdef _poll_best_effort(self, double now, Py_ssize_t max_fragments, list out)
-    @cython.locals(fragment=Fragment, handed=cython.Py_ssize_t)
+    @cython.locals(fragment=Fragment, handed=cython.Py_ssize_t, mixed=cython.bint)
     cpdef on_packet_sent(self, long long counter, list fragments, Py_ssize_t size, double now)
     @cython.locals(packet=_SentPacket, newest=_SentPacket, low=cython.longlong, high=cython.longlong,
                    oldest=cython.longlong, counter=cython.longlong)
     cpdef list on_ack(self, long long largest, long long ack_delay_us, long long first_range,
                       ranges, double now)
-    @cython.locals(space=_InSpace, offset=cython.longlong)
     cpdef list on_fragment(self, long long counter, str protocol, int flags, request_id,
                            long long seq, int frag_index, int frag_count, payload, double now)
+    @cython.locals(space=_InSpace, offset=cython.longlong)
+    cpdef receive(self, long long counter, str protocol, int flags, request_id,
+                  long long seq, int frag_index, int frag_count, payload, double now)
     cpdef on_packet_received(self, long long counter, double now, bint acknowledge=*)
     cpdef bint ack_frame_due(self, double now) except -1
     cpdef build_ack(self, double now)
     cpdef next_deadline(self)
-    @cython.locals(fragment=Fragment, message=OutgoingMessage)
+    @cython.locals(fragment=Fragment, message=OutgoingMessage, space=_OutSpace)
     cdef _ack_fragments(self, list fragments, list events)
     cdef bint _ack_lost(self, list spans, long long previous, double now, list events) except -1
     cdef _adapt_thresholds(self, long long counter, double sent, long long previous, double now)
@@ -181,7 +199,7 @@ cdef class DeliveryConnection:
     cdef _requeue(self, list fragments)
     @cython.locals(packet=_SentPacket)
     cdef _on_timeout(self, double now, list events)
-    cdef _fail(self, OutgoingMessage message, error, list events)
+    cdef _fail(self, OutgoingMessage message, _OutSpace space, error, list events)
     cdef _fail_all(self, error, list events)
     @cython.locals(space=_InSpace, offset=cython.longlong, base=cython.longlong)
     cdef _on_ordered(self, long long counter, str protocol, int flags, request_id, long long seq,

@@ -16,6 +16,8 @@ How the engine drives it
 Sending (per session)::
 
     handle = conn.send(protocol, payload, reliable=..., ordered=..., now=now)
+    # or, for a reliable message nobody awaits (no handle, no MessageDelivered event):
+    queued = conn.send_nowait(protocol, payload, ordered, fragment_size, now)
     # whenever the session is flushed (after input, after send, after a timer):
     fragments = conn.poll_transmit(now, max_fragments)
     # encode each Fragment as INIT/CONTINUATION with its flags, request_id, seq and,
@@ -28,6 +30,7 @@ Receiving, for each DATA packet that opened (after the replay check)::
     events = conn.on_ack(*delivery_ack_fields, now)           # per DELIVERY_ACK frame
     delivered = conn.on_fragment(counter, protocol, flags, request_id, seq,
                                  frag_index, frag_count, payload, now)   # per SEQ message
+    # (or conn.receive(...), the same without a list and a Delivered in the common case)
     conn.on_packet_received(counter, now, acknowledge=...)    # once, after all frames
 
 then ``conn.ack_frame_due(now)`` says an ack must go out now (alone if need be);
@@ -127,6 +130,13 @@ import math
 from collections import deque
 from typing import NamedTuple
 
+try:
+    import cython  # type: ignore[import-untyped]
+except ImportError:  # running uncompiled without Cython installed: the decorators do nothing
+    from types import SimpleNamespace
+
+    cython = SimpleNamespace(cclass=lambda cls: cls, no_gc=lambda cls: cls)
+
 from msgnet.errors import ClosedError, MessageTooLargeError, PeerUnreachableError, UsageError
 from msgnet.limits import (
     FLAG_FRAGMENT,
@@ -150,6 +160,7 @@ from msgnet.limits import (
     MAX_ACK_DELAY,
     MAX_BEST_EFFORT_FRAGMENTS,
     MAX_BEST_EFFORT_REASSEMBLIES,
+    MAX_OUTSTANDING_PER_SESSION,
     MAX_REASSEMBLY_PER_SESSION,
     MAX_REASSEMBLY_TOTAL,
     MAX_RETRANSMISSIONS,
@@ -253,6 +264,8 @@ _new = tuple.__new__
 """Makes the NamedTuples above per message without their Python-level __new__ (a frame each)."""
 
 
+@cython.no_gc  # never in a reference cycle (see Fragment): freed by refcounting alone
+@cython.cclass
 class OutgoingMessage:
     """The handle :meth:`DeliveryConnection.send` returns.
 
@@ -261,8 +274,10 @@ class OutgoingMessage:
     event) or when it failed (``error`` set, a :class:`MessageFailed` event); for
     fragmented best effort when its last fragment was handed out by poll_transmit
     (nothing is ever confirmed, so no event).  ``queued_at`` is the ``now`` given to
-    send(), for the engine's latency accounting and send timeouts.  Made by the core
-    (_outgoing_message), never by the application.
+    send(), for the engine's latency accounting and send timeouts.  ``notify`` is False
+    for messages sent by send_nowait: nobody awaits them, so they make no
+    MessageDelivered event (failures still do).  Made by the core (_outgoing_message),
+    never by the application.
     """
 
     protocol: str
@@ -274,7 +289,7 @@ class OutgoingMessage:
     queued_at: float
     done: bool
     error: Exception | None
-    _space: _OutSpace
+    notify: bool
     _unacked: int
 
     __slots__ = (
@@ -287,7 +302,7 @@ class OutgoingMessage:
         "queued_at",
         "done",
         "error",
-        "_space",
+        "notify",
         "_unacked",
     )
 
@@ -307,6 +322,8 @@ class OutgoingMessage:
         )
 
 
+@cython.no_gc
+@cython.cclass
 class Fragment:
     """One fragment to send: the wire fields of one INIT/CONTINUATION message.
 
@@ -316,6 +333,12 @@ class Fragment:
     a slice of the application's payload (bytes, or a memoryview for fragments of a
     larger message).  Without FLAG_FRAGMENT, frag_index/frag_count are 0/1 and are
     not written.  Made by the core (_fragment).
+
+    The fragment, not its message, refers to the sequence space: space -> message
+    (``unacked``) is then the only link between them and no cycle holds either
+    object, so compiled, neither is tracked by the garbage collector (``no_gc``): a
+    session may hold a hundred thousand queued messages, and every full collection
+    would otherwise walk them all.
     """
 
     message: OutgoingMessage
@@ -328,9 +351,10 @@ class Fragment:
     chunk: bytes | memoryview
     acked: bool
     queued: bool
+    _space: _OutSpace
 
     __slots__ = ("message", "protocol", "flags", "request_id", "seq", "frag_index",
-                 "frag_count", "chunk", "acked", "queued")
+                 "frag_count", "chunk", "acked", "queued", "_space")
 
     def __repr__(self) -> str:
         return (
@@ -341,7 +365,7 @@ class Fragment:
 
 def _outgoing_message(
     protocol: str, seq: int, flags: int, request_id: int, size: int, frag_count: int,
-    queued_at: float, space: _OutSpace,
+    queued_at: float, notify: bool,
 ) -> OutgoingMessage:
     """A new OutgoingMessage. Made by __new__ and stores rather than an __init__: compiled,
     these are C struct writes instead of a call that parses eight arguments per message."""
@@ -355,14 +379,14 @@ def _outgoing_message(
     new.queued_at = queued_at
     new.done = False
     new.error = None
-    new._space = space
+    new.notify = notify
     new._unacked = frag_count  # reliable: fragments not yet acknowledged
     return new
 
 
 def _fragment(
     message: OutgoingMessage, protocol: str, flags: int, request_id: int, seq: int,
-    frag_index: int, frag_count: int, chunk: bytes | memoryview,
+    frag_index: int, frag_count: int, chunk: bytes | memoryview, space: _OutSpace,
 ) -> Fragment:
     """A new Fragment (made as _outgoing_message makes messages, for the same reason)."""
     new = Fragment.__new__(Fragment)
@@ -376,6 +400,7 @@ def _fragment(
     new.chunk = chunk
     new.acked = False  # a fragment may be acknowledged by a packet declared lost
     new.queued = False  # in the retransmission queue (once, whatever sent it again)
+    new._space = space
     return new
 
 
@@ -721,8 +746,32 @@ class DeliveryConnection:
                 raise UsageError("a request_id goes with FLAG_REQUEST or FLAG_RESPONSE")
         if type(payload) is not bytes:
             payload = bytes(payload)
-        size = len(payload)
         fs = self._fragment_size if fragment_size is None else fragment_size
+        count = self._fragment_count(len(payload), reliable, ordered, fs)
+        return self._enqueue(protocol, payload, reliable, ordered, flags_extra, request_id,
+                             count, fs, now, True)
+
+    def send_nowait(self, protocol: str, payload: Buffer, ordered: bool, fragment_size: int,
+                    now: float) -> bool:
+        """send() of a reliable message nobody awaits, the per-message hot path: positional
+        arguments, no handle, and no MessageDelivered event (failures still make theirs).
+
+        False, with nothing queued, while outstanding_bytes is MAX_OUTSTANDING_PER_SESSION
+        or more (wire.md 3.6, sender memory): the caller then waits for room.  Raises what
+        send() raises.
+        """
+        if self._outstanding >= MAX_OUTSTANDING_PER_SESSION:
+            return False
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        count = self._fragment_count(len(payload), True, ordered, fragment_size)
+        self._enqueue(protocol, payload, True, ordered, 0, 0, count, fragment_size, now, False)
+        return True
+
+    def _fragment_count(self, size: int, reliable: bool, ordered: bool, fs: int) -> int:
+        """How many fragments of ``fs`` bytes a message needs; raises what send() documents."""
+        if self._closed:
+            raise ClosedError("delivery connection is closed")
         if not 0 < fs <= self._fragment_size:
             raise UsageError(f"fragment_size must be in 1..{self._fragment_size}, got {fs}")
         count = 1 if size <= fs else -(-size // fs)
@@ -743,12 +792,11 @@ class DeliveryConnection:
                 f"best-effort message of {size} bytes needs {count} fragments of {fs}, "
                 f"more than {MAX_BEST_EFFORT_FRAGMENTS}"
             )
-        return self._enqueue(protocol, payload, reliable, ordered, flags_extra, request_id,
-                             count, fs, now)
+        return count
 
     def _enqueue(
         self, protocol: str, payload: bytes, reliable: bool, ordered: bool, flags_extra: int,
-        request_id: int, count: int, fs: int, now: float,
+        request_id: int, count: int, fs: int, now: float, notify: bool,
     ) -> OutgoingMessage:
         """send() once the arguments are checked: a seq, the handle and its fragments."""
         spaces = self._out_ordered if ordered else self._out_unordered
@@ -767,16 +815,17 @@ class DeliveryConnection:
         if count > 1:
             flags |= FLAG_FRAGMENT
         size = len(payload)
-        message = _outgoing_message(protocol, seq, flags, request_id, size, count, now, space)
+        message = _outgoing_message(protocol, seq, flags, request_id, size, count, now, notify)
         self._outstanding += size
         queue = self._queue if reliable else self._be_queue
         if count == 1:
-            queue.append(_fragment(message, protocol, flags, request_id, seq, 0, 1, payload))
+            queue.append(_fragment(message, protocol, flags, request_id, seq, 0, 1, payload,
+                                   space))
         else:
             view = memoryview(payload)
             for i in range(count):
                 queue.append(_fragment(message, protocol, flags, request_id, seq, i, count,
-                                       view[i * fs:(i + 1) * fs]))
+                                       view[i * fs:(i + 1) * fs], space))
         if reliable:
             space.unacked[seq] = message
         return message
@@ -806,8 +855,8 @@ class DeliveryConnection:
                 if message.error is not None:
                     queue.popleft()
                     continue
-                if fragment.seq - message._space.oldest >= SEQ_WINDOW and not _within_window(
-                    message._space, fragment.seq
+                if fragment.seq - fragment._space.oldest >= SEQ_WINDOW and not _within_window(
+                    fragment._space, fragment.seq
                 ):
                     break
                 queue.popleft()
@@ -838,8 +887,8 @@ class DeliveryConnection:
         while queue and len(out) < max_fragments and tokens > 0:
             fragment = queue[0]
             message = fragment.message
-            if fragment.seq - message._space.oldest >= SEQ_WINDOW and not _within_window(
-                message._space, fragment.seq
+            if fragment.seq - fragment._space.oldest >= SEQ_WINDOW and not _within_window(
+                fragment._space, fragment.seq
             ):
                 break
             queue.popleft()
@@ -978,8 +1027,12 @@ class DeliveryConnection:
             if not message._unacked:
                 message.done = True
                 self._outstanding -= message.size
-                del message._space.unacked[message.seq]
-                events.append(_new(MessageDelivered, (message,)))
+                space = fragment._space
+                del space.unacked[message.seq]
+                if message.seq == space.oldest:
+                    space.oldest += 1  # acknowledged in order: no scan in _within_window
+                if message.notify:
+                    events.append(_new(MessageDelivered, (message,)))
 
     def _ack_lost(self, spans: list[tuple[int, int]], previous: int, now: float,
                   events: list[DeliveryEvent]) -> bool:
@@ -1194,9 +1247,10 @@ class DeliveryConnection:
                 f"no acknowledgement after {MAX_RETRANSMISSIONS} retransmission timeouts"
             ), events)
 
-    def _fail(self, message: OutgoingMessage, error: Exception,
+    def _fail(self, message: OutgoingMessage, space: _OutSpace, error: Exception,
               events: list[DeliveryEvent]) -> None:
-        """Finish ``message`` with ``error``; a failure closes its ordered space."""
+        """Finish ``message`` (of ``space``) with ``error``; a failure closes its ordered
+        space."""
         if message.done:
             return
         message.done = True
@@ -1204,19 +1258,18 @@ class DeliveryConnection:
         message.error = error
         self.counters["failed"] += 1
         events.append(_new(MessageFailed, (message, error)))
-        space = message._space
         space.unacked.pop(message.seq, None)
         if message.flags & FLAG_ORDERED and not space.closed:
             space.closed = True  # the peer can never deliver past this seq
             for other in list(space.unacked.values()):
-                self._fail(other, error, events)
+                self._fail(other, space, error, events)
 
     def _fail_all(self, error: Exception, events: list[DeliveryEvent]) -> None:
         """Fail every outstanding reliable message (their fragments are dropped)."""
         for spaces in (self._out_unordered, self._out_ordered):
             for space in spaces.values():
                 for message in list(space.unacked.values()):
-                    self._fail(message, error, events)
+                    self._fail(message, space, error, events)
         self._queue.clear()
         self._retransmit.clear()
         self._lost.clear()
@@ -1236,7 +1289,7 @@ class DeliveryConnection:
         events: list[DeliveryEvent] = []
         self._fail_all(error, events)
         for fragment in self._be_queue:
-            self._fail(fragment.message, error, events)
+            self._fail(fragment.message, fragment._space, error, events)
         self._be_queue.clear()
         self._sent.clear()
         self._bytes_in_flight = self._handed_out = 0
@@ -1269,8 +1322,32 @@ class DeliveryConnection:
         across fragments and the memory bounds are checked here.  Call
         on_packet_received(counter) after the packet's last frame.
         """
-        if self._closed:
+        got = self.receive(counter, protocol, flags, request_id, seq, frag_index, frag_count,
+                           payload, now)
+        if got is None:
             return []
+        if type(got) is bytes:
+            return [_new(Delivered, (protocol, flags, request_id, got))]
+        return got  # type: ignore[return-value]
+
+    def receive(
+        self,
+        counter: int,
+        protocol: str,
+        flags: int,
+        request_id: int,
+        seq: int,
+        frag_index: int,
+        frag_count: int,
+        payload: Buffer,
+        now: float,
+    ) -> bytes | list[Delivered] | None:
+        """on_fragment without a list and a Delivered per message, for the engine's hot
+        path: None when nothing is deliverable; the payload when this message alone is
+        (deliver it with the protocol, flags and request_id given here); else the
+        Delivered list on_fragment returns (an ordered message and those it releases)."""
+        if self._closed:
+            return None
         if flags & FLAG_RELIABLE:
             self._eliciting = counter
         if flags & FLAG_ORDERED:
@@ -1281,32 +1358,32 @@ class DeliveryConnection:
             space = self._in_unordered[protocol] = _InSpace()
         if seq == space.base and frag_count == 1 and not space.bits and not space.partial:
             space.base = seq + 1  # the common case: the next message, whole
-            return [_new(Delivered, (protocol, flags, request_id,
-                                     payload if type(payload) is bytes else bytes(payload)))]
+            return payload if type(payload) is bytes else bytes(payload)
         offset = seq - space.base
         if offset < 0 or space.bits >> offset & 1:
             self.counters["duplicates"] += 1
-            return []
+            return None
         if offset >= SEQ_WINDOW:
             self._slide(space, seq - SEQ_WINDOW + 1)
         if frag_count == 1:
             if seq in space.partial:
                 self.counters["bad_fragment"] += 1
-                return []
+                return None
             data = payload if type(payload) is bytes else bytes(payload)
         else:
             whole = self._reassemble(space, counter, flags, request_id, seq, frag_index,
                                      frag_count, payload, now, False)
             if whole is None:
-                return []
+                return None
             data = whole
         self._mark_received(space, seq)
-        return [_new(Delivered, (protocol, flags, request_id, data))]
+        return data
 
     def _on_ordered(
         self, counter: int, protocol: str, flags: int, request_id: int, seq: int,
         frag_index: int, frag_count: int, payload: Buffer, now: float,
-    ) -> list[Delivered]:
+    ) -> bytes | list[Delivered] | None:
+        """receive() in an ordered space."""
         space = self._in_ordered.get(protocol)
         if space is None:
             space = self._in_ordered[protocol] = _InSpace()
@@ -1314,25 +1391,29 @@ class DeliveryConnection:
         offset = seq - base
         if offset < 0 or seq in space.ready:
             self.counters["duplicates"] += 1
-            return []
+            return None
         if not flags & FLAG_RELIABLE:
             self.counters["bad_fragment"] += 1
-            return []
+            return None
         if offset >= SEQ_WINDOW:
             self.counters["seq_window"] += 1
             self._veto = counter
-            return []
+            return None
         if frag_count == 1:
             if seq in space.partial:
                 self.counters["bad_fragment"] += 1
-                return []
+                return None
             data = payload if type(payload) is bytes else bytes(payload)
         else:
             whole = self._reassemble(space, counter, flags, request_id, seq, frag_index,
                                      frag_count, payload, now, offset == 0)
             if whole is None:
-                return []
+                return None
             data = whole
+        ready = space.ready
+        if not offset and not ready:
+            space.base = seq + 1  # the common case: the next message, nothing held
+            return data
         message = _new(Delivered, (protocol, flags, request_id, data))
         if offset:
             charge = len(data) + _PER_MESSAGE_COST
@@ -1341,12 +1422,11 @@ class DeliveryConnection:
                 self._budget.used += charge
             elif not self._try_charge(charge, False):
                 self._veto = counter
-                return []
-            space.ready[seq] = message
-            return []
+                return None
+            ready[seq] = message
+            return None
         out = [message]
         base += 1
-        ready = space.ready
         while ready:
             waiting = ready.pop(base, None)
             if waiting is None:
