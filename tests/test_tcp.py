@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -169,6 +170,20 @@ class FakeTransport(asyncio.Transport):
         self.closing = True
 
 
+@contextmanager
+def fed_connection() -> Iterator[tuple[StreamConnection, Recorder]]:
+    """A listener-side connection on a fake transport, for feed(), and its delegate."""
+    loop = asyncio.new_event_loop()
+    try:
+        recorder = Recorder()
+        conn = StreamConnection(TcpStreams(recorder, loop=loop), outbound=False)
+        conn.connection_made(FakeTransport())
+        yield conn, recorder
+        conn.close()
+    finally:
+        loop.close()
+
+
 def feed(conn: StreamConnection, data: bytes, cuts: list[int]) -> None:
     """Deliver data through get_buffer/buffer_updated, split at the cut points, and also
     wherever get_buffer offers less room than the chunk."""
@@ -195,20 +210,12 @@ packet_lists = st.lists(
 @given(packets=packet_lists, cuts=st.lists(st.integers(min_value=0, max_value=400_000),
                                            max_size=40))
 def test_framing_across_any_chunk_boundaries(packets: list[bytes], cuts: list[int]) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        recorder = Recorder()
-        streams = TcpStreams(recorder, loop=loop)
-        conn = StreamConnection(streams, outbound=False)
-        conn.connection_made(FakeTransport())
+    with fed_connection() as (conn, recorder):
         data = frame(*packets)
         feed(conn, data, cuts + [len(data) * i // 7 for i in range(7)])
         assert recorder.received() == packets
         assert not conn.closed
-        assert streams.counters["stream_packets_in"] == len(packets)
-        conn.close()
-    finally:
-        loop.close()
+        assert conn._streams.counters["stream_packets_in"] == len(packets)
 
 
 @settings(hypothesis_settings, max_examples=15)
@@ -296,29 +303,17 @@ def test_huge_prefix_is_refused_before_any_body_arrives(run) -> None:
 
 
 def test_announced_large_packet_grows_the_buffer_only_with_received_bytes() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        streams = TcpStreams(Recorder(), loop=loop)
-        conn = StreamConnection(streams, outbound=False)
-        conn.connection_made(FakeTransport())
+    with fed_connection() as (conn, _):
         feed(conn, encode_varint(limits.MAX_STREAM_PACKET) + b"x" * 1000, [])
         assert len(conn.get_buffer(-1)) + 1003 <= READ_BUFFER
         feed(conn, b"y" * (READ_BUFFER * 3), [])
         assert READ_BUFFER * 3 < conn.buffer_size <= 2 * (READ_BUFFER * 3 + 1003)
-        conn.close()
-    finally:
-        loop.close()
 
 
 def test_buffer_grown_for_large_packets_is_kept_until_small_ones_follow() -> None:
     """Large packets back to back reuse the buffer the first one grew; SHRINK_AFTER small
     packets in a row give it back."""
-    loop = asyncio.new_event_loop()
-    try:
-        recorder = Recorder()
-        streams = TcpStreams(recorder, loop=loop)
-        conn = StreamConnection(streams, outbound=False)
-        conn.connection_made(FakeTransport())
+    with fed_connection() as (conn, recorder):
         large = b"\x5a" * 300_000
         feed(conn, frame(large), [])
         grown = conn.buffer_size
@@ -332,9 +327,6 @@ def test_buffer_grown_for_large_packets_is_kept_until_small_ones_follow() -> Non
         conn.get_buffer(-1)
         assert conn.buffer_size == READ_BUFFER
         assert recorder.received() == [large] * 4 + [b"\x5a" * 100] * SHRINK_AFTER
-        conn.close()
-    finally:
-        loop.close()
 
 
 def test_slowloris_is_dropped_within_the_packet_timeout(run) -> None:
