@@ -290,19 +290,23 @@ def test_across_processes(run):
             server.wait(timeout=10)
 
 
+async def started(host: MessageHost) -> MessageHost:
+    """host, started (closed by the test, which restarts it with the same key and port)."""
+    await host.start()
+    return host
+
+
 def test_remote_restart_same_identity_recovers(run):
     async def main():
         key = KeyPair.generate()
         async with MessageHost() as a:
-            b = MessageHost(key)
-            await b.start()
+            b = await started(MessageHost(key))
             port = b.network.sockets()[0].sockname[1]
             b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
             a.add_peer(b.addrs[0])
             assert await a.request(b.peer_id, "/echo/1", b"before", timeout=5) == b"before"
             await b.close()
-            b = MessageHost(key, listen=[f"/ip4/127.0.0.1/udp/{port}"])
-            await b.start()
+            b = await started(MessageHost(key, listen=[f"/ip4/127.0.0.1/udp/{port}"]))
             try:
                 got: list[bytes] = []
                 b.set_message_handler("/note/1", lambda m: got.append(m.data))
@@ -414,8 +418,7 @@ def test_remote_restart_with_reliable_traffic_in_flight(run):
     async def main():
         key = KeyPair.generate()
         async with MessageHost() as a:
-            b = MessageHost(key)
-            await b.start()
+            b = await started(MessageHost(key))
             port = b.network.sockets()[0].sockname[1]
             b.set_message_handler("/r/1", lambda m: None)
             a.add_peer(b.addrs[0])
@@ -424,8 +427,7 @@ def test_remote_restart_with_reliable_traffic_in_flight(run):
             for i in range(5):  # sealed and retained, never acknowledged
                 await a.send_message(b.peer_id, "/r/1", b"lost %d" % i, qos=msgnet.Reliable())
             await a.send_message(b.peer_id, "/note/1", b"best effort")
-            b = MessageHost(key, listen=[f"/ip4/127.0.0.1/udp/{port}"])
-            await b.start()
+            b = await started(MessageHost(key, listen=[f"/ip4/127.0.0.1/udp/{port}"]))
             try:
                 got: list[bytes] = []
                 b.set_message_handler("/note/1", lambda m: got.append(m.data))
