@@ -152,6 +152,17 @@ async def tcp_then_both(a: MessageHost, b: MessageHost) -> None:
     a.add_peer(udp_b)
 
 
+async def settled_on_udp(stack: AsyncExitStack
+                         ) -> tuple[MessageHost, MessageHost, list[bytes]]:
+    """A and B on UDP and TCP, A's first message delivered and its path settled on UDP, and
+    what B receives on /m."""
+    a, b = await pair(stack, [UDP, TCP])
+    got = record(b)
+    await a.send_message(b.peer_id, "/m", b"hello")
+    await wait_for(lambda: a.network.paths(b.peer_id) == ["udp"] and got)
+    return a, b, got
+
+
 async def stream_pair(stack: AsyncExitStack, listen: list[str],
                       policy: str) -> tuple[MessageHost, MessageHost, list[bytes]]:
     """A and B whose session runs on TCP (prefer-tcp: with UDP as the next path), and what B
@@ -344,10 +355,7 @@ def test_reliable_stream_packets_are_kept_only_until_acknowledged(run):
 def test_spoofed_ack_changes_nothing(run):
     async def main():
         async with AsyncExitStack() as stack:
-            a, b = await pair(stack, [UDP, TCP])
-            got = record(b)
-            await a.send_message(b.peer_id, "/m", b"hello")
-            await wait_for(lambda: a.network.paths(b.peer_id) == ["udp"] and got)
+            a, b, got = await settled_on_udp(stack)
             session = a.network.sessions(b.peer_id)[0]
             acks = a.metrics()["acks_received"]
             # An ACK for the TCP transport in a DATA packet for A's session, without B's key:
@@ -379,10 +387,7 @@ def test_authenticated_acks_steer_only_their_own_session(run):
     announced, or sent to the responder, changes no path (docs/wire.md §5)."""
     async def main():
         async with AsyncExitStack() as stack:
-            a, b = await pair(stack, [UDP, TCP])
-            got = record(b)
-            await a.send_message(b.peer_id, "/m", b"hello")
-            await wait_for(lambda: a.network.paths(b.peer_id) == ["udp"] and got)
+            a, b, got = await settled_on_udp(stack)
             c = await stack.enter_async_context(MessageHost(listen=[UDP, TCP]))
             for addr in a.addrs:
                 c.add_peer(addr)
