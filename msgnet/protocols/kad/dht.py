@@ -447,16 +447,13 @@ class _Lookup:
         dht = self.dht
         info = candidate[_INFO]
         peer = info.peer_id
-        rtt = dht._rtt
-        stats = rtt._peers.get(peer)  # rtt.soft_timeout(peer), without the call
-        soft = rtt._first if stats is None else stats[2]
+        soft = dht._rtt.soft_timeout(peer)
         candidate[_STATE] = _INFLIGHT
         candidate[_DEADLINE] = now + soft
         candidate[_SENT] = now
         self.queries += 1
         dht._counters["requests_out"] += 1
         source = candidate[_SOURCE]
-        entry = dht.table.get(peer)
         try:
             if source == _TABLE and dht._peerstore.knows(peer):
                 candidate[_VERIFIED] = info.addrs  # the usual case: nothing to add
@@ -468,9 +465,8 @@ class _Lookup:
             else:
                 dht._add_to_peerstore(peer, info.addrs, replace_known=source == _SEED)
                 candidate[_VERIFIED] = info.addrs
-            timeout = (self.config.max_query_timeout if entry is None or not entry.failures
-                       else dht._hard_timeout(peer, soft))
-            future = dht.host.request_nowait(peer, PROTOCOL, self.data, timeout=timeout)
+            future = dht.host.request_nowait(peer, PROTOCOL, self.data,
+                                             timeout=dht._hard_timeout(peer, soft))
         except MsgnetError as exc:
             self.failed(candidate, exc)
             return False
@@ -489,13 +485,8 @@ class _Lookup:
             elif (exc := future.exception()) is not None:
                 self.failed(candidate, exc)
             else:
-                data = future.result()
-                kind = self.request.type
-                # _decode_reply's memo first: most replies are bytes decoded before.
-                known = self.dht._decoded.get(data)
                 try:
-                    reply, ids = (known if known is not None and known[0].type is kind
-                                  else self.dht._decode_reply(data, kind))
+                    reply, ids = self.dht._decode_reply(future.result(), self.request.type)
                 except MalformedMessageError as bad:
                     self.failed(candidate, bad)
                 else:
