@@ -979,13 +979,8 @@ class KadDHT:
         return data
 
     def _handle_find_node(self, sender: PeerID, request: Request) -> bytes:
-        # _closer_reply, shorter for the most common request: first the usual case of
-        # _known_closer_reply (a small table's reply, known) without the calls.
+        # _closer_reply, shorter for the most common request: a first page's known reply.
         if request.page == 0:
-            if self._replies_version == self.table.version:
-                data = self._replies.get((_FIND_NODE, sender))
-                if data is not None:
-                    return data
             data = self._known_closer_reply(_FIND_NODE, request.key, sender)
             if data is not None:
                 return data

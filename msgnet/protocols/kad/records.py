@@ -99,11 +99,7 @@ class NamespacedValidator:
         raise InvalidRecordError(f"no validator for the namespace of key {key[:24]!r}")
 
     def validate(self, key: bytes, value: bytes) -> None:
-        end = key.find(b"/", 1)  # _for inlined: every stored record comes through here
-        validator = self._validators.get(key[1:end]) if key[:1] == b"/" and end > 1 else None
-        if validator is None:
-            validator = self._for(key)  # raises the error
-        validator.validate(key, value)
+        self._for(key).validate(key, value)
 
     def select(self, key: bytes, values: Sequence[bytes]) -> int:
         return self._for(key).select(key, values)
@@ -334,13 +330,8 @@ class RecordStore:
         self._max_per_peer = max_per_peer
 
     def get(self, key: bytes, now: float) -> bytes | None:
-        record = self._records.get(key)  # get_record inlined: asked on every PUT_VALUE
-        if record is None:
-            return None
-        if record.expires <= now:
-            self._remove(key)
-            return None
-        return record.value
+        record = self.get_record(key, now)
+        return None if record is None else record.value
 
     def get_record(self, key: bytes, now: float) -> StoredRecord | None:
         record = self._records.get(key)
@@ -355,18 +346,9 @@ class RecordStore:
                     ) -> bytes | None | Literal[_NoRoom.NO_ROOM]:
         """:meth:`get` if ``owner`` may store ``key`` (:meth:`has_room`), else NO_ROOM: what a
         PUT_VALUE asks, in one call."""
-        record = self._records.get(key)
-        if record is None:
-            if len(self._records) >= self._max_records or (
-                    self._per_peer.get(owner, 0) >= self._max_per_peer):
-                return NO_ROOM
-            return None
-        if record.owner != owner and self._per_peer.get(owner, 0) >= self._max_per_peer:
+        if not self.has_room(key, owner):
             return NO_ROOM
-        if record.expires <= now:
-            self._remove(key)
-            return None
-        return record.value
+        return self.get(key, now)
 
     def has_room(self, key: bytes, owner: PeerID, *, exempt: bool = False) -> bool:
         """Whether ``owner`` may store (or replace) ``key``; ``exempt`` skips the per-peer quota."""

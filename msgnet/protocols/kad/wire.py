@@ -388,17 +388,9 @@ def _fast_request(data: bytes, sender: PeerID) -> Request | None:
     if field_name == _VALUE_FIELD:
         if kind is not MessageType.PUT_VALUE:
             return None
-        at = rest + 6
-        left = size - at
-        # _tail_bytes(data, at), its short forms without the call: values below 256 bytes.
-        if 0 < left <= 24 and data[at] == 0x3F + left:
-            value: bytes | None = data[at + 1:]
-        elif 26 <= left <= 257 and data[at] == 0x58 and data[at + 1] == left - 2:
-            value = data[at + 2:]
-        else:
-            value = _tail_bytes(data, at)
-            if value is None or len(value) > MAX_VALUE_SIZE:
-                return None
+        value = _tail_bytes(data, rest + 6)
+        if value is None or len(value) > MAX_VALUE_SIZE:
+            return None
         return Request(kind, data[pos:end], 0, value, (), ())
     if field_name != _ADDRS_FIELD or kind is MessageType.PUT_VALUE:
         return None
