@@ -363,17 +363,10 @@ class _Lookup:
             infos: Iterable[PeerInfo] = [by_id[key] for key in id_set - seen]
         else:
             infos = [info for info in peers if id(info) not in seen]
-        candidates = self.candidates
-        if candidates is None:
-            candidates = self.candidates = {c[_INFO].peer_id: c for c in self.order}
         for info in infos:
             seen.add(id(info))
             self.seen_infos.append(info)  # kept alive: its id stays unique
-            known = candidates.get(info.peer_id)
-            if known is None:
-                self.add(info, _REPLY, depth)
-            elif depth < known[_DEPTH]:  # add() of a known peer, without the call
-                known[_DEPTH] = depth
+            self.add(info, _REPLY, depth)
 
     def pump(self) -> None:
         """Send the queries the state allows, or finish; re-arm the timer."""
