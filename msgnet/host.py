@@ -36,7 +36,7 @@ from .peerstore import Peerstore
 from .qos import BEST_EFFORT, BestEffort, QoS, Reliable
 from .tcp import StreamSettings
 
-__all__ = ["MessageHost", "Handler"]
+__all__ = ["MessageHost", "Handler", "PendingRequest"]
 
 log = logging.getLogger("msgnet")
 
@@ -122,10 +122,10 @@ class MessageHost:
             self._timeout_timer.cancel()
             self._timeout_timer = None
             self._timeout_at = math.inf
-        for entry in self._pending.values():
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
             if not entry[0].done():
                 entry[0].set_exception(ClosedError("host closed"))
-        self._pending.clear()
         for task in list(self._tasks):
             task.cancel()
         await network.close()
@@ -301,22 +301,66 @@ class MessageHost:
             self._arm_timeouts(loop, deadline)
         return future
 
+    def request_callback(self, peer: PeerID, protocol: str, data: bytes,
+                         callback: Callable[[PendingRequest], None], *,
+                         timeout: float = 5.0) -> PendingRequest:
+        """:meth:`request_nowait` with the outcome handed to ``callback(pending)`` in the
+        call that settles it (the reply's dispatch, the timeout, a reset...), where a
+        future would schedule its done callbacks for a later loop iteration.
+
+        For protocols whose requests are driven by callbacks anyway (a DHT lookup): it
+        saves a future and a loop callback per request. ``pending`` is future-like
+        (``done``, ``cancelled``, ``result``, ``exception``); cancelling it forgets the
+        request, and then the callback is not called. An exception from the callback goes
+        to the loop's exception handler.
+        """
+        network = self._network
+        if network is None:
+            raise ClosedError("host is not started")
+        pending = self._pending
+        request = PendingRequest(callback, network.loop, pending)
+        request_id = request._request_id = self._add_request(request, protocol, peer, timeout)
+        entry = pending[request_id]
+        loop = network.loop
+        deadline = loop.time() + timeout
+        entry.append(deadline)
+        try:
+            sent = network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST, request_id)
+        except MessageTooLargeError:
+            sent = False
+        except BaseException:
+            pending.pop(request_id, None)
+            raise
+        if not sent:
+            pending.pop(request_id, None)
+            request._follow(loop.create_task(self.request(peer, protocol, data,
+                                                          timeout=timeout, qos=BEST_EFFORT)))
+        elif deadline < self._timeout_at:
+            self._arm_timeouts(loop, deadline)
+        return request
+
     def _new_request(self, peer: PeerID, protocol: str, timeout: float
                      ) -> tuple[MessageNetwork, int, list[Any]]:
         """Check a request's arguments and register it: its id and pending entry
         [future, protocol, peer, timeout] (the sender appends the deadline once it is sent)."""
+        network = self._network
+        if network is None:
+            raise ClosedError("host is not started")
+        future: asyncio.Future[bytes] = network.loop.create_future()
+        request_id = self._add_request(future, protocol, peer, timeout)
+        return network, request_id, self._pending[request_id]
+
+    def _add_request(self, future: asyncio.Future[bytes] | PendingRequest, protocol: str,
+                     peer: PeerID, timeout: float) -> int:
+        """Check a request's limits and register it; its id."""
         if timeout <= 0:
             raise UsageError("timeout must be positive")
         pending = self._pending
         if len(pending) >= MAX_PENDING_REQUESTS:
             raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
-        network = self._network
-        if network is None:
-            raise ClosedError("host is not started")
         request_id = next(self._request_ids)
-        entry: list[Any] = [network.loop.create_future(), protocol, peer, timeout]
-        pending[request_id] = entry
-        return network, request_id, entry
+        pending[request_id] = [future, protocol, peer, timeout]
+        return request_id
 
     def _arm_timeouts(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timeout_timer is not None:
@@ -333,18 +377,20 @@ class MessageHost:
         # fires a fraction early must not re-arm itself at once.
         now = loop.time() + 0.001
         next_at = math.inf
-        for entry in self._pending.values():
+        pending = self._pending
+        for request_id, entry in list(pending.items()):
             if len(entry) < 5:
                 continue  # not sent yet: no deadline
             future, protocol, peer, timeout, deadline = entry
             if future.done():
                 continue
             if deadline <= now:
+                del pending[request_id]
                 future.set_exception(RequestTimeoutError(
                     f"no reply from {peer} on {protocol} within {timeout} s"))
             elif deadline < next_at:
                 next_at = deadline
-        if next_at < math.inf:
+        if next_at < self._timeout_at:  # (a callback may have armed it for a new request)
             self._arm_timeouts(loop, next_at)
 
     async def connect(self, peer: PeerID, timeout: float = 5.0) -> None:
@@ -369,22 +415,118 @@ class MessageHost:
         peer = entry[2]
         if peer is not session.peer_id and peer != session.peer_id:
             return
+        del self._pending[request_id]
         future = entry[0]
         if not future.done():
             future.set_result(data)
 
     def _on_reset(self, peer: PeerID, protocol: str, code: int) -> None:
-        for future, pending_protocol, pending_peer, *_ in list(self._pending.values()):
+        pending = self._pending
+        for request_id, (future, pending_protocol, pending_peer, *_) in list(pending.items()):
             if pending_peer == peer and pending_protocol == protocol and not future.done():
+                del pending[request_id]
                 future.set_exception(ProtocolResetError(protocol, code))
 
     def _on_unreachable(self, peer: PeerID, error: BaseException) -> None:
-        for future, _protocol, pending_peer, *_ in list(self._pending.values()):
+        pending = self._pending
+        for request_id, (future, _protocol, pending_peer, *_) in list(pending.items()):
             if pending_peer == peer and not future.done():
+                del pending[request_id]
                 if isinstance(error, MsgnetError):  # e.g. SecurityError for a wrong PeerID
                     future.set_exception(error)
                 else:
                     future.set_exception(PeerUnreachableError(str(error)))
+
+
+class PendingRequest:
+    """A request made with :meth:`MessageHost.request_callback`: future-like, but its
+    callback runs in the call that settles it (no loop callback per request)."""
+
+    __slots__ = ("_callback", "_loop", "_pending", "_request_id", "_state", "_value", "_task")
+
+    _PENDING, _DONE, _FAILED, _CANCELLED = range(4)
+
+    def __init__(self, callback: Callable[[PendingRequest], None],
+                 loop: asyncio.AbstractEventLoop, pending: dict[int, list[Any]]) -> None:
+        self._callback = callback
+        self._loop = loop
+        self._pending = pending  # the host's table of outstanding requests
+        self._request_id = 0
+        self._state = self._PENDING
+        self._value: Any = None
+        self._task: asyncio.Task[bytes] | None = None
+
+    def done(self) -> bool:
+        return self._state != self._PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == self._CANCELLED
+
+    def result(self) -> bytes:
+        """The reply; raises the request's error (CancelledError if cancelled)."""
+        state = self._state
+        if state == self._DONE:
+            return self._value  # type: ignore[no-any-return]
+        if state == self._FAILED:
+            raise self._value
+        if state == self._CANCELLED:
+            raise asyncio.CancelledError()
+        raise asyncio.InvalidStateError("request is not done")
+
+    def exception(self) -> BaseException | None:
+        state = self._state
+        if state == self._FAILED:
+            return self._value  # type: ignore[no-any-return]
+        if state == self._CANCELLED:
+            raise asyncio.CancelledError()
+        if state == self._PENDING:
+            raise asyncio.InvalidStateError("request is not done")
+        return None
+
+    def cancel(self) -> bool:
+        """Forget the request (a late reply is dropped); the callback is not called."""
+        if self._state != self._PENDING:
+            return False
+        self._state = self._CANCELLED
+        if self._task is not None:
+            self._task.cancel()
+        else:
+            self._pending.pop(self._request_id, None)
+        return True
+
+    # The host settles it (set_result / set_exception, as on a future).
+
+    def set_result(self, value: bytes) -> None:
+        self._settle(self._DONE, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._settle(self._FAILED, exc)
+
+    def _settle(self, state: int, value: Any) -> None:
+        if self._state != self._PENDING:
+            return
+        self._state = state
+        self._value = value
+        try:
+            self._callback(self)
+        except Exception as exc:  # noqa: BLE001 - the settling call (a dispatch) goes on
+            self._loop.call_exception_handler({
+                "message": "exception in a request callback", "exception": exc})
+
+    def _follow(self, task: asyncio.Task[bytes]) -> None:
+        """Settle from ``task`` (the request when it could not go out at once)."""
+        self._task = task
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[bytes]) -> None:
+        if task.cancelled():  # through cancel(), or by the loop's shutdown
+            self._state = self._CANCELLED
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.set_exception(exc)
+        else:
+            self.set_result(task.result())
 
 
 def _task_done(tasks: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop,

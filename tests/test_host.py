@@ -350,6 +350,70 @@ def test_request_timeouts_fire_in_deadline_order(run):
     run(main())
 
 
+def test_request_callback_settles_in_the_call_and_forgets(run):
+    """request_callback: the callback runs once per request, with the outcome a future
+    would carry (reply, timeout, reset, a large request's reply); a cancelled request is
+    forgotten at once and its callback never runs; a raising callback breaks nothing."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            b.set_message_handler("/silent/1", lambda m: None)
+            await a.connect(b.peer_id)
+            loop = asyncio.get_running_loop()
+            settled: list[tuple[object, ...]] = []
+            arrived = asyncio.Event()
+
+            def record(pending):
+                assert pending.done() and not pending.cancelled()
+                error = pending.exception()
+                settled.append(("error", type(error)) if error else ("reply", pending.result()))
+                arrived.set()
+
+            async def outcome(protocol, data, timeout=5.0):
+                settled.clear()
+                arrived.clear()
+                pending = a.request_callback(b.peer_id, protocol, data, record, timeout=timeout)
+                assert not pending.done()
+                with pytest.raises(asyncio.InvalidStateError):
+                    pending.result()
+                await asyncio.wait_for(arrived.wait(), 5)
+                await asyncio.sleep(0.05)  # a second call would come by now
+                assert a.metrics()["pending_requests"] == 0
+                (only,) = settled
+                return only
+
+            assert await outcome("/echo/1", b"x") == ("reply", b"x")
+            assert await outcome("/silent/1", b"?", timeout=0.1) == ("error", RequestTimeoutError)
+            assert await outcome("/none/1", b"?") == ("error", ProtocolResetError)
+            big = b"y" * 3000  # fragmented: not sent at once, a task sends it
+            assert await outcome("/echo/1", big) == ("reply", big)
+
+            forgotten = a.request_callback(b.peer_id, "/silent/1", b"?", record, timeout=0.2)
+            assert forgotten.cancel() and forgotten.cancelled() and not forgotten.cancel()
+            assert a.metrics()["pending_requests"] == 0
+            with pytest.raises(asyncio.CancelledError):
+                forgotten.result()
+            settled.clear()
+            await asyncio.sleep(0.3)  # past its timeout: still no call
+            assert settled == []
+
+            reported: list[dict] = []
+            loop.set_exception_handler(lambda _loop, context: reported.append(context))
+            try:
+                def boom(pending):
+                    raise RuntimeError("callback bug")
+
+                a.request_callback(b.peer_id, "/echo/1", b"z", boom)
+                await wait_for(lambda: reported)
+                assert isinstance(reported[0]["exception"], RuntimeError)
+                assert await a.request(b.peer_id, "/echo/1", b"after", timeout=5) == b"after"
+            finally:
+                loop.set_exception_handler(None)
+
+    run(main())
+
+
 def test_response_from_another_peer_does_not_answer_a_request(run):
     """Request ids are unique per host, not per peer: a RESPONSE carrying the id of our
     request to B, sent by C, must not complete it."""

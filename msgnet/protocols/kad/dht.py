@@ -21,8 +21,8 @@ Where the time goes (20 nodes in one process, ``benchmarks/bench_kad.py``): a
 put is a lookup (k FIND_NODE queries once the network is that small) and k
 PUT_VALUE requests, 40 round trips, so every per-request cost counts:
 
-* queries are :meth:`MessageHost.request_nowait` futures driven by callbacks
-  (:class:`_Lookup`), not a task each; a put's k stores go out in one loop
+* queries are :meth:`MessageHost.request_callback` requests driven by their
+  callbacks (:class:`_Lookup`), not a task or even a future each; a put's k stores go out in one loop
   iteration, encoded once, and their replies are counted as they come (the
   usual ones recognised by their bytes, not decoded);
 * a FIND_NODE reply whose peers do not depend on the key (the whole table
@@ -61,7 +61,7 @@ from multiaddr import Multiaddr
 
 from ..._engine import Message
 from ...errors import MsgnetError, ProtocolResetError, UsageError
-from ...host import MessageHost
+from ...host import MessageHost, PendingRequest
 from ...identity import PeerID
 from ...peerstore import Peerstore
 from ..dagcbor import CID, DagCborError, check_multihash
@@ -255,8 +255,8 @@ ReplyHook = Callable[[PeerInfo, Reply], bool]
 class _Lookup:
     """One iterative lookup, driven by the replies' callbacks.
 
-    Every query is a :meth:`MessageHost.request_nowait` future whose done
-    callback processes the reply; the replies that arrive together are all
+    Every query is a :meth:`MessageHost.request_callback` whose callback
+    processes the reply as it is dispatched; the replies that arrive together are all
     taken in before the next queries go out (:meth:`kick`).  No task per
     query, no ``asyncio.wait`` over all of them per reply.  One timer
     (re-armed for the earliest soft deadline) turns late queries into slow
@@ -317,7 +317,7 @@ class _Lookup:
         for info in seeds:
             self.add(info, _SEED, 1)
         # The queries out (reply futures, or tasks fetching more pages) and their candidates.
-        self.inflight: dict[asyncio.Future[Any], _Candidate] = {}
+        self.inflight: dict[PendingRequest | asyncio.Task[Any], _Candidate] = {}
         self.queries = self.failures = 0
         # Kademlia's widening rule: once answers stop bringing peers closer than
         # the closest seen (alpha answers in a row), ask all of the k closest
@@ -458,16 +458,15 @@ class _Lookup:
             else:
                 dht._add_to_peerstore(peer, info.addrs, replace_known=source == _SEED)
                 candidate[_VERIFIED] = info.addrs
-            future = dht.host.request_nowait(peer, PROTOCOL, self.data,
-                                             timeout=dht._hard_timeout(peer, soft))
+            future = dht.host.request_callback(peer, PROTOCOL, self.data, self._on_reply,
+                                               timeout=dht._hard_timeout(peer, soft))
         except MsgnetError as exc:
             self.failed(candidate, exc)
             return False
         self.inflight[future] = candidate
-        future.add_done_callback(self._on_reply)
         return True
 
-    def _on_reply(self, future: asyncio.Future[bytes]) -> None:
+    def _on_reply(self, future: PendingRequest) -> None:
         if self.done.done():
             _consume(future)
             return
@@ -1309,11 +1308,11 @@ class KadDHT:
         known = _STORE_REPLIES[kind]
         counters = self._counters
         all_in: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        futures: list[asyncio.Future[bytes]] = []
+        futures: list[PendingRequest] = []
         outstanding = stored = 0
         failed = False
 
-        def count(future: asyncio.Future[bytes]) -> None:
+        def count(future: PendingRequest) -> None:
             nonlocal outstanding, stored, failed
             outstanding -= 1
             if future.cancelled() or future.exception() is not None:
@@ -1337,14 +1336,14 @@ class KadDHT:
             peer = info.peer_id
             entry = table_entry(peer)
             try:
-                future = self.host.request_nowait(
-                    peer, PROTOCOL, data, timeout=timeout if entry is None or not entry.failures
+                future = self.host.request_callback(
+                    peer, PROTOCOL, data, count,
+                    timeout=timeout if entry is None or not entry.failures
                     else self._hard_timeout(peer))
             except MsgnetError as exc:
                 log.debug("store at %s not sent: %s", peer, exc)
                 continue
             futures.append(future)
-            future.add_done_callback(count)
         outstanding = len(futures)
         counters["requests_out"] += outstanding
         if outstanding:
@@ -1397,7 +1396,7 @@ def _mutable(key: bytes) -> bool:
     return False
 
 
-def _consume(task: asyncio.Future[Any]) -> None:
+def _consume(task: asyncio.Future[Any] | PendingRequest) -> None:
     """Retrieve the outcome of a query nobody waits for any more (no "never retrieved")."""
     if not task.cancelled():
         task.exception()
