@@ -6,7 +6,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
 from msgnet._frame cimport FrameView
-from msgnet._packet cimport SessionCrypto
+from msgnet._packet cimport PieceCipher, SessionCrypto
 
 cdef extern from *:
     """
@@ -192,6 +192,10 @@ cdef enum:
     # (MAX_STREAM_PACKET - DATA_OVERHEAD), so nothing is fragmented on a stream.
     C_STREAM_COALESCE = 65536 - 29
     C_STREAM_PAYLOAD = 1048576 + 4096 - 29
+    # A stream payload of at least C_PIECES_FROM bytes is sealed and written, and opened as
+    # it arrives, C_PIECE bytes at a time (msgnet._stream.PIECE).
+    C_PIECE = 65536
+    C_PIECES_FROM = 4 * 65536
     # A session's queue holds at most this many bytes of closed payloads (besides the payload
     # count bound): what keeps a queue of stream-sized payloads bounded.
     C_MAX_QUEUED_BYTES = 4194304
@@ -440,7 +444,8 @@ cdef class UdpEngine:
     cdef void _give_buffer(self, uint8_t* buf, Py_ssize_t size) noexcept
     cdef bint _to_stream(self, Session s, Py_ssize_t n) noexcept
     cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now) except -2
-    cdef int _feed_stream(self, Session s, uint8_t* pkt, Py_ssize_t n, object conn) except -3
+    cdef int _feed_stream(self, Session s, uint8_t* pkt, Py_ssize_t n, object conn,
+                          PieceCipher opened) except -3
     cdef int _repack(self, Session s) except -1
     cdef int _mark_dirty(self, Session s, bint urgent=*) except -1
     cdef int _read_batches(self) except -1

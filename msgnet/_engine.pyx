@@ -67,7 +67,9 @@ from msgnet._packet cimport (
     PACKET_INITIATION,
     PACKET_PLAIN_DATA,
     PACKET_VERSION_UNSUPPORTED,
+    PieceCipher,
     SessionCrypto,
+    seal_pieces,
 )
 
 import asyncio
@@ -985,20 +987,29 @@ cdef class UdpEngine:
             found = self.sessions.get(_load_u32_be(pkt + 1))
             if found is None or (<Session>found).crypto is None:
                 return STREAM_UNKNOWN
-            return self._feed_stream(<Session>found, pkt, n, conn)
+            return self._feed_stream(<Session>found, pkt, n, conn, None)
         finally:
             PyBuffer_Release(&view)
 
-    cdef int _feed_stream(self, Session s, uint8_t* pkt, Py_ssize_t n, object conn) except -3:
+    cdef int _feed_stream(self, Session s, uint8_t* pkt, Py_ssize_t n, object conn,
+                          PieceCipher opened) except -3:
         """feed_stream once the packet's session is known (s has keys; pkt[0:n] is a DATA or
         PLAIN_DATA packet of at least DATA_HEADER_SIZE bytes, opened in place): the entry
-        point of msgnet._stream, which parses the connection's stream in C."""
+        point of msgnet._stream, which parses the connection's stream in C. ``opened``: the
+        packet's ciphertext was opened as it arrived (msgnet._stream.PIECE); its tag is
+        checked here."""
         cdef Py_ssize_t plen = 0
         cdef int rc
         self._counters[CNT_PACKETS_IN] += 1
         self._counters[CNT_BYTES_IN] += n
         self._now = self._loop_time()
-        rc = s.crypto.open_into(pkt, n, pkt + DATA_HEADER_SIZE, n - DATA_HEADER_SIZE, &plen)
+        if opened is None:
+            rc = s.crypto.open_into(pkt, n, pkt + DATA_HEADER_SIZE, n - DATA_HEADER_SIZE, &plen)
+        else:
+            plen = n - DATA_OVERHEAD
+            rc = opened.finish(pkt + DATA_HEADER_SIZE + plen)
+            if rc != OPEN_OK:  # no unauthenticated plaintext left behind (as open_into)
+                memset(pkt + DATA_HEADER_SIZE, 0, plen)
         if rc != OPEN_OK:
             self._counters[_drop_counter(rc)] += 1
             return C_STREAM_REPLAY if rc == DROP_REPLAY else C_STREAM_BAD
@@ -1711,23 +1722,36 @@ cdef class UdpEngine:
         send_errors, like a lost datagram.
 
         The packet is sealed behind its stream ``length:varint`` prefix in one bytes object,
-        which the connection (msgnet._stream.StreamCore.write_sealed) writes as it is."""
+        which the connection (msgnet._stream.StreamCore.write_sealed) writes as it is; a large
+        payload is sealed as it is written instead (msgnet._stream.PIECE), and the bytes
+        object holds the prefix and header only."""
         cdef SessionCrypto crypto = s.crypto
         cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
         cdef Py_ssize_t size = n + (DATA_HEADER_SIZE if crypto.plaintext else DATA_OVERHEAD)
         cdef Py_ssize_t head = varint_size(<uint64_t>size)
-        cdef bytes packet = PyBytes_FromStringAndSize(NULL, head + size)
-        cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(packet)
-        cdef const uint8_t* tag
+        cdef uint8_t header[DATA_HEADER_SIZE]
         cdef uint64_t counter = crypto.send_counter
+        cdef PieceCipher pieces = None
+        cdef bytes packet
+        cdef uint8_t* out
+        cdef const uint8_t* tag
         cdef Py_ssize_t length, k
         cdef uint64_t left = <uint64_t>size
+        if n >= C_PIECES_FROM:
+            pieces = seal_pieces(crypto, header)  # None: sealed whole (plaintext, backend)
+        packet = PyBytes_FromStringAndSize(
+            NULL, head + (DATA_HEADER_SIZE if pieces is not None else size))
+        out = <uint8_t*>PyBytes_AS_STRING(packet)
         for k in range(head - 1):
             out[k] = <uint8_t>(left & 0x7F | 0x80)
             left >>= 7
         out[head - 1] = <uint8_t>left
         out += head
-        length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload), n, out, size)
+        if pieces is not None:
+            memcpy(out, header, DATA_HEADER_SIZE)
+            length = size
+        else:
+            length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload), n, out, size)
         if length < 0:
             self._counters[CNT_COUNTER_EXHAUSTED if length == -1 else CNT_SEND_ERRORS] += 1
             return -1
@@ -1739,7 +1763,7 @@ cdef class UdpEngine:
                 tag = out + length - AEAD_TAG_SIZE
             s._retain(counter, tag, payload, now)
         s.last_sent = now
-        if s.stream.write_sealed(packet, s, counter, payload):
+        if s.stream.write_sealed(packet, s, counter, payload, pieces):
             self._counters[CNT_PACKETS_OUT] += 1
             self._counters[CNT_BYTES_OUT] += length
         else:

@@ -70,3 +70,24 @@ cdef class SessionCrypto:
     # Returns OPEN_OK or a DROP_* reason. out may equal pkt + DATA_HEADER_SIZE (in place).
     cdef int open_into(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out, Py_ssize_t cap,
                        Py_ssize_t* out_len) except -100
+
+# One DATA packet sealed or opened piece by piece (large packets on streams, where each piece
+# is written as soon as it is sealed, and opened as it arrives): see _packet.pyx.
+cdef class PieceCipher:
+    cdef void* _ctx
+    cdef bint _sealing
+    cdef readonly uint64_t counter
+    cdef SessionCrypto _crypto               # opening: whose replay window finish() updates
+    # The next n bytes of the payload (sealing) or ciphertext (opening): inp -> out, may be equal.
+    cdef int update(self, const uint8_t* inp, Py_ssize_t n, uint8_t* out) except -1
+    # After the last piece; see _packet.pyx. Releases the cipher context either way.
+    cdef int finish(self, uint8_t* tag) except -100
+
+# Begin sealing the next packet of crypto: writes its 13-byte header at out and takes its
+# counter. None when this build or backend cannot seal in pieces, in plaintext mode, or when
+# the counter is exhausted: the caller then seals the packet whole (seal_into).
+cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out)
+# Begin opening the DATA packet whose 13-byte header is at header. None when it cannot be
+# opened in pieces (as above) or would be refused (index, counter, replay): the caller then
+# opens it whole (open_into), which says why.
+cdef PieceCipher open_pieces(SessionCrypto crypto, const uint8_t* header)

@@ -214,6 +214,7 @@ cdef extern from *:
     #include <openssl/params.h>
     #endif
 
+    static const EVP_CIPHER *msgnet_cipher = NULL;
     static EVP_CIPHER_CTX *msgnet_seal_ctx = NULL;
     static EVP_CIPHER_CTX *msgnet_open_ctx = NULL;
     /* The key each context holds: a packet for the same session as the one before (the
@@ -255,6 +256,7 @@ cdef extern from *:
         cipher = EVP_chacha20_poly1305();
     #endif
         if (cipher == NULL) goto fail;
+        msgnet_cipher = cipher;
         msgnet_seal_ctx = EVP_CIPHER_CTX_new();
         msgnet_open_ctx = EVP_CIPHER_CTX_new();
         if (msgnet_seal_ctx == NULL || msgnet_open_ctx == NULL) goto fail;
@@ -319,10 +321,72 @@ cdef extern from *:
         }
         return 0;
     }
+
+    /* One packet sealed or opened piece by piece (large packets on a stream), in a context
+       of its own: its pieces interleave with whole packets on the shared contexts. NULL on
+       an OpenSSL failure. */
+    static void *msgnet_piece_begin(int enc, const unsigned char *key,
+                                    const unsigned char *nonce,
+                                    const unsigned char *ad, int adlen) {
+        EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+        int len;
+        if (ctx == NULL) return NULL;
+        if (EVP_CipherInit_ex(ctx, msgnet_cipher, NULL, key, nonce, enc) != 1
+                || EVP_CipherUpdate(ctx, NULL, &len, ad, adlen) != 1) {
+            EVP_CIPHER_CTX_free(ctx);
+            ERR_clear_error();
+            return NULL;
+        }
+        return ctx;
+    }
+
+    /* The next n bytes: in[0:n] -> out[0:n] (out may equal in). 0, or -1 on a failure. */
+    static int msgnet_piece_update(void *ctx, const unsigned char *in, int n,
+                                   unsigned char *out) {
+        int len = 0;
+        if (EVP_CipherUpdate((EVP_CIPHER_CTX *)ctx, out, &len, in, n) != 1 || len != n) {
+            ERR_clear_error();
+            return -1;
+        }
+        return 0;
+    }
+
+    /* Sealing (enc): write the 16-byte tag. Opening: check it; 0 if it verifies, 1 if not.
+       -1 on an OpenSSL failure. */
+    static int msgnet_piece_finish(void *vctx, int enc, unsigned char *tag) {
+        EVP_CIPHER_CTX *ctx = (EVP_CIPHER_CTX *)vctx;
+        unsigned char none[16];
+        int len;
+        if (enc) {
+            if (EVP_CipherFinal_ex(ctx, none, &len) != 1 || msgnet_evp_tag(ctx, 0, tag) != 1) {
+                ERR_clear_error();
+                return -1;
+            }
+            return 0;
+        }
+        if (msgnet_evp_tag(ctx, 1, tag) != 1) {
+            ERR_clear_error();
+            return -1;
+        }
+        if (EVP_CipherFinal_ex(ctx, none, &len) != 1) {
+            ERR_clear_error();
+            return 1;
+        }
+        return 0;
+    }
+
+    static void msgnet_piece_free(void *ctx) { EVP_CIPHER_CTX_free((EVP_CIPHER_CTX *)ctx); }
     #else
     static int msgnet_evp_setup(void) { return -1; }
     #define msgnet_evp_seal msgnet_aead_missing
     #define msgnet_evp_open msgnet_aead_missing
+    static void *msgnet_piece_begin(int enc, const unsigned char *key,
+                                    const unsigned char *nonce,
+                                    const unsigned char *ad, int adlen) { return NULL; }
+    static int msgnet_piece_update(void *ctx, const unsigned char *in, int n,
+                                   unsigned char *out) { return -1; }
+    static int msgnet_piece_finish(void *ctx, int enc, unsigned char *tag) { return -1; }
+    static void msgnet_piece_free(void *ctx) { }
     #endif
     #ifndef MSGNET_HAVE_SODIUM
     #define MSGNET_HAVE_SODIUM 0
@@ -368,6 +432,11 @@ cdef extern from *:
                         const uint8_t* inp, int n, uint8_t* out) noexcept
     int msgnet_evp_open(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
                         const uint8_t* inp, int n, uint8_t* out) noexcept
+    void* msgnet_piece_begin(int enc, const uint8_t* key, const uint8_t* nonce,
+                             const uint8_t* ad, int adlen) noexcept
+    int msgnet_piece_update(void* ctx, const uint8_t* inp, int n, uint8_t* out) noexcept
+    int msgnet_piece_finish(void* ctx, int enc, uint8_t* tag) noexcept
+    void msgnet_piece_free(void* ctx) noexcept
 
 
 # seal: write ciphertext || tag (n + 16 bytes) of plaintext[0:n] at sealed, AD = the 13-byte
@@ -506,6 +575,9 @@ AEAD_BACKENDS = (
 )
 # The backend in use: what tests and benchmarks print. set_aead_backend() changes it.
 AEAD_BACKEND = None
+# Whether large stream packets are sealed and opened piece by piece (PieceCipher): with
+# libcrypto's EVP, which takes a packet in pieces; the other backends take it whole.
+cdef bint _pieces = False
 
 
 def set_aead_backend(str name not None) -> str:
@@ -513,7 +585,7 @@ def set_aead_backend(str name not None) -> str:
     AEAD_BACKENDS); returns the previous one. For tests and benchmarks: both backends produce
     identical packets, so this may happen at any time. ``MSGNET_AEAD_BACKEND`` picks one at
     import."""
-    global AEAD_BACKEND, _aead_seal, _aead_open
+    global AEAD_BACKEND, _aead_seal, _aead_open, _pieces
     if name not in AEAD_BACKENDS:
         raise UsageError(f"AEAD backend {name!r} is not available (have {AEAD_BACKENDS})")
     previous = AEAD_BACKEND
@@ -530,6 +602,7 @@ def set_aead_backend(str name not None) -> str:
         _aead_seal = _cryptography_seal
         _aead_open = _cryptography_open
         _aeads.clear()
+    _pieces = name in ("sodium+openssl", "openssl")
     AEAD_BACKEND = name
     return previous
 
@@ -675,6 +748,131 @@ cdef class SessionCrypto:
         if n < DATA_OVERHEAD or packet[0] != PACKET_DATA:
             raise FrameError("not a DATA packet")
         return PyBytes_FromStringAndSize(<const char*>&packet[n - AEAD_TAG_SIZE], AEAD_TAG_SIZE)
+
+
+cdef class PieceCipher:
+    """Seals or opens one DATA packet piece by piece: the same bytes as seal_into and
+    open_into, for packets that are large enough for the time to matter. On a stream the
+    sender then writes each piece as soon as it is sealed and the receiver opens each piece
+    as it arrives, so the two ends' encryption overlaps instead of adding up. Nothing opened
+    may be used before finish() verified the tag (docs/wire.md §6)."""
+
+    def __dealloc__(self):
+        if self._ctx != NULL:
+            msgnet_piece_free(self._ctx)
+
+    cdef int update(self, const uint8_t* inp, Py_ssize_t n, uint8_t* out) except -1:
+        if self._ctx == NULL or msgnet_piece_update(self._ctx, inp, <int>n, out) != 0:
+            raise RuntimeError("libcrypto failed on a packet piece")
+        return 0
+
+    cdef int finish(self, uint8_t* tag) except -100:
+        """Sealing: write the tag at tag; OPEN_OK. Opening: check the tag at tag and then the
+        replay window (updating it); OPEN_OK, DROP_AUTH_FAILED or DROP_REPLAY."""
+        cdef int rc
+        if self._ctx == NULL:
+            raise RuntimeError("packet piece cipher already finished")
+        rc = msgnet_piece_finish(self._ctx, self._sealing, tag)
+        msgnet_piece_free(self._ctx)
+        self._ctx = NULL
+        if rc < 0:
+            raise RuntimeError("libcrypto failed to finish a packet")
+        if self._sealing:
+            return OPEN_OK
+        if rc != 0:
+            return DROP_AUTH_FAILED
+        if not self._crypto.window.update(self.counter):
+            return DROP_REPLAY
+        return OPEN_OK
+
+
+cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out):
+    cdef uint64_t counter = crypto.send_counter
+    cdef uint8_t nonce[12]
+    cdef PieceCipher cipher
+    cdef void* ctx
+    if not _pieces or crypto.plaintext or counter >= _REJECT_AFTER:
+        return None
+    out[0] = PACKET_DATA
+    _store_u32_be(out + 1, crypto.remote_index)
+    _store_u64_be(out + 5, counter)
+    _store_nonce(nonce, counter)
+    ctx = msgnet_piece_begin(1, crypto._send_key, nonce, out, DATA_HEADER_SIZE)
+    if ctx == NULL:
+        return None
+    cipher = PieceCipher.__new__(PieceCipher)
+    cipher._ctx = ctx
+    cipher._sealing = True
+    cipher.counter = counter
+    crypto.send_counter = counter + 1
+    return cipher
+
+
+cdef PieceCipher open_pieces(SessionCrypto crypto, const uint8_t* header):
+    cdef uint64_t counter = _load_u64_be(header + 5)
+    cdef uint8_t nonce[12]
+    cdef PieceCipher cipher
+    cdef void* ctx
+    if (not _pieces or crypto.plaintext or header[0] != PACKET_DATA
+            or _load_u32_be(header + 1) != crypto.local_index
+            or counter >= _REJECT_AFTER or not crypto.window.check(counter)):
+        return None  # open_into, on the whole packet, says why it is dropped
+    _store_nonce(nonce, counter)
+    ctx = msgnet_piece_begin(0, crypto._recv_key, nonce, header, DATA_HEADER_SIZE)
+    if ctx == NULL:
+        return None
+    cipher = PieceCipher.__new__(PieceCipher)
+    cipher._ctx = ctx
+    cipher._sealing = False
+    cipher.counter = counter
+    cipher._crypto = crypto
+    return cipher
+
+
+def seal_in_pieces(SessionCrypto crypto not None, const uint8_t[::1] payload not None,
+                   sizes) -> bytes | None:
+    """For tests: payload sealed as one DATA packet in pieces of the given sizes (the last
+    takes the rest); None where seal_pieces declines (no libcrypto, plaintext...)."""
+    cdef Py_ssize_t n = payload.shape[0]
+    cdef bytes packet = PyBytes_FromStringAndSize(NULL, n + DATA_OVERHEAD)
+    cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(packet)
+    cdef Py_ssize_t pos = 0, k
+    cdef PieceCipher cipher = seal_pieces(crypto, out)
+    if cipher is None:
+        return None
+    for size in list(sizes) + [n]:
+        k = min(<Py_ssize_t>size, n - pos)
+        if k > 0:
+            cipher.update(&payload[pos], k, out + DATA_HEADER_SIZE + pos)
+            pos += k
+    cipher.finish(out + DATA_HEADER_SIZE + n)
+    return packet
+
+
+def open_in_pieces(SessionCrypto crypto not None, const uint8_t[::1] packet not None,
+                   sizes) -> bytes | None:
+    """For tests: the payload of packet opened in pieces of the given sizes; None where
+    open_pieces declines; ProtocolViolation (as open) if the tag or the window refuse it."""
+    cdef Py_ssize_t n = packet.shape[0] - DATA_OVERHEAD
+    cdef bytearray work = bytearray(packet)
+    cdef uint8_t* buf = <uint8_t*>PyByteArray_AS_STRING(work)
+    cdef Py_ssize_t pos = 0, k
+    cdef int rc
+    cdef PieceCipher cipher
+    if n < 0:
+        raise FrameError("shorter than a DATA packet")
+    cipher = open_pieces(crypto, buf)
+    if cipher is None:
+        return None
+    for size in list(sizes) + [n]:
+        k = min(<Py_ssize_t>size, n - pos)
+        if k > 0:
+            cipher.update(buf + DATA_HEADER_SIZE + pos, k, buf + DATA_HEADER_SIZE + pos)
+            pos += k
+    rc = cipher.finish(buf + DATA_HEADER_SIZE + n)
+    if rc != OPEN_OK:
+        raise _dropped(rc)
+    return bytes(work[DATA_HEADER_SIZE:DATA_HEADER_SIZE + n])
 
 
 # Fixed-layout stateless packets (§2.4, §2.5, §2.7): cold paths, built and read from Python.

@@ -15,29 +15,38 @@ the peer moved to this connection) goes to the delegate's Python methods.
 
 Sending: the engine seals a stream packet into a bytes object that already holds its
 ``length:varint`` prefix and calls :meth:`StreamCore.write_sealed`, one ``transport.write``
-with no copy. The core also keeps what reliable delivery on a stream needs
+with no copy. A large packet (``PIECES_FROM``) is sealed and written ``PIECE`` bytes at a time
+instead, and the receiving core opens it as its pieces arrive, checking the tag at the end: the
+two ends then encrypt and decrypt at the same time (a 1 MiB request over loopback: 1.8 -> 0.85
+ms). The core also keeps what reliable delivery on a stream needs
 (docs/wire.md §6.1): the packets of sessions that sent reliable messages, until the peer's
 PONG to a PING written after them proves they arrived.
 """
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_WRITE, PyBUF_WRITABLE
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.long cimport PyLong_FromUnsignedLong
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memmove
+from libc.string cimport memcpy, memmove
 
-from msgnet._engine cimport Session, UdpEngine
+from msgnet._frame cimport FRAME_CONTINUATION, FRAME_INIT, FRAME_PADDING
+from msgnet._engine cimport C_PIECE, C_PIECES_FROM, Session, UdpEngine
 from msgnet._packet cimport (
+    AEAD_TAG_SIZE,
     C_REPLAY_WINDOW,
     DATA_HEADER_SIZE,
+    DATA_OVERHEAD,
+    OPEN_OK,
     PACKET_DATA,
     PACKET_PLAIN_DATA,
+    PieceCipher,
     ReplayWindow,
     SessionCrypto,
+    open_pieces,
 )
 
 from msgnet import limits
@@ -55,6 +64,12 @@ a peer sending large messages back to back then costs no allocation, copy and pa
 per message (callgrind/py-spy: 28% of a 1 MiB request's CPU went to regrowing the buffer)."""
 MIN_READ = 4096
 """Below this much free room, the buffer is compacted or grown before a read."""
+PIECE = C_PIECE
+"""A DATA packet whose payload is at least PIECES_FROM bytes is sealed and written PIECE bytes at
+a time, and opened as its bytes arrive (msgnet._packet.PieceCipher): the peer decrypts one piece
+while the sender encrypts the next, where a whole-packet seal and open would add up (a 1 MiB
+message: ~0.4 ms each way). Nothing of the packet is delivered before its tag verified."""
+PIECES_FROM = C_PIECES_FROM
 
 cdef Py_ssize_t _READ_BUFFER = READ_BUFFER
 cdef Py_ssize_t _MIN_READ = MIN_READ
@@ -94,6 +109,38 @@ cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
             | <uint32_t>p[3])
 
 
+cdef bint _carries_messages(const uint8_t* p, Py_ssize_t n) noexcept:
+    """Whether a payload of ours holds an INIT or CONTINUATION frame: only those are sent
+    again after a resume (docs/wire.md §6.1), so a packet of control frames alone (PONG,
+    BOUND...) is not kept. True if the frames do not parse (never for our own)."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t length
+    cdef int shift
+    cdef uint8_t t, byte
+    while i < n:
+        t = p[i]
+        i += 1
+        if t == FRAME_PADDING:  # one byte
+            continue
+        if t == FRAME_INIT or t == FRAME_CONTINUATION:
+            return True
+        length = 0
+        shift = 0
+        while True:
+            if i >= n or shift > 56:
+                return True
+            byte = p[i]
+            i += 1
+            length |= (<uint64_t>(byte & 0x7F)) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+        if length > <uint64_t>(n - i):
+            return True
+        i += <Py_ssize_t>length
+    return False
+
+
 cdef class StreamCore:
     """Receive buffer, packet splitting and the write path of one stream connection.
 
@@ -124,6 +171,8 @@ cdef class StreamCore:
     cdef public Py_ssize_t bytes_in
     cdef public Py_ssize_t packets_out
     cdef public Py_ssize_t bytes_out
+    cdef readonly Py_ssize_t piecewise_in   # packets opened as they arrived (PIECES_FROM)
+    cdef readonly Py_ssize_t piecewise_out  # packets sealed as they were written
 
     cdef object _sessions           # local index -> Session, or None (no fast path)
     cdef object _on_packet          # delegate.stream_packet: the slow path
@@ -135,6 +184,11 @@ cdef class StreamCore:
     cdef double _packet_timeout
     cdef uint32_t _last_index       # the session of the previous DATA packet (cache)
     cdef Session _last_session
+    # A large pending DATA packet opened as it arrives (PIECES_FROM): its cipher, its session,
+    # and how many of its ciphertext bytes are open (-1: it is opened whole when complete).
+    cdef PieceCipher _opening
+    cdef Session _opening_session
+    cdef Py_ssize_t _opened
 
     # Reliable delivery (docs/wire.md §6.1): the packets of retaining sessions written here
     # and not yet acknowledged, as (counter, payload) in write order.
@@ -309,6 +363,7 @@ cdef class StreamCore:
         cdef UdpEngine engine
         cdef UdpEngine first_engine = None
         cdef list engines = None
+        cdef PieceCipher opening
         try:
             while self._start < self._end and self._reason is None:
                 start = self._start
@@ -323,10 +378,13 @@ cdef class StreamCore:
                             if n < 0:
                                 self.abort("bad_stream")
                             break
+                n = self._need - self._header
                 if self._end - start < self._need:
+                    if n >= C_PIECES_FROM + DATA_OVERHEAD and self._opened >= 0:
+                        self._open_arrived(self._buf + start + self._header, n,
+                                           self._end - start - self._header)
                     break
                 pkt = self._buf + start + self._header
-                n = self._need - self._header
                 if n > _READ_BUFFER:
                     self._small_packets = 0
                 elif self._small_packets < _SHRINK_AFTER:
@@ -335,7 +393,15 @@ cdef class StreamCore:
                 self._header = self._need = 0
                 self.packets_in += 1
                 delivered = True
-                engine = self._packet(pkt, n)
+                opening = self._opening
+                if opening is not None:
+                    self.piecewise_in += 1
+                    try:
+                        self._open_arrived(pkt, n, n)  # the rest, tag excepted
+                    finally:
+                        self._opening = None
+                self._opened = 0
+                engine = self._packet(pkt, n, opening)
                 if engine is not None and engine is not first_engine:
                     if first_engine is None:
                         first_engine = engine
@@ -351,16 +417,11 @@ cdef class StreamCore:
                         self._end_batch(engine)
         return delivered
 
-    cdef UdpEngine _packet(self, uint8_t* pkt, Py_ssize_t n):
-        """One whole packet: DATA for a session with keys goes to its engine here (the engine
-        is returned when this read began a receive batch on it); anything else to the
-        delegate. Never raises: errors go to the loop's exception handler."""
+    cdef Session _session_of(self, const uint8_t* pkt, Py_ssize_t n):
+        """The session with keys a DATA packet of n bytes is for, or None (the slow path)."""
         cdef uint32_t index
         cdef PyObject* found
         cdef Session s = None
-        cdef UdpEngine engine
-        cdef UdpEngine batch = None
-        cdef int status
         if (self._sessions is not None and n >= DATA_HEADER_SIZE
                 and (pkt[0] == PACKET_DATA or pkt[0] == PACKET_PLAIN_DATA)):
             index = _load_u32_be(pkt + 1)
@@ -373,7 +434,48 @@ cdef class StreamCore:
                     s = <Session>found
                     self._last_session = s
                     self._last_index = index
-        if s is None or s.crypto is None:
+        return s if s is not None and s.crypto is not None else None
+
+    cdef int _open_arrived(self, uint8_t* pkt, Py_ssize_t n, Py_ssize_t avail) except -1:
+        """Open what arrived (avail bytes) of the pending DATA packet pkt[0:n], at least PIECE
+        bytes at a time until it is all there (the tag excepted). The first call begins it,
+        or marks the packet to be opened whole (_opened = -1) if it cannot be opened so."""
+        cdef Py_ssize_t ready
+        cdef Session s
+        if self._opening is None:
+            if avail < DATA_HEADER_SIZE:
+                return 0
+            s = self._session_of(pkt, n)
+            self._opening = None if s is None else open_pieces(s.crypto, pkt)
+            if self._opening is None:
+                self._opened = -1
+                return 0
+            self._opening_session = s
+            self._opened = 0
+        ready = min(avail, n - AEAD_TAG_SIZE) - DATA_HEADER_SIZE - self._opened
+        if ready >= C_PIECE or (avail == n and ready > 0):
+            pkt += DATA_HEADER_SIZE + self._opened
+            self._opening.update(pkt, ready, pkt)
+            self._opened += ready
+        return 0
+
+    cdef UdpEngine _packet(self, uint8_t* pkt, Py_ssize_t n, PieceCipher opened):
+        """One whole packet: DATA for a session with keys goes to its engine here (the engine
+        is returned when this read began a receive batch on it); anything else to the
+        delegate. ``opened``: its ciphertext is open already (_open_arrived), the tag not yet
+        checked. Never raises: errors go to the loop's exception handler."""
+        cdef Session s
+        cdef UdpEngine engine
+        cdef UdpEngine batch = None
+        cdef int status
+        if opened is not None:
+            s = self._opening_session
+            self._opening_session = None
+            if s._closed or s.crypto is None:
+                return None  # (its keys are gone: it would be dropped as unknown_session)
+        else:
+            s = self._session_of(pkt, n)
+        if s is None:
             self._slow(pkt, n)
             return None
         engine = s._engine
@@ -382,7 +484,7 @@ cdef class StreamCore:
             engine._sent_early = False
             batch = engine
         try:
-            status = engine._feed_stream(s, pkt, n, self)
+            status = engine._feed_stream(s, pkt, n, self, opened)
             if status == _OK:
                 self.rx_time = s.last_received
                 if (s.stream is not self or s._udp) and self._on_authenticated is not None:
@@ -422,10 +524,13 @@ cdef class StreamCore:
     # -- sending ---------------------------------------------------------------------------
 
     cpdef bint write_sealed(self, bytes packet, Session session, uint64_t counter,
-                            bytes payload) except -1:
+                            bytes payload, PieceCipher pieces=None) except -1:
         """Write one sealed packet that already carries its length prefix (the engine's stream
         send path). False (counted as stream_write_refused) when closed or back-pressured.
-        A retaining session's packets are kept until acknowledged (docs/wire.md §6.1)."""
+        A retaining session's packets are kept until acknowledged (docs/wire.md §6.1).
+
+        With ``pieces`` the packet holds its prefix and header only: its payload is sealed
+        here PIECE bytes at a time, each written as soon as it is sealed."""
         cdef list kept
         cdef list ping
         cdef Retention retention = self._retention
@@ -433,29 +538,64 @@ cdef class StreamCore:
         if self._reason is not None or self._paused or transport is None:
             self._counters["stream_write_refused"] += 1
             return False
-        transport.write(packet)
         self.packets_out += 1
-        self.bytes_out += PyBytes_GET_SIZE(packet)
+        if pieces is None:
+            transport.write(packet)
+            self.bytes_out += PyBytes_GET_SIZE(packet)
+        else:
+            self._write_pieces(transport, packet, payload, pieces)
+            self.piecewise_out += 1
+            self.bytes_out += PyBytes_GET_SIZE(packet) + PyBytes_GET_SIZE(payload) + AEAD_TAG_SIZE
         self._active = True
         if retention is not None and retention.sessions and session in retention.sessions:
             if self._kept is None:
                 self._kept = {}
             kept = self._kept.get(session)
-            if kept is None:
-                kept = self._kept[session] = []
-            kept.append((counter, payload))
-            self.retained_packets += 1
-            self.retained_bytes += PyBytes_GET_SIZE(payload)
+            if _carries_messages(<const uint8_t*>PyBytes_AS_STRING(payload),
+                                 PyBytes_GET_SIZE(payload)):
+                if kept is None:
+                    kept = self._kept[session] = []
+                kept.append((counter, payload))
+                self.retained_packets += 1
+                self.retained_bytes += PyBytes_GET_SIZE(payload)
             ping = retention.pings.get(session)
             if ping is not None and ping[1] is None and ping[0] in payload:
                 ping[1] = self          # the PING went out here: its PONG covers these
-                ping[2] = len(kept)
+                ping[2] = 0 if kept is None else len(kept)
             if (not self._retain_full and (self.retained_packets >= _RETAIN_PACKETS
                                            or self.retained_bytes >= _RETAIN_BYTES)):
                 self._retain_full = True
                 if retention.on_full is not None:  # the PING that frees room must go out
                     self._call_soon(retention.on_full, self)
         return True
+
+    cdef int _write_pieces(self, transport, bytes head, bytes payload,
+                           PieceCipher pieces) except -1:
+        """Seal payload after head (the packet's prefix and header) PIECE bytes at a time,
+        writing each piece as soon as it is sealed, in a bytes object of its own: no buffer
+        of the whole packet (a fresh 1 MiB costs page faults), none that a pending write
+        still holds."""
+        cdef const uint8_t* src = <const uint8_t*>PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        cdef Py_ssize_t lead = PyBytes_GET_SIZE(head)
+        cdef Py_ssize_t done = 0, k, size
+        cdef bytes piece
+        cdef uint8_t* out
+        while True:
+            k = min(<Py_ssize_t>C_PIECE, n - done)
+            size = lead + k + (AEAD_TAG_SIZE if done + k == n else 0)
+            piece = PyBytes_FromStringAndSize(NULL, size)
+            out = <uint8_t*>PyBytes_AS_STRING(piece)
+            if lead:
+                memcpy(out, PyBytes_AS_STRING(head), lead)
+            pieces.update(src + done, k, out + lead)
+            done += k
+            if done == n:
+                pieces.finish(out + lead + k)
+                transport.write(piece)
+                return 0
+            transport.write(piece)
+            lead = 0
 
     # -- reliable delivery (docs/wire.md §6.1) ------------------------------------------------
 

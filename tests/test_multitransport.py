@@ -25,6 +25,7 @@ import pytest
 
 from msgnet import MessageHost, SecurityError, UsageError, limits
 from msgnet._frame import Ack, encode_frame, encode_varint
+from msgnet._stream import PIECES_FROM
 from msgnet._testing import wait_for as _wait_for
 from msgnet.core.handshake import decode_handshake_payload
 from msgnet.identity import KeyPair
@@ -352,6 +353,30 @@ def test_reliable_stream_packets_are_kept_only_until_acknowledged(run):
     run(main())
 
 
+def test_packets_of_control_frames_alone_are_not_kept(run):
+    """docs/wire.md §6.1: only packets with messages are kept for a resume (nothing else is
+    ever sent again), so when both ends send reliable messages on a stream, the PONG that
+    acknowledges one end's packets is not itself kept and acknowledged, and so on: the
+    acknowledgements stop once the messages are acknowledged."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            echo(b)
+            for i in range(20):
+                assert await a.request(b.peer_id, "/echo", b"%d" % i, qos=Reliable()) == b"%d" % i
+            [conn_a] = a.network.streams.connections()
+            [conn_b] = b.network.streams.connections()
+            await wait_for(lambda: conn_a.retained_packets == conn_b.retained_packets == 0)
+            asked = (a.metrics()["stream_acks_requested"], b.metrics()["stream_acks_requested"])
+            packets = conn_a.packets_in + conn_b.packets_in
+            await asyncio.sleep(limits.STREAM_ACK_TIMEOUT * 1.5)
+            assert (a.metrics()["stream_acks_requested"],
+                    b.metrics()["stream_acks_requested"]) == asked
+            assert conn_a.packets_in + conn_b.packets_in == packets  # quiet: no PING, no PONG
+
+    run(main())
+
+
 def test_spoofed_ack_changes_nothing(run):
     async def main():
         async with AsyncExitStack() as stack:
@@ -436,6 +461,41 @@ def test_forged_packet_on_a_proven_connection_is_dropped_not_fatal(run):
             m = a.metrics()
             assert m["auth_failed"] == failed + 1 and m.get("bad_stream", 0) == 0
             assert not conn_b.closed and a.network.streams.connections()[0].packets_in >= 3
+
+    run(main())
+
+
+def test_large_stream_packets_are_sealed_and_opened_in_pieces(run):
+    """msgnet._stream.PIECE: a stream payload of PIECES_FROM bytes or more is sealed as it is
+    written and opened as it arrives; what arrives is the message, intact, once, and a
+    forged large packet is dropped (auth_failed) with nothing of it delivered."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            got = record(a)
+            sizes = [PIECES_FROM - 100, PIECES_FROM, 300_000, limits.MAX_MESSAGE_PAYLOAD]
+            sent = [os.urandom(n) for n in sizes]
+            for data in sent:
+                await b.send_message(a.peer_id, "/m", data, qos=Reliable(wait=True))
+            await wait_for(lambda: len(got) == len(sent))
+            assert got == sent
+            [conn_a] = a.network.streams.connections()
+            [conn_b] = b.network.streams.connections()
+            assert conn_b.piecewise_out == conn_a.piecewise_in == len(sizes) - 1
+
+            session = a.network.sessions(b.peer_id)[0]
+            forged = (bytes((0x07,)) + struct.pack(">IQ", session.local_index, 10**6)
+                      + os.urandom(PIECES_FROM + 1000) + bytes(16))
+            failed = a.metrics().get("auth_failed", 0)
+            framed = encode_varint(len(forged)) + forged
+            conn_b._transport.write(framed[:100_000])  # arrives in parts, as a sender's pieces
+            await asyncio.sleep(0.05)
+            conn_b._transport.write(framed[100_000:])
+            await wait_for(lambda: a.metrics().get("auth_failed", 0) == failed + 1)
+            assert conn_a.piecewise_in == len(sizes)  # it was opened in pieces, then refused
+            await b.send_message(a.peer_id, "/m", sent[2], qos=Reliable(wait=True))
+            await wait_for(lambda: len(got) == len(sent) + 1)
+            assert got[-1] == sent[2] and not conn_b.closed
 
     run(main())
 

@@ -523,3 +523,63 @@ def test_c_api_in_place(plaintext, seal_in_place):
     assert _packet.bench_seal_open(a, b, payload, 50, seal_in_place) == payload
     assert a.send_counter == 50 and not b.window.would_accept(49)
     _packet.bench_aead(ChaCha20Poly1305(KEY_AB), 100, 3)
+
+
+PIECE_BACKENDS = [b for b in BACKENDS if b in ("sodium+openssl", "openssl")]
+
+
+@needs_extension
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(0, 300_000), counter=st.integers(0, REJECT - 1),
+       cuts=st.lists(st.integers(1, 70_000), max_size=12), seed=st.integers(0, 2**32 - 1))
+def test_pieces_seal_and_open_what_the_oracle_does(size, counter, cuts, seed):
+    """A packet sealed or opened in pieces of any sizes (large stream packets,
+    msgnet._stream.PIECE) is byte for byte the one-shot AEAD of §2.2."""
+    payload = random.Random(seed).randbytes(size)
+    expected = data_packet(KEY_AB, INDEX_B, counter, payload)
+    for name in PIECE_BACKENDS:
+        previous = _packet.set_aead_backend(name)
+        try:
+            a = sender(_packet, send_counter=counter)
+            assert _packet.seal_in_pieces(a, payload, cuts) == expected, name
+            assert a.send_counter == counter + 1  # the counter is spent as by seal()
+            assert _packet.open_in_pieces(receiver(_packet), expected, cuts) == payload, name
+        finally:
+            _packet.set_aead_backend(previous)
+
+
+@needs_extension
+@pytest.mark.skipif(not PIECE_BACKENDS, reason="no libcrypto in this build")
+def test_pieces_refuse_forgeries_and_replays():
+    """Opening in pieces verifies the tag before anything counts as opened, and the replay
+    window refuses a counter twice, as open() does."""
+    previous = _packet.set_aead_backend(PIECE_BACKENDS[0])
+    try:
+        payload = os.urandom(200_000)
+        packet = sender(_packet, send_counter=5).seal(payload)
+        for position in (0, 1, 12, 13, 100_000, len(packet) - 17, len(packet) - 1):
+            forged = bytearray(packet)
+            forged[position] ^= 0x40
+            try:
+                opened = _packet.open_in_pieces(receiver(_packet), bytes(forged), [4096, 65536])
+            except ProtocolViolation as dropped:
+                assert dropped.reason == "auth_failed", position
+            else:  # a header no longer naming this session's DATA is not opened at all
+                assert opened is None and position < 13, position
+        b = receiver(_packet)
+        assert _packet.open_in_pieces(b, packet, [65536]) == payload
+        assert _packet.open_in_pieces(b, packet, [65536]) is None  # declined: a replay
+        assert drop_reason(b, packet) == "replay"                  # which open() names
+    finally:
+        _packet.set_aead_backend(previous)
+
+
+@needs_extension
+def test_pieces_are_declined_where_they_cannot_be_used(backend):
+    """Plaintext sessions, and backends that take packets whole, seal and open whole."""
+    payload = os.urandom(300_000)
+    plain = sender(_packet, plaintext=True)
+    assert _packet.seal_in_pieces(plain, payload, [65536]) is None
+    assert plain.send_counter == 0  # nothing spent
+    sealed = _packet.seal_in_pieces(sender(_packet), payload, [65536])
+    assert (sealed is not None) == (backend in PIECE_BACKENDS)
