@@ -314,13 +314,12 @@ class MessageHost:
         request, and then the callback is not called. An exception from the callback goes
         to the loop's exception handler.
         """
-        network = self._network
-        if network is None:
+        if self._network is None:
             raise ClosedError("host is not started")
         pending = self._pending
-        request = PendingRequest(callback, network.loop, pending)
-        request_id = request._request_id = self._add_request(request, protocol, peer, timeout)
-        entry = pending[request_id]
+        request = PendingRequest(callback, self._network.loop, pending)
+        network, request_id, entry = self._new_request(peer, protocol, timeout, request)
+        request._request_id = request_id
         loop = network.loop
         deadline = loop.time() + timeout
         entry.append(deadline)
@@ -339,28 +338,25 @@ class MessageHost:
             self._arm_timeouts(loop, deadline)
         return request
 
-    def _new_request(self, peer: PeerID, protocol: str, timeout: float
+    def _new_request(self, peer: PeerID, protocol: str, timeout: float,
+                     request: PendingRequest | None = None
                      ) -> tuple[MessageNetwork, int, list[Any]]:
         """Check a request's arguments and register it: its id and pending entry
-        [future, protocol, peer, timeout] (the sender appends the deadline once it is sent)."""
-        network = self._network
-        if network is None:
-            raise ClosedError("host is not started")
-        future: asyncio.Future[bytes] = network.loop.create_future()
-        request_id = self._add_request(future, protocol, peer, timeout)
-        return network, request_id, self._pending[request_id]
-
-    def _add_request(self, future: asyncio.Future[bytes] | PendingRequest, protocol: str,
-                     peer: PeerID, timeout: float) -> int:
-        """Check a request's limits and register it; its id."""
+        [future, protocol, peer, timeout] (the sender appends the deadline once it is sent);
+        the future is ``request`` if given (request_callback), else a new asyncio future."""
         if timeout <= 0:
             raise UsageError("timeout must be positive")
         pending = self._pending
         if len(pending) >= MAX_PENDING_REQUESTS:
             raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
+        network = self._network
+        if network is None:
+            raise ClosedError("host is not started")
         request_id = next(self._request_ids)
-        pending[request_id] = [future, protocol, peer, timeout]
-        return request_id
+        entry: list[Any] = [network.loop.create_future() if request is None else request,
+                            protocol, peer, timeout]
+        pending[request_id] = entry
+        return network, request_id, entry
 
     def _arm_timeouts(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timeout_timer is not None:
