@@ -22,7 +22,7 @@ from .errors import (
     SecurityError,
     UsageError,
 )
-from .host import MessageHost
+from .host import MessageHost, PendingRequest
 from .identity import KeyPair, PeerID
 from .network import MessageNetwork, MessageTransport, SocketSession, UdpSocket, UdpTransport
 from .peerstore import Peerstore
@@ -41,6 +41,7 @@ __all__ = [
     "MessageNetwork",
     "MessageTransport",
     "PeerID",
+    "PendingRequest",
     "Peerstore",
     "Session",
     "SocketSession",

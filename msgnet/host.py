@@ -36,7 +36,7 @@ from .peerstore import Peerstore
 from .qos import BEST_EFFORT, BestEffort, QoS, Reliable
 from .tcp import StreamSettings
 
-__all__ = ["MessageHost", "Handler", "PendingRequest"]
+__all__ = ["Handler", "MessageHost", "PendingRequest"]
 
 log = logging.getLogger("msgnet")
 
@@ -438,7 +438,7 @@ class PendingRequest:
     """A request made with :meth:`MessageHost.request_callback`: future-like, but its
     callback runs in the call that settles it (no loop callback per request)."""
 
-    __slots__ = ("_callback", "_loop", "_pending", "_request_id", "_state", "_value", "_task")
+    __slots__ = ("_callback", "_loop", "_pending", "_request_id", "_state", "_task", "_value")
 
     _PENDING, _DONE, _FAILED, _CANCELLED = range(4)
 
