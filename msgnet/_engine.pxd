@@ -439,7 +439,7 @@ cdef class UdpEngine:
     cdef int _queue_reply(self, Session s, uint8_t frame_type, uint64_t a, uint64_t b) except -1
     cdef int _queue_pong(self, Session s, const uint8_t* data, Py_ssize_t n) except -1
     cdef bint _send(self, Session s, str protocol, object payload, int flags,
-                    object request_id) except -1
+                    object request_id, bint force=*) except -1
     cdef uint8_t* _take_buffer(self, Py_ssize_t size) except NULL
     cdef void _give_buffer(self, uint8_t* buf, Py_ssize_t size) noexcept
     cdef bint _to_stream(self, Session s, Py_ssize_t n) noexcept

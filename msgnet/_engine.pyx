@@ -1331,18 +1331,20 @@ cdef class UdpEngine:
     # -- sending ---------------------------------------------------------------------------
 
     def send_message(self, Session session not None, str protocol not None, payload,
-                     int flags=0, request_id=0) -> bool:
+                     int flags=0, request_id=0, bint force=False) -> bool:
         """Queue one message; False when the session's queue is full (await wait_drained).
 
         The message goes out as INIT until the peer answers BOUND for our alias, then as
         CONTINUATION, coalesced with the session's other frames and sent at the end of the loop
         iteration. It must fit one packet: MessageTooLargeError otherwise (fragmentation is the
         delivery layer's, which also owns the SEQ/RELIABLE/ORDERED/FRAGMENT flags).
+        ``force`` queues it even on a full queue: for messages whose number is bounded
+        otherwise (a stream resume sends again at most what the connection kept).
         """
-        return self._send(session, protocol, payload, flags, request_id)
+        return self._send(session, protocol, payload, flags, request_id, force)
 
     cdef bint _send(self, Session s, str protocol, object payload, int flags,
-                    object request_id) except -1:
+                    object request_id, bint force=False) except -1:
         cdef Py_buffer view
         cdef uint64_t rid = 0
         cdef int alias
@@ -1372,13 +1374,13 @@ cdef class UdpEngine:
                 body += 2 + varint_size(PyBytes_GET_SIZE(encoded)) + PyBytes_GET_SIZE(encoded)
             size = 1 + varint_size(body) + body
             if size <= s._cap:
-                at = s._reserve(size, False)
+                at = s._reserve(size, force)
                 if at == NULL:
                     return False
             elif s.stream is not None and size <= C_STREAM_PAYLOAD:
                 # Too large to coalesce, and the session has a stream: a payload of its own,
                 # one stream packet (messages are not fragmented on a stream).
-                if s._queue_full():
+                if s._queue_full() and not force:
                     return False
                 s._close_payload()
                 alone = PyBytes_FromStringAndSize(NULL, size)

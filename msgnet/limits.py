@@ -114,6 +114,9 @@ STREAM_HIGH_WATER = 1 << 20
 STREAM_RETAIN_PACKETS = 512
 STREAM_RETAIN_BYTES = 8 << 20
 STREAM_ACK_TIMEOUT = 1.0
+STREAM_MOVE_GRACE = 3.0
+"""How long a connection with unacknowledged packets is kept while the peer sends on another
+(docs/wire.md §6.1): after that it is closed, and its packets resumed on the other."""
 STREAM_WAIT_TIMEOUT = 30.0
 
 # Delivery (docs/wire.md §3.6).

@@ -284,7 +284,7 @@ class _PeerPath:
     which of them its sessions send on, and what tells a silent UDP path from a quiet peer."""
 
     __slots__ = ("udp", "stream", "mode", "transports", "started", "expect_since",
-                 "stream_rx", "dialing")
+                 "stream_rx", "dialing", "move_since")
 
     def __init__(self) -> None:
         self.udp: Any = None                       # the peer's UDP address, when known
@@ -295,6 +295,7 @@ class _PeerPath:
         self.expect_since = 0.0                    # awaiting a UDP packet since (0: not)
         self.stream_rx = 0.0                       # last authenticated packet on the stream
         self.dialing: asyncio.Task[None] | None = None  # a TCP connect in progress
+        self.move_since = 0.0                      # the peer talks on another connection
 
     def open_stream(self) -> StreamConnection | None:
         stream = self.stream
@@ -496,6 +497,13 @@ class MessageNetwork:
         session, engine = self.session_for(peer_id, protocol)
         if flags & limits.FLAG_REQUEST:
             self._expect_reply(self._paths.get(peer_id))
+        if isinstance(qos, Reliable) and qos.ordered and self.stream_recovery.holds(session):
+            # Resuming (docs/wire.md §6.1): after the messages the resume sends again.
+            ack = await self.stream_recovery.hold(session, protocol, data, flags, request_id,
+                                                  qos.wait)
+            if qos.wait:
+                await self._acknowledged(peer_id, protocol, ack, qos.timeout)
+            return
         if isinstance(qos, Reliable) and session.sends_on_stream:
             recovery = self.stream_recovery
             while True:
@@ -539,11 +547,32 @@ class MessageNetwork:
             await engine.wait_drained(session)
             session, engine = self.session_for(peer_id, protocol)
 
+    async def _acknowledged(self, peer_id: PeerID, protocol: str,
+                            ack: asyncio.Future[None] | None, timeout: float | None) -> None:
+        """Wait for a held ordered message's acknowledgement: ``ack`` from the delivery layer,
+        or, when it went on a stream, a PING of its own after it."""
+        if ack is None:
+            session, _ = self.session_for(peer_id, protocol)
+            if session.sends_on_stream:
+                await self._stream_acknowledged(
+                    session, protocol, limits.STREAM_WAIT_TIMEOUT if timeout is None else timeout)
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(ack), timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"{peer_id} did not acknowledge a message on {protocol} within "
+                f"{timeout} s") from None
+
     def send_reply(self, session: Session, protocol: str, data: bytes, request_id: int,
                    reliable: bool, ordered: bool) -> None:
         """Engine delegate: a reply that needs the delivery layer (reliable, or large), unless
         the session sends on a stream, which needs none."""
         qos: QoS = Reliable(ordered=ordered) if reliable else BEST_EFFORT
+        if ordered and self.stream_recovery.holds(session):  # after what the resume resends
+            self.stream_recovery.hold(session, protocol, data, limits.FLAG_RESPONSE,
+                                      request_id, False)
+            return
         try:
             if session.sends_on_stream:
                 if reliable:
@@ -561,20 +590,26 @@ class MessageNetwork:
             log.debug("reply on %s dropped: %s", protocol, exc)
 
     def _send_reliable_nowait(self, peer_id: PeerID, protocol: str, data: bytes, flags: int,
-                              request_id: int, wait: bool = False) -> asyncio.Future[None] | None:
+                              request_id: int, wait: bool = False,
+                              ordered: bool = False) -> asyncio.Future[None] | None:
         """A reliable message sent from a callback: stream recovery's RESUME, its answer,
-        and the messages it sends again (docs/wire.md §6.1). With ``wait``, the future of its
-        acknowledgement, or None when it went on a stream (a later PING acknowledges it)."""
-        qos = Reliable(wait=True) if wait else Reliable()
+        the messages it sends again and the ordered ones that waited for it (docs/wire.md
+        §6.1). With ``wait``, the future of its acknowledgement, or None when it went on a
+        stream (a later PING acknowledges it).
+
+        Queued at once even on a full queue: stream recovery sends a bounded number of them
+        (what a connection kept, the senders that waited), in an order that waiting for room
+        would break."""
+        qos = Reliable(ordered=ordered, wait=wait)
         try:
             session, engine = self.session_for(peer_id)
             if not session.sends_on_stream:
                 return self.delivery.send(session, engine, protocol, data, qos, flags,
                                           request_id)
             self.stream_recovery.retain(session)
-            if engine.send_message(session, protocol, data, flags, request_id):
-                self.stream_recovery.sent(session)
-                return None
+            engine.send_message(session, protocol, data, flags, request_id, True)
+            self.stream_recovery.sent(session)
+            return None
         except MsgnetError as exc:
             self._count("stream_resend_failed")
             log.debug("stream recovery could not send on %s: %s", protocol, exc)
@@ -583,10 +618,6 @@ class MessageNetwork:
             failed: asyncio.Future[None] = self.loop.create_future()
             failed.set_exception(exc)
             return failed
-        task = self.loop.create_task(self.send_message(  # the queue is full: wait for room
-            peer_id, protocol, data, flags=flags, request_id=request_id, qos=qos))
-        task.add_done_callback(_consume_exception)
-        return task if wait else None
 
     def send_message_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
                             flags: int = 0, request_id: int = 0) -> bool:
@@ -611,7 +642,7 @@ class MessageNetwork:
         if last is None or last[0] is not peer_id or self._refused or self._closed:
             return False
         session = last[1]
-        if session.sends_on_stream:
+        if session.sends_on_stream or (ordered and self.stream_recovery.holds(session)):
             return False
         return self.delivery.send_nowait(session, last[2], protocol, data, ordered)
 
@@ -1285,6 +1316,19 @@ class MessageNetwork:
             path.stream_rx = now
         changed = path.stream is not conn
         if changed:
+            old = path.open_stream()
+            if old is not None and old.retained_packets:
+                # What we wrote on old is not known to have arrived: moving now could let what
+                # we write on conn overtake it (ordered delivery, docs/wire.md §6.1). Move once
+                # its PONG released it; if it acknowledges nothing for STREAM_MOVE_GRACE while
+                # the peer talks to us here, close it: its packets are then resumed, in order.
+                if not path.move_since:
+                    path.move_since = now
+                elif now - path.move_since >= limits.STREAM_MOVE_GRACE:
+                    self._count("stream_moves_forced")
+                    old.close()
+                return
+            path.move_since = 0.0
             self._bind_stream(session.peer_id, path, conn)
         heard = max(session.last_datagram, session.created)  # a FINISH counts as heard
         if (path.mode == "udp" and self._use_tcp

@@ -612,7 +612,7 @@ class StreamRecovery:
     """
 
     def __init__(self, streams: TcpStreams,
-                 send_reliable: Callable[[Any, str, bytes, int, int, bool],
+                 send_reliable: Callable[[Any, str, bytes, int, int, bool, bool],
                                          asyncio.Future[None] | None],
                  count: Callable[[str], None], sessions: dict[int, Session]) -> None:
         self.retention = streams.retention
@@ -622,6 +622,10 @@ class StreamRecovery:
         self._sessions = sessions
         # (peer, its receiver index) -> (session, packets awaiting the RESUMED answer)
         self._resuming: dict[tuple[Any, int], tuple[Session, list[tuple[int, bytes]]]] = {}
+        # Sessions whose resume is under way -> what must go after the messages sent again:
+        # the payloads that were queued for the dead connection, then the ordered messages
+        # sent meanwhile, as (protocol, data, flags, request_id, wait, future).
+        self._held: dict[Session, list[Any]] = {}
         # Waiting sends: their PING data -> (peer, the future their acknowledgement completes).
         self.waits: dict[bytes, tuple[Any, asyncio.Future[None]]] = {}
         self.retention.on_full = self._connection_full
@@ -672,6 +676,33 @@ class StreamRecovery:
             if (ping is None or ping[1] is None) and session.stream is conn \
                     and session.sends_on_stream:
                 self._ping(session, alone=True)
+
+    def holds(self, session: Session) -> bool:
+        """Whether ``session`` is resuming: an ordered message must then wait (:meth:`hold`),
+        or it would overtake the messages the resume sends again."""
+        return session in self._held
+
+    def hold(self, session: Session, protocol: str, data: bytes, flags: int, request_id: int,
+             wait: bool) -> asyncio.Future[asyncio.Future[None] | None]:
+        """Send an ordered reliable message once ``session``'s resume is settled, after the
+        messages it sends again. The future resolves when the message is sent: to the
+        future of its acknowledgement (``wait``, by the delivery layer), or None."""
+        future: asyncio.Future[asyncio.Future[None] | None] = \
+            self._streams.loop.create_future()
+        self._held[session].append((protocol, data, flags, request_id, wait, future))
+        return future
+
+    def _release(self, session: Session) -> None:
+        """``session``'s resume is settled (answered, or abandoned with the session): send
+        what waited for it, in order."""
+        for item in self._held.pop(session, ()):
+            if isinstance(item, bytes):
+                self._send_again(session, [item], "stream_requeued_messages")
+                continue
+            protocol, data, flags, request_id, wait, future = item
+            if not future.done():  # (its sender gave up waiting: it was never sent)
+                future.set_result(self._send_reliable(session.peer_id, protocol, data, flags,
+                                                      request_id, wait, True))
 
     def wait(self, session: Session) -> tuple[bytes, asyncio.Future[None]]:
         """A reliable message was just queued for ``session`` on its stream by a send that
@@ -770,22 +801,29 @@ class StreamRecovery:
             if entry is None:
                 entry = self._resuming[key] = (session, [])
             entry[1].extend(kept)
+            self._held.setdefault(session, [])
             up_to = max(counter for counter, _ in entry[1])
             self._count("stream_resumes_sent")
             self._send_reliable(session.peer_id, RESUME_PROTOCOL,
-                                _RESUME.pack(session.remote_index, up_to), 0, 0, False)
+                                _RESUME.pack(session.remote_index, up_to), 0, 0, False, False)
         for session, payload in queued or ():
-            self._send_again(session, [payload], "stream_requeued_messages")
+            held = self._held.get(session)
+            if held is not None:
+                held.append(payload)  # after the messages the resume sends again
+            else:
+                self._send_again(session, [payload], "stream_requeued_messages")
 
     def _send_again(self, session: Session, payloads: list[bytes], counter: str) -> None:
         """Send the messages of our ``payloads``, lost with a connection, again as new
-        reliable messages; the waiting sends whose PING was among them now wait for these."""
+        reliable messages; the waiting sends whose PING was among them now wait for these.
+        They go ordered (a stronger promise than unordered): those that were keep their
+        order on UDP too, among themselves and before those that waited for them."""
         acks: list[asyncio.Future[None]] = []
         for payload in payloads:
             for protocol, flags, request_id, data in messages_in_payloads(session, [payload]):
                 self._count(counter)
                 ack = self._send_reliable(session.peer_id, protocol, data, flags, request_id,
-                                          bool(self.waits))
+                                          bool(self.waits), True)
                 if ack is not None:
                     acks.append(ack)
             if self.waits:
@@ -812,6 +850,7 @@ class StreamRecovery:
             if sessions.get(session.local_index) is not session:
                 del self._resuming[key]  # the session ended: its peer forgot it too
                 self._count("stream_resumes_abandoned")
+                self._release(session)   # (by the peer's next session, if any)
         for session in live:
             ping = retention.pings.get(session)
             if ping is not None and now - ping[3] < limits.STREAM_ACK_TIMEOUT:
@@ -839,7 +878,7 @@ class StreamRecovery:
         else:
             count, bits = resume_report(session.crypto, up_to)
         self._send_reliable(message.from_peer, RESUMED_PROTOCOL,
-                            _RESUMED.pack(index, up_to, count) + bits, 0, 0, False)
+                            _RESUMED.pack(index, up_to, count) + bits, 0, 0, False, False)
 
     def _on_resumed(self, message: Message) -> None:
         """The peer's report: send again the messages of the packets it did not open."""
@@ -878,6 +917,8 @@ class StreamRecovery:
                 self._count("stream_resend_uncertain")  # beyond what the peer could tell
             lost.append(payload)
         self._send_again(session, lost, "stream_resent_messages")
+        if not rest:
+            self._release(session)
 
 
 def wait_markers(payload: bytes) -> list[bytes]:

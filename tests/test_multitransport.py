@@ -290,6 +290,41 @@ def test_reliable_messages_survive_a_dying_connection(run, listen, policy):
 
 @pytest.mark.parametrize("listen,policy", [([TCP], "tcp-only"), ([UDP, TCP], "prefer-tcp")],
                          ids=["reconnect", "to-udp"])
+def test_ordered_messages_keep_their_order_across_a_dying_connection(run, listen, policy):
+    """docs/wire.md §6.1: Reliable(ordered=True) messages lost with a connection are sent
+    again before any ordered message sent after it died: the peer gets every message once,
+    in send order, though some went on the dead connection, some were queued for it and
+    some were sent while the resume was under way."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b, got = await stream_pair(stack, listen, policy)
+            ordered = Reliable(ordered=True)
+            sent = [b"warm-up"]
+            await a.send_message(b.peer_id, "/m", sent[0], qos=ordered)
+            await wait_for(lambda: got == sent and a.network.paths(b.peer_id) == ["tcp"])
+            [conn_a] = a.network.streams.connections()
+            await wait_for(lambda: conn_a.retained_packets == 0)
+            [conn_b] = b.network.streams.connections()
+            conn_b._transport.pause_reading()
+            for i in range(200):  # written, buffered, or queued when the connection dies
+                sent.append(b"%d:" % i + (os.urandom(200_000) if i % 7 == 3 else b"y" * 300))
+                await a.send_message(b.peer_id, "/m", sent[-1], qos=ordered)
+            await asyncio.sleep(0.1)
+            conn_b.abort("stream_reset")
+            for i in range(200, 260):  # while the peer is asked what it has
+                sent.append(b"%d:" % i + b"z" * 300)
+                await a.send_message(b.peer_id, "/m", sent[-1], qos=ordered)
+            await wait_for(lambda: len(got) >= len(sent), timeout=30)
+            await asyncio.sleep(0.5)
+            assert [m[:8] for m in got] == [m[:8] for m in sent]
+            assert got == sent
+            assert a.metrics()["stream_resent_messages"] > 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("listen,policy", [([TCP], "tcp-only"), ([UDP, TCP], "prefer-tcp")],
+                         ids=["reconnect", "to-udp"])
 def test_waiting_sends_complete_when_their_connection_dies(run, listen, policy):
     """docs/wire.md §6.1: a Reliable(wait=True) send whose connection dies before its PONG
     completes once the message sent again in its place is acknowledged (on a new connection

@@ -408,7 +408,7 @@ def test_default_limits_are_the_documented_ones() -> None:
     assert limits.MAX_STREAM_PACKET == (1 << 20) + 4096
     assert limits.STREAM_RETAIN_PACKETS == limits.REPLAY_WINDOW // 2
     assert limits.STREAM_RETAIN_BYTES == 8 << 20 and limits.STREAM_ACK_TIMEOUT == 1.0
-    assert limits.STREAM_WAIT_TIMEOUT == 30.0
+    assert limits.STREAM_WAIT_TIMEOUT == 30.0 and limits.STREAM_MOVE_GRACE == 3.0
 
 
 def test_resume_report_tells_what_arrived_and_refuses_the_rest() -> None:
