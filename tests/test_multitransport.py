@@ -388,6 +388,48 @@ def test_reliable_stream_packets_are_kept_only_until_acknowledged(run):
     run(main())
 
 
+def test_a_connection_that_acknowledges_nothing_is_left_for_the_peers(run):
+    """docs/wire.md §6.1: while the peer sends on another connection, we stay on ours as long
+    as it keeps packets not yet acknowledged (moving could reorder them), and close it after
+    STREAM_MOVE_GRACE of silence; its packets are then resumed on the peer's connection, every
+    ordered message arriving once and in order."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            got = record(b)
+            ordered = Reliable(ordered=True)
+            sent = [b"warm-up"]
+            await a.send_message(b.peer_id, "/m", sent[0], qos=ordered)
+            await wait_for(lambda: got == sent)
+            [conn_bx] = b.network.streams.connections()
+            conn_bx._transport.pause_reading()  # B reads nothing more on X, PINGs included
+            for i in range(20):
+                sent.append(b"%d" % i)
+                await a.send_message(b.peer_id, "/m", sent[-1], qos=ordered)
+            [conn_ax] = a.network.streams.connections()
+            await wait_for(lambda: conn_ax.retained_packets > 0 and conn_ax.packets_out > 1)
+            # B moves to a connection of its own, Y, and talks to A there.
+            port = a.network.listen_addrs()[0].value_for_protocol("tcp")
+            conn_by = await b.network.streams.connect("127.0.0.1", int(port))
+            path = b.network._paths[a.peer_id]
+            b.network._bind_stream(a.peer_id, path, conn_by)
+            b.network._apply(a.peer_id, path)
+            a.set_message_handler("/n", lambda m: None)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while not a.metrics().get("stream_moves_forced") and loop.time() - start < 10:
+                await b.send_message(a.peer_id, "/n", b"here")
+                await asyncio.sleep(0.2)
+            assert a.metrics()["stream_moves_forced"] == 1
+            assert loop.time() - start >= limits.STREAM_MOVE_GRACE
+            await wait_for(lambda: len(got) >= len(sent), timeout=15)
+            await asyncio.sleep(0.3)
+            assert got == sent
+            assert a.metrics()["stream_resent_messages"] >= 20
+
+    run(main())
+
+
 def test_packets_of_control_frames_alone_are_not_kept(run):
     """docs/wire.md §6.1: only packets with messages are kept for a resume (nothing else is
     ever sent again), so when both ends send reliable messages on a stream, the PONG that
