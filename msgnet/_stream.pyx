@@ -31,9 +31,9 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcmp, memcpy, memmove
 
-from msgnet._frame cimport FRAME_CONTINUATION, FRAME_INIT, FRAME_PADDING
+from msgnet._frame cimport FRAME_CONTINUATION, FRAME_INIT, FRAME_PADDING, FRAME_PING
 from msgnet._engine cimport C_PIECE, C_PIECES_FROM, Session, UdpEngine
 from msgnet._packet cimport (
     AEAD_TAG_SIZE,
@@ -52,8 +52,9 @@ from msgnet._packet cimport (
 from msgnet import limits
 from msgnet._engine import STREAM_BAD, STREAM_OK
 
-__all__ = ["MAX_HEADER", "MIN_READ", "READ_BUFFER", "Retention", "SHRINK_AFTER", "StreamCore",
-           "encode_stream_header", "resume_report"]
+__all__ = ["MAX_HEADER", "MIN_READ", "PIECE", "PIECES_FROM", "READ_BUFFER", "Retention",
+           "SHRINK_AFTER", "StreamCore", "WAIT_PING_MARK", "encode_stream_header",
+           "resume_report"]
 
 READ_BUFFER = 64 * 1024
 """Initial receive buffer per connection, and the size it shrinks back to when empty."""
@@ -109,14 +110,20 @@ cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
             | <uint32_t>p[3])
 
 
+WAIT_PING_MARK = b"\xa5msgnet/wait"
+"""The PING data of a Reliable(wait=True) send begins so (docs/wire.md §6.1): + 8 random bytes."""
+cdef bytes _WAIT_MARK = WAIT_PING_MARK
+
+
 cdef bint _carries_messages(const uint8_t* p, Py_ssize_t n) noexcept:
-    """Whether a payload of ours holds an INIT or CONTINUATION frame: only those are sent
-    again after a resume (docs/wire.md §6.1), so a packet of control frames alone (PONG,
-    BOUND...) is not kept. True if the frames do not parse (never for our own)."""
+    """Whether a payload of ours holds an INIT or CONTINUATION frame, or a waiting send's PING:
+    only those matter to a resume (docs/wire.md §6.1), so a packet of other control frames
+    alone (PONG, BOUND...) is not kept. True if the frames do not parse (never for our own)."""
     cdef Py_ssize_t i = 0
     cdef uint64_t length
     cdef int shift
     cdef uint8_t t, byte
+    cdef Py_ssize_t mark = PyBytes_GET_SIZE(_WAIT_MARK)
     while i < n:
         t = p[i]
         i += 1
@@ -136,6 +143,9 @@ cdef bint _carries_messages(const uint8_t* p, Py_ssize_t n) noexcept:
                 break
             shift += 7
         if length > <uint64_t>(n - i):
+            return True
+        if (t == FRAME_PING and <Py_ssize_t>length >= mark
+                and memcmp(p + i, PyBytes_AS_STRING(_WAIT_MARK), mark) == 0):
             return True
         i += <Py_ssize_t>length
     return False

@@ -63,6 +63,7 @@ from ._stream import (
     READ_BUFFER,
     Retention,
     StreamCore,
+    WAIT_PING_MARK,
     encode_stream_header,
     resume_report,
 )
@@ -583,7 +584,7 @@ RESUMED_PROTOCOL = "/msgnet/stream-resumed/1"
 _RESUME = struct.Struct(">IQ")      # receiver_index, up_to
 _RESUMED = struct.Struct(">IQH")    # receiver_index, up_to, count; then the bitmap
 _PING_MARK = b"\xa5msgnet/ack"       # PING data: this prefix and 8 random bytes
-_WAIT_PING_MARK = b"\xa5msgnet/wait"  # PING data of a Reliable(wait=True) send: + 8 random
+_WAIT_PING_MARK = WAIT_PING_MARK      # PING data of a Reliable(wait=True) send: + 8 random
 
 
 class StreamRecovery:

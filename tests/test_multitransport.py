@@ -337,15 +337,17 @@ def test_waiting_sends_complete_when_their_connection_dies(run, listen, policy):
             [conn_b] = b.network.streams.connections()
             conn_b._transport.pause_reading()  # what A writes from now on stays in buffers
             qos = Reliable(wait=True, timeout=20)
-            sends = [asyncio.create_task(a.send_message(b.peer_id, "/m", b"%d" % i, qos=qos))
-                     for i in range(20)]
+            # Large ones too: alone in their packet, with their PING in the next one.
+            payloads = [os.urandom(100_000) if i % 5 == 4 else b"%d" % i for i in range(20)]
+            sends = [asyncio.create_task(a.send_message(b.peer_id, "/m", data, qos=qos))
+                     for data in payloads]
             await asyncio.sleep(0.2)
             assert not any(task.done() for task in sends)  # no PONG can come
             conn_b.abort("stream_reset")
             started = asyncio.get_running_loop().time()
             await asyncio.wait_for(asyncio.gather(*sends), 10)  # none times out
             assert asyncio.get_running_loop().time() - started < 10
-            assert sorted(got[1:]) == sorted(b"%d" % i for i in range(20))  # each once
+            assert sorted(got[1:]) == sorted(payloads)  # each once
             assert not a.network.stream_recovery.waits
             assert a.metrics()["stream_resent_messages"] > 0
             if policy == "prefer-tcp":
