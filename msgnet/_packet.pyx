@@ -789,7 +789,6 @@ cdef class PieceCipher:
 cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out):
     cdef uint64_t counter = crypto.send_counter
     cdef uint8_t nonce[12]
-    cdef PieceCipher cipher
     cdef void* ctx
     if not _pieces or crypto.plaintext or counter >= _REJECT_AFTER:
         return None
@@ -800,18 +799,13 @@ cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out):
     ctx = msgnet_piece_begin(1, crypto._send_key, nonce, out, DATA_HEADER_SIZE)
     if ctx == NULL:
         return None
-    cipher = PieceCipher.__new__(PieceCipher)
-    cipher._ctx = ctx
-    cipher._sealing = True
-    cipher.counter = counter
     crypto.send_counter = counter + 1
-    return cipher
+    return _piece_cipher(ctx, True, counter, None)
 
 
 cdef PieceCipher open_pieces(SessionCrypto crypto, const uint8_t* header):
     cdef uint64_t counter = _load_u64_be(header + 5)
     cdef uint8_t nonce[12]
-    cdef PieceCipher cipher
     cdef void* ctx
     if (not _pieces or crypto.plaintext or header[0] != PACKET_DATA
             or _load_u32_be(header + 1) != crypto.local_index
@@ -821,9 +815,13 @@ cdef PieceCipher open_pieces(SessionCrypto crypto, const uint8_t* header):
     ctx = msgnet_piece_begin(0, crypto._recv_key, nonce, header, DATA_HEADER_SIZE)
     if ctx == NULL:
         return None
-    cipher = PieceCipher.__new__(PieceCipher)
+    return _piece_cipher(ctx, False, counter, crypto)
+
+
+cdef PieceCipher _piece_cipher(void* ctx, bint sealing, uint64_t counter, SessionCrypto crypto):
+    cdef PieceCipher cipher = PieceCipher.__new__(PieceCipher)
     cipher._ctx = ctx
-    cipher._sealing = False
+    cipher._sealing = sealing
     cipher.counter = counter
     cipher._crypto = crypto
     return cipher

@@ -280,25 +280,12 @@ class MessageHost:
         running :meth:`request`.
         """
         network, request_id, entry = self._new_request(peer, protocol, timeout)
-        loop = network.loop
+        task = self._send_now(network, peer, protocol, data, request_id, entry, timeout)
+        if task is not None:
+            return task
         future: asyncio.Future[bytes] = entry[0]
         pending = self._pending
-        deadline = loop.time() + timeout
-        entry.append(deadline)
-        try:
-            sent = network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST, request_id)
-        except MessageTooLargeError:
-            sent = False
-        except BaseException:
-            del pending[request_id]
-            raise
-        if not sent:
-            del pending[request_id]
-            return loop.create_task(self.request(peer, protocol, data, timeout=timeout,
-                                                 qos=BEST_EFFORT))
         future.add_done_callback(lambda _: pending.pop(request_id, None))
-        if deadline < self._timeout_at:
-            self._arm_timeouts(loop, deadline)
         return future
 
     def request_callback(self, peer: PeerID, protocol: str, data: bytes,
@@ -316,11 +303,22 @@ class MessageHost:
         """
         if self._network is None:
             raise ClosedError("host is not started")
-        pending = self._pending
-        request = PendingRequest(callback, self._network.loop, pending)
+        request = PendingRequest(callback, self._network.loop, self._pending)
         network, request_id, entry = self._new_request(peer, protocol, timeout, request)
         request._request_id = request_id
+        task = self._send_now(network, peer, protocol, data, request_id, entry, timeout)
+        if task is not None:
+            request._follow(task)
+        return request
+
+    def _send_now(self, network: MessageNetwork, peer: PeerID, protocol: str, data: bytes,
+                  request_id: int, entry: list[Any], timeout: float
+                  ) -> asyncio.Task[bytes] | None:
+        """Send a registered request at once, its timeout running from now. If it cannot go
+        out at once (back-pressure, or too large for one datagram), forget it and return a
+        task running :meth:`request` in its place."""
         loop = network.loop
+        pending = self._pending
         deadline = loop.time() + timeout
         entry.append(deadline)
         try:
@@ -332,11 +330,11 @@ class MessageHost:
             raise
         if not sent:
             pending.pop(request_id, None)
-            request._follow(loop.create_task(self.request(peer, protocol, data,
-                                                          timeout=timeout, qos=BEST_EFFORT)))
-        elif deadline < self._timeout_at:
+            return loop.create_task(self.request(peer, protocol, data, timeout=timeout,
+                                                 qos=BEST_EFFORT))
+        if deadline < self._timeout_at:
             self._arm_timeouts(loop, deadline)
-        return request
+        return None
 
     def _new_request(self, peer: PeerID, protocol: str, timeout: float,
                      request: PendingRequest | None = None
