@@ -7,10 +7,14 @@ from typing import Any, Final
 from ._engine import Session
 from ._packet import SessionCrypto
 
-__all__ = ["MAX_HEADER", "MIN_READ", "READ_BUFFER", "Retention", "SHRINK_AFTER", "StreamCore",
-           "encode_stream_header", "resume_report"]
+__all__ = ["MAX_HEADER", "MIN_READ", "PIECE", "PIECES_FROM", "READ_BUFFER", "Retention",
+           "SHRINK_AFTER", "StreamCore", "WAIT_PING_MARK", "encode_stream_header",
+           "resume_report"]
 
 READ_BUFFER: Final[int]
+PIECE: Final[int]
+PIECES_FROM: Final[int]
+WAIT_PING_MARK: Final[bytes]
 MIN_READ: Final[int]
 SHRINK_AFTER: Final[int]
 MAX_HEADER: Final[int]
@@ -41,6 +45,10 @@ class StreamCore:
     def retained_packets(self) -> int: ...
     @property
     def retained_bytes(self) -> int: ...
+    @property
+    def piecewise_in(self) -> int: ...
+    @property
+    def piecewise_out(self) -> int: ...
     def _setup_core(self, delegate: Any, counters: Counter[str],
                     loop: asyncio.AbstractEventLoop, packet_timeout: float,
                     sessions: dict[int, Session] | None, retention: Retention | None) -> None: ...
@@ -55,7 +63,7 @@ class StreamCore:
     def get_buffer(self, sizehint: int) -> StreamCore: ...
     def buffer_updated(self, nbytes: int) -> None: ...
     def write_sealed(self, packet: bytes, session: Session | None, counter: int,
-                     payload: bytes) -> bool: ...
+                     payload: bytes, pieces: object = None) -> bool: ...
     @property
     def retain_full(self) -> bool: ...
     def retained(self, session: Session) -> list[tuple[int, bytes]]: ...

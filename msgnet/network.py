@@ -526,12 +526,7 @@ class MessageNetwork:
                 session, engine = self.session_for(peer_id, protocol)
             waiter = self.delivery.send(session, engine, protocol, data, qos, flags, request_id)
             if waiter is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(waiter), qos.timeout)
-                except asyncio.TimeoutError:
-                    raise RequestTimeoutError(
-                        f"{peer_id} did not acknowledge a message on {protocol} within "
-                        f"{qos.timeout} s") from None
+                await self._acknowledged(peer_id, protocol, waiter, qos.timeout)
             return
         try:
             while not engine.send_message(session, protocol, data, flags, request_id):
@@ -549,8 +544,9 @@ class MessageNetwork:
 
     async def _acknowledged(self, peer_id: PeerID, protocol: str,
                             ack: asyncio.Future[None] | None, timeout: float | None) -> None:
-        """Wait for a held ordered message's acknowledgement: ``ack`` from the delivery layer,
-        or, when it went on a stream, a PING of its own after it."""
+        """Wait for a reliable message's acknowledgement: ``ack`` from the delivery layer, or,
+        when there is none because it went on a stream, a PING of its own after it.
+        RequestTimeoutError after ``timeout`` (None: the delivery layer's own bound)."""
         if ack is None:
             session, _ = self.session_for(peer_id, protocol)
             if session.sends_on_stream:

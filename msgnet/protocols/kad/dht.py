@@ -22,9 +22,9 @@ put is a lookup (k FIND_NODE queries once the network is that small) and k
 PUT_VALUE requests, 40 round trips, so every per-request cost counts:
 
 * queries are :meth:`MessageHost.request_callback` requests driven by their
-  callbacks (:class:`_Lookup`), not a task or even a future each; a put's k stores go out in one loop
-  iteration, encoded once, and their replies are counted as they come (the
-  usual ones recognised by their bytes, not decoded);
+  callbacks (:class:`_Lookup`), not a task or even a future each; a put's k
+  stores go out in one loop iteration, encoded once, and their replies are
+  counted as they come (the usual ones recognised by their bytes, not decoded);
 * a FIND_NODE reply whose peers do not depend on the key (the whole table
   when it is small, else a full bucket: :meth:`KadDHT._known_closer_reply`)
   is encoded once per table state, and the requester decodes the same bytes
