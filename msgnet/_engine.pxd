@@ -269,6 +269,10 @@ cdef class Session:
     cdef list _out_protocols
     cdef list _out_encoded
     cdef uint64_t _out_bound[C_BOUND_WORDS]
+    # The protocol object _alias answered last and its alias: senders pass the same str
+    # object message after message, so most frames skip the dict lookup.
+    cdef object _last_protocol
+    cdef int _last_alias
 
     # Send queue: frames are written into the open payload _cur[0:_cur_len] (a buffer of _cap
     # bytes, NULL when none is open); closing it copies the frames into an exact-size bytes

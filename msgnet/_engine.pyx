@@ -52,6 +52,7 @@ from msgnet._frame cimport (
     write_init,
     write_small,
 )
+from msgnet.core.delivery cimport Fragment
 from msgnet._packet cimport (
     AEAD_TAG_SIZE,
     DATA_HEADER_SIZE,
@@ -379,12 +380,16 @@ cdef class Session:
 
     cdef int _alias(self, str protocol) except -1:
         """Our alias for protocol, numbering a new one (from 0) the first time."""
+        if protocol is self._last_protocol:
+            return self._last_alias
         if self._out_aliases is None:
             self._out_aliases = {}
             self._out_protocols = []
             self._out_encoded = []
         alias = self._out_aliases.get(protocol)
         if alias is not None:
+            self._last_protocol = protocol
+            self._last_alias = alias
             return alias
         try:
             encoded = protocol.encode("utf-8")
@@ -1430,18 +1435,18 @@ cdef class UdpEngine:
 
     def pack_message_frames(self, Session session not None, list fragments not None,
                             bytes head not None, Py_ssize_t room):
-        """The delivery layer's fragments (objects with protocol, chunk, flags, request_id,
-        seq, frag_index, frag_count) as message frames, INIT until the peer BOUND the
+        """The delivery layer's Fragments as message frames, INIT until the peer BOUND the
         protocol's alias, else CONTINUATION, packed in order into payloads of at most room
         bytes, the first after head (say an ack frame; b"" for none). Returns the payloads and
         how many fragments each carries: the delivery layer seals them itself (send_payload),
-        so it learns which packet carried which fragments. One call per pump, not per frame."""
+        so it learns which packet carried which fragments. One call per pump, not per frame;
+        the fragments' fields are read as C struct members (delivery.pxd), not attributes."""
         cdef Py_ssize_t used = PyBytes_GET_SIZE(head)
         cdef Py_ssize_t carried = 0
         cdef Py_ssize_t size
-        cdef int flags
         cdef bint fragmented
         cdef uint8_t* buf
+        cdef Fragment f
         cdef list payloads = []
         cdef list counts = []
         if session._closed or self._closed:
@@ -1453,12 +1458,12 @@ cdef class UdpEngine:
             raise MemoryError()
         try:
             memcpy(buf, PyBytes_AS_STRING(head), used)
-            for f in fragments:
-                flags = f.flags
-                fragmented = flags & FLAG_FRAGMENT
+            for item in fragments:
+                f = <Fragment?>item
+                fragmented = f.flags & FLAG_FRAGMENT
                 while True:
                     size = self._message_frame(
-                        session, f.protocol, f.chunk, flags, f.request_id, f.seq,
+                        session, f.protocol, f.chunk, f.flags, f.request_id, f.seq,
                         f.frag_index if fragmented else 0, f.frag_count if fragmented else 0,
                         buf + used, room - used)
                     if size <= room - used or not used:

@@ -82,6 +82,17 @@ cdef class _Reassembly:
 
 
 @cython.final
+cdef class _FragmentQueue:
+    cdef list _items
+    cdef Py_ssize_t _head
+    cpdef push(self, Fragment fragment)
+    cpdef Fragment peek(self)
+    @cython.locals(items=list, head=cython.Py_ssize_t)
+    cpdef Fragment pop(self)
+    cpdef clear(self)
+
+
+@cython.final
 cdef class _SentPacket:
     cdef public double time
     cdef public Py_ssize_t size
@@ -108,9 +119,9 @@ cdef class DeliveryConnection:
     cdef public dict counters
     cdef dict _out_unordered
     cdef dict _out_ordered
-    cdef object _queue
+    cdef _FragmentQueue _queue
     cdef object _retransmit
-    cdef object _be_queue
+    cdef _FragmentQueue _be_queue
     cdef dict _sent
     cdef dict _lost
     cdef long long _largest_sent
@@ -156,7 +167,8 @@ cdef class DeliveryConnection:
     cdef Py_ssize_t _outstanding
 
     @cython.locals(space=_OutSpace, message=OutgoingMessage, seq=cython.longlong,
-                   flags=cython.int, size=cython.Py_ssize_t, i=cython.Py_ssize_t)
+                   flags=cython.int, size=cython.Py_ssize_t, i=cython.Py_ssize_t,
+                   queue=_FragmentQueue)
     cdef OutgoingMessage _enqueue(self, str protocol, bytes payload, bint reliable, bint ordered,
                                   int flags_extra, request_id, Py_ssize_t count, Py_ssize_t fs,
                                   double now, bint notify)
@@ -164,9 +176,11 @@ cdef class DeliveryConnection:
                            double now) except -1
     cdef Py_ssize_t _fragment_count(self, Py_ssize_t size, bint reliable, bint ordered,
                                     Py_ssize_t fs) except -1
-    @cython.locals(fragment=Fragment, message=OutgoingMessage, budget=cython.double, cost=cython.Py_ssize_t)
+    @cython.locals(fragment=Fragment, message=OutgoingMessage, budget=cython.double, cost=cython.Py_ssize_t,
+                   queue=_FragmentQueue)
     cpdef list poll_transmit(self, double now, Py_ssize_t max_fragments)
-    @cython.locals(fragment=Fragment, message=OutgoingMessage, tokens=cython.double, rate=cython.double)
+    @cython.locals(fragment=Fragment, message=OutgoingMessage, tokens=cython.double, rate=cython.double,
+                   queue=_FragmentQueue)
     cdef _poll_best_effort(self, double now, Py_ssize_t max_fragments, list out)
     @cython.locals(fragment=Fragment, handed=cython.Py_ssize_t, mixed=cython.bint)
     cpdef on_packet_sent(self, long long counter, list fragments, Py_ssize_t size, double now)
