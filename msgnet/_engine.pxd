@@ -6,6 +6,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from posix.uio cimport iovec
 
 from msgnet._frame cimport FrameView
+from msgnet.core.delivery cimport DeliveryConnection
 from msgnet._packet cimport PieceCipher, SessionCrypto
 
 cdef extern from *:
@@ -306,9 +307,9 @@ cdef class Session:
     cdef uint16_t _transport_id        # what INIT frames name (the path's transport)
     cdef readonly double last_datagram # when the last authenticated datagram arrived
     cdef readonly object rx_stream     # the connection the packet being processed came on
-    # The session's delivery-layer state (a msgnet.core.delivery.DeliveryConnection), set by
-    # the delivery manager: the engine hands it SEQ frames itself, without a delegate call.
-    cdef public object delivery
+    # The session's delivery-layer state, set by the delivery manager: the engine hands it
+    # SEQ frames itself, a C call (delivery.pxd) instead of a delegate call.
+    cdef public DeliveryConnection delivery
 
     cdef inline Py_ssize_t _queue_len(self) noexcept:
         return 0 if self._queue is None else len(self._queue) - self._queue_head

@@ -7,7 +7,7 @@ from typing import Any, Final, Protocol
 
 from typing_extensions import Buffer
 
-from .core.delivery import Fragment
+from .core.delivery import DeliveryConnection, Fragment
 from ._packet import SessionCrypto
 
 __all__ = ["Message", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG", "HAVE_GSO",
@@ -75,7 +75,7 @@ class Session:
     def last_frames(self) -> float: ...
     @property
     def crypto(self) -> SessionCrypto | None: ...
-    delivery: Any  # the delivery manager's DeliveryConnection for this session, or None
+    delivery: DeliveryConnection | None  # the delivery manager's, for this session
     @property
     def engine(self) -> UdpEngine: ...
     @property

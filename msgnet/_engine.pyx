@@ -52,7 +52,7 @@ from msgnet._frame cimport (
     write_init,
     write_small,
 )
-from msgnet.core.delivery cimport Fragment
+from msgnet.core.delivery cimport DeliveryConnection, Fragment
 from msgnet._packet cimport (
     AEAD_TAG_SIZE,
     DATA_HEADER_SIZE,
@@ -1221,8 +1221,8 @@ cdef class UdpEngine:
         if counter < 0:  # only DATA packets can be acknowledged: never sent in a FINISH
             self._counters[CNT_BAD_FRAME] += 1
             return False
+        cdef DeliveryConnection conn = s.delivery
         payload = PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len)
-        conn = s.delivery
         try:
             if conn is None:  # the session's first: the delegate sets its delivery state up
                 self._on_fragment(s, counter, protocol, fv.flags, fv.request_id, fv.seq,

@@ -16,8 +16,9 @@ single-datagram best-effort messages never create one, so they pay nothing for i
 The per-message paths skip this glue where it adds nothing: the connection is also
 ``session.delivery``, so the engine hands it received SEQ frames itself
 (DeliveryConnection.receive) and delivers what it returns; a reliable send nobody waits
-for is one positional call into the core (send_nowait), which then makes no
-MessageDelivered event.
+for is one positional call into the core (DeliveryConnection.send_nowait, made by
+MessageNetwork.send_reliable_nowait, see :meth:`DeliveryManager.prepare`), which then makes
+no MessageDelivered event.
 """
 
 from __future__ import annotations
@@ -96,15 +97,15 @@ class DeliveryManager:
         self._timers: dict[Session, tuple[asyncio.Handle, float]] = {}
         self._waiters: dict[OutgoingMessage, asyncio.Future[None]] = {}
         self._room = max_datagram - limits.DATA_OVERHEAD
-        self._fragment_sizes: dict[str, int] = {}
+        self.rooms: dict[str, int] = {}  # fragment room per protocol (_room_for)
         # Sessions to pump once the loop iteration's sends, acks and receptions are in: every
         # message, ack and window opening of one iteration shares packets (DESIGN §2: the
         # engine coalesces its best-effort frames per iteration the same way).
-        self._dirty: dict[Session, None] = {}
+        self.pending: dict[Session, None] = {}
         # Senders waiting for a session's outstanding bytes to fall (back-pressure).
         self._room_waiters: dict[Session, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
-        self._now = 0.0  # the clock when _schedule last ran: in this loop iteration if dirty
+        self.now = 0.0  # the clock when schedule() last ran: this loop iteration's if pending
 
     # -- sending ---------------------------------------------------------------------
 
@@ -122,19 +123,14 @@ class DeliveryManager:
             self._waiters[handle] = future
         return future
 
-    def send_nowait(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
-                    ordered: bool) -> bool:
-        """send() of a reliable message nobody waits for, unless the session is full: False
-        then (room_waiter() would not be None), and the caller takes the waiting path.
-        The per-message hot path: one positional call into the core, no handle kept."""
-        conn = session.delivery
-        room = self._fragment_sizes.get(protocol)
-        if conn is None or room is None:
-            conn = self._conn(session, engine)
-            room = self._room_for(protocol)
-        if session not in self._dirty:
-            self._schedule(session)  # which reads the clock: once per loop iteration
-        return conn.send_nowait(protocol, data, ordered, room, self._now)
+    def prepare(self, session: Session, engine: UdpEngine,
+                protocol: str) -> tuple[DeliveryConnection, int]:
+        """The session's connection (made the first time) and the fragment room on protocol.
+
+        For MessageNetwork.send_reliable_nowait, the per-message path, which does this
+        class's part itself once both exist (``session.delivery``, :attr:`rooms`,
+        :meth:`schedule`, :attr:`now`): a Python frame less per message."""
+        return self._conn(session, engine), self._room_for(protocol)
 
     def _send(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
               reliable: bool, ordered: bool, flags_extra: int,
@@ -145,20 +141,20 @@ class DeliveryManager:
         handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
                            flags_extra=flags_extra, request_id=request_id,
                            now=self._loop.time(), fragment_size=room)
-        if session not in self._dirty:
-            self._schedule(session)
+        if session not in self.pending:
+            self.schedule(session)
         return handle
 
     def _room_for(self, protocol: str) -> int:
         """Per protocol: a fragment sent as INIT (the alias not yet bound) must fit a
         datagram."""
-        room = self._fragment_sizes.get(protocol)
+        room = self.rooms.get(protocol)
         if room is None:
             room = fragment_size(self._max_datagram, protocol)
             if room <= 0:
                 raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
-            if len(self._fragment_sizes) < 4096:
-                self._fragment_sizes[protocol] = room
+            if len(self.rooms) < 4096:
+                self.rooms[protocol] = room
         return room
 
     def room_waiter(self, session: Session) -> asyncio.Future[None] | None:
@@ -193,17 +189,17 @@ class DeliveryManager:
             session.delivery = conn  # the engine hands it received SEQ frames itself
         return entry[0]
 
-    def _schedule(self, session: Session) -> None:
+    def schedule(self, session: Session) -> None:
         """Pump ``session`` at the end of this loop iteration (see __init__)."""
-        self._dirty[session] = None
-        self._now = self._loop.time()
+        self.pending[session] = None
+        self.now = self._loop.time()
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
-        dirty, self._dirty = self._dirty, {}
-        for session in dirty:
+        pending, self.pending = self.pending, {}
+        for session in pending:
             entry = self._conns.get(session)
             if entry is not None:
                 self._pump(session, entry[0], entry[1])
@@ -282,8 +278,8 @@ class DeliveryManager:
         if conn.ack_frame_due(now):
             # Out once this iteration's datagrams are in: one ack for all of them, with
             # any fragments (RFC 9000 13.2.1 lets an ack wait for the batch).
-            self._schedule(session)
-        elif session not in self._dirty:
+            self.schedule(session)
+        elif session not in self.pending:
             self._arm(session, conn)
 
     def ack_received(self, session: Session, body: bytes) -> bool:
@@ -305,7 +301,7 @@ class DeliveryManager:
         return True
 
     def close_session(self, session: Session, error: BaseException) -> None:
-        self._dirty.pop(session, None)
+        self.pending.pop(session, None)
         entry = self._conns.pop(session, None)
         if entry is not None:
             session.delivery = None
