@@ -44,6 +44,7 @@ from msgnet.limits import (
     MAX_BEST_EFFORT_REASSEMBLIES,
     MAX_FRAGMENTS,
     MAX_MESSAGE_PAYLOAD,
+    MAX_OUTSTANDING_PER_SESSION,
     MAX_REASSEMBLY_PER_SESSION,
     MAX_REASSEMBLY_TOTAL,
     MAX_RETRANSMISSIONS,
@@ -962,6 +963,59 @@ def test_close_fails_outstanding_and_returns_memory() -> None:
     assert budget.used == 0 and conn.close() == []
     with pytest.raises(ClosedError):
         conn.send("/p", b"x", reliable=True, ordered=False, now=0.0)
+
+
+def test_small_messages_count_their_bookkeeping_against_the_sender_bound() -> None:
+    """wire.md 3.6 sender memory: 64-byte messages stop at 8 MiB / (64 + 320) per session,
+    and what the core then holds, measured, stays within the bound."""
+    import tracemalloc
+
+    conn = DeliveryConnection(fragment_size=FRAGMENT)
+    payloads = [bytes([i % 251]) * 64 for i in range(40_000)]  # made before measuring
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        accepted = 0
+        while conn.send_nowait("/p", payloads[accepted], False, FRAGMENT, 0.0):
+            accepted += 1
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert accepted == -(-MAX_OUTSTANDING_PER_SESSION // (64 + 320))
+    assert conn.outstanding_bytes >= MAX_OUTSTANDING_PER_SESSION
+    # The bookkeeping measured (the payloads were allocated before) fits in what is charged.
+    assert held <= accepted * 320, (held, accepted)
+    assert conn.poll_transmit(0.0, 10**6)[0].seq == 0  # and the queue drains from the first
+
+
+def test_fragment_queue_is_fifo_through_compaction() -> None:
+    """The core's send queue (a list and a head index) against a deque, pushes and pops
+    interleaved past its compaction points."""
+    from collections import deque
+
+    from msgnet.core.delivery import _FragmentQueue
+
+    made = []
+    for i in range(200):
+        f = Fragment.__new__(Fragment)
+        f.seq = i
+        made.append(f)
+    queue, reference = _FragmentQueue(), deque()  # type: ignore[var-annotated]
+    rng = random.Random(5)
+    for f in made * 3:
+        queue.push(f)
+        reference.append(f)
+        while reference and rng.random() < 0.45:
+            assert queue.peek() is reference[0]
+            assert queue.pop() is reference.popleft()
+        assert len(queue) == len(reference)
+        assert list(queue) == list(reference)
+    while reference:
+        assert queue.pop() is reference.popleft()
+    assert len(queue) == 0 and list(queue) == []
+    queue.push(made[0])
+    queue.clear()
+    assert len(queue) == 0
 
 
 # --- the harness itself -------------------------------------------------------------------

@@ -11,7 +11,7 @@ cimport cython
 cdef int FLAG_FRAGMENT, FLAG_ORDERED, FLAG_RELIABLE, FLAG_SEQ
 cdef long long SEQ_WINDOW
 cdef Py_ssize_t MAX_FRAGMENTS, MAX_BEST_EFFORT_FRAGMENTS, MAX_OUTSTANDING_PER_SESSION
-cdef Py_ssize_t _FRAGMENT_OVERHEAD, _PER_MESSAGE_COST
+cdef Py_ssize_t _FRAGMENT_OVERHEAD, _PER_MESSAGE_COST, _SENT_MESSAGE_COST
 
 
 # OutgoingMessage and Fragment are also @cython.no_gc (in delivery.py: the directive is only

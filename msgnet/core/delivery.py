@@ -200,6 +200,10 @@ _PER_FRAGMENT_COST = 48
 slot): keeps tiny-fragment floods honest."""
 _PER_MESSAGE_COST = 256
 """Reassembly memory charged per message (its bookkeeping objects)."""
+_SENT_MESSAGE_COST = 320
+"""Sender memory charged per message beyond its payload (wire.md 3.6): its OutgoingMessage,
+Fragment, unacked entry and queue slot, measured at 274 bytes on CPython 3.11 (see
+tests/test_delivery.py)."""
 _HEAD_ROOM = (
     MAX_MESSAGE_PAYLOAD + MAX_DATAGRAM_CEILING + MAX_FRAGMENTS * _PER_FRAGMENT_COST
     + _PER_MESSAGE_COST
@@ -739,8 +743,9 @@ class DeliveryConnection:
 
     @property
     def outstanding_bytes(self) -> int:
-        """Payload bytes of the messages accepted by send() and not yet done: what the
-        engine bounds to push back on a sender that outruns the path."""
+        """Bytes of the messages accepted by send() and not yet done, each its payload plus
+        its bookkeeping (wire.md 3.6): what the engine bounds to push back on a sender that
+        outruns the path."""
         return self._outstanding
 
     @property
@@ -866,7 +871,7 @@ class DeliveryConnection:
             flags |= FLAG_FRAGMENT
         size = len(payload)
         message = _outgoing_message(protocol, seq, flags, request_id, size, count, now, notify)
-        self._outstanding += size
+        self._outstanding += size + _SENT_MESSAGE_COST
         queue = self._queue if reliable else self._be_queue
         if count == 1:
             queue.push(_fragment(message, protocol, flags, request_id, seq, 0, 1, payload,
@@ -946,7 +951,7 @@ class DeliveryConnection:
             tokens -= len(fragment.chunk) + _FRAGMENT_OVERHEAD
             if fragment.frag_index == fragment.frag_count - 1:
                 message.done = True
-                self._outstanding -= message.size
+                self._outstanding -= message.size + _SENT_MESSAGE_COST
         if paced:
             self._pace_tokens = tokens
             self._pace_at = now + max(-tokens / rate, GRANULARITY) if tokens <= 0 else 0.0
@@ -1076,7 +1081,7 @@ class DeliveryConnection:
             message._unacked -= 1
             if not message._unacked:
                 message.done = True
-                self._outstanding -= message.size
+                self._outstanding -= message.size + _SENT_MESSAGE_COST
                 space = fragment._space
                 del space.unacked[message.seq]
                 if message.seq == space.oldest:
@@ -1304,7 +1309,7 @@ class DeliveryConnection:
         if message.done:
             return
         message.done = True
-        self._outstanding -= message.size
+        self._outstanding -= message.size + _SENT_MESSAGE_COST
         message.error = error
         self.counters["failed"] += 1
         events.append(_new(MessageFailed, (message, error)))
