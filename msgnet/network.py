@@ -633,22 +633,25 @@ class MessageNetwork:
     def send_reliable_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
                              ordered: bool) -> bool:
         """send_message of ``Reliable(ordered=ordered)`` (no ``wait``) in the common case: the
-        peer's last datagram session has room. False otherwise: then await send_message.
+        peer's datagram session has room. False otherwise (full, on a stream, or held by a
+        resume): then await send_message. Raises what session_for raises.
 
-        The per-message path: once the session has its delivery connection and the protocol
-        its fragment room, it does the delivery manager's part itself (DeliveryManager.prepare
-        says why) and queues the message with one positional call into the core."""
+        The per-message path, to whichever peer (fan-out alternates them): once the session
+        has its delivery connection and the protocol its fragment room, it does the delivery
+        manager's part itself (DeliveryManager.prepare says why) and queues the message with
+        one positional call into the core."""
         last = self._last
-        if last is None or last[0] is not peer_id or self._refused or self._closed:
-            return False
-        session = last[1]
+        if last is not None and last[0] is peer_id and not self._refused and not self._closed:
+            session, engine = last[1], last[2]
+        else:
+            session, engine = self.session_for(peer_id, protocol)
         if session.sends_on_stream or (ordered and self.stream_recovery.holds(session)):
             return False
         delivery = self.delivery
         conn = session.delivery
         room = delivery.rooms.get(protocol)
         if conn is None or room is None:
-            conn, room = delivery.prepare(session, last[2], protocol)
+            conn, room = delivery.prepare(session, engine, protocol)
         if session not in delivery.pending:
             delivery.schedule(session)  # which reads the clock: once per loop iteration
         return conn.send_nowait(protocol, data, ordered, room, delivery.now)

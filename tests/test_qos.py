@@ -82,6 +82,45 @@ def test_ordered_messages_arrive_in_order_per_protocol(run):
     run(main(), timeout=100)
 
 
+
+def test_fan_out_alternating_peers_keeps_each_peers_order(run):
+    """Reliable ordered sends that alternate between peers (pubsub fan-out), one of them
+    never contacted before (its first messages wait for the handshake): every peer gets
+    each of its messages once, in order, and after the first contact the sends take the
+    no-wait path, whichever peer came last."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a = await stack.enter_async_context(MessageHost())
+            peers = [await stack.enter_async_context(MessageHost()) for _ in range(3)]
+            got: dict[int, list[int]] = {i: [] for i in range(3)}
+            for i, peer in enumerate(peers):
+                peer.set_message_handler(
+                    "/fan/1", lambda m, i=i: got[i].append(int(m.data)))
+                a.add_peer(peer.addrs[0])
+            for peer in peers[:2]:
+                await a.connect(peer.peer_id)
+            nowait = a.network.send_reliable_nowait
+            taken = {"nowait": 0}
+
+            def counting(*args):
+                sent = nowait(*args)
+                taken["nowait"] += sent
+                return sent
+
+            a.network.send_reliable_nowait = counting  # type: ignore[method-assign]
+            for n in range(300):
+                for peer in peers:
+                    await a.send_message(peer.peer_id, "/fan/1", b"%d" % n,
+                                         qos=Reliable(ordered=True))
+                if n % 50 == 0:
+                    await asyncio.sleep(0)
+            await wait_for(lambda: all(len(v) == 300 for v in got.values()))
+            await asyncio.sleep(0.2)  # duplicates, if any, would arrive now
+            assert all(values == list(range(300)) for values in got.values())
+            assert taken["nowait"] == 900  # no send fell back to the waiting path
+
+    run(main())
+
 def test_one_mebibyte_reliable_message_under_loss(run):
     async def main():
         async with AsyncExitStack() as stack:
