@@ -13,7 +13,9 @@ a. ``bulk1M``: a reliable 1 MiB message over loopback between two msgnet hosts i
    the baseline is: ``tcp-reply``). Target: msgnet >= 0.5x the TCP transfer's MB/s.
 b. ``oneway64``: 64-byte messages one way, msgnet ``Reliable()`` (and ordered) against
    msgnet's own best effort, same receiver (e2e's), rate from first to last arrival.
-   Target: reliable >= 0.7x best effort.
+   Target: reliable >= 0.7x best effort. ``fanout64``: the same, each message to the next
+   of three peers in turn (pubsub's pattern; the three hosts share the receiving process):
+   reported, no target.
 c. ``netns``: two hosts in network namespaces joined by a veth pair, 10% of UDP datagrams
    dropped each way by iptables, and, in the second setting, 20 +- 10 ms of delay each way
    and 1% duplication from the seeded relay (tests/netns.py, msgnet/_testing/transfer.py).
@@ -41,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +253,64 @@ def _msgnet_best_effort_oneway_sender(conn: Any, core: int, count: int, payload:
     _msgnet_oneway_sender(conn, core, count, payload, plaintext)
 
 
+
+FANOUT_PEERS = 3
+
+
+def _msgnet_fanout_receiver(conn: Any, core: int, count: int) -> None:
+    """FANOUT_PEERS hosts in one process, counting together; their addresses go out as one
+    space-separated string."""
+    _pin(core)
+    import msgnet
+
+    from benchmarks.e2e import _Counter
+
+    async def main() -> None:
+        counter = _Counter(count)
+        async with AsyncExitStack() as stack:
+            hosts = [await stack.enter_async_context(msgnet.MessageHost())
+                     for _ in range(FANOUT_PEERS)]
+            for host in hosts:
+                host.set_message_handler(ONEWAY_PROTOCOL, counter.hit)
+            conn.send(" ".join(str(host.addrs[0]) for host in hosts))
+            conn.send(await counter.wait())
+
+    msgnet.run(main())
+
+
+def _msgnet_fanout_sender(conn: Any, core: int, count: int, payload: bytes,
+                          reliable: bool) -> None:
+    """Message i to peer i mod FANOUT_PEERS; reliable ones stay until acknowledged."""
+    _pin(core)
+    import msgnet
+
+    addrs = conn.recv().split()
+
+    async def main() -> None:
+        async with msgnet.MessageHost() as host:
+            peers = [host.add_peer(addr) for addr in addrs]
+            for peer in peers:
+                await host.connect(peer)
+            send = host.send_message
+            qos = msgnet.Reliable() if reliable else msgnet.BEST_EFFORT
+            deadline = time.perf_counter() + MAX_SECONDS
+            for i in range(count):
+                await send(peers[i % len(peers)], ONEWAY_PROTOCOL, payload, qos=qos)
+                if i % 1024 == 1023:
+                    await asyncio.sleep(0)
+                    if time.perf_counter() > deadline:
+                        break
+            for peer in peers if reliable else ():
+                delivery = host.network.delivery.connection(host.network.sessions(peer)[0])
+                while delivery is not None and (delivery.packets_in_flight
+                                                or delivery.transmit_pending):
+                    if time.perf_counter() > deadline + MAX_SECONDS:
+                        break
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+
+    msgnet.run(main())
+
 # --------------------------------------------------------------------------- c. netns
 
 def _netns(quick: bool) -> dict[str, dict[str, float]]:
@@ -395,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
             ("oneway64/msgnet-reliable-ordered", lambda: _pair(
                 _msgnet_oneway_receiver, (count, False), _msgnet_reliable_oneway_sender,
                 (count, PAYLOAD_64, False, True), server_result=True)),
+            ("fanout64/msgnet-best-effort", lambda: _pair(
+                _msgnet_fanout_receiver, (count,), _msgnet_fanout_sender,
+                (count, PAYLOAD_64, False), server_result=True)),
+            ("fanout64/msgnet-reliable", lambda: _pair(
+                _msgnet_fanout_receiver, (count,), _msgnet_fanout_sender,
+                (count, PAYLOAD_64, True), server_result=True)),
         ]
     rows: dict[str, list[dict[str, float]]] = {}
     for _ in range(repeat):
@@ -421,6 +488,7 @@ BASELINES = {
     "bulk1M/msgnet-reliable-tcp-reply": "bulk1M/raw-uvloop-tcp",
     "oneway64/msgnet-reliable": "oneway64/msgnet-best-effort",
     "oneway64/msgnet-reliable-ordered": "oneway64/msgnet-best-effort",
+    "fanout64/msgnet-reliable": "fanout64/msgnet-best-effort",
 }
 EXTRA_RATIOS = {"bulk1M/msgnet-reliable": "bulk1M/msgnet-reliable-plaintext"}
 
