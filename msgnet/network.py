@@ -619,7 +619,11 @@ class MessageNetwork:
                             flags: int = 0, request_id: int = 0) -> bool:
         """Queue a message now, as send_message does, but never wait: False when the peer's
         queue is full (then await send_message). What callers use first, to spare a
-        coroutine per message in the common case."""
+        coroutine per message in the common case.
+
+        The peer's session comes from the last peer sent to, else the peer's session by
+        its ID, else session_for (which dials): each step a fraction of the next's cost, and
+        fan-out (pubsub) alternates peers on every message."""
         last = self._last
         if last is not None and last[0] is peer_id and not self._refused and not self._closed:
             if flags & _FLAG_REQUEST:
@@ -627,6 +631,10 @@ class MessageNetwork:
             return last[2].send_message(last[1], protocol, data, flags, request_id)
         if flags & _FLAG_REQUEST:
             self._expect_reply(self._paths.get(peer_id))
+        session = self._sessions.get(peer_id)  # fan-out: another peer with a session
+        if session is not None and not self._refused and not self._closed:
+            self._sessions.move_to_end(peer_id)  # as session_for does
+            return session.engine.send_message(session, protocol, data, flags, request_id)
         session, engine = self.session_for(peer_id, protocol)
         return engine.send_message(session, protocol, data, flags, request_id)
 
@@ -644,7 +652,12 @@ class MessageNetwork:
         if last is not None and last[0] is peer_id and not self._refused and not self._closed:
             session, engine = last[1], last[2]
         else:
-            session, engine = self.session_for(peer_id, protocol)
+            session = self._sessions.get(peer_id)
+            if session is not None and not self._refused and not self._closed:
+                self._sessions.move_to_end(peer_id)  # as session_for does
+                engine = session.engine
+            else:
+                session, engine = self.session_for(peer_id, protocol)
         if session.sends_on_stream or (ordered and self.stream_recovery.holds(session)):
             return False
         delivery = self.delivery
