@@ -212,6 +212,16 @@ def _delivery_counters(host: Any) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- b. 64 B one way
 
+async def _acknowledged(host: Any, peer: Any, deadline: float) -> None:
+    """Until the peer acknowledged everything sent to it (or the deadline): a sender that
+    left earlier would cut the stream its receiver counts."""
+    delivery = host.network.delivery.connection(host.network.sessions(peer)[0])
+    while delivery is not None and (delivery.packets_in_flight or delivery.transmit_pending):
+        if time.perf_counter() > deadline:
+            break
+        await asyncio.sleep(0.01)
+
+
 def _msgnet_reliable_oneway_sender(conn: Any, core: int, count: int, payload: bytes,
                                    plaintext: bool, ordered: bool) -> None:
     """e2e's one-way sender with ``Reliable()``; then stays until everything is acknowledged,
@@ -234,13 +244,7 @@ def _msgnet_reliable_oneway_sender(conn: Any, core: int, count: int, payload: by
                     await asyncio.sleep(0)
                     if time.perf_counter() > deadline:
                         break
-            session = host.network.sessions(peer)[0]
-            delivery = host.network.delivery.connection(session)
-            while delivery is not None and (delivery.packets_in_flight
-                                            or delivery.transmit_pending):
-                if time.perf_counter() > deadline + MAX_SECONDS:
-                    break
-                await asyncio.sleep(0.01)
+            await _acknowledged(host, peer, deadline + MAX_SECONDS)
             await asyncio.sleep(0.2)
 
     msgnet.run(main())
@@ -301,15 +305,11 @@ def _msgnet_fanout_sender(conn: Any, core: int, count: int, payload: bytes,
                     if time.perf_counter() > deadline:
                         break
             for peer in peers if reliable else ():
-                delivery = host.network.delivery.connection(host.network.sessions(peer)[0])
-                while delivery is not None and (delivery.packets_in_flight
-                                                or delivery.transmit_pending):
-                    if time.perf_counter() > deadline + MAX_SECONDS:
-                        break
-                    await asyncio.sleep(0.01)
+                await _acknowledged(host, peer, deadline + MAX_SECONDS)
             await asyncio.sleep(0.2)
 
     msgnet.run(main())
+
 
 # --------------------------------------------------------------------------- c. netns
 

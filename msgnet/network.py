@@ -652,10 +652,10 @@ class MessageNetwork:
         if last is not None and last[0] is peer_id and not self._refused and not self._closed:
             session, engine = last[1], last[2]
         else:
-            session = self._sessions.get(peer_id)
-            if session is not None and not self._refused and not self._closed:
+            known = self._sessions.get(peer_id)
+            if known is not None and not self._refused and not self._closed:
                 self._sessions.move_to_end(peer_id)  # as session_for does
-                engine = session.engine
+                session, engine = known, known.engine
             else:
                 session, engine = self.session_for(peer_id, protocol)
         if session.sends_on_stream or (ordered and self.stream_recovery.holds(session)):
