@@ -352,10 +352,10 @@ class MessageNetwork:
         self.delivery = DeliveryManager(self.loop, max_datagram)
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
-        # (peer, session, engine, path) of the latest session_for: a peer sent to again and
-        # again (the PeerID object the caller holds) skips the PeerID hashes and the LRU move,
-        # and is already the most recently used. Cleared whenever _sessions or _paths changes.
-        self._last: tuple[PeerID, Session, UdpEngine, _PeerPath | None] | None = None
+        # (peer, session, engine) of the latest session_for: a peer sent to again and again
+        # (the PeerID object the caller holds) skips the PeerID hashes and the LRU move, and
+        # is already the most recently used. Cleared whenever _sessions or _paths changes.
+        self._last: tuple[PeerID, Session, UdpEngine] | None = None
         # Every live session (sending or receive-only) by our local index (its engine is
         # session.engine).
         self._by_index: dict[int, Session] = {}
@@ -621,22 +621,21 @@ class MessageNetwork:
         queue is full (then await send_message). What callers use first, to spare a
         coroutine per message in the common case.
 
-        The peer's session comes from the last peer sent to, else the peer's session by
-        its ID, else session_for (which dials): each step a fraction of the next's cost, and
-        fan-out (pubsub) alternates peers on every message."""
-        last = self._last
-        if last is not None and last[0] is peer_id and not self._refused and not self._closed:
-            if flags & _FLAG_REQUEST:
-                self._expect_reply(last[3])
-            return last[2].send_message(last[1], protocol, data, flags, request_id)
+        The session comes from ``_last`` when the peer is the one sent to last, else, for a
+        peer with a session, as session_for finds it but inline: fan-out (pubsub) changes
+        peer on every message, and session_for's call costs a fifth of such a send."""
         if flags & _FLAG_REQUEST:
             self._expect_reply(self._paths.get(peer_id))
-        session = self._sessions.get(peer_id)  # fan-out: another peer with a session
-        if session is not None and not self._refused and not self._closed:
-            self._sessions.move_to_end(peer_id)  # as session_for does
-            return session.engine.send_message(session, protocol, data, flags, request_id)
-        session, engine = self.session_for(peer_id, protocol)
-        return engine.send_message(session, protocol, data, flags, request_id)
+        last = self._last
+        if last is not None and last[0] is peer_id and not self._refused and not self._closed:
+            return last[2].send_message(last[1], protocol, data, flags, request_id)
+        known = self._sessions.get(peer_id)
+        if known is None or self._refused or self._closed:
+            session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
+            return engine.send_message(session, protocol, data, flags, request_id)
+        self._sessions.move_to_end(peer_id)
+        self._last = (peer_id, known, known.engine)
+        return known.engine.send_message(known, protocol, data, flags, request_id)
 
     def send_reliable_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
                              ordered: bool) -> bool:
@@ -651,13 +650,12 @@ class MessageNetwork:
         last = self._last
         if last is not None and last[0] is peer_id and not self._refused and not self._closed:
             session, engine = last[1], last[2]
-        else:
-            known = self._sessions.get(peer_id)
-            if known is not None and not self._refused and not self._closed:
-                self._sessions.move_to_end(peer_id)  # as session_for does
-                session, engine = known, known.engine
-            else:
-                session, engine = self.session_for(peer_id, protocol)
+        elif (known := self._sessions.get(peer_id)) is None or self._refused or self._closed:
+            session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
+        else:  # as send_message_nowait: session_for's established case, inline
+            self._sessions.move_to_end(peer_id)
+            session, engine = known, known.engine
+            self._last = (peer_id, session, engine)
         if session.sends_on_stream or (ordered and self.stream_recovery.holds(session)):
             return False
         delivery = self.delivery
@@ -712,7 +710,7 @@ class MessageNetwork:
         if session is not None:
             self._sessions.move_to_end(peer_id)
             engine = session.engine
-            self._last = (peer_id, session, engine, self._paths.get(peer_id))
+            self._last = (peer_id, session, engine)
             return session, engine
         dial = self._dial_by_peer.get(peer_id)
         if dial is None:
