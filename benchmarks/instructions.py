@@ -15,8 +15,12 @@ they keep up and the sender's work is what is counted. Needs valgrind (Debian:
   ``Reliable()`` and ordered, one peer, until every reliable message is acknowledged
   (acknowledgements in, packets out).
 - ``fanout64/*``: the same, each message to the next of three peers (pubsub's pattern).
+- ``received64/*``: the receiving host's instructions per message of a oneway64 stream
+  (the sender runs natively, paced so that nothing is dropped), acknowledgements included.
 - ``rr1/*``: one request and its reply, both hosts in the counted process, per round trip;
-  the baseline is raw uvloop datagram endpoints echoing in one process the same way.
+  the baseline is raw uvloop datagram endpoints echoing in one process the same way. A
+  round trip's time is mostly the kernel's and the wake-ups', so this reports what msgnet
+  adds, not a ratio.
 
 Kernel work (the syscalls themselves) is not counted; user-space work is what msgnet adds.
 """
@@ -38,11 +42,12 @@ PROTOCOL = "/bench/1.0.0"
 WARMUP = 2000
 FANOUT_PEERS = 3
 SCENARIOS = ["oneway64/best-effort", "oneway64/reliable", "oneway64/reliable-ordered",
-             "fanout64/best-effort", "fanout64/reliable", "rr1/raw-uvloop", "rr1/msgnet"]
+             "fanout64/best-effort", "fanout64/reliable", "received64/best-effort",
+             "received64/reliable", "rr1/raw-uvloop", "rr1/msgnet"]
+# Sender-bound scenarios: their rate ratio follows the instruction ratio.
 RATIOS = [("oneway64/reliable", "oneway64/best-effort"),
           ("oneway64/reliable-ordered", "oneway64/best-effort"),
-          ("fanout64/reliable", "fanout64/best-effort"),
-          ("rr1/msgnet", "rr1/raw-uvloop")]
+          ("fanout64/reliable", "fanout64/best-effort")]
 
 
 def _count(on: bool) -> None:
@@ -85,8 +90,7 @@ def _sender(name: str, count: int) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert receiver.stdout is not None and receiver.stdin is not None
     addrs = receiver.stdout.readline().split()
-    qos: Any = {"best-effort": msgnet.BEST_EFFORT, "reliable": msgnet.Reliable(),
-                "reliable-ordered": msgnet.Reliable(ordered=True)}[name.split("/")[1]]
+    qos = _qos(name.split("/")[1])
 
     async def main() -> None:
         async with msgnet.MessageHost() as host:
@@ -118,6 +122,65 @@ def _sender(name: str, count: int) -> None:
     finally:
         receiver.stdin.close()
         receiver.wait(30)
+
+
+def _qos(name: str) -> Any:
+    import msgnet
+
+    return {"best-effort": msgnet.BEST_EFFORT, "reliable": msgnet.Reliable(),
+            "reliable-ordered": msgnet.Reliable(ordered=True)}[name]
+
+
+def _native_sender(addr: str, count: int, qos_name: str) -> None:
+    """The uncounted side of a received64 scenario: count messages, paced (a counted
+    receiver is fifty times slower than a native one), then stays for the last acks."""
+    import msgnet
+
+    async def main() -> None:
+        async with msgnet.MessageHost() as host:
+            peer = host.add_peer(addr)
+            await host.connect(peer)
+            qos = _qos(qos_name)
+            for i in range(count):
+                await host.send_message(peer, PROTOCOL, PAYLOAD, qos=qos)
+                if i % 64 == 63:
+                    await asyncio.sleep(0.002)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    msgnet.run(main())
+
+
+def _receiving(name: str, count: int) -> None:
+    """The counted side of a received64 scenario: one host counting what arrives."""
+    import msgnet
+
+    async def main() -> None:
+        async with msgnet.MessageHost() as host:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            seen = [0]
+
+            def handler(_message: Any) -> None:
+                seen[0] += 1
+                if seen[0] == WARMUP:
+                    _count(True)
+                elif seen[0] == WARMUP + count:
+                    _count(False)
+                    done.set_result(None)
+
+            host.set_message_handler(PROTOCOL, handler)
+            sender = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.instructions", "--sender",
+                 str(host.addrs[0]), str(WARMUP + count), name.split("/")[1]],
+                stdin=subprocess.PIPE)
+            try:
+                await asyncio.wait_for(done, 600)
+            finally:
+                assert sender.stdin is not None
+                sender.stdin.close()
+                sender.wait(30)
+
+    msgnet.run(main())
 
 
 def _round_trips(name: str, count: int) -> None:
@@ -204,13 +267,18 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--receiver", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sender", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
         _receiver(args.receiver)
         return 0
+    if args.sender:
+        _native_sender(args.sender[0], int(args.sender[1]), args.sender[2])
+        return 0
     if args.child:
         name, count = args.child[0], int(args.child[1])
-        (_round_trips if name.startswith("rr1") else _sender)(name, count)
+        run = {"rr1": _round_trips, "received64": _receiving}.get(name.split("/")[0], _sender)
+        run(name, count)
         return 0
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
@@ -221,16 +289,21 @@ def main() -> int:
         parser.error(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
     counts: dict[str, float] = {}
     for name in names:
-        counts[name] = _measure(name, args.count if name.startswith(("one", "fan"))
-                                else max(args.count // 4, 1))
+        counts[name] = _measure(name, max(args.count // 4, 1) if name.startswith("rr1")
+                                else args.count)
         print(f"  {name}: {counts[name]:,.0f}", file=sys.stderr)
     print(f"{'scenario':32} {'instructions':>14}  per")
     for name, value in counts.items():
-        print(f"{name:32} {value:>14,.0f}  {'round trip' if name.startswith('rr1') else 'message'}")
+        unit = "round trip" if name.startswith("rr1") else "message"
+        print(f"{name:32} {value:>14,.0f}  {unit}")
     for name, base in RATIOS:
         if name in counts and base in counts:
             print(f"{name} vs {base}: {counts[base] / counts[name]:.2f}x the rate at equal "
                   "instructions per second")
+    if "rr1/msgnet" in counts and "rr1/raw-uvloop" in counts:
+        # Not a rate ratio: a round trip's time is mostly the kernel's and the wake-ups'.
+        print(f"rr1/msgnet adds {counts['rr1/msgnet'] - counts['rr1/raw-uvloop']:,.0f} "
+              "user-space instructions per round trip to raw uvloop's")
     return 0
 
 
