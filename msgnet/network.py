@@ -352,7 +352,7 @@ class MessageNetwork:
         self.delivery = DeliveryManager(self.loop, max_datagram)
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
-        # (peer, session, engine) of the latest session_for: a peer sent to again and again
+        # (peer, session, engine) of the peer sent to last: a peer sent to again and again
         # (the PeerID object the caller holds) skips the PeerID hashes and the LRU move, and
         # is already the most recently used. Cleared whenever _sessions or _paths changes.
         self._last: tuple[PeerID, Session, UdpEngine] | None = None

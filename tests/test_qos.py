@@ -82,7 +82,6 @@ def test_ordered_messages_arrive_in_order_per_protocol(run):
     run(main(), timeout=100)
 
 
-
 def test_fan_out_alternating_peers_keeps_each_peers_order(run):
     """Reliable ordered sends that alternate between peers (pubsub fan-out), one of them
     never contacted before (its first messages wait for the handshake): every peer gets
@@ -120,6 +119,7 @@ def test_fan_out_alternating_peers_keeps_each_peers_order(run):
             assert taken["nowait"] == 900  # no send fell back to the waiting path
 
     run(main())
+
 
 def test_one_mebibyte_reliable_message_under_loss(run):
     async def main():
