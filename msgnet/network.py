@@ -497,7 +497,7 @@ class MessageNetwork:
         session, engine = self.session_for(peer_id, protocol)
         if flags & limits.FLAG_REQUEST:
             self._expect_reply(self._paths.get(peer_id))
-        if isinstance(qos, Reliable) and qos.ordered and self.stream_recovery.holds(session):
+        if isinstance(qos, Reliable) and qos.ordered and session in self.stream_recovery.held:
             # Resuming (docs/wire.md §6.1): after the messages the resume sends again.
             ack = await self.stream_recovery.hold(session, protocol, data, flags, request_id,
                                                   qos.wait)
@@ -565,7 +565,7 @@ class MessageNetwork:
         """Engine delegate: a reply that needs the delivery layer (reliable, or large), unless
         the session sends on a stream, which needs none."""
         qos: QoS = Reliable(ordered=ordered) if reliable else BEST_EFFORT
-        if ordered and self.stream_recovery.holds(session):  # after what the resume resends
+        if ordered and session in self.stream_recovery.held:  # after what the resume resends
             self.stream_recovery.hold(session, protocol, data, limits.FLAG_RESPONSE,
                                       request_id, False)
             return
@@ -656,7 +656,7 @@ class MessageNetwork:
             self._sessions.move_to_end(peer_id)
             session, engine = known, known.engine
             self._last = (peer_id, session, engine)
-        if session.sends_on_stream or (ordered and self.stream_recovery.holds(session)):
+        if session.sends_on_stream or (ordered and session in self.stream_recovery.held):
             return False
         delivery = self.delivery
         conn = session.delivery
