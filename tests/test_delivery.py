@@ -1018,6 +1018,34 @@ def test_fragment_queue_is_fifo_through_compaction() -> None:
     assert len(queue) == 0
 
 
+
+def test_unacked_table_matches_a_dict_through_gaps_and_compaction() -> None:
+    """A space's table of unfinished reliable messages (a list of slots from the oldest
+    seq) against a dict: seqs added in order with gaps (seqs that went to best effort),
+    finished in any order; the oldest seq and the messages always agree."""
+    from msgnet.core.delivery import _Unacked
+
+    rng = random.Random(9)
+    table, reference = _Unacked(), {}
+    seq = 0
+    for _ in range(3000):
+        if rng.random() < 0.55:
+            seq += 1 + (rng.random() < 0.1) * rng.randrange(1, 5)  # a gap now and then
+            message = OutgoingMessage.__new__(OutgoingMessage)
+            table.add(seq, message)
+            reference[seq] = message
+        elif reference:
+            done = min(reference) if rng.random() < 0.7 else rng.choice(list(reference))
+            table.remove(done)
+            del reference[done]
+        table.remove(seq + 7)  # never added, or long done: nothing happens
+        table.remove(-1)
+        assert table.count == len(reference)
+        if reference:
+            assert table.base == min(reference)
+        assert table.messages() == [reference[k] for k in sorted(reference)]
+
+
 # --- the harness itself -------------------------------------------------------------------
 
 

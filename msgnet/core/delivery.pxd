@@ -53,10 +53,23 @@ cdef class ReassemblyBudget:
 
 
 @cython.final
+cdef class _Unacked:
+    cdef list _items
+    cdef Py_ssize_t _start
+    cdef public long long base
+    cdef public Py_ssize_t count
+    @cython.locals(items=list, gap=cython.longlong)
+    cpdef add(self, long long seq, OutgoingMessage message)
+    @cython.locals(items=list, start=cython.Py_ssize_t, end=cython.Py_ssize_t,
+                   i=cython.Py_ssize_t)
+    cpdef remove(self, long long seq)
+    cpdef list messages(self)
+
+
+@cython.final
 cdef class _OutSpace:
     cdef public long long next_seq
-    cdef public long long oldest
-    cdef public dict unacked
+    cdef public _Unacked unacked
     cdef public bint closed
 
 
@@ -107,6 +120,7 @@ cdef OutgoingMessage _outgoing_message(str protocol, long long seq, int flags, r
 @cython.locals(new=Fragment)
 cdef Fragment _fragment(OutgoingMessage message, str protocol, int flags, request_id,
                         long long seq, int frag_index, int frag_count, chunk, _OutSpace space)
+@cython.locals(unacked=_Unacked)
 cdef bint _within_window(_OutSpace space, long long seq) except -1
 
 

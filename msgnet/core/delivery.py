@@ -431,15 +431,75 @@ class ReassemblyBudget:
 # --- internal state ----------------------------------------------------------------------
 
 
+class _Unacked:
+    """One space's reliable messages not yet done, by seq.
+
+    Seqs are handed out in order and mostly finish in order, so this is a list of slots
+    from ``base`` on, None where a message is done or its seq went to best effort: adding
+    is an append, and ``base`` is the oldest unfinished seq whenever ``count`` is not 0.
+    A dict keyed by seq would cost an int object and a hash twice per message. Finished
+    slots at the head are skipped as they finish and dropped once they are half of the list,
+    so it spans the seqs from the oldest unfinished to the newest.
+    """
+
+    __slots__ = ("_items", "_start", "base", "count")
+
+    def __init__(self) -> None:
+        self._items: list[OutgoingMessage | None] = []
+        self._start = 0  # the slot of seq base
+        self.base = 0
+        self.count = 0
+
+    def add(self, seq: int, message: OutgoingMessage) -> None:
+        """Track ``message`` under ``seq``, above every seq added before."""
+        items = self._items
+        if not self.count:
+            items.clear()
+            self._start = 0
+            self.base = seq
+        else:
+            gap = seq - self.base - (len(items) - self._start)
+            if gap > 0:
+                items.extend([None] * gap)  # seqs that went to best effort
+        items.append(message)
+        self.count += 1
+
+    def remove(self, seq: int) -> None:
+        """Stop tracking ``seq`` (nothing if it is not tracked)."""
+        items = self._items
+        start = self._start
+        i = start + (seq - self.base)
+        if i < start or i >= len(items) or items[i] is None:
+            return
+        items[i] = None
+        self.count -= 1
+        if i != start:
+            return
+        end = len(items)
+        while start < end and items[start] is None:
+            start += 1
+        self.base += start - self._start
+        if start == end:
+            items.clear()
+            start = 0
+        elif start >= 64 and start * 2 >= end:
+            del items[:start]
+            start = 0
+        self._start = start
+
+    def messages(self) -> list[OutgoingMessage]:
+        """The messages tracked, oldest first."""
+        return [m for m in self._items[self._start:] if m is not None]
+
+
 class _OutSpace:
     """One sending sequence space (protocol, ORDERED bit)."""
 
-    __slots__ = ("next_seq", "oldest", "unacked", "closed")
+    __slots__ = ("next_seq", "unacked", "closed")
 
     def __init__(self) -> None:
         self.next_seq = 0
-        self.oldest = 0  # lower bound of the oldest unacknowledged reliable seq (lazy)
-        self.unacked: dict[int, OutgoingMessage] = {}  # reliable messages not yet done
+        self.unacked = _Unacked()  # reliable messages not yet done
         self.closed = False  # ordered space after a failure (wire.md 3.6)
 
 
@@ -551,14 +611,9 @@ def _within_window(space: _OutSpace, seq: int) -> bool:
     """Whether ``seq`` may go out: below the oldest unacked reliable seq + SEQ_WINDOW.
 
     This is what lets the receiver slide its unordered window (module docstring).
-    ``space.oldest`` only moves up here, one seq at a time, so the scan is
-    amortised O(1) per message.
     """
-    oldest, unacked, end = space.oldest, space.unacked, space.next_seq
-    while oldest < end and oldest not in unacked:
-        oldest += 1
-    space.oldest = oldest
-    return seq - oldest < SEQ_WINDOW
+    unacked = space.unacked
+    return seq - (unacked.base if unacked.count else space.next_seq) < SEQ_WINDOW
 
 
 def _valid_ranges(ranges: tuple[tuple[int, int], ...]) -> bool:
@@ -882,7 +937,7 @@ class DeliveryConnection:
                 queue.push(_fragment(message, protocol, flags, request_id, seq, i, count,
                                      view[i * fs:(i + 1) * fs], space))
         if reliable:
-            space.unacked[seq] = message
+            space.unacked.add(seq, message)
         return message
 
     def poll_transmit(self, now: float, max_fragments: int) -> list[Fragment]:
@@ -910,9 +965,7 @@ class DeliveryConnection:
                 if message.error is not None:
                     queue.pop()
                     continue
-                if fragment.seq - fragment._space.oldest >= SEQ_WINDOW and not _within_window(
-                    fragment._space, fragment.seq
-                ):
+                if not _within_window(fragment._space, fragment.seq):
                     break
                 queue.pop()
             else:
@@ -942,9 +995,7 @@ class DeliveryConnection:
         while len(queue) and len(out) < max_fragments and tokens > 0:
             fragment = queue.peek()
             message = fragment.message
-            if fragment.seq - fragment._space.oldest >= SEQ_WINDOW and not _within_window(
-                fragment._space, fragment.seq
-            ):
+            if not _within_window(fragment._space, fragment.seq):
                 break
             queue.pop()
             out.append(fragment)
@@ -1082,10 +1133,7 @@ class DeliveryConnection:
             if not message._unacked:
                 message.done = True
                 self._outstanding -= message.size + _SENT_MESSAGE_COST
-                space = fragment._space
-                del space.unacked[message.seq]
-                if message.seq == space.oldest:
-                    space.oldest += 1  # acknowledged in order: no scan in _within_window
+                fragment._space.unacked.remove(message.seq)
                 if message.notify:
                     events.append(_new(MessageDelivered, (message,)))
 
@@ -1313,17 +1361,17 @@ class DeliveryConnection:
         message.error = error
         self.counters["failed"] += 1
         events.append(_new(MessageFailed, (message, error)))
-        space.unacked.pop(message.seq, None)
+        space.unacked.remove(message.seq)
         if message.flags & FLAG_ORDERED and not space.closed:
             space.closed = True  # the peer can never deliver past this seq
-            for other in list(space.unacked.values()):
+            for other in space.unacked.messages():
                 self._fail(other, space, error, events)
 
     def _fail_all(self, error: Exception, events: list[DeliveryEvent]) -> None:
         """Fail every outstanding reliable message (their fragments are dropped)."""
         for spaces in (self._out_unordered, self._out_ordered):
             for space in spaces.values():
-                for message in list(space.unacked.values()):
+                for message in space.unacked.messages():
                     self._fail(message, space, error, events)
         self._queue.clear()
         self._retransmit.clear()
