@@ -33,7 +33,15 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memmove
 
-from msgnet._frame cimport FRAME_CONTINUATION, FRAME_INIT, FRAME_PADDING, FRAME_PING
+from msgnet._frame cimport (
+    FRAME_CONTINUATION,
+    FRAME_INIT,
+    FRAME_PING,
+    READ_END,
+    READ_OK,
+    FrameView,
+    read_frame,
+)
 from msgnet._engine cimport C_PIECE, C_PIECES_FROM, Session, UdpEngine
 from msgnet._packet cimport (
     AEAD_TAG_SIZE,
@@ -119,36 +127,19 @@ cdef bint _carries_messages(const uint8_t* p, Py_ssize_t n) noexcept:
     """Whether a payload of ours holds an INIT or CONTINUATION frame, or a waiting send's PING:
     only those matter to a resume (docs/wire.md §6.1), so a packet of other control frames
     alone (PONG, BOUND...) is not kept. True if the frames do not parse (never for our own)."""
-    cdef Py_ssize_t i = 0
-    cdef uint64_t length
-    cdef int shift
-    cdef uint8_t t, byte
+    cdef Py_ssize_t pos = 0
     cdef Py_ssize_t mark = PyBytes_GET_SIZE(_WAIT_MARK)
-    while i < n:
-        t = p[i]
-        i += 1
-        if t == FRAME_PADDING:  # one byte
-            continue
-        if t == FRAME_INIT or t == FRAME_CONTINUATION:
+    cdef FrameView fv
+    cdef int rc
+    while True:
+        rc = read_frame(p, n, &pos, &fv)
+        if rc == READ_END:
+            return False
+        if rc != READ_OK or fv.type == FRAME_INIT or fv.type == FRAME_CONTINUATION:
             return True
-        length = 0
-        shift = 0
-        while True:
-            if i >= n or shift > 56:
-                return True
-            byte = p[i]
-            i += 1
-            length |= (<uint64_t>(byte & 0x7F)) << shift
-            if byte < 0x80:
-                break
-            shift += 7
-        if length > <uint64_t>(n - i):
+        if (fv.type == FRAME_PING and fv.payload_len >= mark
+                and memcmp(fv.payload, PyBytes_AS_STRING(_WAIT_MARK), mark) == 0):
             return True
-        if (t == FRAME_PING and <Py_ssize_t>length >= mark
-                and memcmp(p + i, PyBytes_AS_STRING(_WAIT_MARK), mark) == 0):
-            return True
-        i += <Py_ssize_t>length
-    return False
 
 
 cdef class StreamCore:

@@ -584,7 +584,6 @@ RESUMED_PROTOCOL = "/msgnet/stream-resumed/1"
 _RESUME = struct.Struct(">IQ")      # receiver_index, up_to
 _RESUMED = struct.Struct(">IQH")    # receiver_index, up_to, count; then the bitmap
 _PING_MARK = b"\xa5msgnet/ack"       # PING data: this prefix and 8 random bytes
-_WAIT_PING_MARK = WAIT_PING_MARK      # PING data of a Reliable(wait=True) send: + 8 random
 
 
 class StreamRecovery:
@@ -707,7 +706,7 @@ class StreamRecovery:
         """A reliable message was just queued for ``session`` on its stream by a send that
         waits: queue a PING of its own after it; returns the PING's data (to :meth:`unwait`
         once done) and the future its acknowledgement completes."""
-        marker = _WAIT_PING_MARK + os.urandom(8)
+        marker = WAIT_PING_MARK + os.urandom(8)
         future: asyncio.Future[None] = self._streams.loop.create_future()
         self.waits[marker] = (session.peer_id, future)
         try:
@@ -923,7 +922,7 @@ class StreamRecovery:
 def wait_markers(payload: bytes) -> list[bytes]:
     """The data of the waiting sends' PINGs in one of our sent payloads."""
     pings = [bytes(frame.data) for frame in decode_packet(payload) if isinstance(frame, Ping)]
-    return [data for data in pings if data.startswith(_WAIT_PING_MARK)]
+    return [data for data in pings if data.startswith(WAIT_PING_MARK)]
 
 
 def _complete_when_all(acks: list[asyncio.Future[None]], future: asyncio.Future[None]) -> None:

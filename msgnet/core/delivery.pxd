@@ -52,6 +52,9 @@ cdef class ReassemblyBudget:
     cdef public Py_ssize_t used
 
 
+cdef Py_ssize_t _drop_consumed(list items, Py_ssize_t head) except -1
+
+
 @cython.final
 cdef class _Unacked:
     cdef list _items

@@ -129,7 +129,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 try:
     import cython  # type: ignore[import-untyped]
@@ -430,6 +430,21 @@ class ReassemblyBudget:
 
 # --- internal state ----------------------------------------------------------------------
 
+_T = TypeVar("_T")
+
+
+def _drop_consumed(items: list[_T | None], head: int) -> int:
+    """Where the live slots of ``items`` begin once those before ``head`` are consumed:
+    the list is emptied when nothing is left, and compacted once the consumed slots are
+    half of it, so it stays about as long as what it holds (_Unacked, _FragmentQueue)."""
+    if head == len(items):
+        items.clear()
+        return 0
+    if head >= 64 and head * 2 >= len(items):
+        del items[:head]
+        return 0
+    return head
+
 
 class _Unacked:
     """One space's reliable messages not yet done, by seq.
@@ -438,8 +453,8 @@ class _Unacked:
     from ``base`` on, None where a message is done or its seq went to best effort: adding
     is an append, and ``base`` is the oldest unfinished seq whenever ``count`` is not 0.
     A dict keyed by seq would cost an int object and a hash twice per message. Finished
-    slots at the head are skipped as they finish and dropped once they are half of the list,
-    so it spans the seqs from the oldest unfinished to the newest.
+    slots at the head are skipped as they finish (_drop_consumed), so it spans the seqs
+    from the oldest unfinished to the newest.
     """
 
     __slots__ = ("_items", "_start", "base", "count")
@@ -479,13 +494,7 @@ class _Unacked:
         while start < end and items[start] is None:
             start += 1
         self.base += start - self._start
-        if start == end:
-            items.clear()
-            start = 0
-        elif start >= 64 and start * 2 >= end:
-            del items[:start]
-            start = 0
-        self._start = start
+        self._start = _drop_consumed(items, start)
 
     def messages(self) -> list[OutgoingMessage]:
         """The messages tracked, oldest first."""
@@ -558,8 +567,8 @@ class _FragmentQueue:
 
     What a deque does, as calls the compiled core makes in C (delivery.pxd) where a
     deque's append and popleft are a Python method call each, twice per message.
-    Popped slots are cleared at once and the list is compacted when the head passes half
-    of it, so memory stays proportional to what is queued.
+    Popped slots are cleared at once and dropped as _drop_consumed says, so memory stays
+    proportional to what is queued.
     """
 
     __slots__ = ("_items", "_head")
@@ -587,14 +596,7 @@ class _FragmentQueue:
         head = self._head
         fragment = items[head]
         items[head] = None
-        head += 1
-        if head == len(items):
-            items.clear()
-            head = 0
-        elif head >= 64 and head * 2 >= len(items):
-            del items[:head]
-            head = 0
-        self._head = head
+        self._head = _drop_consumed(items, head + 1)
         return fragment  # type: ignore[return-value]
 
     def clear(self) -> None:
