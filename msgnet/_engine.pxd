@@ -456,7 +456,7 @@ cdef class UdpEngine:
     cdef int _read_batches(self) except -1
     cdef int _read(self, uint8_t* buf, Py_ssize_t n, bint truncated, Py_ssize_t segment,
                    const sockaddr* sa) except -2
-    cdef int _flush_all(self) except -1
+    cdef int _flush_all(self, double now) except -1
     cdef bint _seal_session(self, Session s, double now, bint force) except -1
     cdef bint _drain_tx(self) except -1
     cdef int _group_units(self) noexcept

@@ -898,20 +898,28 @@ cdef class UdpEngine:
     def _on_readable(self):
         """The add_reader callback: read, then send what the handlers queued (replies, BOUND)
         at once, coalesced per session, instead of an event-loop iteration later."""
+        cdef int read = 0
         self._in_batch = True
         self._sent_early = False
         try:
-            self._read_batches()
+            read = self._read_batches()
         finally:
             self._in_batch = False
             if self._dirty and not self._closed:
-                self._flush_all()
+                # A batch that read datagrams read the clock just before: no need to again.
+                self._flush_all(self._now if read else self._loop_time())
             elif self._tx_count and not self._closed:
                 self._drain_tx()  # packets sealed during the batch (send_payload)
 
     cdef int _read_batches(self) except -1:
-        """At most max_rounds recvmmsg batches, so a flood cannot starve the rest of the loop."""
-        cdef int rounds, i, n, err = 0
+        """At most max_rounds recvmmsg batches, so a flood cannot starve the rest of the loop.
+        Returns the number of datagrams read.
+
+        The GIL stays held around recvmmsg and sendmmsg, as uvloop holds it for its own sends:
+        on a non-blocking socket they return in microseconds, releasing and re-taking the GIL
+        costs about 400 instructions per call, and with another thread running Python, taking
+        it back could stall the event loop for up to the switch interval (5 ms)."""
+        cdef int rounds, i, n, err = 0, total = 0
         cdef int batch = self._rx_batch
         cdef mmsghdr* hdr
         for rounds in range(self._max_rounds):
@@ -919,17 +927,16 @@ cdef class UdpEngine:
                 self._rx_hdrs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
                 if self._gro:
                     self._rx_hdrs[i].msg_hdr.msg_controllen = MSGNET_GRO_CMSG_SPACE
-            with nogil:
-                n = recvmmsg(self._fd, self._rx_hdrs, batch, MSG_DONTWAIT, NULL)
-                if n < 0:
-                    err = errno
+            n = recvmmsg(self._fd, self._rx_hdrs, batch, MSG_DONTWAIT, NULL)
             if n < 0:
+                err = errno
                 if err == EINTR:
                     continue
                 if not MSGNET_WOULD_BLOCK(err):
                     self._report("msgnet: recvmmsg failed", OSError(err, os.strerror(err)),
                                  None)
-                return 0
+                return total
+            total += n
             self._now = self._loop_time()
             for i in range(n):
                 hdr = &self._rx_hdrs[i]
@@ -937,10 +944,10 @@ cdef class UdpEngine:
                               hdr.msg_hdr.msg_flags & MSG_TRUNC,
                               msgnet_gro_size(&hdr.msg_hdr) if self._gro else 0,
                               <sockaddr*>&self._rx_addrs[i]) < 0:
-                    return 0  # the engine closed
+                    return total  # the engine closed
             if n < batch:
-                return 0
-        return 0
+                return total
+        return total
 
     cdef int _read(self, uint8_t* buf, Py_ssize_t n, bint truncated, Py_ssize_t segment,
                    const sockaddr* sa) except -2:
@@ -1608,11 +1615,11 @@ cdef class UdpEngine:
     def _run_flush(self):
         self._flush_handle = None
         self._sent_early = False
-        self._flush_all()
+        self._flush_all(self._loop_time())
 
     def flush(self):
         """Seal and send every established session's queued payloads now."""
-        self._flush_all()
+        self._flush_all(self._loop_time())
 
     def flush_session(self, Session session not None, bint force):
         """Send session's queue now; force sends one DATA packet even if nothing is queued
@@ -1622,14 +1629,12 @@ cdef class UdpEngine:
             return
         self._drain_tx()
 
-    cdef int _flush_all(self) except -1:
+    cdef int _flush_all(self, double now) except -1:
         cdef Py_ssize_t i, j
         cdef list dirty
         cdef Session s
-        cdef double now
         if self._closed or not self._drain_tx():
             return 0
-        now = self._loop_time()
         dirty = self._dirty
         self._dirty = []
         for i in range(len(dirty)):
@@ -1890,11 +1895,9 @@ cdef class UdpEngine:
                 else:
                     units = self._tx_count - head
                     hdrs = &self._tx_hdrs[head]
-                with nogil:
-                    sent = sendmmsg(self._fd, hdrs, units, 0)
-                    if sent < 0:
-                        err = errno
+                sent = sendmmsg(self._fd, hdrs, units, 0)  # GIL held: _read_batches says why
                 if sent < 0:
+                    err = errno
                     if err == EINTR:
                         continue
                     if MSGNET_WOULD_BLOCK(err):
@@ -1948,7 +1951,7 @@ cdef class UdpEngine:
     def _on_writable(self):
         self.loop.remove_writer(self._fd)
         self._writer_armed = False
-        self._flush_all()
+        self._flush_all(self._loop_time())
 
     def take_payload(self, Session session not None, Py_ssize_t budget) -> bytes:
         """Pop whole frames, at most budget bytes, from the front of session's queue: the first

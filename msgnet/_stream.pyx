@@ -515,7 +515,7 @@ cdef class StreamCore:
         engine._in_batch = False
         try:
             if engine._dirty and not engine._closed:
-                engine._flush_all()
+                engine._flush_all(engine._loop_time())
             elif engine._tx_count and not engine._closed:
                 engine._drain_tx()
         except Exception as exc:
