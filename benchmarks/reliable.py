@@ -10,7 +10,8 @@ a. ``bulk1M``: a reliable 1 MiB message over loopback between two msgnet hosts i
    asyncio TCP connection on uvloop, each 1 MiB answered by a one-byte confirmation from
    the receiving application (``raw-uvloop-tcp``). Also msgnet in plaintext mode, and
    msgnet's stream path (hosts on TCP only; a reliable request answered with one byte, as
-   the baseline is: ``tcp-reply``). Target: msgnet >= 0.5x the TCP transfer's MB/s.
+   the baseline is: ``tcp-reply``), also in plaintext mode (``tcp-reply-plaintext``: what
+   the AEAD costs on that path). Target: msgnet >= 0.5x the TCP transfer's MB/s.
 b. ``oneway64``: 64-byte messages one way, msgnet ``Reliable()`` (and ordered) against
    msgnet's own best effort, same receiver (e2e's), rate from first to last arrival.
    Target: reliable >= 0.7x best effort. ``fanout64``: the same, each message to the next
@@ -165,13 +166,13 @@ def _msgnet_bulk_sender(conn: Any, core: int, rounds: int, plaintext: bool) -> N
     conn.send(msgnet.run(main()))
 
 
-def _msgnet_stream_receiver(conn: Any, core: int) -> None:
+def _msgnet_stream_receiver(conn: Any, core: int, plaintext: bool) -> None:
     """msgnet on its TCP transport alone: answers each 1 MiB request with one byte."""
     _pin(core)
     import msgnet
 
     async def main() -> None:
-        async with msgnet.MessageHost(**_host_options(True)) as host:
+        async with msgnet.MessageHost(plaintext=plaintext, **_host_options(True)) as host:
             host.set_message_handler(BULK_PROTOCOL, lambda m: m.reply(b"!"))
             conn.send(str(host.addrs[0]))
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)
@@ -179,7 +180,7 @@ def _msgnet_stream_receiver(conn: Any, core: int) -> None:
     msgnet.run(main())
 
 
-def _msgnet_stream_sender(conn: Any, core: int, rounds: int) -> None:
+def _msgnet_stream_sender(conn: Any, core: int, rounds: int, plaintext: bool) -> None:
     """The stream path for a large reliable message (wire.md 5-6): over TCP a 1 MiB message
     is one packet, and TCP acknowledges it, so msgnet's own acknowledgement is not what says
     it arrived: the peer's one-byte reply is, as in the raw TCP baseline."""
@@ -189,7 +190,7 @@ def _msgnet_stream_sender(conn: Any, core: int, rounds: int) -> None:
     addr = conn.recv()
 
     async def main() -> dict[str, float]:
-        async with msgnet.MessageHost(**_host_options(True)) as host:
+        async with msgnet.MessageHost(plaintext=plaintext, **_host_options(True)) as host:
             peer = host.add_peer(addr)
             await host.connect(peer)
             blob = os.urandom(BULK)
@@ -442,7 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                 _msgnet_bulk_receiver, (True,), _msgnet_bulk_sender, (transfers, True),
                 server_result=False)),
             ("bulk1M/msgnet-reliable-tcp-reply", lambda: _pair(
-                _msgnet_stream_receiver, (), _msgnet_stream_sender, (transfers,),
+                _msgnet_stream_receiver, (False,), _msgnet_stream_sender, (transfers, False),
+                server_result=False)),
+            ("bulk1M/msgnet-reliable-tcp-reply-plaintext", lambda: _pair(
+                _msgnet_stream_receiver, (True,), _msgnet_stream_sender, (transfers, True),
                 server_result=False)),
         ]
     if "b" in parts:
@@ -486,6 +490,7 @@ BASELINES = {
     "bulk1M/msgnet-reliable": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-plaintext": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-tcp-reply": "bulk1M/raw-uvloop-tcp",
+    "bulk1M/msgnet-reliable-tcp-reply-plaintext": "bulk1M/raw-uvloop-tcp",
     "oneway64/msgnet-reliable": "oneway64/msgnet-best-effort",
     "oneway64/msgnet-reliable-ordered": "oneway64/msgnet-best-effort",
     "fanout64/msgnet-reliable": "fanout64/msgnet-best-effort",
