@@ -6,8 +6,9 @@ otherwise, secure mode unless it says plaintext. Every loop is bounded by count 
 Scenarios named ``-tcp`` run msgnet's TCP transport (policy tcp-only) and compare it with
 raw asyncio TCP on uvloop carrying the same ``length:varint | payload`` frames (an
 asyncio.Protocol per end, one write per message): their ``raw-uvloop`` row is that baseline.
-``rr1/msgnet-openssl-aead`` is msgnet on libcrypto's AEAD alone, beside the default backend
-(``sodium+openssl`` where both link) in the same run.
+Sessions use AES-256-GCM where this machine offers it (docs/wire.md 2.2):
+``rr1/msgnet-chacha`` is msgnet with it turned off (``MSGNET_AES_GCM=0``: ChaCha20-Poly1305
+on the default backend) in the same run, to show what the cipher is worth.
 
     python -m benchmarks.e2e [--quick] [--repeat N] [--json FILE]
 
@@ -760,17 +761,17 @@ def _idle_session_memory(count: int) -> dict[str, float]:
             proc.kill()
 
 
-def _on_aead_backend(backend: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """``run`` with its (spawned) processes importing msgnet on AEAD ``backend``."""
-    previous = os.environ.get("MSGNET_AEAD_BACKEND")
-    os.environ["MSGNET_AEAD_BACKEND"] = backend
+def _with_env(name: str, value: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``run`` with its (spawned) processes importing msgnet under ``name=value``."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         return run()
     finally:
         if previous is None:
-            del os.environ["MSGNET_AEAD_BACKEND"]
+            del os.environ[name]
         else:
-            os.environ["MSGNET_AEAD_BACKEND"] = previous
+            os.environ[name] = previous
 
 
 def _have(module: str) -> bool:
@@ -796,8 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     import msgnet
     from msgnet import _engine, _packet
 
-    backends = getattr(_packet, "AEAD_BACKENDS", ())
     print(f"msgnet {msgnet.__version__}: AEAD backend {getattr(_packet, 'AEAD_BACKEND', '?')}, "
+          f"AES-256-GCM offered {getattr(_packet, 'AES_GCM', False)}, "
           f"UDP GSO {getattr(_engine, 'HAVE_GSO', False)}, recvmmsg {_engine.HAVE_RECVMMSG}",
           file=sys.stderr)
     rows: dict[str, list[dict[str, float]]] = {}
@@ -841,9 +842,9 @@ def main(argv: list[str] | None = None) -> int:
         measure(f"rr{k}/msgnet", lambda k=k: _pair(_msgnet_echo_server, (False,),
                                                   _msgnet_pingpong_client, (k, seconds, False),
                                                   server_result=False))
-        if k == 1 and "openssl" in backends and backends[0] != "openssl":
-            # The default backend against libcrypto alone, same run: what the choice is worth.
-            measure("rr1/msgnet-openssl-aead", lambda: _on_aead_backend("openssl", lambda: _pair(
+        if k == 1 and getattr(_packet, "AES_GCM", False):
+            # ChaCha20-Poly1305 against the AES-256-GCM of the row above, same run.
+            measure("rr1/msgnet-chacha", lambda: _with_env("MSGNET_AES_GCM", "0", lambda: _pair(
                 _msgnet_echo_server, (False,), _msgnet_pingpong_client, (1, seconds, False),
                 server_result=False)))
         if _have("zmq"):

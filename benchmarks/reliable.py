@@ -429,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     from msgnet import _engine, _packet
 
     print(f"msgnet {msgnet.__version__}: AEAD backend {getattr(_packet, 'AEAD_BACKEND', '?')}, "
+          f"AES-256-GCM offered {getattr(_packet, 'AES_GCM', False)}, "
           f"recvmmsg {_engine.HAVE_RECVMMSG}, Python {platform.python_version()}, "
           f"{os.cpu_count()} CPUs", file=sys.stderr)
     scenarios: list[tuple[str, Callable[[], dict[str, float]]]] = []

@@ -1767,7 +1767,7 @@ cdef class UdpEngine:
         cdef Py_ssize_t length, k
         cdef uint64_t left = <uint64_t>size
         if n >= C_PIECES_FROM:
-            pieces = seal_pieces(crypto, header)  # None: sealed whole (plaintext, backend)
+            pieces = seal_pieces(crypto, header, n)  # None: sealed whole (plaintext, backend)
         packet = PyBytes_FromStringAndSize(
             NULL, head + (DATA_HEADER_SIZE if pieces is not None else size))
         out = <uint8_t*>PyBytes_AS_STRING(packet)

@@ -56,7 +56,9 @@ cdef class SessionCrypto:
     cdef readonly uint32_t remote_index   # the peer's index: put in the DATA we send
     cdef readonly uint64_t send_counter   # next counter to use
     cdef readonly bint plaintext          # PLAIN_DATA negotiated by both ends
+    cdef readonly bint aes                # AES-256-GCM negotiated by both ends, else ChaCha20
     cdef readonly ReplayWindow window
+    cdef uint64_t _sealed_bytes           # AES-256-GCM: payload bytes sealed, for its limit
     cdef uint8_t _send_key[32]            # zero in plaintext mode; wiped on deallocation
     cdef uint8_t _recv_key[32]
 
@@ -70,6 +72,7 @@ cdef class SessionCrypto:
     # Returns OPEN_OK or a DROP_* reason. out may equal pkt + DATA_HEADER_SIZE (in place).
     cdef int open_into(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out, Py_ssize_t cap,
                        Py_ssize_t* out_len) except -100
+    cdef bint _count_sealed(self, Py_ssize_t n) noexcept
 
 # One DATA packet sealed or opened piece by piece (large packets on streams, where each piece
 # is written as soon as it is sealed, and opened as it arrives): see _packet.pyx.
@@ -83,10 +86,11 @@ cdef class PieceCipher:
     # After the last piece; see _packet.pyx. Releases the cipher context either way.
     cdef int finish(self, uint8_t* tag) except -100
 
-# Begin sealing the next packet of crypto: writes its 13-byte header at out and takes its
-# counter. None when this build or backend cannot seal in pieces, in plaintext mode, or when
-# the counter is exhausted: the caller then seals the packet whole (seal_into).
-cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out)
+# Begin sealing the next packet of crypto, of n bytes of payload: writes its 13-byte header at
+# out and takes its counter. None when this build or backend cannot seal in pieces, in
+# plaintext mode, or when the counter (or AES-256-GCM's byte limit) is exhausted: the caller
+# then seals the packet whole (seal_into), which refuses it in the last two cases.
+cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out, Py_ssize_t n)
 # Begin opening the DATA packet whose 13-byte header is at header. None when it cannot be
 # opened in pieces (as above) or would be refused (index, counter, replay): the caller then
 # opens it whole (open_into), which says why.

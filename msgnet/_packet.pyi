@@ -8,6 +8,7 @@ DROP_REASON_NAMES: tuple[str, ...]
 PXD_CONSTANTS: dict[str, int]
 HAVE_OPENSSL: bool
 HAVE_SODIUM: bool
+AES_GCM: bool
 AEAD_BACKENDS: tuple[str, ...]
 AEAD_BACKEND: str
 
@@ -27,6 +28,12 @@ class SessionCrypto:
     @property
     def plaintext(self) -> bool: ...
     @property
+    def aes(self) -> bool: ...
+    @property
+    def sealed_bytes(self) -> int: ...
+    @sealed_bytes.setter
+    def sealed_bytes(self, value: int) -> None: ...
+    @property
     def window(self) -> ReplayWindow: ...
     def __init__(
         self,
@@ -36,6 +43,7 @@ class SessionCrypto:
         recv_key: bytes | None,
         plaintext: bool = False,
         send_counter: int = 0,
+        aes: bool = False,
     ) -> None: ...
     def seal(self, payload: bytes | bytearray | memoryview) -> bytes: ...
     def open(self, packet: bytes | bytearray | memoryview) -> bytes: ...

@@ -50,6 +50,7 @@ PXD_CONSTANTS = {
 
 # Counters at or above this are refused both ways (REJECT_AFTER_MESSAGES, §2.3.2).
 cdef uint64_t _REJECT_AFTER = limits.REJECT_AFTER_MESSAGES
+cdef uint64_t _AES_REJECT_AFTER_BYTES = limits.AES_GCM_REJECT_AFTER_BYTES
 
 cdef enum:
     _SESSION_UNKNOWN_SIZE = 29
@@ -188,6 +189,11 @@ cdef class ReplayWindow:
 #   Its objects hold two contexts (2.3 KB) and cost ~0.9 us to build, so the few in use are
 #   kept in a small cache by key instead of one pair per session.
 #
+# The backend serves ChaCha20-Poly1305 sessions. Sessions that negotiated AES-256-GCM
+# (docs/wire.md 2.2; SessionCrypto.aes) are sealed and opened whole by libsodium (_aes_seal,
+# _aes_open) whatever the backend, and in pieces by libcrypto: they exist only where libsodium
+# has AES-256-GCM (AES_GCM), so no backend switch can leave one without its cipher.
+#
 # All run with the GIL held for the whole call and share module-level state, which the GIL
 # serialises: the EVP contexts and the _CBuffer windows (cryptography may release the GIL inside
 # a call for large inputs, but it has taken its own copy of each window's pointer and length
@@ -215,6 +221,7 @@ cdef extern from *:
     #endif
 
     static const EVP_CIPHER *msgnet_cipher = NULL;
+    static const EVP_CIPHER *msgnet_cipher_aes = NULL;  /* AES-256-GCM, for pieces only */
     static EVP_CIPHER_CTX *msgnet_seal_ctx = NULL;
     static EVP_CIPHER_CTX *msgnet_open_ctx = NULL;
     /* The key each context holds: a packet for the same session as the one before (the
@@ -257,6 +264,12 @@ cdef extern from *:
     #endif
         if (cipher == NULL) goto fail;
         msgnet_cipher = cipher;
+    #if OPENSSL_VERSION_NUMBER >= 0x30000000L
+        msgnet_cipher_aes = EVP_CIPHER_fetch(NULL, "AES-256-GCM", NULL);
+    #else
+        msgnet_cipher_aes = EVP_aes_256_gcm();
+    #endif
+        ERR_clear_error();  /* no AES-256-GCM (a FIPS-less build ...): its pieces are declined */
         msgnet_seal_ctx = EVP_CIPHER_CTX_new();
         msgnet_open_ctx = EVP_CIPHER_CTX_new();
         if (msgnet_seal_ctx == NULL || msgnet_open_ctx == NULL) goto fail;
@@ -323,15 +336,18 @@ cdef extern from *:
     }
 
     /* One packet sealed or opened piece by piece (large packets on a stream), in a context
-       of its own: its pieces interleave with whole packets on the shared contexts. NULL on
-       an OpenSSL failure. */
-    static void *msgnet_piece_begin(int enc, const unsigned char *key,
+       of its own: its pieces interleave with whole packets on the shared contexts. aes picks
+       AES-256-GCM over ChaCha20-Poly1305. NULL on an OpenSSL failure, or AES unavailable. */
+    static void *msgnet_piece_begin(int enc, int aes, const unsigned char *key,
                                     const unsigned char *nonce,
                                     const unsigned char *ad, int adlen) {
-        EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+        const EVP_CIPHER *cipher = aes ? msgnet_cipher_aes : msgnet_cipher;
+        EVP_CIPHER_CTX *ctx;
         int len;
+        if (cipher == NULL) return NULL;
+        ctx = EVP_CIPHER_CTX_new();
         if (ctx == NULL) return NULL;
-        if (EVP_CipherInit_ex(ctx, msgnet_cipher, NULL, key, nonce, enc) != 1
+        if (EVP_CipherInit_ex(ctx, cipher, NULL, key, nonce, enc) != 1
                 || EVP_CipherUpdate(ctx, NULL, &len, ad, adlen) != 1) {
             EVP_CIPHER_CTX_free(ctx);
             ERR_clear_error();
@@ -380,7 +396,7 @@ cdef extern from *:
     static int msgnet_evp_setup(void) { return -1; }
     #define msgnet_evp_seal msgnet_aead_missing
     #define msgnet_evp_open msgnet_aead_missing
-    static void *msgnet_piece_begin(int enc, const unsigned char *key,
+    static void *msgnet_piece_begin(int enc, int aes, const unsigned char *key,
                                     const unsigned char *nonce,
                                     const unsigned char *ad, int adlen) { return NULL; }
     static int msgnet_piece_update(void *ctx, const unsigned char *in, int n,
@@ -414,10 +430,34 @@ cdef extern from *:
             out, NULL, in, (unsigned long long)n, in + n, ad, (unsigned long long)adlen,
             nonce, key) == 0 ? 0 : 1;
     }
+
+    /* AES-256-GCM (docs/wire.md 2.2): the same contracts. libsodium has it only where the CPU
+       has AES-NI and PCLMUL (msgnet_sodium_aes_available), which is when msgnet offers it. */
+    static int msgnet_sodium_aes_available(void) { return crypto_aead_aes256gcm_is_available(); }
+
+    static int msgnet_sodium_aes_seal(const unsigned char *key, const unsigned char *nonce,
+                                      const unsigned char *ad, int adlen,
+                                      const unsigned char *in, int n, unsigned char *out) {
+        crypto_aead_aes256gcm_encrypt_detached(
+            out, out + n, NULL, in, (unsigned long long)n, ad, (unsigned long long)adlen,
+            NULL, nonce, key);
+        return 0;
+    }
+
+    static int msgnet_sodium_aes_open(const unsigned char *key, const unsigned char *nonce,
+                                      const unsigned char *ad, int adlen,
+                                      const unsigned char *in, int n, unsigned char *out) {
+        return crypto_aead_aes256gcm_decrypt_detached(
+            out, NULL, in, (unsigned long long)n, in + n, ad, (unsigned long long)adlen,
+            nonce, key) == 0 ? 0 : 1;
+    }
     #else
     static int msgnet_sodium_setup(void) { return -1; }
+    static int msgnet_sodium_aes_available(void) { return 0; }
     #define msgnet_sodium_seal msgnet_aead_missing
     #define msgnet_sodium_open msgnet_aead_missing
+    #define msgnet_sodium_aes_seal msgnet_aead_missing
+    #define msgnet_sodium_aes_open msgnet_aead_missing
     #endif
     """
     const int MSGNET_HAVE_OPENSSL
@@ -427,12 +467,17 @@ cdef extern from *:
                            const uint8_t* inp, int n, uint8_t* out) noexcept
     int msgnet_sodium_open(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
                            const uint8_t* inp, int n, uint8_t* out) noexcept
+    int msgnet_sodium_aes_available()
+    int msgnet_sodium_aes_seal(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad,
+                               int adlen, const uint8_t* inp, int n, uint8_t* out) noexcept
+    int msgnet_sodium_aes_open(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad,
+                               int adlen, const uint8_t* inp, int n, uint8_t* out) noexcept
     int msgnet_evp_setup()
     int msgnet_evp_seal(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
                         const uint8_t* inp, int n, uint8_t* out) noexcept
     int msgnet_evp_open(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
                         const uint8_t* inp, int n, uint8_t* out) noexcept
-    void* msgnet_piece_begin(int enc, const uint8_t* key, const uint8_t* nonce,
+    void* msgnet_piece_begin(int enc, int aes, const uint8_t* key, const uint8_t* nonce,
                              const uint8_t* ad, int adlen) noexcept
     int msgnet_piece_update(void* ctx, const uint8_t* inp, int n, uint8_t* out) noexcept
     int msgnet_piece_finish(void* ctx, int enc, uint8_t* tag) noexcept
@@ -486,6 +531,24 @@ cdef int _sodium_open(const uint8_t* key, uint64_t counter, const uint8_t* heade
     cdef uint8_t nonce[12]
     _store_nonce(nonce, counter)
     return -msgnet_sodium_open(key, nonce, header, DATA_HEADER_SIZE, sealed, <int>n, plaintext)
+
+
+cdef int _aes_seal(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                   const uint8_t* plaintext, Py_ssize_t n, uint8_t* sealed) except -1:
+    """AES-256-GCM (docs/wire.md 2.2), whatever the backend: libsodium, which has it only
+    where it is fast, and is the only way a session gets it (AES_GCM)."""
+    cdef uint8_t nonce[12]
+    _store_nonce(nonce, counter)
+    msgnet_sodium_aes_seal(key, nonce, header, DATA_HEADER_SIZE, plaintext, <int>n, sealed)
+    return 0
+
+
+cdef int _aes_open(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                   const uint8_t* sealed, Py_ssize_t n, uint8_t* plaintext) except -2:
+    cdef uint8_t nonce[12]
+    _store_nonce(nonce, counter)
+    return -msgnet_sodium_aes_open(key, nonce, header, DATA_HEADER_SIZE, sealed, <int>n,
+                                   plaintext)
 
 
 # "sodium+openssl": libsodium below this many bytes of plaintext, libcrypto from it on. Measured
@@ -566,6 +629,11 @@ cdef int _cryptography_open(const uint8_t* key, uint64_t counter, const uint8_t*
 
 HAVE_OPENSSL = bool(MSGNET_HAVE_OPENSSL) and msgnet_evp_setup() == 0
 HAVE_SODIUM = bool(MSGNET_HAVE_SODIUM) and msgnet_sodium_setup() == 0
+# Whether this process offers AES-256-GCM for DATA (the handshake flag, docs/wire.md 2.3.1):
+# where libsodium has it, i.e. the CPU has AES-NI and PCLMUL. MSGNET_AES_GCM=0 turns it off
+# (sessions then use ChaCha20-Poly1305 whatever the peer offers).
+AES_GCM = (HAVE_SODIUM and msgnet_sodium_aes_available() == 1
+           and os.environ.get("MSGNET_AES_GCM", "1") != "0")
 # The backends this build can use, preferred first.
 AEAD_BACKENDS = (
     (("sodium+openssl",) if HAVE_SODIUM and HAVE_OPENSSL else ())
@@ -646,11 +714,15 @@ cdef class SessionCrypto:
     """
 
     def __init__(self, uint32_t local_index, uint32_t remote_index, send_key, recv_key,
-                 bint plaintext=False, uint64_t send_counter=0):
+                 bint plaintext=False, uint64_t send_counter=0, bint aes=False):
+        if aes and (plaintext or not AES_GCM):
+            raise UsageError("AES-256-GCM is not available here" if not plaintext
+                             else "a plaintext session has no cipher")
         self.local_index = local_index
         self.remote_index = remote_index
         self.send_counter = send_counter
         self.plaintext = plaintext
+        self.aes = aes
         self.window = ReplayWindow()
         if not plaintext:
             if send_key is None or recv_key is None:
@@ -670,15 +742,37 @@ cdef class SessionCrypto:
             return -1
         if cap < total:
             return -2
+        if self.aes and not self._count_sealed(n):
+            return -1
         out[0] = PACKET_PLAIN_DATA if self.plaintext else PACKET_DATA
         _store_u32_be(out + 1, self.remote_index)
         _store_u64_be(out + 5, counter)
         if self.plaintext:
             memmove(out + DATA_HEADER_SIZE, payload, n)
+        elif self.aes:
+            _aes_seal(self._send_key, counter, out, payload, n, out + DATA_HEADER_SIZE)
         else:
             _aead_seal(self._send_key, counter, out, payload, n, out + DATA_HEADER_SIZE)
         self.send_counter = counter + 1
         return total
+
+    @property
+    def sealed_bytes(self) -> int:
+        """AES-256-GCM: payload bytes sealed so far, against AES_GCM_REJECT_AFTER_BYTES."""
+        return self._sealed_bytes
+
+    @sealed_bytes.setter
+    def sealed_bytes(self, uint64_t value):
+        """For tests: start near the limit, as send_counter does for its own."""
+        self._sealed_bytes = value
+
+    cdef bint _count_sealed(self, Py_ssize_t n) noexcept:
+        """Add n bytes to what this AES-256-GCM session sealed; False (nothing added) once
+        that would pass AES_GCM_REJECT_AFTER_BYTES (docs/wire.md 2.3.2)."""
+        if self._sealed_bytes + <uint64_t>n > _AES_REJECT_AFTER_BYTES:
+            return False
+        self._sealed_bytes += <uint64_t>n
+        return True
 
     cdef int open_into(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out, Py_ssize_t cap,
                        Py_ssize_t* out_len) except -100:
@@ -707,8 +801,8 @@ cdef class SessionCrypto:
             return DROP_OUT_OF_ROOM
         if self.plaintext:
             memmove(out, pkt + DATA_HEADER_SIZE, payload_len)
-        elif _aead_open(self._recv_key, counter, pkt, pkt + DATA_HEADER_SIZE, payload_len,
-                        out) != 0:
+        elif (_aes_open if self.aes else _aead_open)(
+                self._recv_key, counter, pkt, pkt + DATA_HEADER_SIZE, payload_len, out) != 0:
             memset(out, 0, payload_len)  # no unauthenticated plaintext left for a caller to misuse
             return DROP_AUTH_FAILED
         if not self.window.update(counter):
@@ -718,12 +812,14 @@ cdef class SessionCrypto:
 
     def seal(self, const uint8_t[::1] payload not None) -> bytes:
         """Seal payload as the next DATA (or PLAIN_DATA) packet; ClosedError once the send
-        counter reaches REJECT_AFTER_MESSAGES."""
+        counter reaches REJECT_AFTER_MESSAGES (or AES-256-GCM its byte limit)."""
         cdef Py_ssize_t n = payload.shape[0]
         cdef Py_ssize_t size = n + (DATA_HEADER_SIZE if self.plaintext else DATA_OVERHEAD)
         cdef bytes packet = PyBytes_FromStringAndSize(NULL, size)
         cdef const uint8_t* src = &payload[0] if n else <const uint8_t*>b""
         if self.seal_into(src, n, <uint8_t*>PyBytes_AS_STRING(packet), size) == -1:
+            if self.send_counter < _REJECT_AFTER:
+                raise ClosedError("AES-256-GCM usage limit reached (AES_GCM_REJECT_AFTER_BYTES)")
             raise ClosedError("send counter exhausted (REJECT_AFTER_MESSAGES)")
         return packet
 
@@ -786,19 +882,23 @@ cdef class PieceCipher:
         return OPEN_OK
 
 
-cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out):
+cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out, Py_ssize_t n):
     cdef uint64_t counter = crypto.send_counter
     cdef uint8_t nonce[12]
     cdef void* ctx
     if not _pieces or crypto.plaintext or counter >= _REJECT_AFTER:
         return None
+    if crypto.aes and crypto._sealed_bytes + <uint64_t>n > _AES_REJECT_AFTER_BYTES:
+        return None  # seal_into, on the whole packet, refuses it
     out[0] = PACKET_DATA
     _store_u32_be(out + 1, crypto.remote_index)
     _store_u64_be(out + 5, counter)
     _store_nonce(nonce, counter)
-    ctx = msgnet_piece_begin(1, crypto._send_key, nonce, out, DATA_HEADER_SIZE)
+    ctx = msgnet_piece_begin(1, crypto.aes, crypto._send_key, nonce, out, DATA_HEADER_SIZE)
     if ctx == NULL:
         return None
+    if crypto.aes:
+        crypto._count_sealed(n)
     crypto.send_counter = counter + 1
     return _piece_cipher(ctx, True, counter, None)
 
@@ -812,7 +912,7 @@ cdef PieceCipher open_pieces(SessionCrypto crypto, const uint8_t* header):
             or counter >= _REJECT_AFTER or not crypto.window.check(counter)):
         return None  # open_into, on the whole packet, says why it is dropped
     _store_nonce(nonce, counter)
-    ctx = msgnet_piece_begin(0, crypto._recv_key, nonce, header, DATA_HEADER_SIZE)
+    ctx = msgnet_piece_begin(0, crypto.aes, crypto._recv_key, nonce, header, DATA_HEADER_SIZE)
     if ctx == NULL:
         return None
     return _piece_cipher(ctx, False, counter, crypto)
@@ -835,7 +935,7 @@ def seal_in_pieces(SessionCrypto crypto not None, const uint8_t[::1] payload not
     cdef bytes packet = PyBytes_FromStringAndSize(NULL, n + DATA_OVERHEAD)
     cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(packet)
     cdef Py_ssize_t pos = 0, k
-    cdef PieceCipher cipher = seal_pieces(crypto, out)
+    cdef PieceCipher cipher = seal_pieces(crypto, out, n)
     if cipher is None:
         return None
     for size in list(sizes) + [n]:

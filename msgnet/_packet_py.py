@@ -11,7 +11,7 @@ import struct
 from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from msgnet import limits
 from msgnet.errors import ClosedError, FrameError, ProtocolViolation, UsageError
@@ -93,6 +93,7 @@ class SessionCrypto:
         recv_key: bytes | None,
         plaintext: bool = False,
         send_counter: int = 0,
+        aes: bool = False,
     ) -> None:
         if not (0 <= local_index < 1 << 32 and 0 <= remote_index < 1 << 32):
             raise OverflowError("session indices are u32")
@@ -102,13 +103,16 @@ class SessionCrypto:
         self.remote_index = remote_index
         self.send_counter = send_counter
         self.plaintext = plaintext
+        self.aes = aes and not plaintext
+        self._sealed_bytes = 0
         self.window = ReplayWindow()
         self._type = limits.PACKET_PLAIN_DATA if plaintext else limits.PACKET_DATA
         if not plaintext:
             if send_key is None or recv_key is None:
                 raise UsageError("an encrypted session needs both keys")
-            self._send_aead = ChaCha20Poly1305(send_key)
-            self._recv_aead = ChaCha20Poly1305(recv_key)
+            cipher = AESGCM if aes else ChaCha20Poly1305
+            self._send_aead = cipher(send_key)
+            self._recv_aead = cipher(recv_key)
 
     @staticmethod
     def _nonce(counter: int) -> bytes:
@@ -119,6 +123,10 @@ class SessionCrypto:
         counter = self.send_counter
         if counter >= limits.REJECT_AFTER_MESSAGES:
             raise ClosedError("send counter exhausted (REJECT_AFTER_MESSAGES)")
+        if self.aes:
+            if self._sealed_bytes + len(payload) > limits.AES_GCM_REJECT_AFTER_BYTES:
+                raise ClosedError("AES-256-GCM usage limit reached (AES_GCM_REJECT_AFTER_BYTES)")
+            self._sealed_bytes += len(payload)
         header = _HEADER.pack(self._type, self.remote_index, counter)
         if self.plaintext:
             body = bytes(payload)

@@ -54,7 +54,10 @@ class MessageHost:
     addresses (``/ip4|ip6/.../udp/PORT`` and ``/.../tcp/PORT``, as many as wanted) and
     closes everything on exit.  ``transport_policy`` is "prefer-udp" (default),
     "prefer-tcp", "udp-only" or "tcp-only" (docs/wire.md §5); ``stream_settings`` adjusts
-    the TCP limits of docs/wire.md §6.  Handlers may be plain functions
+    the TCP limits of docs/wire.md §6.  ``aes_gcm=False`` keeps every session on
+    ChaCha20-Poly1305; by default a session uses AES-256-GCM when both hosts offer it, which
+    a host does where its CPU has AES instructions (docs/wire.md §2.2).  Handlers may be plain
+    functions
     or coroutine functions; they receive a :class:`Message` whose
     ``from_peer`` is the peer proven by the handshake.
     """
@@ -70,6 +73,7 @@ class MessageHost:
         peerstore: Peerstore | None = None,
         transport_policy: str = "prefer-udp",
         stream_settings: StreamSettings | None = None,
+        aes_gcm: bool = True,
     ) -> None:
         self._keypair = keypair or KeyPair.generate()
         self._listen = [str(a) for a in listen]
@@ -80,7 +84,7 @@ class MessageHost:
         self._options = dict(plaintext=plaintext, max_datagram=max_datagram,
                              use_recvmmsg=use_recvmmsg, peerstore=peerstore,
                              transport_policy=transport_policy,
-                             stream_settings=stream_settings)
+                             stream_settings=stream_settings, aes_gcm=aes_gcm)
         self._network: MessageNetwork | None = None
         # Outstanding requests by request id (unique per host, whatever the peer):
         # [future, protocol, peer, timeout, deadline]; the deadline is appended once the

@@ -62,6 +62,9 @@ REKEY_AFTER_TIME = 120.0
 REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_TIME = 180.0
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+# AES-256-GCM sessions seal at most this many payload bytes per direction (docs/wire.md
+# 2.3.2: about 2^36 blocks per key keep an attacker's advantage below 2^-57).
+AES_GCM_REJECT_AFTER_BYTES = 1 << 40
 SESSION_IDLE_TIMEOUT = 180.0
 KEEPALIVE_AFTER = 15.0
 MAX_SESSIONS = 65536

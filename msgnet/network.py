@@ -47,7 +47,7 @@ from multiaddr import Multiaddr
 from . import limits
 from ._engine import STREAM_BAD, STREAM_OK, Message, Session, UdpEngine
 from ._frame import Ack, Ping, encode_frame
-from ._packet import SessionCrypto, decode_session_unknown
+from ._packet import AES_GCM, SessionCrypto, decode_session_unknown
 from .addr import Endpoint, parse_multiaddr, sockaddr_to_multiaddr
 from .core.handshake import FinishRepeated, HandshakeFailed, Handshaker, SessionEstablished
 from .errors import (
@@ -317,7 +317,11 @@ class MessageNetwork:
         peerstore: Peerstore | None = None,
         transport_policy: str = "prefer-udp",
         stream_settings: StreamSettings | None = None,
+        aes_gcm: bool = True,
     ) -> None:
+        """``aes_gcm``: offer AES-256-GCM for DATA where this machine has it fast
+        (msgnet._packet.AES_GCM); sessions use it when the peer offers it too (wire.md 2.2).
+        False: offer ChaCha20-Poly1305 alone."""
         if not limits.MAX_DATAGRAM <= max_datagram <= limits.MAX_DATAGRAM_CEILING:
             raise UsageError(
                 f"max_datagram must be within {limits.MAX_DATAGRAM}..{limits.MAX_DATAGRAM_CEILING}"
@@ -348,7 +352,8 @@ class MessageNetwork:
         self._trusted: set[StreamConnection] = set()
         # Where the copies of a pending responder handshake's INITIATION came from.
         self._pending_paths: dict[int, list[Any]] = {}
-        self._handshaker = Handshaker(self.keypair, plaintext=plaintext, transport_ids=())
+        self._handshaker = Handshaker(self.keypair, plaintext=plaintext,
+                                      aes_gcm=aes_gcm and AES_GCM, transport_ids=())
         self.delivery = DeliveryManager(self.loop, max_datagram)
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
@@ -1002,7 +1007,8 @@ class MessageNetwork:
             del self._dial_by_peer[peer_id]
         session, engine = dial.session, dial.engine
         crypto = SessionCrypto(event.local_index, event.remote_index, event.send_key,
-                               event.recv_key, event.plaintext)
+                               event.recv_key, event.plaintext,
+                               aes=event.aes_gcm and not event.plaintext)
         path = self._paths.setdefault(peer_id, _PeerPath())
         if isinstance(event.address, StreamAddress):
             self._trusted.add(event.address.conn)
@@ -1056,7 +1062,8 @@ class MessageNetwork:
         path.expect_since = 0.0
         session = engine.new_session(peer_id, event.local_index, False)
         crypto = SessionCrypto(event.local_index, event.remote_index, event.send_key,
-                               event.recv_key, event.plaintext)
+                               event.recv_key, event.plaintext,
+                               aes=event.aes_gcm and not event.plaintext)
         self._register(session, engine)
         self._set_path(session, path)
         engine.install_keys(session, event.remote_index, crypto, udp)

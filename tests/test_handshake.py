@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import msgnet.core.handshake as handshake_module
 from msgnet.core.handshake import (
+    AES_GCM_FLAG,
     MAX_INITIATION_PATHS,
     PLAINTEXT_FLAG,
     RATE_TABLE_SIZE,
@@ -183,6 +184,26 @@ def test_plaintext_needs_both_ends(a_plain: bool, b_plain: bool) -> None:
     b = make_node(B_ADDR, 100, plaintext=b_plain)
     ours, theirs = handshake(a, b)
     assert ours.plaintext == theirs.plaintext == (a_plain and b_plain)
+
+
+@pytest.mark.parametrize(("a_aes", "b_aes"), [(True, True), (True, False), (False, True),
+                                              (False, False)])
+def test_aes_gcm_needs_both_ends(a_aes: bool, b_aes: bool) -> None:
+    """wire.md 2.2: DATA uses AES-256-GCM only when both payloads carry the flag, and both
+    ends reach the same answer."""
+    a = make_node(A_ADDR, 1, aes_gcm=a_aes)
+    b = make_node(B_ADDR, 100, aes_gcm=b_aes)
+    ours, theirs = handshake(a, b)
+    assert ours.aes_gcm == theirs.aes_gcm == (a_aes and b_aes)
+
+
+def test_aes_gcm_flag_is_bit_1_of_the_msgnet_extension() -> None:
+    """The flag as wire.md 2.3.1 lays it out, beside plaintext's bit 0; an end that knows
+    neither (flags 0) gets ChaCha20-Poly1305."""
+    payload = HandshakePayload(identity_key=b"k", identity_sig=b"s",
+                               flags=AES_GCM_FLAG | PLAINTEXT_FLAG, transport_ids=(1,))
+    decoded = decode_handshake_payload(encode_handshake_payload(payload))
+    assert AES_GCM_FLAG == 0x02 and decoded.flags == 0x03
 
 
 def test_transport_ids_are_exchanged() -> None:

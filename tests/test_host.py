@@ -505,3 +505,34 @@ def test_remote_restart_with_reliable_traffic_in_flight(run):
                 await b.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_sessions_use_aes_gcm_where_both_hosts_offer_it(run, tcp):
+    """wire.md 2.2: a session seals with AES-256-GCM when both hosts offer it (which they do
+    where libsodium has it: msgnet._packet.AES_GCM), else ChaCha20-Poly1305; either way a
+    small message and a 1 MiB reliable one arrive (over TCP the large packet is sealed and
+    opened in pieces)."""
+    from msgnet._packet import AES_GCM
+
+    options = ({"listen": ["/ip4/127.0.0.1/tcp/0"], "transport_policy": "tcp-only"} if tcp
+               else {})
+
+    async def main():
+        for b_offers in (True, False):
+            async with AsyncExitStack() as stack:
+                a = await stack.enter_async_context(MessageHost(**options))
+                b = await stack.enter_async_context(MessageHost(aes_gcm=b_offers, **options))
+                a.add_peer(b.addrs[0])
+                got: list[bytes] = []
+                b.set_message_handler("/x/1", lambda m: got.append(m.data))
+                big = os.urandom(1 << 20)
+                await a.send_message(b.peer_id, "/x/1", b"small")
+                await a.send_message(b.peer_id, "/x/1", big, qos=msgnet.Reliable(wait=True))
+                await wait_for(lambda: len(got) == 2)
+                assert got == [b"small", big]
+                for host, peer in ((a, b.peer_id), (b, a.peer_id)):
+                    crypto = host.network.sessions(peer)[0].crypto
+                    assert crypto.aes == (AES_GCM and b_offers), (tcp, b_offers)
+
+    run(main())

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -583,3 +585,128 @@ def test_pieces_are_declined_where_they_cannot_be_used(backend):
     assert plain.send_counter == 0  # nothing spent
     sealed = _packet.seal_in_pieces(sender(_packet), payload, [65536])
     assert (sealed is not None) == (backend in PIECE_BACKENDS)
+
+
+# -- AES-256-GCM (docs/wire.md 2.2, 2.3.2) ----------------------------------------------------
+
+needs_aes = pytest.mark.skipif(_packet is None or not _packet.AES_GCM,
+                               reason="no AES-256-GCM here (libsodium without AES-NI/PCLMUL)")
+
+
+def aes_packet(key, receiver_index, counter, payload):
+    """A DATA packet of an AES-256-GCM session, from the text of §2.2 with cryptography."""
+    header = bytes([limits.PACKET_DATA]) + receiver_index.to_bytes(4, "big") + counter.to_bytes(
+        8, "big")
+    nonce = bytes(4) + counter.to_bytes(8, "little")
+    return header + AESGCM(key).encrypt(nonce, payload, header)
+
+
+def aes_pair(module, send_counter=0):
+    return (module.SessionCrypto(INDEX_A, INDEX_B, KEY_AB, KEY_BA, False, send_counter, aes=True),
+            module.SessionCrypto(INDEX_B, INDEX_A, KEY_BA, KEY_AB, False, aes=True))
+
+
+@needs_aes
+@settings(max_examples=40, deadline=None)
+@given(counter=st.integers(0, REJECT - 1), payload=payloads)
+def test_aes_sessions_match_the_oracle_on_every_backend(counter, payload):
+    """An AES-256-GCM session seals byte for byte what cryptography's AESGCM seals for the
+    layout of §2.2, and opens it, whichever backend serves ChaCha20-Poly1305 sessions; so
+    does the pure-Python twin."""
+    expected = aes_packet(KEY_AB, INDEX_B, counter, payload)
+    for name in BACKENDS:
+        previous = _packet.set_aead_backend(name)
+        try:
+            a, b = aes_pair(_packet, counter)
+            assert a.aes and b.aes
+            assert a.seal(payload) == expected, name
+            assert b.open(expected) == payload, name
+        finally:
+            _packet.set_aead_backend(previous)
+    a, b = aes_pair(_packet_py, counter)
+    assert a.seal(payload) == expected
+    assert b.open(expected) == payload
+
+
+@needs_aes
+@pytest.mark.parametrize("size", [0, 1, 64, 511, 512, 1200, 65_536, 300_000])
+def test_aes_refuses_forgeries_and_the_other_cipher(size):
+    """A flipped bit anywhere is auth_failed; a ChaCha20-Poly1305 packet under the same key
+    is not an AES-256-GCM one, nor the reverse (each key serves one cipher)."""
+    payload = os.urandom(size)
+    a, b = aes_pair(_packet)
+    packet = a.seal(payload)
+    for position in (0 if size else None, len(packet) // 2, len(packet) - 1):
+        if position is None or position < 13:
+            continue  # the header: its index and counter are checked before the tag
+        forged = bytearray(packet)
+        forged[position] ^= 1
+        assert drop_reason(aes_pair(_packet)[1], bytes(forged)) == "auth_failed", position
+    assert drop_reason(receiver(_packet), packet) == "auth_failed"
+    assert drop_reason(b, sender(_packet).seal(payload)) == "auth_failed"
+    assert b.open(packet) == payload
+
+
+@needs_aes
+@pytest.mark.skipif(not PIECE_BACKENDS, reason="no libcrypto in this build")
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(0, 300_000), cuts=st.lists(st.integers(1, 70_000), max_size=8),
+       seed=st.integers(0, 2**32 - 1))
+def test_aes_pieces_seal_and_open_what_the_oracle_does(size, cuts, seed):
+    """Large stream packets of an AES-256-GCM session, sealed and opened in pieces, are the
+    one-shot AES-256-GCM of §2.2."""
+    payload = random.Random(seed).randbytes(size)
+    expected = aes_packet(KEY_AB, INDEX_B, 9, payload)
+    for name in PIECE_BACKENDS:
+        previous = _packet.set_aead_backend(name)
+        try:
+            a, b = aes_pair(_packet, 9)
+            assert _packet.seal_in_pieces(a, payload, cuts) == expected, name
+            assert a.sealed_bytes == size
+            assert _packet.open_in_pieces(b, expected, cuts) == payload, name
+            forged = bytearray(expected)
+            forged[-1] ^= 1
+            with pytest.raises(ProtocolViolation):
+                _packet.open_in_pieces(aes_pair(_packet)[1], bytes(forged), cuts)
+        finally:
+            _packet.set_aead_backend(previous)
+
+
+@pytest.mark.parametrize("module", IMPLS)
+def test_aes_sealing_stops_at_its_byte_limit(module):
+    """§2.3.2: an AES-256-GCM session seals at most AES_GCM_REJECT_AFTER_BYTES of payload per
+    direction; the packet that would pass it is refused, not sealed."""
+    if module is _packet and not _packet.AES_GCM:
+        pytest.skip("no AES-256-GCM here")
+    a, b = aes_pair(module)
+    a.sealed_bytes = limits.AES_GCM_REJECT_AFTER_BYTES - 100 if module is _packet else 0
+    if module is _packet_py:
+        a._sealed_bytes = limits.AES_GCM_REJECT_AFTER_BYTES - 100
+    assert b.open(a.seal(bytes(100))) == bytes(100)  # exactly at the limit: still sealed
+    with pytest.raises(ClosedError, match="AES"):
+        a.seal(b"x")
+    assert a.send_counter == 1  # the refused packet spent no counter
+    if module is _packet and PIECE_BACKENDS:
+        assert _packet.seal_in_pieces(a, bytes(300_000), [65536]) is None
+
+
+@needs_extension
+def test_aes_is_refused_where_it_cannot_be_used():
+    with pytest.raises(UsageError):
+        _packet.SessionCrypto(INDEX_A, INDEX_B, None, None, True, aes=True)
+    if not _packet.AES_GCM:
+        with pytest.raises(UsageError):
+            _packet.SessionCrypto(INDEX_A, INDEX_B, KEY_AB, KEY_BA, aes=True)
+
+
+@needs_extension
+def test_aes_gcm_offer_follows_the_machine_and_the_environment():
+    """AES_GCM is offered where libsodium has AES-256-GCM, and MSGNET_AES_GCM=0 withdraws it
+    (read at import, so in a process of its own)."""
+    code = "import msgnet._packet as p; print(p.AES_GCM, p.HAVE_SODIUM)"
+    for value in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "MSGNET_AES_GCM": value}, check=True, timeout=60)
+        offered, have_sodium = out.stdout.split()
+        assert offered == str(value == "1" and _packet.AES_GCM), value
+        assert have_sodium == str(_packet.HAVE_SODIUM)

@@ -123,6 +123,7 @@ __all__ = [
     "Handshaker",
     "NOISE_PROTOCOL",
     "PLAINTEXT_FLAG",
+    "AES_GCM_FLAG",
     "PROLOGUE",
     "MAX_INITIATION_PATHS",
     "RATE_TABLE_SIZE",
@@ -150,6 +151,7 @@ MAX_INITIATION_PATHS = 4
 initiator dials (wire.md §5, first contact), with room for a NAT rebinding."""
 
 PLAINTEXT_FLAG = 0x01
+AES_GCM_FLAG = 0x02  # this end can seal and open DATA with AES-256-GCM (wire.md 2.2)
 _MSGNET_EXTENSION = 1000  # field number of msgnet's entry in NoiseExtensions
 
 _U32 = struct.Struct(">I")
@@ -190,6 +192,7 @@ class SessionEstablished:
     send_key: bytes = field(repr=False)
     recv_key: bytes = field(repr=False)
     plaintext: bool  # both ends advertised plaintext mode: use PLAIN_DATA
+    aes_gcm: bool  # both ends advertised AES-256-GCM: DATA uses it (unless plaintext)
     address: Address  # source of the RESPONSE (initiator) or FINISH (responder)
     initiator: bool
     frames: bytes  # responder: the frames that rode in FINISH
@@ -479,7 +482,9 @@ class Handshaker:
     is the raw X25519 Noise static key (drawn from ``random_bytes`` when
     None): libp2p Noise keeps it separate from the identity key, which only
     signs it.  ``plaintext`` advertises measurement mode; a session uses it
-    only when both ends advertise it.  ``transport_ids`` are our transports,
+    only when both ends advertise it.  ``aes_gcm`` advertises AES-256-GCM for
+    DATA (``msgnet._packet.AES_GCM``); a session uses it only when both ends
+    advertise it.  ``transport_ids`` are our transports,
     announced to the peer.  ``max_packet`` bounds FINISH (the datagram size, or
     more on a stream transport).  ``require_cookie`` makes every INITIATION
     prove its address with a COOKIE round trip first, loaded or not.
@@ -495,6 +500,7 @@ class Handshaker:
         keypair: KeyPair,
         *,
         plaintext: bool = False,
+        aes_gcm: bool = False,
         transport_ids: tuple[int, ...] = (1,),
         static_key: bytes | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -510,6 +516,7 @@ class Handshaker:
         self._keypair = keypair
         self._prologue = PROLOGUE
         self._plaintext = plaintext
+        self._aes_gcm = aes_gcm
         self._random = random_bytes
         self._static = static_key if static_key is not None else random_bytes(_KEY)
         self._static_public = x25519_public(self._static)
@@ -569,7 +576,8 @@ class Handshaker:
             HandshakePayload(
                 identity_key=self._identity_key,
                 identity_sig=self._identity_sig,
-                flags=PLAINTEXT_FLAG if self._plaintext else 0,
+                flags=(PLAINTEXT_FLAG if self._plaintext else 0)
+                | (AES_GCM_FLAG if self._aes_gcm else 0),
                 transport_ids=tuple(transport_ids),
             )
         )
@@ -922,6 +930,7 @@ class Handshaker:
                 send_key=to_initiator,
                 recv_key=to_responder,
                 plaintext=self._plaintext and bool(remote.flags & PLAINTEXT_FLAG),
+                aes_gcm=self._aes_gcm and bool(remote.flags & AES_GCM_FLAG),
                 address=address,
                 initiator=False,
                 handshake_hash=pending.noise.handshake_hash,
@@ -992,6 +1001,7 @@ class Handshaker:
                 send_key=to_responder,
                 recv_key=to_initiator,
                 plaintext=self._plaintext and bool(remote.flags & PLAINTEXT_FLAG),
+                aes_gcm=self._aes_gcm and bool(remote.flags & AES_GCM_FLAG),
                 address=address,
                 initiator=True,
                 handshake_hash=dial.noise.handshake_hash,
