@@ -719,6 +719,7 @@ def _idle_session_memory_child(conn: Any, count: int) -> None:
     the confirmations went out, so each session still retains its confirmation packet (freed
     RETAIN_SENT_TIME later, which RSS would not show)."""
     import msgnet
+    from msgnet import _packet
     from msgnet.core.handshake import SessionEstablished
     from msgnet.identity import PeerID
 
@@ -733,7 +734,8 @@ def _idle_session_memory_child(conn: Any, count: int) -> None:
                 network._responder_established(SessionEstablished(
                     peer_id=PeerID.from_public_key(os.urandom(32)), local_index=i + 1,
                     remote_index=i + 1, send_key=os.urandom(32), recv_key=os.urandom(32),
-                    plaintext=False, address=("127.0.0.1", 9), initiator=False,
+                    plaintext=False, aes_gcm=_packet.AES_GCM, address=("127.0.0.1", 9),
+                    initiator=False,
                     frames=b"", early_data=[], rtt=None, remote_transports=(1,)))
             await asyncio.sleep(0)
             gc.collect()
