@@ -103,8 +103,10 @@ class SessionCrypto:
         self.remote_index = remote_index
         self.send_counter = send_counter
         self.plaintext = plaintext
-        self.aes = aes and not plaintext
-        self._sealed_bytes = 0
+        if aes and plaintext:
+            raise UsageError("a plaintext session has no cipher")
+        self.aes = aes
+        self.sealed_bytes = 0  # AES-256-GCM: payload bytes sealed, against its limit
         self.window = ReplayWindow()
         self._type = limits.PACKET_PLAIN_DATA if plaintext else limits.PACKET_DATA
         if not plaintext:
@@ -124,9 +126,9 @@ class SessionCrypto:
         if counter >= limits.REJECT_AFTER_MESSAGES:
             raise ClosedError("send counter exhausted (REJECT_AFTER_MESSAGES)")
         if self.aes:
-            if self._sealed_bytes + len(payload) > limits.AES_GCM_REJECT_AFTER_BYTES:
+            if self.sealed_bytes + len(payload) > limits.AES_GCM_REJECT_AFTER_BYTES:
                 raise ClosedError("AES-256-GCM usage limit reached (AES_GCM_REJECT_AFTER_BYTES)")
-            self._sealed_bytes += len(payload)
+            self.sealed_bytes += len(payload)
         header = _HEADER.pack(self._type, self.remote_index, counter)
         if self.plaintext:
             body = bytes(payload)
