@@ -44,7 +44,7 @@ cdef extern from *:
     #define MSGNET_GRO_CMSG_SPACE CMSG_SPACE(sizeof(int))
     /* The segment size of a read that UDP GRO coalesced from several datagrams of the same
        flow (each of that size, the last one possibly shorter), or 0 for a single datagram. */
-    static int msgnet_gro_size(struct msghdr *h) {
+    static inline int msgnet_gro_size(struct msghdr *h) {
         struct cmsghdr *c;
         int size = 0;
         for (c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
@@ -58,7 +58,7 @@ cdef extern from *:
     /* Ask the kernel to cut h's payload into datagrams of size bytes (UDP GSO): one pass
        down the stack for up to 64 datagrams to the same address. cmsg is this message's
        MSGNET_GSO_CMSG_SPACE bytes of control buffer. */
-    static void msgnet_set_gso(struct msghdr *h, char *cmsg, uint16_t size) {
+    static inline void msgnet_set_gso(struct msghdr *h, char *cmsg, uint16_t size) {
         struct cmsghdr *c;
         h->msg_control = cmsg;
         h->msg_controllen = MSGNET_GSO_CMSG_SPACE;
@@ -74,13 +74,13 @@ cdef extern from *:
     #define MSGNET_GSO_CMSG_SPACE 32
     #define MSGNET_GRO_CMSG_SPACE 32
     #define UDP_GRO 104
-    static void msgnet_set_gso(struct msghdr *h, char *cmsg, uint16_t size)
+    static inline void msgnet_set_gso(struct msghdr *h, char *cmsg, uint16_t size)
     { (void)h; (void)cmsg; (void)size; }
-    static int msgnet_gro_size(struct msghdr *h) { (void)h; return 0; }
+    static inline int msgnet_gro_size(struct msghdr *h) { (void)h; return 0; }
     struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
-    static int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, void *t)
+    static inline int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, void *t)
     { (void)fd; (void)v; (void)n; (void)flags; (void)t; errno = ENOSYS; return -1; }
-    static int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
+    static inline int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
     { (void)fd; (void)v; (void)n; (void)flags; errno = ENOSYS; return -1; }
     #endif
     """

@@ -648,10 +648,9 @@ class MessageNetwork:
         peer's datagram session has room. False otherwise (full, on a stream, or held by a
         resume): then await send_message. Raises what session_for raises.
 
-        The per-message path, to whichever peer (fan-out alternates them): once the session
-        has its delivery connection and the protocol its fragment room, it does the delivery
-        manager's part itself (DeliveryManager.prepare says why) and queues the message with
-        one positional call into the core."""
+        The per-message path, to whichever peer (fan-out alternates them): the session
+        lookup inline (as send_message_nowait), then one call into the compiled delivery
+        manager (DeliveryManager.send_reliable_nowait)."""
         last = self._last
         if last is not None and last[0] is peer_id and not self._refused and not self._closed:
             session, engine = last[1], last[2]
@@ -663,14 +662,7 @@ class MessageNetwork:
             self._last = (peer_id, session, engine)
         if session.sends_on_stream or (ordered and session in self.stream_recovery.held):
             return False
-        delivery = self.delivery
-        conn = session.delivery
-        room = delivery.rooms.get(protocol)
-        if conn is None or room is None:
-            conn, room = delivery.prepare(session, engine, protocol)
-        if session not in delivery.pending:
-            delivery.schedule(session)  # which reads the clock: once per loop iteration
-        return conn.send_nowait(protocol, data, ordered, room, delivery.now)
+        return self.delivery.send_reliable_nowait(session, engine, protocol, data, ordered)
 
     def _expect_reply(self, path: _PeerPath | None) -> None:
         """A request went out on path: its reply is what shows the UDP path still works."""

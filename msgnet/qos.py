@@ -16,9 +16,10 @@ single-datagram best-effort messages never create one, so they pay nothing for i
 The per-message paths skip this glue where it adds nothing: the connection is also
 ``session.delivery``, so the engine hands it received SEQ frames itself
 (DeliveryConnection.receive) and delivers what it returns; a reliable send nobody waits
-for is one positional call into the core (DeliveryConnection.send_nowait, made by
-MessageNetwork.send_reliable_nowait, see :meth:`DeliveryManager.prepare`), which then makes
-no MessageDelivered event.
+for is one call into this module (:meth:`DeliveryManager.send_reliable_nowait`) and one
+positional call into the core (DeliveryConnection.send_nowait), which then makes no
+MessageDelivered event. Compiled, this module is typed by qos.pxd: the per-message and
+per-packet methods reach the session, engine and core by C calls.
 """
 
 from __future__ import annotations
@@ -97,15 +98,15 @@ class DeliveryManager:
         self._timers: dict[Session, tuple[asyncio.Handle, float]] = {}
         self._waiters: dict[OutgoingMessage, asyncio.Future[None]] = {}
         self._room = max_datagram - limits.DATA_OVERHEAD
-        self.rooms: dict[str, int] = {}  # fragment room per protocol (_room_for)
+        self._rooms: dict[str, int] = {}  # fragment room per protocol (_room_for)
         # Sessions to pump once the loop iteration's sends, acks and receptions are in: every
         # message, ack and window opening of one iteration shares packets (DESIGN §2: the
         # engine coalesces its best-effort frames per iteration the same way).
-        self.pending: dict[Session, None] = {}
+        self._pending: dict[Session, None] = {}
         # Senders waiting for a session's outstanding bytes to fall (back-pressure).
         self._room_waiters: dict[Session, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
-        self.now = 0.0  # the clock when schedule() last ran: this loop iteration's if pending
+        self._now = 0.0  # the clock when schedule() last ran: this iteration's if pending
 
     # -- sending ---------------------------------------------------------------------
 
@@ -123,14 +124,26 @@ class DeliveryManager:
             self._waiters[handle] = future
         return future
 
-    def prepare(self, session: Session, engine: UdpEngine,
-                protocol: str) -> tuple[DeliveryConnection, int]:
-        """The session's connection (made the first time) and the fragment room on protocol.
+    def send_reliable_nowait(self, session: Session, engine: UdpEngine, protocol: str,
+                             data: bytes, ordered: bool) -> bool:
+        """send() of ``Reliable(ordered=ordered)`` that nobody waits for, the per-message path
+        (MessageNetwork.send_reliable_nowait, once it checked that the session sends on a
+        datagram path): one positional call into the core, no handle, no MessageDelivered
+        event. False, with nothing queued, while the session's outstanding bytes are at
+        MAX_OUTSTANDING_PER_SESSION (the caller then waits for room); raises what send()
+        raises.
 
-        For MessageNetwork.send_reliable_nowait, the per-message path, which does this
-        class's part itself once both exist (``session.delivery``, :attr:`rooms`,
-        :meth:`schedule`, :attr:`now`): a Python frame less per message."""
-        return self._conn(session, engine), self._room_for(protocol)
+        Compiled (qos.pxd), each step is a C call: the clock is read once per loop
+        iteration (schedule), not per message."""
+        conn = session.delivery
+        if conn is None:
+            conn = self._conn(session, engine)
+        room = self._rooms.get(protocol)
+        if room is None:
+            room = self._room_for(protocol)
+        if session not in self._pending:
+            self.schedule(session)
+        return conn.send_nowait(protocol, data, ordered, room, self._now)
 
     def _send(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
               reliable: bool, ordered: bool, flags_extra: int,
@@ -141,20 +154,20 @@ class DeliveryManager:
         handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
                            flags_extra=flags_extra, request_id=request_id,
                            now=self._loop.time(), fragment_size=room)
-        if session not in self.pending:
+        if session not in self._pending:
             self.schedule(session)
         return handle
 
     def _room_for(self, protocol: str) -> int:
         """Per protocol: a fragment sent as INIT (the alias not yet bound) must fit a
         datagram."""
-        room = self.rooms.get(protocol)
+        room = self._rooms.get(protocol)
         if room is None:
             room = fragment_size(self._max_datagram, protocol)
             if room <= 0:
                 raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
-            if len(self.rooms) < 4096:
-                self.rooms[protocol] = room
+            if len(self._rooms) < 4096:
+                self._rooms[protocol] = room
         return room
 
     def room_waiter(self, session: Session) -> asyncio.Future[None] | None:
@@ -191,14 +204,14 @@ class DeliveryManager:
 
     def schedule(self, session: Session) -> None:
         """Pump ``session`` at the end of this loop iteration (see __init__)."""
-        self.pending[session] = None
-        self.now = self._loop.time()
+        self._pending[session] = None
+        self._now = self._loop.time()
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
-        pending, self.pending = self.pending, {}
+        pending, self._pending = self._pending, {}
         for session in pending:
             entry = self._conns.get(session)
             if entry is not None:
@@ -279,7 +292,7 @@ class DeliveryManager:
             # Out once this iteration's datagrams are in: one ack for all of them, with
             # any fragments (RFC 9000 13.2.1 lets an ack wait for the batch).
             self.schedule(session)
-        elif session not in self.pending:
+        elif session not in self._pending:
             self._arm(session, conn)
 
     def ack_received(self, session: Session, body: bytes) -> bool:
@@ -301,7 +314,7 @@ class DeliveryManager:
         return True
 
     def close_session(self, session: Session, error: BaseException) -> None:
-        self.pending.pop(session, None)
+        self._pending.pop(session, None)
         entry = self._conns.pop(session, None)
         if entry is not None:
             session.delivery = None

@@ -1,0 +1,41 @@
+# C-level declarations that Cython applies to qos.py when it compiles it (pure-Python mode,
+# "augmenting .pxd", as core/delivery.pxd does for the core): DeliveryManager becomes a cdef
+# class whose per-message and per-packet methods reach the session, the engine and the core
+# by C calls. qos.py stays the reference and runs as plain Python where nothing is built.
+
+cimport cython
+
+from msgnet._engine cimport Session, UdpEngine
+from msgnet.core.delivery cimport DeliveryConnection
+
+
+@cython.final
+cdef class DeliveryManager:
+    cdef object _loop
+    cdef Py_ssize_t _max_datagram
+    cdef Py_ssize_t _max_message
+    cdef object _budget
+    cdef dict _conns
+    cdef dict _timers
+    cdef dict _waiters
+    cdef Py_ssize_t _room
+    cdef dict _rooms
+    cdef dict _pending
+    cdef dict _room_waiters
+    cdef object _flush_handle
+    cdef double _now
+
+    cpdef bint send_reliable_nowait(self, Session session, UdpEngine engine, str protocol,
+                                    payload, bint ordered) except -1
+    @cython.locals(room=object)
+    cpdef Py_ssize_t _room_for(self, str protocol) except -1
+    @cython.locals(entry=tuple)
+    cpdef DeliveryConnection _conn(self, Session session, UdpEngine engine)
+    cpdef schedule(self, Session session)
+    @cython.locals(session=Session, entry=tuple)
+    cpdef _flush(self)
+    @cython.locals(now=cython.double, start=Py_ssize_t, fragments=list)
+    cpdef _pump(self, Session session, DeliveryConnection conn, UdpEngine engine)
+    cpdef _send_packet(self, Session session, DeliveryConnection conn, UdpEngine engine,
+                       bytes payload, list carried, double now)
+    cpdef _arm(self, Session session, DeliveryConnection conn)
