@@ -660,7 +660,7 @@ class MessageNetwork:
             self._sessions.move_to_end(peer_id)
             session, engine = known, known.engine
             self._last = (peer_id, session, engine)
-        if session.sends_on_stream or (ordered and session in self.stream_recovery.held):
+        if ordered and session in self.stream_recovery.held:
             return False
         return self.delivery.send_reliable_nowait(session, engine, protocol, data, ordered)
 

@@ -21,6 +21,9 @@ cdef class DeliveryManager:
     cdef Py_ssize_t _room
     cdef dict _rooms
     cdef dict _pending
+    cdef Session _scheduled
+    cdef str _room_protocol
+    cdef Py_ssize_t _room_last
     cdef dict _room_waiters
     cdef object _flush_handle
     cdef double _now

@@ -99,10 +99,15 @@ class DeliveryManager:
         self._waiters: dict[OutgoingMessage, asyncio.Future[None]] = {}
         self._room = max_datagram - limits.DATA_OVERHEAD
         self._rooms: dict[str, int] = {}  # fragment room per protocol (_room_for)
+        # The protocol send_reliable_nowait asked _room_for last, and its room: senders pass
+        # the same str object message after message.
+        self._room_protocol: str | None = None
+        self._room_last = 0
         # Sessions to pump once the loop iteration's sends, acks and receptions are in: every
         # message, ack and window opening of one iteration shares packets (DESIGN §2: the
         # engine coalesces its best-effort frames per iteration the same way).
         self._pending: dict[Session, None] = {}
+        self._scheduled: Session | None = None  # the session last added to _pending
         # Senders waiting for a session's outstanding bytes to fall (back-pressure).
         self._room_waiters: dict[Session, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
@@ -127,21 +132,26 @@ class DeliveryManager:
     def send_reliable_nowait(self, session: Session, engine: UdpEngine, protocol: str,
                              data: bytes, ordered: bool) -> bool:
         """send() of ``Reliable(ordered=ordered)`` that nobody waits for, the per-message path
-        (MessageNetwork.send_reliable_nowait, once it checked that the session sends on a
-        datagram path): one positional call into the core, no handle, no MessageDelivered
-        event. False, with nothing queued, while the session's outstanding bytes are at
-        MAX_OUTSTANDING_PER_SESSION (the caller then waits for room); raises what send()
+        (MessageNetwork.send_reliable_nowait): one positional call into the core, no handle,
+        no MessageDelivered event. False, with nothing queued, when the session sends on a
+        stream (no delivery layer there) or its outstanding bytes are at
+        MAX_OUTSTANDING_PER_SESSION: the caller then awaits send_message. Raises what send()
         raises.
 
         Compiled (qos.pxd), each step is a C call: the clock is read once per loop
         iteration (schedule), not per message."""
+        if session.stream is not None and session.sends_on_stream:
+            return False  # (no stream, the common case: a pointer comparison)
         conn = session.delivery
         if conn is None:
             conn = self._conn(session, engine)
-        room = self._rooms.get(protocol)
-        if room is None:
+        if protocol is self._room_protocol:
+            room = self._room_last
+        else:
             room = self._room_for(protocol)
-        if session not in self._pending:
+            self._room_protocol = protocol
+            self._room_last = room
+        if session is not self._scheduled and session not in self._pending:
             self.schedule(session)
         return conn.send_nowait(protocol, data, ordered, room, self._now)
 
@@ -205,6 +215,7 @@ class DeliveryManager:
     def schedule(self, session: Session) -> None:
         """Pump ``session`` at the end of this loop iteration (see __init__)."""
         self._pending[session] = None
+        self._scheduled = session
         self._now = self._loop.time()
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
@@ -212,6 +223,7 @@ class DeliveryManager:
     def _flush(self) -> None:
         self._flush_handle = None
         pending, self._pending = self._pending, {}
+        self._scheduled = None
         for session in pending:
             entry = self._conns.get(session)
             if entry is not None:
@@ -315,6 +327,8 @@ class DeliveryManager:
 
     def close_session(self, session: Session, error: BaseException) -> None:
         self._pending.pop(session, None)
+        if self._scheduled is session:
+            self._scheduled = None
         entry = self._conns.pop(session, None)
         if entry is not None:
             session.delivery = None

@@ -182,6 +182,9 @@ cdef class DeliveryConnection:
     cdef bint _probed
     cdef Py_ssize_t _probe_budget
     cdef Py_ssize_t _outstanding
+    cdef str _last_protocol
+    cdef bint _last_ordered
+    cdef _OutSpace _last_space
 
     @cython.locals(space=_OutSpace, message=OutgoingMessage, seq=cython.longlong,
                    flags=cython.int, size=cython.Py_ssize_t, i=cython.Py_ssize_t,

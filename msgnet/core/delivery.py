@@ -646,7 +646,8 @@ class DeliveryConnection:
         "_pace_time", "_pace_at", "_in_unordered", "_in_ordered", "_be_partials", "_held",
         "_veto", "_eliciting", "_ranges", "_largest_received_at", "_unacked_eliciting",
         "_ack_at", "_packet_threshold", "_reorder_shift", "_undo", "_episode", "_ack_now",
-        "_probe_base", "_probed", "_probe_budget", "_outstanding",
+        "_probe_base", "_probed", "_probe_budget", "_outstanding", "_last_protocol",
+        "_last_ordered", "_last_space",
     )
 
     def __init__(
@@ -686,6 +687,12 @@ class DeliveryConnection:
         # Sending.
         self._out_unordered: dict[str, _OutSpace] = {}
         self._out_ordered: dict[str, _OutSpace] = {}
+        # The space _enqueue used last, and its key: senders pass the same protocol str
+        # message after message, so most sends skip the dict lookup (spaces are never
+        # removed, so the entry never goes stale).
+        self._last_protocol: str | None = None
+        self._last_ordered = False
+        self._last_space: _OutSpace | None = None
         self._queue = _FragmentQueue()  # new reliable fragments, in send order
         self._retransmit: deque[Fragment] = deque()  # lost reliable fragments
         self._be_queue = _FragmentQueue()  # best-effort fragments
@@ -911,11 +918,17 @@ class DeliveryConnection:
         request_id: int, count: int, fs: int, now: float, notify: bool,
     ) -> OutgoingMessage:
         """send() once the arguments are checked: a seq, the handle and its fragments."""
-        spaces = self._out_ordered if ordered else self._out_unordered
-        space = spaces.get(protocol)
-        if space is None:
-            space = spaces[protocol] = _OutSpace()
-        elif space.closed:
+        if protocol is self._last_protocol and ordered == self._last_ordered:
+            space = self._last_space
+        else:
+            spaces = self._out_ordered if ordered else self._out_unordered
+            space = spaces.get(protocol)
+            if space is None:
+                space = spaces[protocol] = _OutSpace()
+            self._last_protocol = protocol
+            self._last_ordered = ordered
+            self._last_space = space
+        if space.closed:
             raise PeerUnreachableError(
                 f"ordered delivery on {protocol!r} stopped after a failed message"
             )
