@@ -692,7 +692,7 @@ class DeliveryConnection:
         # removed, so the entry never goes stale).
         self._last_protocol: str | None = None
         self._last_ordered = False
-        self._last_space: _OutSpace | None = None
+        self._last_space = _OutSpace()  # (unused while _last_protocol is None)
         self._queue = _FragmentQueue()  # new reliable fragments, in send order
         self._retransmit: deque[Fragment] = deque()  # lost reliable fragments
         self._be_queue = _FragmentQueue()  # best-effort fragments
@@ -922,9 +922,8 @@ class DeliveryConnection:
             space = self._last_space
         else:
             spaces = self._out_ordered if ordered else self._out_unordered
-            space = spaces.get(protocol)
-            if space is None:
-                space = spaces[protocol] = _OutSpace()
+            found = spaces.get(protocol)
+            space = spaces[protocol] = _OutSpace() if found is None else found
             self._last_protocol = protocol
             self._last_ordered = ordered
             self._last_space = space
