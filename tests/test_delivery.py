@@ -988,6 +988,28 @@ def test_small_messages_count_their_bookkeeping_against_the_sender_bound() -> No
     assert conn.poll_transmit(0.0, 10**6)[0].seq == 0  # and the queue drains from the first
 
 
+def test_each_protocol_and_order_keeps_its_own_sequence_space() -> None:
+    """Sends that alternate protocols and ordered/unordered (the core remembers the space
+    it used last): each (protocol, ordered) space numbers its messages 0, 1, 2... on its
+    own, and each fragment carries its space's ordered bit."""
+    conn = DeliveryConnection(fragment_size=FRAGMENT)
+    plan = [("/a", False), ("/a", True), ("/b", False), ("/a", False), ("/a", True),
+            ("/a", True), ("/b", True), ("/b", False), ("/a", False)]
+    for i, (protocol, ordered) in enumerate(plan):
+        if i % 3 == 2:
+            conn.send(protocol, b"m%d" % i, reliable=True, ordered=ordered, now=0.0)
+        else:
+            assert conn.send_nowait(protocol, b"m%d" % i, ordered, FRAGMENT, 0.0)
+    sent = conn.poll_transmit(0.0, 100)
+    assert [bytes(f.chunk) for f in sent] == [b"m%d" % i for i in range(len(plan))]
+    expected: dict[tuple[str, bool], int] = {}
+    for fragment, (protocol, ordered) in zip(sent, plan):
+        seq = expected.get((protocol, ordered), 0)
+        assert (fragment.protocol, fragment.seq) == (protocol, seq)
+        assert bool(fragment.flags & FLAG_ORDERED) == ordered
+        expected[(protocol, ordered)] = seq + 1
+
+
 def test_fragment_queue_is_fifo_through_compaction() -> None:
     """The core's send queue (a list and a head index) against a deque, pushes and pops
     interleaved past its compaction points."""
