@@ -192,6 +192,7 @@ cdef class DeliveryConnection:
     cdef OutgoingMessage _enqueue(self, str protocol, bytes payload, bint reliable, bint ordered,
                                   int flags_extra, request_id, Py_ssize_t count, Py_ssize_t fs,
                                   double now, bint notify)
+    @cython.locals(data=bytes)
     cpdef bint send_nowait(self, str protocol, payload, bint ordered, Py_ssize_t fragment_size,
                            double now) except -1
     cdef Py_ssize_t _fragment_count(self, Py_ssize_t size, bint reliable, bint ordered,

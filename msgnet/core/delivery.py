@@ -881,10 +881,9 @@ class DeliveryConnection:
         """
         if self._outstanding >= MAX_OUTSTANDING_PER_SESSION:
             return False
-        if type(payload) is not bytes:
-            payload = bytes(payload)
-        count = self._fragment_count(len(payload), True, ordered, fragment_size)
-        self._enqueue(protocol, payload, True, ordered, 0, 0, count, fragment_size, now, False)
+        data = payload if type(payload) is bytes else bytes(payload)
+        count = self._fragment_count(len(data), True, ordered, fragment_size)
+        self._enqueue(protocol, data, True, ordered, 0, 0, count, fragment_size, now, False)
         return True
 
     def _fragment_count(self, size: int, reliable: bool, ordered: bool, fs: int) -> int:
