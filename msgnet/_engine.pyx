@@ -1752,8 +1752,9 @@ cdef class UdpEngine:
 
         The packet is sealed behind its stream ``length:varint`` prefix in one bytes object,
         which the connection (msgnet._stream.StreamCore.write_sealed) writes as it is; a large
-        payload is sealed as it is written instead (msgnet._stream.PIECE), and the bytes
-        object holds the prefix and header only."""
+        payload is sealed as it is written instead (msgnet._stream.PIECE), or in plaintext
+        written as it is after the packet's header, and the bytes object holds the prefix and
+        header only."""
         cdef SessionCrypto crypto = s.crypto
         cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
         cdef Py_ssize_t size = n + (DATA_HEADER_SIZE if crypto.plaintext else DATA_OVERHEAD)
@@ -1761,6 +1762,7 @@ cdef class UdpEngine:
         cdef uint8_t header[DATA_HEADER_SIZE]
         cdef uint64_t counter = crypto.send_counter
         cdef PieceCipher pieces = None
+        cdef bint follows = crypto.plaintext and n >= C_PIECES_FROM
         cdef bytes packet
         cdef uint8_t* out
         cdef const uint8_t* tag
@@ -1769,7 +1771,7 @@ cdef class UdpEngine:
         if n >= C_PIECES_FROM:
             pieces = seal_pieces(crypto, header, n)  # None: sealed whole (plaintext, backend)
         packet = PyBytes_FromStringAndSize(
-            NULL, head + (DATA_HEADER_SIZE if pieces is not None else size))
+            NULL, head + (DATA_HEADER_SIZE if pieces is not None or follows else size))
         out = <uint8_t*>PyBytes_AS_STRING(packet)
         for k in range(head - 1):
             out[k] = <uint8_t>(left & 0x7F | 0x80)
@@ -1779,6 +1781,11 @@ cdef class UdpEngine:
         if pieces is not None:
             memcpy(out, header, DATA_HEADER_SIZE)
             length = size
+        elif follows:  # the header alone (an empty payload), counted as the whole packet
+            length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload), 0, out,
+                                      DATA_HEADER_SIZE)
+            if length >= 0:
+                length = size
         else:
             length = crypto.seal_into(<const uint8_t*>PyBytes_AS_STRING(payload), n, out, size)
         if length < 0:
@@ -1792,7 +1799,7 @@ cdef class UdpEngine:
                 tag = out + length - AEAD_TAG_SIZE
             s._retain(counter, tag, payload, now)
         s.last_sent = now
-        if s.stream.write_sealed(packet, s, counter, payload, pieces):
+        if s.stream.write_sealed(packet, s, counter, payload, pieces, follows):
             self._counters[CNT_PACKETS_OUT] += 1
             self._counters[CNT_BYTES_OUT] += length
         else:

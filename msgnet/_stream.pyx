@@ -18,7 +18,8 @@ Sending: the engine seals a stream packet into a bytes object that already holds
 with no copy. A large packet (``PIECES_FROM``) is sealed and written ``PIECE`` bytes at a time
 instead, and the receiving core opens it as its pieces arrive, checking the tag at the end: the
 two ends then encrypt and decrypt at the same time (a 1 MiB request over loopback: 1.8 -> 0.85
-ms). The core also keeps what reliable delivery on a stream needs
+ms). In plaintext mode such a packet is its header then the payload object itself, written as
+it is (1.58 -> 0.5 ms: no copy, and no fresh 1 MiB buffer to fault in). The core also keeps what reliable delivery on a stream needs
 (docs/wire.md §6.1): the packets of sessions that sent reliable messages, until the peer's
 PONG to a PING written after them proves they arrived.
 """
@@ -525,13 +526,17 @@ cdef class StreamCore:
     # -- sending ---------------------------------------------------------------------------
 
     cpdef bint write_sealed(self, bytes packet, Session session, uint64_t counter,
-                            bytes payload, PieceCipher pieces=None) except -1:
+                            bytes payload, PieceCipher pieces=None,
+                            bint payload_follows=False) except -1:
         """Write one sealed packet that already carries its length prefix (the engine's stream
         send path). False (counted as stream_write_refused) when closed or back-pressured.
         A retaining session's packets are kept until acknowledged (docs/wire.md §6.1).
 
         With ``pieces`` the packet holds its prefix and header only: its payload is sealed
-        here PIECE bytes at a time, each written as soon as it is sealed."""
+        here PIECE bytes at a time, each written as soon as it is sealed. With
+        ``payload_follows`` (a large plaintext packet) it holds them only too, and the
+        payload object itself is written after it: no copy of the payload in user space,
+        and no fresh buffer of its size (whose pages the kernel would fault in)."""
         cdef list kept
         cdef list ping
         cdef Retention retention = self._retention
@@ -540,7 +545,11 @@ cdef class StreamCore:
             self._counters["stream_write_refused"] += 1
             return False
         self.packets_out += 1
-        if pieces is None:
+        if payload_follows:
+            transport.write(packet)
+            transport.write(payload)
+            self.bytes_out += PyBytes_GET_SIZE(packet) + PyBytes_GET_SIZE(payload)
+        elif pieces is None:
             transport.write(packet)
             self.bytes_out += PyBytes_GET_SIZE(packet)
         else:

@@ -579,6 +579,32 @@ def test_large_stream_packets_are_sealed_and_opened_in_pieces(run):
     run(main())
 
 
+def test_large_plaintext_stream_packets_carry_the_payload_as_it_is(run):
+    """Plaintext mode: a stream payload of PIECES_FROM bytes or more goes out as its header
+    then the payload object itself (no copy): the messages and replies arrive intact, once,
+    in order with small ones, and the connection counts every byte it wrote."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only",
+                              plaintext=True)
+            got = record(a)
+            echo(a)
+            sizes = [PIECES_FROM - 1, PIECES_FROM, 10, 300_000, limits.MAX_MESSAGE_PAYLOAD, 3]
+            sent = [os.urandom(n) for n in sizes]
+            for data in sent:
+                await b.send_message(a.peer_id, "/m", data, qos=Reliable(ordered=True))
+            await wait_for(lambda: len(got) == len(sent))
+            assert got == sent
+            assert await b.request(a.peer_id, "/echo", sent[4], qos=Reliable()) == sent[4]
+            [conn_a] = a.network.streams.connections()
+            [conn_b] = b.network.streams.connections()
+            assert conn_b.piecewise_out == conn_a.piecewise_in == 0  # nothing to seal
+            await wait_for(lambda: conn_a.bytes_in == conn_b.bytes_out)
+            assert conn_b.bytes_out > sum(sizes) + sizes[4]
+
+    run(main())
+
+
 def test_wrong_peer_id_over_tcp_is_a_security_error(run):
     async def main():
         async with AsyncExitStack() as stack:
