@@ -8,7 +8,10 @@ raw asyncio TCP on uvloop carrying the same ``length:varint | payload`` frames (
 asyncio.Protocol per end, one write per message): their ``raw-uvloop`` row is that baseline.
 Sessions use AES-256-GCM where this machine offers it (docs/wire.md 2.2):
 ``rr1/msgnet-chacha`` is msgnet with it turned off (``MSGNET_AES_GCM=0``: ChaCha20-Poly1305
-on the default backend) in the same run, to show what the cipher is worth.
+on the default backend) in the same run, to show what the cipher is worth. The msgnet
+ping-pong clients ``await host.request()``; the ``-callback`` rows drive the same requests
+by ``host.request_callback`` instead, each reply's callback sending the next, as the raw
+baseline's client does from datagram_received (no task wake-up per round trip).
 
     python -m benchmarks.e2e [--quick] [--repeat N] [--json FILE]
 
@@ -287,7 +290,10 @@ def _msgnet_echo_server(conn: Any, core: int, plaintext: bool, tcp: bool = False
 
 
 def _msgnet_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float,
-                            plaintext: bool, tcp: bool = False) -> None:
+                            plaintext: bool, tcp: bool = False, callback: bool = False) -> None:
+    """``await host.request`` in a loop per request in flight; with ``callback``, the
+    callback-driven form (``request_callback``, each reply's callback sending the next), as
+    the raw baseline's client is driven by datagram_received."""
     _pin(core)
     import msgnet
 
@@ -299,6 +305,8 @@ def _msgnet_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float
             await host.connect(peer)
             latencies: list[float] = []
             state = {"done": 0, "stop": False}
+            if callback:
+                return await _callback_pingpong(host, peer, in_flight, seconds, state)
 
             async def worker() -> None:
                 while not state["stop"]:
@@ -316,6 +324,34 @@ def _msgnet_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float
                     "p99_us": lat[int(len(lat) * 0.99)] * 1e6 if lat else 0}
 
     conn.send(msgnet.run(main()))
+
+
+async def _callback_pingpong(host: Any, peer: Any, in_flight: int, seconds: float,
+                             state: dict[str, Any]) -> dict[str, float]:
+    """The request_callback client of _msgnet_pingpong_client: a failed request stops it."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    outstanding = [in_flight]
+
+    def on_reply(pending: Any) -> None:
+        if pending.exception() is not None:
+            state["stop"] = True
+            if not finished.done():
+                finished.set_exception(pending.exception())
+            return
+        state["done"] += 1
+        if not state["stop"]:
+            host.request_callback(peer, PROTOCOL, PAYLOAD_64, on_reply, timeout=5)
+            return
+        outstanding[0] -= 1
+        if not outstanding[0] and not finished.done():
+            finished.set_result(None)
+
+    for _ in range(in_flight):
+        host.request_callback(peer, PROTOCOL, PAYLOAD_64, on_reply, timeout=5)
+    rate = await _rate_window(state, seconds)
+    await asyncio.wait_for(finished, 10)
+    return {"rate": rate}
 
 
 def _zmq_echo_server(conn: Any, core: int) -> None:
@@ -844,6 +880,10 @@ def main(argv: list[str] | None = None) -> int:
         measure(f"rr{k}/msgnet", lambda k=k: _pair(_msgnet_echo_server, (False,),
                                                   _msgnet_pingpong_client, (k, seconds, False),
                                                   server_result=False))
+        if k == 1:  # the client driven by callbacks, as the raw baseline's is
+            measure("rr1/msgnet-callback", lambda: _pair(
+                _msgnet_echo_server, (False,), _msgnet_pingpong_client,
+                (1, seconds, False, False, True), server_result=False))
         if k == 1 and getattr(_packet, "AES_GCM", False):
             # ChaCha20-Poly1305 against the AES-256-GCM of the row above, same run.
             measure("rr1/msgnet-chacha", lambda: _with_env("MSGNET_AES_GCM", "0", lambda: _pair(
@@ -863,6 +903,9 @@ def main(argv: list[str] | None = None) -> int:
     measure("rr1-tcp/msgnet", lambda: _pair(_msgnet_echo_server, (False, True),
                                             _msgnet_pingpong_client, (1, seconds, False, True),
                                             server_result=False))
+    measure("rr1-tcp/msgnet-callback", lambda: _pair(
+        _msgnet_echo_server, (False, True), _msgnet_pingpong_client,
+        (1, seconds, False, True, True), server_result=False))
     # Rounds of every scenario, so a baseline and its msgnet run are minutes apart at most:
     # the machine's load drifts, and each round's ratio compares runs under the same load.
     for _ in range(repeat):
