@@ -179,6 +179,7 @@ cdef enum:
     C_MAX_ALIASES = 256                # MAX_ALIASES_PER_SESSION
     C_BOUND_WORDS = 4                  # C_MAX_ALIASES / 64: one bit per alias
     C_BUFFER_POOL = 64                 # free payload buffers an engine keeps for reuse
+    C_STREAM_BUFFER_POOL = 4           # ... of a stream session's size (C_STREAM_COALESCE)
     C_GSO_SEGMENTS = 64                # UDP_MAX_SEGMENTS: datagrams in one GSO send
     C_GSO_BYTES = 65000                # under the 65507-byte UDP payload limit of one send
     C_RETAIN_PACKETS = 64              # RETAIN_SENT_PACKETS
@@ -418,6 +419,10 @@ cdef class UdpEngine:
     # one of these while it fills, so idle sessions hold none and busy ones do not malloc.
     cdef uint8_t* _pool[C_BUFFER_POOL]
     cdef int _pool_len
+    # The same for stream sessions' payloads (C_STREAM_COALESCE bytes each): a malloc and free
+    # of 64 KiB per packet cost more than the rest of a small message's send.
+    cdef uint8_t* _stream_pool[C_STREAM_BUFFER_POOL]
+    cdef int _stream_pool_len
 
     cdef uint64_t _counters[CNT_COUNT]
 

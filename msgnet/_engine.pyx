@@ -764,6 +764,8 @@ cdef class UdpEngine:
         cdef int i
         for i in range(self._pool_len):
             PyMem_Free(self._pool[i])
+        for i in range(self._stream_pool_len):
+            PyMem_Free(self._stream_pool[i])
         PyMem_Free(self._rx_buf)
         PyMem_Free(self._rx_hdrs)
         PyMem_Free(self._rx_iov)
@@ -777,12 +779,15 @@ cdef class UdpEngine:
         PyMem_Free(self._tx_cmsg)
 
     cdef uint8_t* _take_buffer(self, Py_ssize_t size) except NULL:
-        """A payload buffer of size bytes: from the pool when that is a datagram's payload
-        (max_datagram - 29), else (a stream session's) a new one."""
+        """A payload buffer of size bytes: from a pool when that is a datagram's payload
+        (max_datagram - 29) or a stream session's (C_STREAM_COALESCE), else a new one."""
         cdef uint8_t* buf
         if self._pool_len and size == self.max_datagram - DATA_OVERHEAD:
             self._pool_len -= 1
             return self._pool[self._pool_len]
+        if self._stream_pool_len and size == C_STREAM_COALESCE:
+            self._stream_pool_len -= 1
+            return self._stream_pool[self._stream_pool_len]
         buf = <uint8_t*>PyMem_Malloc(size)
         if buf == NULL:
             raise MemoryError()
@@ -792,6 +797,9 @@ cdef class UdpEngine:
         if size == self.max_datagram - DATA_OVERHEAD and self._pool_len < C_BUFFER_POOL:
             self._pool[self._pool_len] = buf
             self._pool_len += 1
+        elif size == C_STREAM_COALESCE and self._stream_pool_len < C_STREAM_BUFFER_POOL:
+            self._stream_pool[self._stream_pool_len] = buf
+            self._stream_pool_len += 1
         else:
             PyMem_Free(buf)
 

@@ -361,6 +361,7 @@ class StreamConnection(StreamCore, asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # pragma: no cover - not every platform allows it
                 pass
+            self._fd = sock.fileno()  # DATA packets may go to it directly (StreamCore._write)
         self._counters["stream_connections_out" if self.outbound
                        else "stream_connections_in"] += 1
         self._last_active = self.rx_time = self._loop.time()
@@ -370,6 +371,7 @@ class StreamConnection(StreamCore, asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish("stream_closed_by_peer" if exc is None else "stream_reset")
         self._transport = None
+        self._fd = -1
 
     def eof_received(self) -> bool:
         """The peer is done sending: close our side too (a msgnet stream is not half-open)."""

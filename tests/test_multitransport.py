@@ -605,6 +605,31 @@ def test_large_plaintext_stream_packets_carry_the_payload_as_it_is(run):
     run(main())
 
 
+def test_stream_writes_the_socket_refuses_in_part_arrive_whole_and_in_order(run):
+    """StreamCore._write sends a packet straight to the socket while the transport holds
+    nothing: with a send buffer smaller than a piece, the socket takes part of it and the
+    transport the rest, and the messages after it queue behind; everything arrives intact,
+    once, in order."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await pair(stack, [TCP], policy_a="tcp-only", policy_b="tcp-only")
+            got = record(a)
+            await b.connect(a.peer_id)
+            [conn_b] = b.network.streams.connections()
+            [conn_a] = a.network.streams.connections()
+            conn_b._transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            sent = [os.urandom(n) for n in (300_000, 50, 70_000, 1, PIECES_FROM, 9)]
+            for data in sent:
+                await b.send_message(a.peer_id, "/m", data, qos=Reliable(ordered=True))
+            await wait_for(lambda: len(got) == len(sent))
+            assert got == sent
+            await asyncio.sleep(0.1)
+            assert got == sent and not conn_b.closed and not conn_a.closed
+
+    run(main())
+
+
 def test_wrong_peer_id_over_tcp_is_a_security_error(run):
     async def main():
         async with AsyncExitStack() as stack:
