@@ -20,7 +20,9 @@ they keep up and the sender's work is what is counted. Needs valgrind (Debian:
 - ``rr1/*``: one request and its reply, both hosts in the counted process, per round trip;
   the baseline is raw uvloop datagram endpoints echoing in one process the same way. A
   round trip's time is mostly the kernel's and the wake-ups', so this reports what msgnet
-  adds, not a ratio.
+  adds, not a ratio. ``rr1-tcp/*``: the same over msgnet's TCP transport (tcp-only hosts),
+  against raw uvloop TCP carrying ``length:varint | payload`` frames (benchmarks/e2e.py's
+  baseline).
 
 Kernel work (the syscalls themselves) is not counted; user-space work is what msgnet adds.
 """
@@ -43,7 +45,8 @@ WARMUP = 2000
 FANOUT_PEERS = 3
 SCENARIOS = ["oneway64/best-effort", "oneway64/reliable", "oneway64/reliable-ordered",
              "fanout64/best-effort", "fanout64/reliable", "received64/best-effort",
-             "received64/reliable", "rr1/raw-uvloop", "rr1/msgnet"]
+             "received64/reliable", "rr1/raw-uvloop", "rr1/msgnet", "rr1-tcp/raw-uvloop",
+             "rr1-tcp/msgnet"]
 # Sender-bound scenarios: their rate ratio follows the instruction ratio.
 RATIOS = [("oneway64/reliable", "oneway64/best-effort"),
           ("oneway64/reliable-ordered", "oneway64/best-effort"),
@@ -185,11 +188,16 @@ def _receiving(name: str, count: int) -> None:
 
 def _round_trips(name: str, count: int) -> None:
     """The counted process of an rr1 scenario: both ends in it, one request at a time."""
-    if name == "rr1/msgnet":
+    if name.endswith("/msgnet"):
         import msgnet
 
+        options: dict[str, Any] = {}
+        if name.startswith("rr1-tcp"):
+            options = {"listen": ["/ip4/127.0.0.1/tcp/0"], "transport_policy": "tcp-only"}
+
         async def main() -> None:
-            async with msgnet.MessageHost() as server, msgnet.MessageHost() as client:
+            async with (msgnet.MessageHost(**options) as server,
+                        msgnet.MessageHost(**options) as client):
                 server.set_message_handler(PROTOCOL, lambda m: m.reply(m.data))
                 peer = client.add_peer(server.addrs[0])
                 await client.connect(peer)
@@ -203,6 +211,10 @@ def _round_trips(name: str, count: int) -> None:
         return
 
     import uvloop
+
+    if name.startswith("rr1-tcp"):
+        uvloop.run(_raw_tcp_round_trips(count))
+        return
 
     async def raw() -> None:
         loop = asyncio.get_running_loop()
@@ -242,6 +254,38 @@ def _round_trips(name: str, count: int) -> None:
     uvloop.run(raw())
 
 
+async def _raw_tcp_round_trips(count: int) -> None:
+    """rr1-tcp/raw-uvloop: e2e's raw TCP echo server and ping-pong client, in one process."""
+    from benchmarks.e2e import _frame, _FrameReader
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    frame = _frame(PAYLOAD)
+    state = {"n": 0}
+
+    def echo() -> _FrameReader:
+        reader = _FrameReader(lambda payload: reader.transport.write(_frame(payload)))
+        return reader
+
+    def on_reply(_payload: bytes) -> None:
+        state["n"] += 1
+        if state["n"] == WARMUP:
+            _count(True)
+        if state["n"] < WARMUP + count:
+            client.transport.write(frame)
+        else:
+            _count(False)
+            done.set_result(None)
+
+    server = await loop.create_server(echo, "127.0.0.1", 0)
+    transport, client = await loop.create_connection(
+        lambda: _FrameReader(on_reply), *server.sockets[0].getsockname())
+    transport.write(frame)
+    await done
+    transport.close()
+    server.close()
+
+
 # --------------------------------------------------------------------------- driver
 
 def _measure(name: str, count: int) -> float:
@@ -277,7 +321,8 @@ def main() -> int:
         return 0
     if args.child:
         name, count = args.child[0], int(args.child[1])
-        run = {"rr1": _round_trips, "received64": _receiving}.get(name.split("/")[0], _sender)
+        run = {"rr1": _round_trips, "rr1-tcp": _round_trips,
+               "received64": _receiving}.get(name.split("/")[0], _sender)
         run(name, count)
         return 0
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
@@ -300,10 +345,11 @@ def main() -> int:
         if name in counts and base in counts:
             print(f"{name} vs {base}: {counts[base] / counts[name]:.2f}x the rate at equal "
                   "instructions per second")
-    if "rr1/msgnet" in counts and "rr1/raw-uvloop" in counts:
-        # Not a rate ratio: a round trip's time is mostly the kernel's and the wake-ups'.
-        print(f"rr1/msgnet adds {counts['rr1/msgnet'] - counts['rr1/raw-uvloop']:,.0f} "
-              "user-space instructions per round trip to raw uvloop's")
+    for rr in ("rr1", "rr1-tcp"):
+        if f"{rr}/msgnet" in counts and f"{rr}/raw-uvloop" in counts:
+            # Not a rate ratio: a round trip's time is mostly the kernel's and the wake-ups'.
+            print(f"{rr}/msgnet adds {counts[f'{rr}/msgnet'] - counts[f'{rr}/raw-uvloop']:,.0f}"
+                  " user-space instructions per round trip to raw uvloop's")
     return 0
 
 
