@@ -467,3 +467,12 @@ cdef class UdpEngine:
     cdef int _group_units(self) noexcept
     cdef int _arm_writer(self) except -1
     cdef int _report(self, str message, object exc, Session s) except -1
+
+
+# The stream connection's write path (msgnet._stream.StreamCore.write_sealed) as a C function,
+# which _stream registers when it is imported: _stream cimports this module, so the engine
+# cannot name StreamCore itself, and a Python method call per packet costs more than the rest
+# of a small packet's write.
+ctypedef bint (*StreamWriter)(object stream, bytes packet, Session session, uint64_t counter,
+                              bytes payload, PieceCipher pieces, bint payload_follows) except -1
+cdef int register_stream_writer(StreamWriter writer) except -1

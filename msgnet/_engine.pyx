@@ -221,6 +221,23 @@ cdef object _sockaddr_to_py(const sockaddr* sa):
     return None
 
 
+cdef bint _write_sealed_by_method(object stream, bytes packet, Session session,
+                                  uint64_t counter, bytes payload, PieceCipher pieces,
+                                  bint payload_follows) except -1:
+    """The stream writer until msgnet._stream registers its own: the Python method call."""
+    return stream.write_sealed(packet, session, counter, payload, pieces, payload_follows)
+
+
+cdef StreamWriter _stream_writer = _write_sealed_by_method
+
+
+cdef int register_stream_writer(StreamWriter writer) except -1:
+    """How _seal_to_stream hands a sealed packet to its connection (see _engine.pxd)."""
+    global _stream_writer
+    _stream_writer = writer
+    return 0
+
+
 cdef str _too_large(Py_ssize_t size, int max_datagram):
     return (f"a {size}-byte message does not fit one {max_datagram}-byte datagram "
             "(fragmentation is not implemented yet)")
@@ -1807,7 +1824,7 @@ cdef class UdpEngine:
                 tag = out + length - AEAD_TAG_SIZE
             s._retain(counter, tag, payload, now)
         s.last_sent = now
-        if s.stream.write_sealed(packet, s, counter, payload, pieces, follows):
+        if _stream_writer(s.stream, packet, s, counter, payload, pieces, follows):
             self._counters[CNT_PACKETS_OUT] += 1
             self._counters[CNT_BYTES_OUT] += length
         else:

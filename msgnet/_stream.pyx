@@ -49,7 +49,13 @@ from msgnet._frame cimport (
     FrameView,
     read_frame,
 )
-from msgnet._engine cimport C_PIECE, C_PIECES_FROM, Session, UdpEngine
+from msgnet._engine cimport (
+    C_PIECE,
+    C_PIECES_FROM,
+    Session,
+    UdpEngine,
+    register_stream_writer,
+)
 from msgnet._packet cimport (
     AEAD_TAG_SIZE,
     C_REPLAY_WINDOW,
@@ -534,9 +540,15 @@ cdef class StreamCore:
 
     # -- sending ---------------------------------------------------------------------------
 
-    cpdef bint write_sealed(self, bytes packet, Session session, uint64_t counter,
-                            bytes payload, PieceCipher pieces=None,
-                            bint payload_follows=False) except -1:
+    def write_sealed(self, bytes packet, Session session, uint64_t counter, bytes payload,
+                     PieceCipher pieces=None, bint payload_follows=False) -> bool:
+        """_write_sealed, for Python callers (the engine calls it in C: _engine.pxd,
+        StreamWriter)."""
+        return self._write_sealed(packet, session, counter, payload, pieces, payload_follows)
+
+    cdef bint _write_sealed(self, bytes packet, Session session, uint64_t counter,
+                            bytes payload, PieceCipher pieces,
+                            bint payload_follows) except -1:
         """Write one sealed packet that already carries its length prefix (the engine's stream
         send path). False (counted as stream_write_refused) when closed or back-pressured.
         A retaining session's packets are kept until acknowledged (docs/wire.md §6.1).
@@ -713,6 +725,18 @@ cdef class Retention:
     def __cinit__(self):
         self.sessions = set()
         self.pings = {}
+
+
+cdef bint _write_to_stream(object stream, bytes packet, Session session, uint64_t counter,
+                        bytes payload, PieceCipher pieces, bint payload_follows) except -1:
+    """The engine's stream writer (_engine.pxd, StreamWriter): write_sealed by a C call."""
+    if isinstance(stream, StreamCore):
+        return (<StreamCore>stream)._write_sealed(packet, session, counter, payload, pieces,
+                                                  payload_follows)
+    return stream.write_sealed(packet, session, counter, payload, pieces, payload_follows)
+
+
+register_stream_writer(_write_to_stream)
 
 
 def resume_report(SessionCrypto crypto not None, uint64_t up_to):
