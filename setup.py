@@ -60,7 +60,7 @@ def _have_sodium() -> bool:
 
 EXTENSIONS = ["msgnet._frame", "msgnet._packet", "msgnet._engine", "msgnet._stream"]
 # Plain-Python modules also compiled, typed by the .pxd beside them (they still run uncompiled).
-COMPILED_PY = ["msgnet.core.delivery", "msgnet.qos", "msgnet.host"]
+COMPILED_PY = ["msgnet.core.delivery", "msgnet.qos", "msgnet._requests"]
 
 
 def _extensions():

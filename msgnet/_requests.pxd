@@ -1,7 +1,7 @@
-# C-level declarations that Cython applies to host.py when it compiles it (pure-Python mode,
-# "augmenting .pxd", as core/delivery.pxd and qos.pxd do): PendingRequest, made and settled
-# once per request_callback round trip, becomes a cdef class. MessageHost stays a Python
-# class. host.py runs as plain Python where nothing is built.
+# C-level declarations that Cython applies to _requests.py when it compiles it (pure-Python
+# mode, "augmenting .pxd", as core/delivery.pxd and qos.pxd do): PendingRequest, made and
+# settled once per request_callback round trip, becomes a cdef class. _requests.py runs as
+# plain Python where nothing is built.
 
 cimport cython
 
