@@ -19,9 +19,10 @@ with no copy. A large packet (``PIECES_FROM``) is sealed and written ``PIECE`` b
 instead, and the receiving core opens it as its pieces arrive, checking the tag at the end: the
 two ends then encrypt and decrypt at the same time (a 1 MiB request over loopback: 1.8 -> 0.85
 ms). In plaintext mode such a packet is its header then the payload object itself, written as
-it is (1.58 -> 0.5 ms: no copy, and no fresh 1 MiB buffer to fault in). The core also keeps what reliable delivery on a stream needs
-(docs/wire.md §6.1): the packets of sessions that sent reliable messages, until the peer's
-PONG to a PING written after them proves they arrived.
+it is (1.58 -> 0.5 ms: no copy, and no fresh 1 MiB buffer to fault in). A packet goes straight
+to the socket while the transport holds nothing (StreamCore._write). The core also keeps what
+reliable delivery on a stream needs (docs/wire.md §6.1): the packets of sessions that sent
+reliable messages, until the peer's PONG to a PING written after them proves they arrived.
 """
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_WRITE, PyBUF_WRITABLE
