@@ -3,7 +3,6 @@
 The host is deliberately small: everything about sockets and sessions lives
 in :class:`~msgnet.network.MessageNetwork`; the host adds what applications
 need on top (coroutine handlers, request/response correlation).
-
 """
 
 from __future__ import annotations
