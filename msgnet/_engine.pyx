@@ -238,6 +238,20 @@ cdef int register_stream_writer(StreamWriter writer) except -1:
     return 0
 
 
+cdef uint64_t _request_id(object request_id) except? 0:
+    """A request or response's id as the wire's varint takes it, or UsageError. In C, not
+    as Python comparisons with 2**63 (a quarter of a request's send)."""
+    cdef uint64_t rid = 1ULL << 63
+    if isinstance(request_id, int):
+        try:
+            rid = request_id
+        except OverflowError:
+            pass  # negative, or too large for 64 bits
+    if rid >= 1ULL << 63:
+        raise UsageError("a request or response needs a request_id in 0..2**63-1")
+    return rid
+
+
 cdef str _too_large(Py_ssize_t size, int max_datagram):
     return (f"a {size}-byte message does not fit one {max_datagram}-byte datagram "
             "(fragmentation is not implemented yet)")
@@ -1411,9 +1425,7 @@ cdef class UdpEngine:
             raise UsageError("flags may be REQUEST or RESPONSE (not both); sequencing and "
                              "fragments belong to the delivery layer")
         if flags:
-            if request_id is None or not 0 <= request_id < (1 << 63):
-                raise UsageError("a request or response needs a request_id in 0..2**63-1")
-            rid = request_id
+            rid = _request_id(request_id)
         elif request_id:
             raise UsageError("request_id is only sent with REQUEST or RESPONSE")
         if s._closed or self._closed:

@@ -1,18 +1,19 @@
 # C-level declarations that Cython applies to _requests.py when it compiles it (pure-Python
-# mode, "augmenting .pxd", as core/delivery.pxd and qos.pxd do): PendingRequest, made and
-# settled once per request_callback round trip, becomes a cdef class. _requests.py runs as
-# plain Python where nothing is built.
+# mode, "augmenting .pxd", as core/delivery.pxd and qos.pxd do): the request table, its
+# entries and PendingRequest become cdef classes, registered, matched and settled once per
+# round trip by C calls. _requests.py runs as plain Python where nothing is built.
 
 cimport cython
 
 cdef int _PENDING, _DONE, _FAILED, _CANCELLED
+cdef int _FLAG_REQUEST
 
 
 @cython.final
 cdef class PendingRequest:
     cdef object _callback
     cdef object _loop
-    cdef dict _pending
+    cdef RequestTable _table
     cdef public object _request_id
     cdef int _state
     cdef object _value
@@ -26,3 +27,39 @@ cdef class PendingRequest:
     cpdef set_result(self, value)
     cpdef set_exception(self, exc)
     cdef _settle(self, int state, value)
+
+
+@cython.final
+cdef class _Request:
+    cdef public object request_id
+    cdef public object future
+    cdef public str protocol
+    cdef public object peer
+    cdef public double timeout
+    cdef public double deadline
+
+
+@cython.final
+cdef class RequestTable:
+    cdef object _loop
+    cdef object _time
+    cdef dict _entries
+    cdef Py_ssize_t _last_id
+    cdef object _timer
+    cdef double _timer_at
+
+    cpdef Py_ssize_t register(self, peer, str protocol, double timeout, future) except -1
+    @cython.locals(entry=_Request)
+    cdef _Request _add(self, peer, str protocol, double timeout, future)
+    @cython.locals(entry=_Request)
+    cpdef started(self, request_id)
+    cdef _start(self, _Request entry)
+    cpdef forget(self, request_id)
+    @cython.locals(entry=_Request)
+    cpdef Py_ssize_t send(self, network, peer, str protocol, data, future,
+                         double timeout) except -1
+    cpdef PendingRequest send_callback(self, network, peer, str protocol, data, callback,
+                                       double timeout)
+    @cython.locals(entry=_Request)
+    cpdef on_response(self, session, request_id, data)
+    cdef _arm(self, double when)

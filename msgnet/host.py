@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any
@@ -19,16 +17,12 @@ from typing import Any
 from multiaddr import Multiaddr
 
 from . import limits
-from ._engine import Message, Session
-from ._requests import PendingRequest
+from ._engine import Message
+from ._requests import MAX_PENDING_REQUESTS, PendingRequest, RequestTable
 from .addr import parse_multiaddr
 from .errors import (
     ClosedError,
     MessageTooLargeError,
-    MsgnetError,
-    PeerUnreachableError,
-    ProtocolResetError,
-    RequestTimeoutError,
     UsageError,
 )
 from .identity import KeyPair, PeerID
@@ -37,14 +31,13 @@ from .peerstore import Peerstore
 from .qos import BEST_EFFORT, BestEffort, QoS, Reliable
 from .tcp import StreamSettings
 
-__all__ = ["Handler", "MessageHost", "PendingRequest"]
+__all__ = ["MAX_PENDING_REQUESTS", "Handler", "MessageHost", "PendingRequest"]
 
 log = logging.getLogger("msgnet")
 
 Handler = Callable[[Message], None] | Callable[[Message], Awaitable[None]]
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0",)
-MAX_PENDING_REQUESTS = 65536
 _FLAG_REQUEST = limits.FLAG_REQUEST
 
 
@@ -87,15 +80,7 @@ class MessageHost:
                              transport_policy=transport_policy,
                              stream_settings=stream_settings, aes_gcm=aes_gcm)
         self._network: MessageNetwork | None = None
-        # Outstanding requests by request id (unique per host, whatever the peer):
-        # [future, protocol, peer, timeout, deadline]; the deadline is appended once the
-        # request is sent.
-        self._pending: dict[int, list[Any]] = {}
-        self._request_ids = itertools.count(1)
-        # One timer for every request timeout, armed for the earliest deadline (a timer per
-        # request costs ~1 us on uvloop: as much as the rest of the request path in Python).
-        self._timeout_timer: asyncio.TimerHandle | None = None
-        self._timeout_at = math.inf
+        self._requests: RequestTable | None = None  # outstanding requests, while started
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handlers: dict[str, Handler] = {}
         self._default_qos: dict[str, QoS] = {}
@@ -105,12 +90,15 @@ class MessageHost:
     async def start(self) -> None:
         if self._network is not None:
             raise UsageError("host already started")
-        network = MessageNetwork(self._keypair, loop=asyncio.get_running_loop(),
+        loop = asyncio.get_running_loop()
+        network = MessageNetwork(self._keypair, loop=loop,
                                  **self._options)  # type: ignore[arg-type]
-        network.add_response_listener(self._on_response)
-        network.add_reset_listener(self._on_reset)
-        network.add_unreachable_listener(self._on_unreachable)
+        requests = RequestTable(loop)
+        network.add_response_listener(requests.on_response)
+        network.add_reset_listener(requests.on_reset)
+        network.add_unreachable_listener(requests.on_unreachable)
         self._network = network
+        self._requests = requests
         for protocol, handler in self._handlers.items():
             network.set_message_handler(protocol, self._wrap(protocol, handler))
         try:
@@ -123,14 +111,9 @@ class MessageHost:
         network, self._network = self._network, None
         if network is None:
             return
-        if self._timeout_timer is not None:
-            self._timeout_timer.cancel()
-            self._timeout_timer = None
-            self._timeout_at = math.inf
-        pending, self._pending = self._pending, {}
-        for entry in pending.values():
-            if not entry[0].done():
-                entry[0].set_exception(ClosedError("host closed"))
+        requests, self._requests = self._requests, None
+        if requests is not None:
+            requests.close(lambda: ClosedError("host closed"))
         for task in list(self._tasks):
             task.cancel()
         await network.close()
@@ -249,10 +232,9 @@ class MessageHost:
         """
         if qos is None:
             qos = self._default_qos.get(protocol, BEST_EFFORT)
-        network, request_id, entry = self._new_request(peer, protocol, timeout)
-        loop = network.loop
-        future: asyncio.Future[bytes] = entry[0]
-        pending = self._pending
+        network, requests = self._started()
+        future: asyncio.Future[bytes] = network.loop.create_future()
+        request_id = requests.register(peer, protocol, timeout, future)
         try:
             try:
                 sent = qos is BEST_EFFORT and network.send_message_nowait(
@@ -265,13 +247,10 @@ class MessageHost:
                                            qos=Reliable(qos.ordered) if isinstance(
                                                qos, Reliable) else qos)
             # The timeout runs from here, once the request is queued (back-pressure aside).
-            deadline = loop.time() + timeout
-            entry.append(deadline)
-            if deadline < self._timeout_at:
-                self._arm_timeouts(loop, deadline)
+            requests.started(request_id)
             return await future
         finally:
-            pending.pop(request_id, None)
+            requests.forget(request_id)
 
     def request_nowait(self, peer: PeerID, protocol: str, data: bytes, *,
                        timeout: float = 5.0) -> asyncio.Future[bytes]:
@@ -284,13 +263,12 @@ class MessageHost:
         go out at once (back-pressure, or too large for one datagram) the future is a task
         running :meth:`request`.
         """
-        network, request_id, entry = self._new_request(peer, protocol, timeout)
-        task = self._send_now(network, peer, protocol, data, request_id, entry, timeout)
-        if task is not None:
-            return task
-        future: asyncio.Future[bytes] = entry[0]
-        pending = self._pending
-        future.add_done_callback(lambda _: pending.pop(request_id, None))
+        network, requests = self._started()
+        future: asyncio.Future[bytes] = network.loop.create_future()
+        request_id = requests.send(network, peer, protocol, data, future, timeout)
+        if not request_id:
+            return self._request_later(network, peer, protocol, data, timeout)
+        future.add_done_callback(lambda _: requests.forget(request_id))
         return future
 
     def request_callback(self, peer: PeerID, protocol: str, data: bytes,
@@ -306,91 +284,29 @@ class MessageHost:
         request, and then the callback is not called. An exception from the callback goes
         to the loop's exception handler.
         """
-        if self._network is None:
+        network = self._network
+        requests = self._requests
+        if network is None or requests is None:
             raise ClosedError("host is not started")
-        request = PendingRequest(callback, self._network.loop, self._pending)
-        network, request_id, entry = self._new_request(peer, protocol, timeout, request)
-        request._request_id = request_id
-        task = self._send_now(network, peer, protocol, data, request_id, entry, timeout)
-        if task is not None:
-            request._follow(task)
+        request = requests.send_callback(network, peer, protocol, data, callback, timeout)
+        if not request._request_id:
+            request._follow(self._request_later(network, peer, protocol, data, timeout))
         return request
 
-    def _send_now(self, network: MessageNetwork, peer: PeerID, protocol: str, data: bytes,
-                  request_id: int, entry: list[Any], timeout: float
-                  ) -> asyncio.Task[bytes] | None:
-        """Send a registered request at once, its timeout running from now. If it cannot go
-        out at once (back-pressure, or too large for one datagram), forget it and return a
-        task running :meth:`request` in its place."""
-        loop = network.loop
-        pending = self._pending
-        deadline = loop.time() + timeout
-        entry.append(deadline)
-        try:
-            sent = network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST, request_id)
-        except MessageTooLargeError:
-            sent = False
-        except BaseException:
-            pending.pop(request_id, None)
-            raise
-        if not sent:
-            pending.pop(request_id, None)
-            return loop.create_task(self.request(peer, protocol, data, timeout=timeout,
-                                                 qos=BEST_EFFORT))
-        if deadline < self._timeout_at:
-            self._arm_timeouts(loop, deadline)
-        return None
-
-    def _new_request(self, peer: PeerID, protocol: str, timeout: float,
-                     request: PendingRequest | None = None
-                     ) -> tuple[MessageNetwork, int, list[Any]]:
-        """Check a request's arguments and register it: its id and pending entry
-        [future, protocol, peer, timeout] (the sender appends the deadline once it is sent);
-        the future is ``request`` if given (request_callback), else a new asyncio future."""
-        if timeout <= 0:
-            raise UsageError("timeout must be positive")
-        pending = self._pending
-        if len(pending) >= MAX_PENDING_REQUESTS:
-            raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
+    def _started(self) -> tuple[MessageNetwork, RequestTable]:
         network = self._network
-        if network is None:
+        requests = self._requests
+        if network is None or requests is None:
             raise ClosedError("host is not started")
-        request_id = next(self._request_ids)
-        entry: list[Any] = [network.loop.create_future() if request is None else request,
-                            protocol, peer, timeout]
-        pending[request_id] = entry
-        return network, request_id, entry
+        return network, requests
 
-    def _arm_timeouts(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        if self._timeout_timer is not None:
-            self._timeout_timer.cancel()
-        self._timeout_at = when
-        self._timeout_timer = loop.call_at(when, self._expire_requests, loop)
-
-    def _expire_requests(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Fail the requests whose deadline passed with RequestTimeoutError; re-arm for the
-        next. Visits every outstanding request, about once per timeout period."""
-        self._timeout_timer = None
-        self._timeout_at = math.inf
-        # Due within the loop clock's resolution (uvloop: 1 ms) counts as due: a timer that
-        # fires a fraction early must not re-arm itself at once.
-        now = loop.time() + 0.001
-        next_at = math.inf
-        pending = self._pending
-        for request_id, entry in list(pending.items()):
-            if len(entry) < 5:
-                continue  # not sent yet: no deadline
-            future, protocol, peer, timeout, deadline = entry
-            if future.done():
-                continue
-            if deadline <= now:
-                del pending[request_id]
-                future.set_exception(RequestTimeoutError(
-                    f"no reply from {peer} on {protocol} within {timeout} s"))
-            elif deadline < next_at:
-                next_at = deadline
-        if next_at < self._timeout_at:  # (a callback may have armed it for a new request)
-            self._arm_timeouts(loop, next_at)
+    def _request_later(self, network: MessageNetwork, peer: PeerID, protocol: str,
+                       data: bytes, timeout: float) -> asyncio.Task[bytes]:
+        """A request that could not go out at once (back-pressure, or too large for one
+        datagram): a task running :meth:`request`, its timeout running from when it is
+        sent."""
+        return network.loop.create_task(self.request(peer, protocol, data, timeout=timeout,
+                                                     qos=BEST_EFFORT))
 
     async def connect(self, peer: PeerID, timeout: float = 5.0) -> None:
         """Establish a session with ``peer`` ahead of the first message."""
@@ -398,43 +314,11 @@ class MessageHost:
 
     def metrics(self) -> dict[str, int]:
         counters = self.network.metrics()
-        counters["pending_requests"] = len(self._pending)
+        counters["pending_requests"] = 0 if self._requests is None else len(self._requests)
         return counters
 
     def metrics_text(self) -> str:
         return self.network.metrics_text()
-
-    # -- network callbacks ---------------------------------------------------------------
-
-    def _on_response(self, session: Session, request_id: int, data: bytes) -> None:
-        entry = self._pending.get(request_id)
-        if entry is None:
-            return
-        # Request ids are unique per host, not per peer: only the peer asked may answer.
-        peer = entry[2]
-        if peer is not session.peer_id and peer != session.peer_id:
-            return
-        del self._pending[request_id]
-        future = entry[0]
-        if not future.done():
-            future.set_result(data)
-
-    def _on_reset(self, peer: PeerID, protocol: str, code: int) -> None:
-        pending = self._pending
-        for request_id, (future, pending_protocol, pending_peer, *_) in list(pending.items()):
-            if pending_peer == peer and pending_protocol == protocol and not future.done():
-                del pending[request_id]
-                future.set_exception(ProtocolResetError(protocol, code))
-
-    def _on_unreachable(self, peer: PeerID, error: BaseException) -> None:
-        pending = self._pending
-        for request_id, (future, _protocol, pending_peer, *_) in list(pending.items()):
-            if pending_peer == peer and not future.done():
-                del pending[request_id]
-                if isinstance(error, MsgnetError):  # e.g. SecurityError for a wrong PeerID
-                    future.set_exception(error)
-                else:
-                    future.set_exception(PeerUnreachableError(str(error)))
 
 
 def _task_done(tasks: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop,

@@ -486,6 +486,12 @@ def test_send_validation(run, mode):
                 engine.send_message(session, "/p", b"", both, 1)
             with pytest.raises(UsageError):
                 engine.send_message(session, "/p", b"", 0, 5)
+            for flags in (limits.FLAG_REQUEST, limits.FLAG_RESPONSE):
+                for bad in (None, -1, 2**63, 2**70, "7", 1.5):
+                    with pytest.raises(UsageError, match="request_id"):
+                        engine.send_message(session, "/p", b"", flags, bad)
+                assert engine.send_message(session, "/p", b"", flags, 2**63 - 1)
+                assert engine.send_message(session, "/p", b"", flags, 0)
             with pytest.raises(UsageError):
                 engine.send_message(session, "", b"")
             with pytest.raises(UsageError):

@@ -430,7 +430,7 @@ def test_response_from_another_peer_does_not_answer_a_request(run):
             await c.connect(a.peer_id)
             pending = asyncio.ensure_future(a.request(b.peer_id, "/q/1", b"?", timeout=5))
             await wait_for(lambda: a.metrics()["pending_requests"] == 1)
-            (request_id,) = a._pending
+            (request_id,) = a._requests.ids()
             session, engine = c.network.session_for(a.peer_id)
             for _ in range(3):  # C answers first, with A's request id
                 engine.send_message(session, "/q/1", b"from c", msgnet.limits.FLAG_RESPONSE,
