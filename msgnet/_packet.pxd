@@ -61,6 +61,8 @@ cdef class SessionCrypto:
     cdef uint64_t _sealed_bytes           # AES-256-GCM: payload bytes sealed, for its limit
     cdef uint8_t _send_key[32]            # zero in plaintext mode; wiped on deallocation
     cdef uint8_t _recv_key[32]
+    cdef void* _aes_keys                  # both keys' AES schedules once busy, else NULL
+    cdef uint32_t _aes_packets            # packets sealed and opened until then
 
     # Seal payload[0:n] as one DATA (or PLAIN_DATA) packet into out[0:cap]. Returns the packet
     # length, -1 if the send counter is exhausted, -2 if out is too small. The tag is written at
@@ -73,6 +75,7 @@ cdef class SessionCrypto:
     cdef int open_into(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out, Py_ssize_t cap,
                        Py_ssize_t* out_len) except -100
     cdef bint _count_sealed(self, Py_ssize_t n) noexcept
+    cdef void* _aes_keys_now(self) noexcept
 
 # One DATA packet sealed or opened piece by piece (large packets on streams, where each piece
 # is written as soon as it is sealed, and opened as it arrives): see _packet.pyx.

@@ -9,6 +9,7 @@ PXD_CONSTANTS: dict[str, int]
 HAVE_OPENSSL: bool
 HAVE_SODIUM: bool
 AES_GCM: bool
+AES_KEYS_AFTER: int  # compiled only: packets before an AES session keeps its key schedules
 AEAD_BACKENDS: tuple[str, ...]
 AEAD_BACKEND: str
 

@@ -629,6 +629,24 @@ def test_aes_sessions_match_the_oracle_on_every_backend(counter, payload):
 
 
 @needs_aes
+def test_busy_aes_sessions_seal_and_open_as_before():
+    """From its AES_KEYS_AFTER-th packet a session keeps its AES key schedules expanded:
+    the packets stay byte for byte the oracle's, open, and a forgery still fails."""
+    a, b = aes_pair(_packet)
+    rng = random.Random(5)
+    for counter in range(3 * _packet.AES_KEYS_AFTER):
+        payload = rng.randbytes(rng.choice([0, 1, 64, 700, 1200]))
+        expected = aes_packet(KEY_AB, INDEX_B, counter, payload)
+        assert a.seal(payload) == expected, counter
+        if counter % 50 == 49:
+            forged = bytearray(expected)
+            forged[-1] ^= 1
+            assert drop_reason(b, bytes(forged)) == "auth_failed", counter
+        assert b.open(expected) == payload, counter
+        assert b.seal(payload) == aes_packet(KEY_BA, INDEX_A, counter, payload), counter
+
+
+@needs_aes
 @pytest.mark.parametrize("size", [0, 1, 64, 511, 512, 1200, 65_536, 300_000])
 def test_aes_refuses_forgeries_and_the_other_cipher(size):
     """A flipped bit anywhere is auth_failed; a ChaCha20-Poly1305 packet under the same key
