@@ -20,7 +20,10 @@ they keep up and the sender's work is what is counted. Needs valgrind (Debian:
 - ``rr1/*``: one request and its reply, both hosts in the counted process, per round trip;
   the baseline is raw uvloop datagram endpoints echoing in one process the same way. A
   round trip's time is mostly the kernel's and the wake-ups', so this reports what msgnet
-  adds, not a ratio. ``rr1-tcp/*``: the same over msgnet's TCP transport (tcp-only hosts),
+  adds, not a ratio. ``rr1/msgnet`` awaits ``host.request``; ``rr1/msgnet-callback`` drives
+  the client by ``request_callback`` (each reply's callback sends the next request), as the
+  raw client is driven by ``datagram_received`` (benchmarks/e2e.py's two msgnet rows).
+  ``rr1-tcp/*``: the same over msgnet's TCP transport (tcp-only hosts),
   against raw uvloop TCP carrying ``length:varint | payload`` frames (benchmarks/e2e.py's
   baseline).
 
@@ -45,8 +48,8 @@ WARMUP = 2000
 FANOUT_PEERS = 3
 SCENARIOS = ["oneway64/best-effort", "oneway64/reliable", "oneway64/reliable-ordered",
              "fanout64/best-effort", "fanout64/reliable", "received64/best-effort",
-             "received64/reliable", "rr1/raw-uvloop", "rr1/msgnet", "rr1-tcp/raw-uvloop",
-             "rr1-tcp/msgnet"]
+             "received64/reliable", "rr1/raw-uvloop", "rr1/msgnet", "rr1/msgnet-callback",
+             "rr1-tcp/raw-uvloop", "rr1-tcp/msgnet", "rr1-tcp/msgnet-callback"]
 # Sender-bound scenarios: their rate ratio follows the instruction ratio.
 RATIOS = [("oneway64/reliable", "oneway64/best-effort"),
           ("oneway64/reliable-ordered", "oneway64/best-effort"),
@@ -188,7 +191,7 @@ def _receiving(name: str, count: int) -> None:
 
 def _round_trips(name: str, count: int) -> None:
     """The counted process of an rr1 scenario: both ends in it, one request at a time."""
-    if name.endswith("/msgnet"):
+    if "/msgnet" in name:
         import msgnet
 
         options: dict[str, Any] = {}
@@ -201,6 +204,9 @@ def _round_trips(name: str, count: int) -> None:
                 server.set_message_handler(PROTOCOL, lambda m: m.reply(m.data))
                 peer = client.add_peer(server.addrs[0])
                 await client.connect(peer)
+                if name.endswith("-callback"):
+                    await _callback_round_trips(client, peer, count)
+                    return
                 for i in range(WARMUP + count):
                     if i == WARMUP:
                         _count(True)
@@ -252,6 +258,27 @@ def _round_trips(name: str, count: int) -> None:
         server.close()
 
     uvloop.run(raw())
+
+
+async def _callback_round_trips(client: Any, peer: Any, count: int) -> None:
+    """The request_callback client: each reply's callback sends the next request."""
+    done = asyncio.get_running_loop().create_future()
+    replies = 0
+
+    def on_reply(pending: Any) -> None:
+        nonlocal replies
+        pending.result()
+        replies += 1
+        if replies == WARMUP:
+            _count(True)
+        if replies < WARMUP + count:
+            client.request_callback(peer, PROTOCOL, PAYLOAD, on_reply, timeout=5)
+        else:
+            _count(False)
+            done.set_result(None)
+
+    client.request_callback(peer, PROTOCOL, PAYLOAD, on_reply, timeout=5)
+    await done
 
 
 async def _raw_tcp_round_trips(count: int) -> None:
@@ -346,10 +373,11 @@ def main() -> int:
             print(f"{name} vs {base}: {counts[base] / counts[name]:.2f}x the rate at equal "
                   "instructions per second")
     for rr in ("rr1", "rr1-tcp"):
-        if f"{rr}/msgnet" in counts and f"{rr}/raw-uvloop" in counts:
-            # Not a rate ratio: a round trip's time is mostly the kernel's and the wake-ups'.
-            print(f"{rr}/msgnet adds {counts[f'{rr}/msgnet'] - counts[f'{rr}/raw-uvloop']:,.0f}"
-                  " user-space instructions per round trip to raw uvloop's")
+        for row in (f"{rr}/msgnet", f"{rr}/msgnet-callback"):
+            if row in counts and f"{rr}/raw-uvloop" in counts:
+                # Not a rate ratio: a round trip's time is mostly the kernel's and wake-ups'.
+                print(f"{row} adds {counts[row] - counts[f'{rr}/raw-uvloop']:,.0f}"
+                      " user-space instructions per round trip to raw uvloop's")
     return 0
 
 

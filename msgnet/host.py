@@ -232,22 +232,24 @@ class MessageHost:
         """
         if qos is None:
             qos = self._default_qos.get(protocol, BEST_EFFORT)
-        network, requests = self._started()
+        network = self._network
+        requests = self._requests
+        if network is None or requests is None:
+            raise ClosedError("host is not started")
         future: asyncio.Future[bytes] = network.loop.create_future()
-        request_id = requests.register(peer, protocol, timeout, future)
+        # Best effort goes out at once in the common case (one compiled call); otherwise
+        # (reliable, back-pressure, too large for one datagram) it is sent by awaiting.
+        request_id = (requests.send(network, peer, protocol, data, future, timeout)
+                      if qos is BEST_EFFORT else 0)
         try:
-            try:
-                sent = qos is BEST_EFFORT and network.send_message_nowait(
-                    peer, protocol, data, _FLAG_REQUEST, request_id)
-            except MessageTooLargeError:
-                sent = False  # network.send_message fragments it
-            if not sent:
+            if not request_id:
+                request_id = requests.register(peer, protocol, timeout, future)
                 await network.send_message(peer, protocol, data, flags=limits.FLAG_REQUEST,
                                            request_id=request_id,
                                            qos=Reliable(qos.ordered) if isinstance(
                                                qos, Reliable) else qos)
-            # The timeout runs from here, once the request is queued (back-pressure aside).
-            requests.started(request_id)
+                # The timeout runs from here, once the request is queued (back-pressure aside).
+                requests.started(request_id)
             return await future
         finally:
             requests.forget(request_id)
