@@ -435,6 +435,7 @@ cdef class UdpEngine:
                      int64_t counter) except -1
     cdef int _confirmed(self, Session s) except -1
     cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now) except -2
+    cpdef int64_t send_payload(self, Session session, bytes payload, bint drain=*) except -2
     cdef bint _route(self, Session s, uint64_t alias, str protocol, FrameView* fv,
                      int64_t counter) except -1
     cdef int _dispatch(self, Session s, uint64_t alias, str protocol, int flags,

@@ -1576,8 +1576,8 @@ cdef class UdpEngine:
         self._counters[CNT_MESSAGES_OUT] += 1
         return size
 
-    def send_payload(self, Session session not None, bytes payload not None,
-                     bint drain=True) -> int:
+    cpdef int64_t send_payload(self, Session session, bytes payload,
+                               bint drain=True) except -2:
         """Seal payload (whole frames) as one DATA packet of its own now and return its counter.
 
         drain=False leaves the packet in the send ring for drain_sealed (or the ring filling
@@ -1585,7 +1585,10 @@ cdef class UdpEngine:
 
         For the delivery layer, which must know which packet carried which fragments. A packet
         the socket (or a back-pressured stream) cannot take is dropped and counted
-        (send_errors) like a lost datagram: the delivery layer retransmits what it carried."""
+        (send_errors) like a lost datagram: the delivery layer retransmits what it carried.
+        A C call from the delivery manager (qos.pxd), once per packet it sends."""
+        if session is None or payload is None:
+            raise TypeError("send_payload needs a session and a bytes payload")
         cdef SessionCrypto crypto = session.crypto
         cdef uint64_t counter
         cdef int64_t sealed

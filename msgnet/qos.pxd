@@ -8,6 +8,7 @@ cimport cython
 from msgnet._engine cimport Session, UdpEngine
 from msgnet.core.delivery cimport DeliveryConnection
 
+cdef Py_ssize_t _DATA_OVERHEAD
 
 @cython.final
 cdef class DeliveryManager:
@@ -42,3 +43,7 @@ cdef class DeliveryManager:
     cpdef _send_packet(self, Session session, DeliveryConnection conn, UdpEngine engine,
                        bytes payload, list carried, double now)
     cpdef _arm(self, Session session, DeliveryConnection conn)
+    @cython.locals(entry=tuple, conn=DeliveryConnection, now=cython.double)
+    cpdef packet_received(self, Session session, long long counter, bint acknowledge)
+    @cython.locals(entry=tuple, conn=DeliveryConnection)
+    cpdef bint ack_received(self, Session session, bytes body) except -1

@@ -50,6 +50,7 @@ __all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
 # their widest useful sizes).
 _INIT_OVERHEAD = 1 + 3 + 2 + 2 + 3 + 1 + 9 + 9 + 2 + 2
 _MAX_POLL = 64
+_DATA_OVERHEAD = limits.DATA_OVERHEAD  # (a C constant where compiled: read once per packet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +267,7 @@ class DeliveryManager:
     def _send_packet(self, session: Session, conn: DeliveryConnection, engine: UdpEngine,
                      payload: bytes, carried: list[Fragment], now: float) -> None:
         counter = engine.send_payload(session, payload, False)
-        conn.on_packet_sent(counter, carried, len(payload) + limits.DATA_OVERHEAD, now)
+        conn.on_packet_sent(counter, carried, len(payload) + _DATA_OVERHEAD, now)
 
     def session_established(self, session: Session) -> None:
         """The session is up (responder: keys in; initiator: confirmed): send what waited."""
@@ -299,7 +300,7 @@ class DeliveryManager:
             return
         conn = entry[0]
         now = self._loop.time()
-        conn.on_packet_received(counter, now, acknowledge=acknowledge)
+        conn.on_packet_received(counter, now, acknowledge)
         if conn.ack_frame_due(now):
             # Out once this iteration's datagrams are in: one ack for all of them, with
             # any fragments (RFC 9000 13.2.1 lets an ack wait for the batch).

@@ -551,15 +551,27 @@ class _Reassembly:
 
 
 class _SentPacket:
-    """A sent packet that carried reliable fragments (the only kind tracked)."""
+    """A sent packet that carried reliable fragments (the only kind tracked): when it was
+    sent, its size, its fragments, and whether it was declared lost by the packet or time
+    threshold. Made by _sent_packet."""
 
     __slots__ = ("time", "size", "fragments", "by_threshold")
 
-    def __init__(self, time: float, size: int, fragments: list[Fragment]) -> None:
-        self.time = time
-        self.size = size
-        self.fragments = fragments
-        self.by_threshold = False  # declared lost by the packet or time threshold
+    time: float
+    size: int
+    fragments: list[Fragment]
+    by_threshold: bool
+
+
+def _sent_packet(time: float, size: int, fragments: list[Fragment]) -> _SentPacket:
+    """A new _SentPacket, once per packet sent: made without an __init__ call, which costs
+    as much again where this is compiled (a Python-level call)."""
+    packet = _SentPacket.__new__(_SentPacket)
+    packet.time = time
+    packet.size = size
+    packet.fragments = fragments
+    packet.by_threshold = False
+    return packet
 
 
 class _FragmentQueue:
@@ -1048,7 +1060,7 @@ class DeliveryConnection:
         if not self._sent:
             self._rto_base = now  # RFC 6298 5.1: start the timer if it is not running
         self._probe_base = now
-        self._sent[counter] = _SentPacket(now, size, fragments)
+        self._sent[counter] = _sent_packet(now, size, fragments)
         self._bytes_in_flight += size
 
     # -- acknowledgements in ------------------------------------------------------------
