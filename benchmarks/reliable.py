@@ -11,7 +11,10 @@ a. ``bulk1M``: a reliable 1 MiB message over loopback between two msgnet hosts i
    the receiving application (``raw-uvloop-tcp``). Also msgnet in plaintext mode, and
    msgnet's stream path (hosts on TCP only; a reliable request answered with one byte, as
    the baseline is: ``tcp-reply``), also in plaintext mode (``tcp-reply-plaintext``: what
-   the AEAD costs on that path). Target: msgnet >= 0.5x the TCP transfer's MB/s.
+   the AEAD costs on that path). Target: msgnet >= 0.5x the TCP transfer's MB/s. Reported
+   beside it: ``msgnet-reliable-9000``, both hosts configured with ``max_datagram=9000``, the
+   ceiling msgnet allows (docs/wire.md 4), as a user would on a path that carries jumbo
+   datagrams (loopback does): what a datagram's fixed costs are worth.
 b. ``oneway64``: 64-byte messages one way, msgnet ``Reliable()`` (and ordered) against
    msgnet's own best effort, same receiver (e2e's), rate from first to last arrival.
    Target: reliable >= 0.7x best effort. ``fanout64``: the same, each message to the next
@@ -56,6 +59,7 @@ from benchmarks.e2e import (
     _pair,
     _pin,
 )
+from msgnet.limits import MAX_DATAGRAM, MAX_DATAGRAM_CEILING
 
 BULK = 1 << 20
 BULK_PROTOCOL = "/bench/bulk/1"
@@ -129,12 +133,13 @@ def _bulk_result(times: list[float]) -> dict[str, float]:
     return {"rate": BULK / median / 1e6, "median_ms": median * 1e3}
 
 
-def _msgnet_bulk_receiver(conn: Any, core: int, plaintext: bool) -> None:
+def _msgnet_bulk_receiver(conn: Any, core: int, plaintext: bool,
+                          max_datagram: int = MAX_DATAGRAM) -> None:
     _pin(core)
     import msgnet
 
     async def main() -> None:
-        async with msgnet.MessageHost(plaintext=plaintext) as host:
+        async with msgnet.MessageHost(plaintext=plaintext, max_datagram=max_datagram) as host:
             host.set_message_handler(BULK_PROTOCOL, lambda m: None)
             conn.send(str(host.addrs[0]))
             await asyncio.get_running_loop().run_in_executor(None, conn.recv)
@@ -142,14 +147,15 @@ def _msgnet_bulk_receiver(conn: Any, core: int, plaintext: bool) -> None:
     msgnet.run(main())
 
 
-def _msgnet_bulk_sender(conn: Any, core: int, rounds: int, plaintext: bool) -> None:
+def _msgnet_bulk_sender(conn: Any, core: int, rounds: int, plaintext: bool,
+                        max_datagram: int = MAX_DATAGRAM) -> None:
     _pin(core)
     import msgnet
 
     addr = conn.recv()
 
     async def main() -> dict[str, float]:
-        async with msgnet.MessageHost(plaintext=plaintext) as host:
+        async with msgnet.MessageHost(plaintext=plaintext, max_datagram=max_datagram) as host:
             peer = host.add_peer(addr)
             await host.connect(peer)
             blob = os.urandom(BULK)
@@ -267,7 +273,6 @@ def _msgnet_fanout_receiver(conn: Any, core: int, count: int) -> None:
     space-separated string."""
     _pin(core)
     import msgnet
-
     from benchmarks.e2e import _Counter
 
     async def main() -> None:
@@ -443,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             ("bulk1M/msgnet-reliable-plaintext", lambda: _pair(
                 _msgnet_bulk_receiver, (True,), _msgnet_bulk_sender, (transfers, True),
                 server_result=False)),
+            ("bulk1M/msgnet-reliable-9000", lambda: _pair(
+                _msgnet_bulk_receiver, (False, MAX_DATAGRAM_CEILING), _msgnet_bulk_sender,
+                (transfers, False, MAX_DATAGRAM_CEILING), server_result=False)),
             ("bulk1M/msgnet-reliable-tcp-reply", lambda: _pair(
                 _msgnet_stream_receiver, (False,), _msgnet_stream_sender, (transfers, False),
                 server_result=False)),
@@ -490,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 BASELINES = {
     "bulk1M/msgnet-reliable": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-plaintext": "bulk1M/raw-uvloop-tcp",
+    "bulk1M/msgnet-reliable-9000": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-tcp-reply": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-tcp-reply-plaintext": "bulk1M/raw-uvloop-tcp",
     "oneway64/msgnet-reliable": "oneway64/msgnet-best-effort",
