@@ -10,6 +10,7 @@ HAVE_OPENSSL: bool
 HAVE_SODIUM: bool
 AES_GCM: bool
 AES_KEYS_AFTER: int  # compiled only: packets before an AES session keeps its key schedules
+EVP_AES_FROM: int | None  # compiled only: AES packets from this size go to libcrypto (None: never)
 AEAD_BACKENDS: tuple[str, ...]
 AEAD_BACKEND: str
 

@@ -630,12 +630,17 @@ def test_aes_sessions_match_the_oracle_on_every_backend(counter, payload):
 
 @needs_aes
 def test_busy_aes_sessions_seal_and_open_as_before():
-    """From its AES_KEYS_AFTER-th packet a session keeps its AES key schedules expanded:
-    the packets stay byte for byte the oracle's, open, and a forgery still fails."""
+    """From its AES_KEYS_AFTER-th packet a session keeps its AES key schedules expanded, and
+    from EVP_AES_FROM bytes libcrypto seals where linked (the key held across packets, or
+    changed when two sessions alternate): the packets stay byte for byte the oracle's, open,
+    and a forgery still fails."""
     a, b = aes_pair(_packet)
+    c = _packet.SessionCrypto(INDEX_A, INDEX_B, KEY_BA, KEY_AB, False, aes=True)  # other keys
     rng = random.Random(5)
+    sizes = [0, 1, 64, 700, 1023, 1024, 1200, 9000]
     for counter in range(3 * _packet.AES_KEYS_AFTER):
-        payload = rng.randbytes(rng.choice([0, 1, 64, 700, 1200]))
+        payload = rng.randbytes(rng.choice(sizes))
+        assert c.seal(payload) == aes_packet(KEY_BA, INDEX_B, counter, payload), counter
         expected = aes_packet(KEY_AB, INDEX_B, counter, payload)
         assert a.seal(payload) == expected, counter
         if counter % 50 == 49:
