@@ -239,8 +239,8 @@ cdef int register_stream_writer(StreamWriter writer) except -1:
 
 
 cdef uint64_t _request_id(object request_id) except? 0:
-    """A request or response's id as the wire's varint takes it, or UsageError. In C, not
-    as Python comparisons with 2**63 (a quarter of a request's send)."""
+    """A request or response's id as the wire's varint takes it, or UsageError. In C: the
+    Python comparisons with 2**63 this replaces cost about 250 ns per request and reply."""
     cdef uint64_t rid = 1ULL << 63
     if isinstance(request_id, int):
         try:

@@ -10,6 +10,7 @@ from msgnet.core.delivery cimport DeliveryConnection
 
 cdef Py_ssize_t _DATA_OVERHEAD
 
+
 @cython.final
 cdef class DeliveryManager:
     cdef object _loop

@@ -119,6 +119,7 @@ cdef class _SentPacket:
 @cython.locals(packet=_SentPacket)
 cdef _SentPacket _sent_packet(double time, Py_ssize_t size, list fragments)
 
+
 @cython.locals(new=OutgoingMessage)
 cdef OutgoingMessage _outgoing_message(str protocol, long long seq, int flags, request_id,
                                        Py_ssize_t size, int frag_count, double queued_at,
