@@ -351,6 +351,7 @@ cdef class UdpEngine:
     cdef readonly object sock
     cdef readonly object loop
     cdef readonly dict sessions
+    cdef Session _last_rx          # the session the last DATA packet was for (_session_for)
     cdef public int transport_id
     cdef readonly int max_datagram
     cdef readonly bint use_recvmmsg
@@ -427,6 +428,7 @@ cdef class UdpEngine:
     cdef uint64_t _counters[CNT_COUNT]
 
     cdef int _feed(self, bytes data, object addr) except -1
+    cdef Session _session_for(self, uint32_t index)
     cdef int _datagram(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out,
                        const sockaddr* sa, object pyaddr, bytes data) except -1
     cdef int _control(self, const uint8_t* pkt, Py_ssize_t n, const sockaddr* sa,

@@ -922,6 +922,8 @@ cdef class UdpEngine:
         wait_drained() futures fail with ClosedError. Safe for unregistered sessions."""
         if self.sessions.get(session.local_index) is session:
             del self.sessions[session.local_index]
+        if self._last_rx is session:
+            self._last_rx = None
         session._closed = True
         session._queue = None
         session._queue_head = 0
@@ -1046,16 +1048,17 @@ cdef class UdpEngine:
         cdef Py_buffer view
         cdef uint8_t* pkt
         cdef Py_ssize_t n
+        cdef Session s
         PyObject_GetBuffer(packet, &view, PyBUF_WRITABLE)
         try:
             pkt = <uint8_t*>view.buf
             n = view.len
             if n < DATA_HEADER_SIZE or (pkt[0] != PACKET_DATA and pkt[0] != PACKET_PLAIN_DATA):
                 return STREAM_UNKNOWN
-            found = self.sessions.get(_load_u32_be(pkt + 1))
-            if found is None or (<Session>found).crypto is None:
+            s = self._session_for(_load_u32_be(pkt + 1))
+            if s is None or s.crypto is None:
                 return STREAM_UNKNOWN
-            return self._feed_stream(<Session>found, pkt, n, conn, None)
+            return self._feed_stream(s, pkt, n, conn, None)
         finally:
             PyBuffer_Release(&view)
 
@@ -1103,6 +1106,21 @@ cdef class UdpEngine:
         return self._datagram(<const uint8_t*>PyBytes_AS_STRING(data), n, out, NULL, addr,
                               data)
 
+    cdef Session _session_for(self, uint32_t index):
+        """The session whose local index is index, or None: the one the last DATA packet
+        was for if it is that (a peer's packets come in runs), else from the sessions dict,
+        whose lookup with a new int key costs as much as the rest of routing a packet.
+        remove_session forgets it."""
+        cdef Session s = self._last_rx
+        if s is not None and s.local_index == index:
+            return s
+        found = self.sessions.get(index)
+        if found is None:
+            return None
+        s = <Session>found
+        self._last_rx = s
+        return s
+
     cdef int _datagram(self, const uint8_t* pkt, Py_ssize_t n, uint8_t* out,
                        const sockaddr* sa, object pyaddr, bytes data) except -1:
         """One datagram pkt[0:n] from sa (recvmmsg) or pyaddr (endpoint). A DATA payload is
@@ -1122,11 +1140,10 @@ cdef class UdpEngine:
             if n < (DATA_OVERHEAD if t == PACKET_DATA else DATA_HEADER_SIZE):
                 self._counters[CNT_TRUNCATED] += 1
                 return 0
-            found = self.sessions.get(_load_u32_be(pkt + 1))
-            if found is None:
+            s = self._session_for(_load_u32_be(pkt + 1))
+            if s is None:
                 self._counters[CNT_UNKNOWN_SESSION] += 1
                 return self._control(pkt, n, sa, pyaddr, data)
-            s = <Session>found
             if s.crypto is None:  # still handshaking: the network may hold it as early data
                 return self._control(pkt, n, sa, pyaddr, data)
             rc = s.crypto.open_into(pkt, n, out, n - DATA_HEADER_SIZE, &plen)

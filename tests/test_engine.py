@@ -239,6 +239,23 @@ def test_unknown_protocol_is_reset_with_code_1(run, mode):
 
 
 @pytest.mark.timeout(20)
+def test_a_removed_session_gets_no_more_packets(run, mode):
+    """The engine remembers the session the last packet was for (a peer's packets come in
+    runs); once that session is removed its packets are unknown_session, not delivered."""
+    async def main():
+        async with pair(mode) as (a, b):
+            b.collect("/p")
+            a.engine.send_message(a.session, "/p", b"m1")
+            await until(lambda: len(b.received) == 1)
+            b.engine.remove_session(b.session)
+            a.engine.send_message(a.session, "/p", b"m2")
+            await until(lambda: b.counters()["unknown_session"] >= 1)
+            await asyncio.sleep(0.05)
+            assert [m.data for m in b.received] == [b"m1"]
+    run(main())
+
+
+@pytest.mark.timeout(20)
 def test_lost_alias_is_reset_with_code_2_and_resent_as_init(run, mode):
     """B loses its alias table (a fresh Session on the same keys, as if B had restarted its
     tables): A's CONTINUATION names an alias B does not know. B answers RESET(alias, 2), A goes
