@@ -232,7 +232,7 @@ cdef extern from *:
        common case) then sets only the nonce, sparing the key schedule. */
     static unsigned char msgnet_seal_key[33];  /* [0] = 1 once a key is held */
     static unsigned char msgnet_open_key[33];
-    /* AES-256-GCM packets from MSGNET_EVP_AES_FROM bytes (SessionCrypto.aes): contexts of
+    /* AES-256-GCM packets from _EVP_AES_FROM bytes (SessionCrypto.aes): contexts of
        their own, keys held as above. libcrypto's stitched AES-GCM beats libsodium's from about
        1 KiB, even when the key changes on every packet (1171 B: 560 ns with the key held,
        761 ns re-keyed, libsodium 822 ns with its key schedule kept; 8971 B: 2.4 us against

@@ -38,7 +38,6 @@ log = logging.getLogger("msgnet")
 Handler = Callable[[Message], None] | Callable[[Message], Awaitable[None]]
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/udp/0",)
-_FLAG_REQUEST = limits.FLAG_REQUEST
 
 
 class MessageHost:
@@ -232,10 +231,7 @@ class MessageHost:
         """
         if qos is None:
             qos = self._default_qos.get(protocol, BEST_EFFORT)
-        network = self._network
-        requests = self._requests
-        if network is None or requests is None:
-            raise ClosedError("host is not started")
+        network, requests = self._started()
         future: asyncio.Future[bytes] = network.loop.create_future()
         # Best effort goes out at once in the common case (one compiled call); otherwise
         # (reliable, back-pressure, too large for one datagram) it is sent by awaiting.
@@ -286,7 +282,7 @@ class MessageHost:
         request, and then the callback is not called. An exception from the callback goes
         to the loop's exception handler.
         """
-        network = self._network
+        network = self._network  # _started(), inline: the per-request path of DHT lookups
         requests = self._requests
         if network is None or requests is None:
             raise ClosedError("host is not started")

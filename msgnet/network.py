@@ -669,7 +669,9 @@ class MessageNetwork:
         return self.delivery.send_reliable_nowait(session, engine, protocol, data, ordered)
 
     def _expect_reply(self, path: _PeerPath | None) -> None:
-        """A request went out on path: its reply is what shows the UDP path still works."""
+        """A request went out on path: its reply is what shows the UDP path still works.
+        (send_message_nowait does the same inline: this call costs ~700 instructions, 3% of
+        a request/response round trip.)"""
         if path is not None and path.mode == "udp" and not path.expect_since:
             path.expect_since = self.loop.time()
 
