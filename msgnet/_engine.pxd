@@ -472,6 +472,20 @@ cdef class UdpEngine:
     cdef int _report(self, str message, object exc, Session s) except -1
 
 
+
+# The network's last-used session, for the per-message send paths (_engine.pyx).
+cdef class SendRoute:
+    cdef object _peer_id
+    cdef Session _session
+    cdef UdpEngine _engine
+    cdef object _path
+    cdef object _time
+
+    cpdef set(self, peer_id, Session session, UdpEngine engine, path)
+    cpdef clear(self)
+    cpdef Session session_of(self, peer_id)
+    cpdef int send(self, peer_id, str protocol, data, int flags=*, request_id=*) except -2
+
 # The stream connection's write path (msgnet._stream.StreamCore.write_sealed) as a C function,
 # which _stream registers when it is imported: _stream cimports this module, so the engine
 # cannot name StreamCore itself, and a Python method call per packet costs more than the rest

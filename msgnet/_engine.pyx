@@ -81,7 +81,7 @@ import socket
 from msgnet import limits
 from msgnet.errors import ClosedError, MessageTooLargeError, UsageError
 
-__all__ = ["Message", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG", "HAVE_GSO",
+__all__ = ["Message", "SendRoute", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG", "HAVE_GSO",
            "STREAM_OK", "STREAM_REPLAY", "STREAM_BAD", "STREAM_UNKNOWN"]
 
 # What UdpEngine.feed_stream made of a packet from a stream connection.
@@ -646,6 +646,64 @@ cdef class _EndpointProtocol:
 
     def resume_writing(self):
         """See pause_writing."""
+
+
+# ---------------------------------------------------------------------------
+# The network's send route
+# ---------------------------------------------------------------------------
+
+cdef class SendRoute:
+    """The session a MessageNetwork sent on last, and its engine: the per-message send paths
+    (MessageNetwork.send_message_nowait, the request table) consult it by C calls, since a
+    peer's messages come in runs, and the Python-level lookup it replaces cost about a tenth
+    of a request/response round trip.
+
+    The network keeps it valid: it sets the route only while no protocol refusal is
+    remembered and the network is open, and clears it whenever the peer's sending session or
+    path may change (a new or dropped session, a new dial, a refusal, closing).
+    """
+
+    def __init__(self, loop_time):
+        self._time = loop_time  # loop.time, bound once
+
+    cpdef Session session_of(self, peer_id):
+        """The routed session if peer_id is the routed peer (the same object), else None."""
+        if peer_id is self._peer_id:
+            return self._session
+        return None
+
+    cpdef set(self, peer_id, Session session, UdpEngine engine, path):
+        """Route peer_id's messages to session on engine; path is the peer's
+        network._PeerPath (a request marks it as awaiting a reply), or None."""
+        if peer_id is None or session is None or engine is None:
+            raise UsageError("a route needs a peer, a session and an engine")
+        self._peer_id = peer_id
+        self._session = session
+        self._engine = engine
+        self._path = path
+
+    cpdef clear(self):
+        self._peer_id = None
+        self._session = None
+        self._engine = None
+        self._path = None
+
+    cpdef int send(self, peer_id, str protocol, data, int flags=0, request_id=0) except -2:
+        """Queue a message for the routed peer: 1 if queued, 0 if the session's queue is full
+        (back-pressure), -1 if peer_id is not the routed peer (then the caller takes the
+        network's general path, which also sets the route). Raises what
+        UdpEngine.send_message raises.
+
+        A request marks the peer's UDP path as awaiting a reply: the reply is what shows the
+        path still works (MessageNetwork's path checks)."""
+        cdef object path
+        if peer_id is not self._peer_id or self._session is None or protocol is None:
+            return -1
+        if flags & FLAG_REQUEST:
+            path = self._path
+            if path is not None and not path.expect_since and path.mode == "udp":
+                path.expect_since = self._time()
+        return self._engine._send(self._session, protocol, data, flags, request_id)
 
 
 # ---------------------------------------------------------------------------

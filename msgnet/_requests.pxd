@@ -5,6 +5,8 @@
 
 cimport cython
 
+from msgnet._engine cimport SendRoute
+
 cdef int _PENDING, _DONE, _FAILED, _CANCELLED
 cdef int _FLAG_REQUEST
 
@@ -29,6 +31,10 @@ cdef class PendingRequest:
     cdef _settle(self, int state, value)
 
 
+@cython.locals(request=PendingRequest)
+cdef PendingRequest _pending_request(callback, loop, RequestTable table)
+
+
 @cython.final
 cdef class _Request:
     cdef public object request_id
@@ -47,6 +53,7 @@ cdef class RequestTable:
     cdef Py_ssize_t _last_id
     cdef object _timer
     cdef double _timer_at
+    cdef SendRoute _route
 
     cpdef Py_ssize_t register(self, peer, str protocol, double timeout, future) except -1
     @cython.locals(entry=_Request)
@@ -55,11 +62,11 @@ cdef class RequestTable:
     cpdef started(self, request_id)
     cdef _start(self, _Request entry)
     cpdef forget(self, request_id)
-    @cython.locals(entry=_Request)
+    @cython.locals(entry=_Request, sent=cython.int)
     cpdef Py_ssize_t send(self, network, peer, str protocol, data, future,
                          double timeout) except -1
     cpdef PendingRequest send_callback(self, network, peer, str protocol, data, callback,
                                        double timeout)
-    @cython.locals(entry=_Request)
+    @cython.locals(entry=_Request, pending=PendingRequest)
     cpdef on_response(self, session, request_id, data)
     cdef _arm(self, double when)

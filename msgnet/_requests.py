@@ -130,6 +130,21 @@ class PendingRequest:
             self.set_result(task.result())
 
 
+def _pending_request(callback: Callable[[PendingRequest], None],
+                     loop: asyncio.AbstractEventLoop, table: RequestTable) -> PendingRequest:
+    """PendingRequest(callback, loop, table) without the __init__ call, a Python-level call
+    per request when compiled."""
+    request = PendingRequest.__new__(PendingRequest)
+    request._callback = callback
+    request._loop = loop
+    request._table = table
+    request._request_id = 0
+    request._state = _PENDING
+    request._value = None
+    request._task = None
+    return request
+
+
 @cython.final
 @cython.cclass
 class _Request:
@@ -160,10 +175,14 @@ class RequestTable:
     of a request.
     """
 
-    __slots__ = ("_entries", "_last_id", "_loop", "_time", "_timer", "_timer_at")
+    __slots__ = ("_entries", "_last_id", "_loop", "_route", "_time", "_timer", "_timer_at")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, route: Any = None) -> None:
+        """``route``: the network's SendRoute (MessageNetwork.route), which sends a request
+        to the peer sent to last by one C call; without it, requests go through
+        MessageNetwork.send_message_nowait."""
         self._loop = loop
+        self._route = route
         self._time = loop.time
         self._entries: dict[int, _Request] = {}
         self._last_id = 0
@@ -220,8 +239,11 @@ class RequestTable:
         entry = self._add(peer, protocol, timeout, future)
         request_id = entry.request_id
         try:
-            sent = network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST,
-                                               request_id)
+            sent = -1 if self._route is None else self._route.send(
+                peer, protocol, data, _FLAG_REQUEST, request_id)
+            if sent < 0:  # not the peer sent to last
+                sent = network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST,
+                                                   request_id)
         except MessageTooLargeError:
             sent = False
         except BaseException:
@@ -238,7 +260,7 @@ class RequestTable:
                       timeout: float) -> PendingRequest:
         """MessageHost.request_callback's fast path: a PendingRequest whose request went
         out, or one with request id 0 that the caller must send another way."""
-        request = PendingRequest(callback, self._loop, self)
+        request = _pending_request(callback, self._loop, self)
         request._request_id = self.send(network, peer, protocol, data, request, timeout)
         return request
 
@@ -255,7 +277,10 @@ class RequestTable:
             return  # request ids are unique per host, not per peer: only that peer answers
         del self._entries[request_id]
         future = entry.future
-        if not future.done():
+        if type(future) is PendingRequest:  # request_callback's: settled by a C call
+            pending: PendingRequest = future
+            pending._settle(_DONE, data)
+        elif not future.done():
             future.set_result(data)
 
     def on_reset(self, peer: Any, protocol: str, code: int) -> None:

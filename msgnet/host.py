@@ -92,7 +92,7 @@ class MessageHost:
         loop = asyncio.get_running_loop()
         network = MessageNetwork(self._keypair, loop=loop,
                                  **self._options)  # type: ignore[arg-type]
-        requests = RequestTable(loop)
+        requests = RequestTable(loop, network.route)
         network.add_response_listener(requests.on_response)
         network.add_reset_listener(requests.on_reset)
         network.add_unreachable_listener(requests.on_unreachable)

@@ -45,7 +45,7 @@ from typing import Any
 from multiaddr import Multiaddr
 
 from . import limits
-from ._engine import STREAM_BAD, STREAM_OK, Message, Session, UdpEngine
+from ._engine import STREAM_BAD, STREAM_OK, Message, SendRoute, Session, UdpEngine
 from ._frame import Ack, Ping, encode_frame
 from ._packet import AES_GCM, SessionCrypto, decode_session_unknown
 from .addr import Endpoint, parse_multiaddr, sockaddr_to_multiaddr
@@ -357,10 +357,12 @@ class MessageNetwork:
         self.delivery = DeliveryManager(self.loop, max_datagram)
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
-        # (peer, session, engine) of the peer sent to last: a peer sent to again and again
-        # (the PeerID object the caller holds) skips the PeerID hashes and the LRU move, and
-        # is already the most recently used. Cleared whenever _sessions or _paths changes.
-        self._last: tuple[PeerID, Session, UdpEngine] | None = None
+        # The peer sent to last, its session and engine: a peer sent to again and again (the
+        # PeerID object the caller holds) skips the PeerID hashes and the LRU move, and is
+        # already the most recently used. Set only while no refusal is remembered
+        # (_set_route), cleared whenever _sessions, _paths or _refused changes. Compiled: the
+        # request table and send_message_nowait use it by C calls.
+        self.route = SendRoute(self.loop.time)
         # Every live session (sending or receive-only) by our local index (its engine is
         # session.engine).
         self._by_index: dict[int, Session] = {}
@@ -474,7 +476,7 @@ class MessageNetwork:
         self._by_index.clear()
         self._unconfirmed.clear()
         self._sessions.clear()
-        self._last = None
+        self.route.clear()
         for path in self._paths.values():
             if path.dialing is not None:
                 path.dialing.cancel()
@@ -626,24 +628,24 @@ class MessageNetwork:
         queue is full (then await send_message). What callers use first, to spare a
         coroutine per message in the common case.
 
-        The session comes from ``_last`` when the peer is the one sent to last, else, for a
-        peer with a session, as session_for finds it but inline: fan-out (pubsub) changes
-        peer on every message, and session_for's call costs a fifth of such a send. A
-        request marks its UDP path as awaiting a reply (_expect_reply, inline here: one
-        call less per request)."""
+        The session comes from the route (SendRoute.send) when the peer is the one sent to
+        last, else, for a peer with a session, as session_for finds it but inline: fan-out
+        (pubsub) changes peer on every message, and session_for's call costs a fifth of
+        such a send. A request marks its UDP path as awaiting a reply (_expect_reply, inline
+        here and in the route: one call less per request)."""
+        sent = self.route.send(peer_id, protocol, data, flags, request_id)
+        if sent >= 0:
+            return sent == 1
         if flags & _FLAG_REQUEST:
             path = self._paths.get(peer_id)
             if path is not None and not path.expect_since and path.mode == "udp":
                 path.expect_since = self.loop.time()
-        last = self._last
-        if last is not None and last[0] is peer_id and not self._refused and not self._closed:
-            return last[2].send_message(last[1], protocol, data, flags, request_id)
         known = self._sessions.get(peer_id)
         if known is None or self._refused or self._closed:
             session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
             return engine.send_message(session, protocol, data, flags, request_id)
         self._sessions.move_to_end(peer_id)
-        self._last = (peer_id, known, known.engine)
+        self._set_route(peer_id, known)
         return known.engine.send_message(known, protocol, data, flags, request_id)
 
     def send_reliable_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
@@ -655,18 +657,24 @@ class MessageNetwork:
         The per-message path, to whichever peer (fan-out alternates them): the session
         lookup inline (as send_message_nowait), then one call into the compiled delivery
         manager (DeliveryManager.send_reliable_nowait)."""
-        last = self._last
-        if last is not None and last[0] is peer_id and not self._refused and not self._closed:
-            session, engine = last[1], last[2]
+        routed = self.route.session_of(peer_id)
+        if routed is not None:
+            session, engine = routed, routed.engine
         elif (known := self._sessions.get(peer_id)) is None or self._refused or self._closed:
             session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
         else:  # as send_message_nowait: session_for's established case, inline
             self._sessions.move_to_end(peer_id)
             session, engine = known, known.engine
-            self._last = (peer_id, session, engine)
+            self._set_route(peer_id, known)
         if ordered and session in self.stream_recovery.held:
             return False
         return self.delivery.send_reliable_nowait(session, engine, protocol, data, ordered)
+
+    def _set_route(self, peer_id: PeerID, session: Session) -> None:
+        """Route peer_id's messages to session, unless a refusal is remembered (the route
+        does not check refusals) or the network is closed."""
+        if not self._refused and not self._closed:
+            self.route.set(peer_id, session, session.engine, self._paths.get(peer_id))
 
     def _expect_reply(self, path: _PeerPath | None) -> None:
         """A request went out on path: its reply is what shows the UDP path still works.
@@ -706,15 +714,14 @@ class MessageNetwork:
                 if until > self.loop.time():
                     raise ProtocolResetError(protocol, limits.RESET_NO_HANDLER)
                 del self._refused[(peer_id, protocol)]
-        last = self._last
-        if last is not None and last[0] is peer_id:
-            return last[1], last[2]
+        routed = self.route.session_of(peer_id)
+        if routed is not None:
+            return routed, routed.engine
         session = self._sessions.get(peer_id)
         if session is not None:
             self._sessions.move_to_end(peer_id)
-            engine = session.engine
-            self._last = (peer_id, session, engine)
-            return session, engine
+            self._set_route(peer_id, session)
+            return session, session.engine
         dial = self._dial_by_peer.get(peer_id)
         if dial is None:
             dial = self._start_dial(peer_id)
@@ -750,7 +757,7 @@ class MessageNetwork:
                      "udp-only": "UDP", "tcp-only": "TCP"}[self.transport_policy]
             raise PeerUnreachableError(f"no usable {kinds} address known for {peer_id}")
         self._paths[peer_id] = path
-        self._last = None
+        self.route.clear()
         if udp is not None:
             path.udp = udp.sockaddr
             sock = self._socket_for(udp)
@@ -1132,7 +1139,7 @@ class MessageNetwork:
         self._by_index[session.local_index] = session
         self._sessions[session.peer_id] = session
         self._sessions.move_to_end(session.peer_id)
-        self._last = None
+        self.route.clear()
         while len(self._by_index) > self.max_sessions:
             oldest = next(iter(self._sessions.values()))
             self._drop_session(oldest)
@@ -1148,7 +1155,7 @@ class MessageNetwork:
             del self._by_remote_index[session.remote_index]
         if self._sessions.get(session.peer_id) is session:
             del self._sessions[session.peer_id]
-            self._last = None
+            self.route.clear()
             # Another live session with the peer, if any, takes over sending.
             for other in self._by_index.values():
                 if other.peer_id == session.peer_id and other.established:
@@ -1205,6 +1212,7 @@ class MessageNetwork:
         if protocol is None or code != limits.RESET_NO_HANDLER:
             return
         self._refused[(session.peer_id, protocol)] = self.loop.time() + limits.RESET_MEMORY
+        self.route.clear()  # sends check refusals again
         for listener in self._reset_listeners:
             listener(session.peer_id, protocol, code)
 
@@ -1481,7 +1489,7 @@ class MessageNetwork:
                 if (peer_id not in self._dial_by_peer and path.dialing is None
                         and path.open_stream() is None):
                     del self._paths[peer_id]
-                    self._last = None
+                    self.route.clear()
                 continue
             if path.mode == "both":
                 if session.last_received and now - path.started >= CONSOLIDATE_AFTER:
@@ -1545,7 +1553,7 @@ class MessageNetwork:
         elif path is None or path.open_stream() is None:
             return
         del self._sessions[session.peer_id]
-        self._last = None
+        self.route.clear()
         try:
             self._start_dial(session.peer_id)
         finally:

@@ -100,6 +100,32 @@ def test_unknown_protocol_raises_protocol_reset(run):
     run(main())
 
 
+def test_a_refusal_is_remembered_past_the_send_route(run):
+    """Sends to the peer sent to last take the network's route (SendRoute), which checks no
+    refusals: a Reset must take the route away, or the refused protocol would go out again."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            for i in range(3):
+                assert await a.request(b.peer_id, "/echo/1", b"%d" % i, timeout=5) == b"%d" % i
+            route = a.network.route
+            assert route.session_of(b.peer_id) is not None  # the route is in use
+            with pytest.raises(ProtocolResetError):
+                await a.request(b.peer_id, "/nobody/1", b"?", timeout=5)
+            assert route.session_of(b.peer_id) is None
+            with pytest.raises(ProtocolResetError):
+                a.network.send_message_nowait(b.peer_id, "/nobody/1", b"?")
+            with pytest.raises(ProtocolResetError):
+                a.request_callback(b.peer_id, "/nobody/1", b"?", lambda pending: None)
+            # Other protocols still work, without the route while the refusal is remembered.
+            assert await a.request(b.peer_id, "/echo/1", b"again", timeout=5) == b"again"
+            assert route.session_of(b.peer_id) is None
+            assert b.metrics()["no_handler"] == 1
+
+    run(main())
+
+
 def test_vanished_peer_times_out_or_is_unreachable(run):
     async def main():
         async with AsyncExitStack() as stack:
