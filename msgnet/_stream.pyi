@@ -33,6 +33,7 @@ class StreamCore:
 
     _reason: str | None
     _transport: asyncio.Transport | None
+    _transport_may_hold: bool
     _paused: bool
     _active: bool
     _packet_started: float

@@ -276,6 +276,7 @@ class StreamConnection(StreamCore, asyncio.BufferedProtocol):
                 pieces.append(packet)
             count += 1
             size += len(header) + n
+        self._transport_may_hold = True  # StreamCore._write asks the transport again
         if len(pieces) == 1:
             transport.write(pieces[0])
         else:
