@@ -5,10 +5,11 @@
 
 cimport cython
 
-from msgnet._engine cimport SendRoute
+from msgnet._engine cimport SendRoute, Session
 
 cdef int _PENDING, _DONE, _FAILED, _CANCELLED
 cdef int _FLAG_REQUEST
+cdef double _INF
 
 
 @cython.final
@@ -60,6 +61,7 @@ cdef class RequestTable:
     cdef _Request _add(self, peer, str protocol, double timeout, future)
     @cython.locals(entry=_Request)
     cpdef started(self, request_id)
+    @cython.locals(deadline=cython.double)
     cdef _start(self, _Request entry)
     cpdef forget(self, request_id)
     @cython.locals(entry=_Request, sent=cython.int)
@@ -68,5 +70,5 @@ cdef class RequestTable:
     cpdef PendingRequest send_callback(self, network, peer, str protocol, data, callback,
                                        double timeout)
     @cython.locals(entry=_Request, pending=PendingRequest)
-    cpdef on_response(self, session, request_id, data)
+    cpdef on_response(self, Session session, request_id, data)
     cdef _arm(self, double when)

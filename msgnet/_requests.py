@@ -37,6 +37,7 @@ __all__ = ["MAX_PENDING_REQUESTS", "PendingRequest", "RequestTable"]
 MAX_PENDING_REQUESTS = 65536
 _FLAG_REQUEST = limits.FLAG_REQUEST
 _PENDING, _DONE, _FAILED, _CANCELLED = range(4)  # PendingRequest._state
+_INF = math.inf  # a C double when compiled (a module attribute read costs ~290 instructions)
 
 
 @cython.final
@@ -187,7 +188,7 @@ class RequestTable:
         self._entries: dict[int, _Request] = {}
         self._last_id = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
+        self._timer_at = _INF
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -212,7 +213,7 @@ class RequestTable:
         entry.protocol = protocol
         entry.peer = peer
         entry.timeout = timeout
-        entry.deadline = math.inf
+        entry.deadline = _INF
         entries[entry.request_id] = entry
         return entry
 
@@ -302,7 +303,7 @@ class RequestTable:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._timer_at = math.inf
+        self._timer_at = _INF
         self._fail(lambda entry: True, make_error)
 
     def _fail(self, which: Callable[[_Request], bool],
@@ -326,11 +327,11 @@ class RequestTable:
         """Fail the requests whose deadline passed with RequestTimeoutError; re-arm for the
         next. Visits every outstanding request, about once per timeout period."""
         self._timer = None
-        self._timer_at = math.inf
+        self._timer_at = _INF
         # Due within the loop clock's resolution (uvloop: 1 ms) counts as due: a timer that
         # fires a fraction early must not re-arm itself at once.
         now = self._loop.time() + 0.001
-        next_at = math.inf
+        next_at = _INF
         entries = self._entries
         for request_id, entry in list(entries.items()):
             if request_id not in entries or entry.future.done():
