@@ -253,6 +253,10 @@ cdef class Session:
     cdef readonly double last_sent
     cdef readonly double last_frames    # when the last packet with frames arrived (not a keep-alive)
     cdef readonly SessionCrypto crypto
+    # The largest UDP datagram this session sends: MAX_DATAGRAM until PMTU discovery raises
+    # it (docs/wire.md 5.1; UdpEngine.set_datagram_size), and whether the network searched.
+    cdef readonly int datagram_size
+    cdef public int pmtu_state          # PMTU_* in _engine.pyx: not searched, searching, done
 
     cdef UdpEngine _engine
     cdef bint _closed
@@ -355,6 +359,7 @@ cdef class UdpEngine:
     cdef public int transport_id
     cdef readonly int max_datagram
     cdef readonly bint use_recvmmsg
+    cdef readonly bint probes_path    # DF is set: sessions may probe for larger datagrams
 
     cdef object _delegate
     cdef dict _handlers
@@ -436,7 +441,8 @@ cdef class UdpEngine:
     cdef int _frames(self, Session s, const uint8_t* p, Py_ssize_t n,
                      int64_t counter) except -1
     cdef int _confirmed(self, Session s) except -1
-    cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now) except -2
+    cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now,
+                               bint retain=*) except -2
     cpdef int64_t send_payload(self, Session session, bytes payload, bint drain=*) except -2
     cdef bint _route(self, Session s, uint64_t alias, str protocol, FrameView* fv,
                      int64_t counter) except -1

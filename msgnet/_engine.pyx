@@ -77,12 +77,19 @@ from msgnet._packet cimport (
 import asyncio
 import os
 import socket
+import sys
 
 from msgnet import limits
 from msgnet.errors import ClosedError, MessageTooLargeError, UsageError
 
-__all__ = ["Message", "SendRoute", "Session", "UdpEngine", "COUNTER_NAMES", "HAVE_RECVMMSG", "HAVE_GSO",
+__all__ = ["Message", "SendRoute", "Session", "UdpEngine", "PMTU_IDLE", "PMTU_SEARCHING",
+           "PMTU_DONE", "COUNTER_NAMES", "HAVE_RECVMMSG", "HAVE_GSO",
            "STREAM_OK", "STREAM_REPLAY", "STREAM_BAD", "STREAM_UNKNOWN"]
+
+# Session.pmtu_state: where the session's PMTU search is (docs/wire.md 5.1).
+PMTU_IDLE = 0        # not searched: it has sent nothing larger than MAX_DATAGRAM carries
+PMTU_SEARCHING = 1   # probes are out (the network's search, msgnet.network)
+PMTU_DONE = 2        # searched: datagram_size is what the path carries
 
 # What UdpEngine.feed_stream made of a packet from a stream connection.
 STREAM_OK = 1        # authenticated for a session here, and processed
@@ -127,6 +134,27 @@ HAVE_RECVMMSG = bool(MSGNET_HAVE_MMSG)
 # engine at the first send the kernel refuses (old kernel, a device without checksum offload,
 # a datagram larger than the path MTU).
 HAVE_GSO = bool(MSGNET_HAVE_GSO)
+# Don't Fragment on every datagram of a socket whose host probes the path MTU (docs/wire.md
+# 5.1): Linux's IP_MTU_DISCOVER / IPV6_MTU_DISCOVER = IP(V6)_PMTUDISC_PROBE, which the socket
+# module does not name. IP never fragments a datagram then, so a probe that arrives proves the
+# path carries its size, and one larger than the interface's MTU is refused at once.
+_IP_MTU_DISCOVER = 10
+_IPV6_MTU_DISCOVER = 23
+_PMTUDISC_PROBE = 3
+
+
+def _set_dont_fragment(sock) -> bool:
+    """Set DF on sock's datagrams (IPv4, and IPv6 on an IPv6 socket); False where the platform
+    has no such option (then probes may be fragmented by IP: PMTU discovery is off)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_PROBE)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE)
+    except OSError:
+        return False
+    return True
 # UDP generic receive offload (Linux 5.0+), the other half: datagrams of one flow that arrive
 # together (on loopback, a GSO send stays whole) come up in one read with their segment size,
 # so the kernel's per-datagram receive work is paid once per run. Asked for with a socket
@@ -779,6 +807,9 @@ cdef class UdpEngine:
                 use_gro = True
         if sock is not None:
             sock.setblocking(False)
+        # Sessions may probe for larger datagrams only where IP will not fragment them.
+        self.probes_path = (sock is not None and max_datagram > limits.MAX_DATAGRAM
+                            and _set_dont_fragment(sock))
         self.sock = sock
         self.loop = loop
         self.sessions = {}
@@ -868,13 +899,16 @@ cdef class UdpEngine:
         PyMem_Free(self._tx_cmsg)
 
     cdef uint8_t* _take_buffer(self, Py_ssize_t size) except NULL:
-        """A payload buffer of size bytes: from a pool when that is a datagram's payload
-        (max_datagram - 29) or a stream session's (C_STREAM_COALESCE), else a new one."""
+        """A payload buffer of at least size bytes: for a datagram's payload (at most
+        max_datagram - 29, whatever the session's datagram size) one of that size, from a
+        pool; from another for a stream session's (C_STREAM_COALESCE); else a new one."""
         cdef uint8_t* buf
-        if self._pool_len and size == self.max_datagram - DATA_OVERHEAD:
-            self._pool_len -= 1
-            return self._pool[self._pool_len]
-        if self._stream_pool_len and size == C_STREAM_COALESCE:
+        if size <= self.max_datagram - DATA_OVERHEAD:
+            if self._pool_len:
+                self._pool_len -= 1
+                return self._pool[self._pool_len]
+            size = self.max_datagram - DATA_OVERHEAD
+        elif self._stream_pool_len and size == C_STREAM_COALESCE:
             self._stream_pool_len -= 1
             return self._stream_pool[self._stream_pool_len]
         buf = <uint8_t*>PyMem_Malloc(size)
@@ -883,7 +917,8 @@ cdef class UdpEngine:
         return buf
 
     cdef void _give_buffer(self, uint8_t* buf, Py_ssize_t size) noexcept:
-        if size == self.max_datagram - DATA_OVERHEAD and self._pool_len < C_BUFFER_POOL:
+        """Back to its pool (size: what it was taken for)."""
+        if size <= self.max_datagram - DATA_OVERHEAD and self._pool_len < C_BUFFER_POOL:
             self._pool[self._pool_len] = buf
             self._pool_len += 1
         elif size == C_STREAM_COALESCE and self._stream_pool_len < C_STREAM_BUFFER_POOL:
@@ -960,7 +995,8 @@ cdef class UdpEngine:
         s.local_index = <uint32_t>local_index
         s.initiator = initiator
         s.created = self._loop_time()
-        s._cap = self.max_datagram - DATA_OVERHEAD
+        s.datagram_size = limits.MAX_DATAGRAM  # until PMTU discovery raises it
+        s._cap = limits.MAX_DATAGRAM - DATA_OVERHEAD
         s._max_queue = self._max_queue
         s._udp = True
         s._transport_id = <uint16_t>self.transport_id
@@ -1527,7 +1563,7 @@ cdef class UdpEngine:
                 alone = PyBytes_FromStringAndSize(NULL, size)
                 at = <uint8_t*>PyBytes_AS_STRING(alone)
             else:
-                raise MessageTooLargeError(_too_large(view.len, self.max_datagram))
+                raise MessageTooLargeError(_too_large(view.len, s.datagram_size))
             if init:
                 written = write_init(at, size, s._transport_id,
                                      <const uint8_t*>PyBytes_AS_STRING(encoded),
@@ -1678,8 +1714,9 @@ cdef class UdpEngine:
             if sealed < 0:
                 raise ClosedError("session send counter exhausted")
             return sealed
-        if PyBytes_GET_SIZE(payload) > self.max_datagram - DATA_OVERHEAD:
-            raise MessageTooLargeError(_too_large(PyBytes_GET_SIZE(payload), self.max_datagram))
+        if PyBytes_GET_SIZE(payload) > session.datagram_size - DATA_OVERHEAD:
+            raise MessageTooLargeError(_too_large(PyBytes_GET_SIZE(payload),
+                                                  session.datagram_size))
         counter = crypto.send_counter
         if self._tx_count == self._batch and not self._drain_tx():
             crypto.send_counter += 1  # the packet is lost: its counter must not be reused
@@ -1817,17 +1854,19 @@ cdef class UdpEngine:
             if self._to_stream(s, n):
                 self._seal_to_stream(s, payload, now)
                 continue
-            if n > self.max_datagram - DATA_OVERHEAD:  # its stream went away: cannot be sent
+            if n > s.datagram_size - DATA_OVERHEAD:  # its stream went away: cannot be sent
                 self._counters[CNT_SEND_ERRORS] += 1
                 continue
             self._seal_to_ring(s, payload, now)
         s._wake_drained(None)
         return True
 
-    cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now) except -2:
+    cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now,
+                               bint retain=True) except -2:
         """Seal payload as one DATA packet into the next free slot of the send ring (the caller
-        made room) and retain it; its counter, or -1 if the session's counter is exhausted
-        (counted). During first contact the same packet also goes on the session's stream."""
+        made room) and, with retain, keep it (SESSION_UNKNOWN recovery) and during first
+        contact send it on the session's stream too; its counter, or -1 if the session's
+        counter is exhausted (counted)."""
         cdef SessionCrypto crypto = s.crypto
         cdef uint8_t* slot = self._tx_buf + self._tx_count * self.max_datagram
         cdef uint64_t counter = crypto.send_counter
@@ -1842,14 +1881,15 @@ cdef class UdpEngine:
             tag = _ZERO_TAG
         else:
             tag = slot + length - AEAD_TAG_SIZE
-        s._retain(counter, tag, payload, now)
+        if retain:
+            s._retain(counter, tag, payload, now)
         s.last_sent = now
         self._tx_iov[self._tx_count].iov_len = length
         self._tx_hdrs[self._tx_count].msg_hdr.msg_name = &s._sa
         self._tx_hdrs[self._tx_count].msg_hdr.msg_namelen = s._salen
         self._tx_owner[self._tx_count] = s
         self._tx_count += 1
-        if s._duplicate and s.stream.writable:  # first contact: the same packet on both
+        if retain and s._duplicate and s.stream.writable:  # first contact: on both paths
             if s.stream.write_packet(PyBytes_FromStringAndSize(<const char*>slot, length)):
                 self._counters[CNT_PACKETS_OUT] += 1
                 self._counters[CNT_BYTES_OUT] += length
@@ -1858,7 +1898,7 @@ cdef class UdpEngine:
     cdef bint _to_stream(self, Session s, Py_ssize_t n) noexcept:
         """Whether an n-byte payload of s goes on its stream rather than by UDP."""
         return s.stream is not None and (not s._udp or not s._salen or self.sock is None
-                                         or n > self.max_datagram - DATA_OVERHEAD)
+                                         or n > s.datagram_size - DATA_OVERHEAD)
 
     cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now) except -2:
         """Seal payload as one packet written to s.stream; its counter, or -1 if the session's
@@ -1935,7 +1975,7 @@ cdef class UdpEngine:
         cdef Py_ssize_t cap
         if not udp and stream is None:
             raise UsageError("a session needs a UDP or a stream path")
-        cap = self.max_datagram - DATA_OVERHEAD if udp else C_STREAM_COALESCE
+        cap = session.datagram_size - DATA_OVERHEAD if udp else C_STREAM_COALESCE
         if cap != session._cap:
             session._close_payload()
             session._cap = cap
@@ -1950,10 +1990,45 @@ cdef class UdpEngine:
                                                              or session._cur_len):
             self._mark_dirty(session)
 
+    def set_datagram_size(self, Session session not None, int size):
+        """The largest datagram session sends from now on: what PMTU discovery found the path
+        carries (docs/wire.md 5.1), MAX_DATAGRAM to the engine's max_datagram. Payloads already
+        queued keep their size."""
+        if not limits.MAX_DATAGRAM <= size <= self.max_datagram:
+            raise UsageError(f"a datagram size is {limits.MAX_DATAGRAM} to {self.max_datagram}, "
+                             f"not {size}")
+        session.datagram_size = size
+        if session._udp and session._cap != size - DATA_OVERHEAD:
+            session._close_payload()
+            session._cap = size - DATA_OVERHEAD
+
+    def send_probe(self, Session session not None, bytes payload not None) -> int:
+        """Seal payload (a PMTU probe: PING and PADDING, docs/wire.md 5.1) as one DATA packet
+        and send it now, by UDP alone: never on a stream, never retained for SESSION_UNKNOWN
+        recovery, whatever the session's datagram size (up to max_datagram). Its counter, or
+        -1 when the session has no UDP path. A probe the socket refuses (larger than the
+        interface carries, with DF) is dropped and counted (send_errors), as a lost one."""
+        cdef int64_t counter
+        if session._closed or self._closed or session.crypto is None or not session.established:
+            raise ClosedError("session is not established or is closed")
+        if not 0 < PyBytes_GET_SIZE(payload) <= self.max_datagram - DATA_OVERHEAD:
+            raise UsageError(f"a probe's payload is 1 to {self.max_datagram - DATA_OVERHEAD} "
+                             f"bytes")
+        if not session._udp or not session._salen or self.sock is None:
+            return -1
+        if self._tx_count == self._batch and not self._drain_tx():
+            return -1
+        counter = self._seal_to_ring(session, payload, self._loop_time(), False)
+        if counter < 0:
+            raise ClosedError("session send counter exhausted")
+        if not self._in_batch:
+            self._drain_tx()
+        return counter
+
     cdef int _repack(self, Session s) except -1:
         """Cut queued payloads larger than a datagram's into runs of whole frames that fit
         one; a single frame larger than that is dropped (send_errors)."""
-        cdef Py_ssize_t cap = self.max_datagram - DATA_OVERHEAD
+        cdef Py_ssize_t cap = s.datagram_size - DATA_OVERHEAD
         cdef Py_ssize_t pos, take, n, skip
         cdef const uint8_t* p
         cdef FrameView fv

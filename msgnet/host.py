@@ -49,10 +49,11 @@ class MessageHost:
     "prefer-tcp", "udp-only" or "tcp-only" (docs/wire.md §5); ``stream_settings`` adjusts
     the TCP limits of docs/wire.md §6.  ``aes_gcm=False`` keeps every session on
     ChaCha20-Poly1305; by default a session uses AES-256-GCM when both hosts offer it, which
-    a host does where its CPU has AES instructions (docs/wire.md §2.2).  Handlers may be plain
-    functions
-    or coroutine functions; they receive a :class:`Message` whose
-    ``from_peer`` is the peer proven by the handshake.
+    a host does where its CPU has AES instructions (docs/wire.md §2.2).  Sessions send
+    datagrams of up to 1200 bytes until a large message makes them probe their path for
+    larger ones, up to ``max_datagram`` (default 9000; 1200 turns probing off; docs/wire.md
+    §5.1).  Handlers may be plain functions or coroutine functions; they receive a
+    :class:`Message` whose ``from_peer`` is the peer proven by the handshake.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class MessageHost:
         listen: Iterable[Multiaddr | str] = DEFAULT_LISTEN,
         *,
         plaintext: bool = False,
-        max_datagram: int = limits.MAX_DATAGRAM,
+        max_datagram: int = limits.MAX_DATAGRAM_CEILING,
         use_recvmmsg: bool | None = None,
         peerstore: Peerstore | None = None,
         transport_policy: str = "prefer-udp",

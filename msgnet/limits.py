@@ -26,7 +26,11 @@ AEAD_TAG_SIZE = 16
 DATA_OVERHEAD = DATA_HEADER_SIZE + AEAD_TAG_SIZE
 
 MAX_DATAGRAM = 1200
+"""Base datagram size: the largest UDP payload a session sends until PMTU discovery raises it
+(docs/wire.md 5.1); handshake packets and the best-effort size bound are reckoned in it."""
 MAX_DATAGRAM_CEILING = 9000
+"""The largest UDP payload any host sends (its max_datagram setting, the default) and the
+largest every host accepts."""
 MAX_STREAM_PACKET = (1 << 20) + 4096
 MAX_MESSAGE_PAYLOAD = 1 << 20
 MAX_PROTOCOL_LENGTH = 256
@@ -136,6 +140,12 @@ MAX_OUTSTANDING_PER_SESSION = 8 << 20
 MAX_REASSEMBLY_TOTAL = 64 << 20
 MAX_BEST_EFFORT_REASSEMBLIES = 16
 SEQ_WINDOW = 4096
+
+# Datagram size: PMTU discovery (docs/wire.md §5.1).
+PMTU_PROBE_SIZES = (8952, 1452)  # below the host's max_datagram, which is tried first
+PMTU_PROBE_TIMEOUT = 0.5
+PMTU_MAX_PROBES = 3
+PMTU_PROBE_MARK = b"\xa6msgnet/pmtu"
 
 # Transports, paths and Ack (docs/wire.md §5).
 PATH_TIMEOUT = 3.0

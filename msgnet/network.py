@@ -45,7 +45,7 @@ from typing import Any
 from multiaddr import Multiaddr
 
 from . import limits
-from ._engine import STREAM_BAD, STREAM_OK, Message, SendRoute, Session, UdpEngine
+from ._engine import PMTU_DONE, STREAM_BAD, STREAM_OK, Message, SendRoute, Session, UdpEngine
 from ._frame import Ack, Ping, encode_frame
 from ._packet import AES_GCM, SessionCrypto, decode_session_unknown
 from .addr import Endpoint, parse_multiaddr, sockaddr_to_multiaddr
@@ -302,6 +302,19 @@ class _PeerPath:
         return stream if stream is not None and not stream.closed else None
 
 
+class _PmtuSearch:
+    """One session's PMTU search (docs/wire.md 5.1): the sizes left to try, largest first, and
+    the probe out for the first of them."""
+
+    __slots__ = ("data", "sizes", "timer", "tries")
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self.tries = 0                                  # probes sent for sizes[0]
+        self.data = b""                                 # the PING data of the probe out
+        self.timer: asyncio.TimerHandle | None = None  # its timeout
+
+
 class MessageNetwork:
     """Sockets, transports, peers and their secure sessions."""
 
@@ -311,7 +324,7 @@ class MessageNetwork:
         *,
         loop: asyncio.AbstractEventLoop | None = None,
         plaintext: bool = False,
-        max_datagram: int = limits.MAX_DATAGRAM,
+        max_datagram: int = limits.MAX_DATAGRAM_CEILING,
         max_sessions: int = limits.MAX_SESSIONS,
         use_recvmmsg: bool | None = None,
         peerstore: Peerstore | None = None,
@@ -321,7 +334,9 @@ class MessageNetwork:
     ) -> None:
         """``aes_gcm``: offer AES-256-GCM for DATA where this machine has it fast
         (msgnet._packet.AES_GCM); sessions use it when the peer offers it too (wire.md 2.2).
-        False: offer ChaCha20-Poly1305 alone."""
+        False: offer ChaCha20-Poly1305 alone. ``max_datagram``: the largest UDP datagram a
+        session may send once PMTU discovery found its path carries it (wire.md 5.1); every
+        session starts at 1200, and 1200 turns the search off."""
         if not limits.MAX_DATAGRAM <= max_datagram <= limits.MAX_DATAGRAM_CEILING:
             raise UsageError(
                 f"max_datagram must be within {limits.MAX_DATAGRAM}..{limits.MAX_DATAGRAM_CEILING}"
@@ -354,7 +369,9 @@ class MessageNetwork:
         self._pending_paths: dict[int, list[Any]] = {}
         self._handshaker = Handshaker(self.keypair, plaintext=plaintext,
                                       aes_gcm=aes_gcm and AES_GCM, transport_ids=())
-        self.delivery = DeliveryManager(self.loop, max_datagram)
+        self.delivery = DeliveryManager(self.loop, max_datagram, on_large=self._search_pmtu)
+        # PMTU searches in progress (docs/wire.md 5.1), by session.
+        self._pmtu: dict[Session, _PmtuSearch] = {}
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
         # The peer sent to last, its session and engine: a peer sent to again and again (the
@@ -471,6 +488,8 @@ class MessageNetwork:
         for dial in list(self._dials.values()):
             self._fail_dial(dial, error)
         self.delivery.close(error)
+        for session, search in list(self._pmtu.items()):
+            self._end_pmtu_search(session, search)
         for session in list(self._by_index.values()):
             session.engine.remove_session(session)
         self._by_index.clear()
@@ -1084,6 +1103,7 @@ class MessageNetwork:
                 engine.feed_datagram(packet, udp)
         engine.flush_session(session, True)  # confirms the session to the initiator
         self.delivery.session_established(session)
+        self._pmtu_session_up(session)
 
     def _send_ack(self, session: Session) -> None:
         """Queue ACK(our transport on the session's path): where we prefer to hear from the
@@ -1146,6 +1166,9 @@ class MessageNetwork:
             self._count("sessions_evicted")
 
     def _drop_session(self, session: Session) -> None:
+        search = self._pmtu.get(session)
+        if search is not None:
+            self._end_pmtu_search(session, search)
         if self._by_index.pop(session.local_index, None) is not None:
             session.engine.remove_session(session)
         self.delivery.close_session(
@@ -1218,7 +1241,74 @@ class MessageNetwork:
 
     def handle_pong(self, session: Session, data: bytes) -> None:
         self._count("pongs_received")
+        search = self._pmtu.get(session)
+        if search is not None and data == search.data:
+            self._end_pmtu_search(session, search)
+            self.delivery.set_datagram_size(session, search.sizes[0])
+            self._count("pmtu_raised")
+            return
         self.stream_recovery.pong_received(session, data)
+
+    # -- PMTU discovery (docs/wire.md 5.1) -----------------------------------------------
+
+    def _search_pmtu(self, session: Session) -> None:
+        """The delivery layer has a message larger than session's datagram: probe for larger
+        datagrams, if the path may have them (the engine's socket sets DF)."""
+        engine = session.engine
+        sizes = [size for size in (engine.max_datagram, *limits.PMTU_PROBE_SIZES)
+                 if session.datagram_size < size <= engine.max_datagram]
+        if not sizes or not engine.probes_path:
+            session.pmtu_state = PMTU_DONE
+            return
+        search = self._pmtu[session] = _PmtuSearch(sorted(set(sizes), reverse=True))
+        if session.established and (session.last_received or not session.initiator):
+            self._send_probe(session, search)
+        # else the first probe goes once the peer confirmed the session (_pmtu_session_up)
+
+    def _pmtu_session_up(self, session: Session) -> None:
+        """The session is confirmed: a search that waited for it sends its first probe."""
+        search = self._pmtu.get(session)
+        if search is not None and not search.tries:
+            self._send_probe(session, search)
+
+    def _send_probe(self, session: Session, search: _PmtuSearch) -> None:
+        """A probe of search.sizes[0] bytes: PING (mark, size, 8 random bytes) and PADDING."""
+        size = search.sizes[0]
+        search.data = limits.PMTU_PROBE_MARK + size.to_bytes(2, "big") + os.urandom(8)
+        ping = encode_frame(Ping(search.data))
+        payload = ping + bytes(size - limits.DATA_OVERHEAD - len(ping))  # PADDING: 0x00
+        try:
+            counter = session.engine.send_probe(session, payload)
+        except ClosedError:
+            counter = -1
+        if counter < 0:  # the session closed or has no UDP path now
+            self._end_pmtu_search(session, search)
+            return
+        search.tries += 1
+        self._count("pmtu_probes")
+        search.timer = self.loop.call_later(limits.PMTU_PROBE_TIMEOUT, self._probe_lost,
+                                            session, search)
+
+    def _probe_lost(self, session: Session, search: _PmtuSearch) -> None:
+        """No PONG in time: the same size again, up to PMTU_MAX_PROBES, then the next."""
+        search.timer = None
+        if self._pmtu.get(session) is not search:
+            return
+        if search.tries >= limits.PMTU_MAX_PROBES:
+            search.sizes.pop(0)
+            search.tries = 0
+            if not search.sizes:  # nothing larger gets through: the session stays as it is
+                self._end_pmtu_search(session, search)
+                return
+        self._send_probe(session, search)
+
+    def _end_pmtu_search(self, session: Session, search: _PmtuSearch) -> None:
+        if search.timer is not None:
+            search.timer.cancel()
+            search.timer = None
+        if self._pmtu.get(session) is search:
+            del self._pmtu[session]
+        session.pmtu_state = PMTU_DONE
 
     async def _stream_acknowledged(self, session: Session, protocol: str,
                                    timeout: float) -> None:
@@ -1433,6 +1523,7 @@ class MessageNetwork:
             self._unconfirmed.discard(session.local_index)
             self._handshaker.confirm(session.local_index)
         self.delivery.session_established(session)
+        self._pmtu_session_up(session)
 
     @property
     def handle_packet_received(self) -> Callable[[Session, int, bool], None]:

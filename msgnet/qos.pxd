@@ -8,7 +8,8 @@ cimport cython
 from msgnet._engine cimport Session, UdpEngine
 from msgnet.core.delivery cimport DeliveryConnection
 
-cdef Py_ssize_t _DATA_OVERHEAD
+cdef Py_ssize_t _DATA_OVERHEAD, _MAX_BEST_EFFORT_FRAGMENTS
+cdef int _PMTU_IDLE, _PMTU_SEARCHING
 
 
 @cython.final
@@ -20,20 +21,22 @@ cdef class DeliveryManager:
     cdef dict _conns
     cdef dict _timers
     cdef dict _waiters
-    cdef Py_ssize_t _room
-    cdef dict _rooms
+    cdef object _on_large
+    cdef dict _overheads
     cdef dict _pending
     cdef Session _scheduled
-    cdef str _room_protocol
-    cdef Py_ssize_t _room_last
+    cdef str _overhead_protocol
+    cdef Py_ssize_t _overhead_last
     cdef dict _room_waiters
     cdef object _flush_handle
     cdef double _now
 
+    @cython.locals(room=Py_ssize_t, overhead=Py_ssize_t)
     cpdef bint send_reliable_nowait(self, Session session, UdpEngine engine, str protocol,
                                     payload, bint ordered) except -1
-    @cython.locals(room=object)
-    cpdef Py_ssize_t _room_for(self, str protocol) except -1
+    @cython.locals(overhead=object)
+    cpdef Py_ssize_t _overhead_for(self, str protocol) except -1
+    cpdef _large(self, Session session)
     @cython.locals(entry=tuple)
     cpdef DeliveryConnection _conn(self, Session session, UdpEngine engine)
     cpdef schedule(self, Session session)

@@ -25,10 +25,12 @@ per-packet methods reach the session, engine and core by C calls.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import limits
+from ._engine import PMTU_IDLE, PMTU_SEARCHING
 from ._frame import DeliveryAck, decode_frame, encode_frame, encode_varint
 from .core.delivery import (
     DeliveryConnection,
@@ -38,7 +40,7 @@ from .core.delivery import (
     OutgoingMessage,
     ReassemblyBudget,
 )
-from .errors import MsgnetError, UsageError
+from .errors import MessageTooLargeError, MsgnetError, UsageError
 
 if TYPE_CHECKING:
     from ._engine import Session, UdpEngine
@@ -51,6 +53,9 @@ __all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
 _INIT_OVERHEAD = 1 + 3 + 2 + 2 + 3 + 1 + 9 + 9 + 2 + 2
 _MAX_POLL = 64
 _DATA_OVERHEAD = limits.DATA_OVERHEAD  # (a C constant where compiled: read once per packet)
+_MAX_BEST_EFFORT_FRAGMENTS = limits.MAX_BEST_EFFORT_FRAGMENTS
+_PMTU_IDLE = PMTU_IDLE  # C constants where compiled, as _DATA_OVERHEAD
+_PMTU_SEARCHING = PMTU_SEARCHING
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,28 +87,39 @@ BEST_EFFORT = BestEffort()
 
 def fragment_size(max_datagram: int, protocol: str) -> int:
     """Payload room of one fragment on ``protocol``, sent as INIT in the worst case."""
-    return max_datagram - limits.DATA_OVERHEAD - _INIT_OVERHEAD - len(protocol.encode())
+    return max_datagram - _fragment_overhead(protocol)
+
+
+def _fragment_overhead(protocol: str) -> int:
+    """What a datagram holds besides a fragment's payload on ``protocol``: the packet's header
+    and tag, and the frame's header as INIT (the worst case)."""
+    return limits.DATA_OVERHEAD + _INIT_OVERHEAD + len(protocol.encode())
 
 
 class DeliveryManager:
-    """Per-session delivery cores, driven by engine hooks and one timer per active session."""
+    """Per-session delivery cores, driven by engine hooks and one timer per active session.
+
+    Fragments are cut to the session's datagram size (Session.datagram_size), which PMTU
+    discovery may raise (docs/wire.md 5.1): ``on_large(session)``, when given, is called for
+    a message larger than a session that has not searched yet can carry in one datagram."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_datagram: int,
-                 max_message: int = limits.MAX_MESSAGE_PAYLOAD) -> None:
+                 max_message: int = limits.MAX_MESSAGE_PAYLOAD,
+                 on_large: Callable[[Session], None] | None = None) -> None:
         self._loop = loop
-        self._max_datagram = max_datagram
+        self._max_datagram = max_datagram  # the largest any session's datagram may become
         self._max_message = max_message
+        self._on_large = on_large
         self._budget = ReassemblyBudget()
         self._conns: dict[Session, tuple[DeliveryConnection, UdpEngine]] = {}
         # One timer per session with delivery state: (handle, its deadline).
         self._timers: dict[Session, tuple[asyncio.Handle, float]] = {}
         self._waiters: dict[OutgoingMessage, asyncio.Future[None]] = {}
-        self._room = max_datagram - limits.DATA_OVERHEAD
-        self._rooms: dict[str, int] = {}  # fragment room per protocol (_room_for)
-        # The protocol send_reliable_nowait asked _room_for last, and its room: senders pass
-        # the same str object message after message.
-        self._room_protocol: str | None = None
-        self._room_last = 0
+        self._overheads: dict[str, int] = {}  # per protocol (_overhead_for)
+        # The protocol send_reliable_nowait asked _overhead_for last, and its overhead:
+        # senders pass the same str object message after message.
+        self._overhead_protocol: str | None = None
+        self._overhead_last = 0
         # Sessions to pump once the loop iteration's sends, acks and receptions are in: every
         # message, ack and window opening of one iteration shares packets (DESIGN §2: the
         # engine coalesces its best-effort frames per iteration the same way).
@@ -146,12 +162,15 @@ class DeliveryManager:
         conn = session.delivery
         if conn is None:
             conn = self._conn(session, engine)
-        if protocol is self._room_protocol:
-            room = self._room_last
+        if protocol is self._overhead_protocol:
+            room = session.datagram_size - self._overhead_last
         else:
-            room = self._room_for(protocol)
-            self._room_protocol = protocol
-            self._room_last = room
+            overhead = self._overhead_for(protocol)
+            self._overhead_protocol = protocol
+            self._overhead_last = overhead
+            room = session.datagram_size - overhead
+        if session.pmtu_state == _PMTU_IDLE and len(data) > room:
+            self._large(session)
         if session is not self._scheduled and session not in self._pending:
             self.schedule(session)
         return conn.send_nowait(protocol, data, ordered, room, self._now)
@@ -159,7 +178,17 @@ class DeliveryManager:
     def _send(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
               reliable: bool, ordered: bool, flags_extra: int,
               request_id: int) -> OutgoingMessage:
-        room = self._room_for(protocol)
+        overhead = self._overhead_for(protocol)
+        if not reliable and len(data) > _MAX_BEST_EFFORT_FRAGMENTS * (limits.MAX_DATAGRAM
+                                                                      - overhead):
+            # The same bound on every path (docs/wire.md 5.1), whatever this one carries.
+            raise MessageTooLargeError(
+                f"best-effort message of {len(data)} bytes needs more than "
+                f"{_MAX_BEST_EFFORT_FRAGMENTS} fragments of a {limits.MAX_DATAGRAM}-byte "
+                "datagram")
+        room = session.datagram_size - overhead
+        if session.pmtu_state == _PMTU_IDLE and len(data) > room:
+            self._large(session)
         entry = self._conns.get(session)
         conn = entry[0] if entry is not None else self._conn(session, engine)
         handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
@@ -169,17 +198,31 @@ class DeliveryManager:
             self.schedule(session)
         return handle
 
-    def _room_for(self, protocol: str) -> int:
+    def _overhead_for(self, protocol: str) -> int:
         """Per protocol: a fragment sent as INIT (the alias not yet bound) must fit a
-        datagram."""
-        room = self._rooms.get(protocol)
-        if room is None:
-            room = fragment_size(self._max_datagram, protocol)
-            if room <= 0:
+        datagram, of the base size at least."""
+        overhead = self._overheads.get(protocol)
+        if overhead is None:
+            overhead = _fragment_overhead(protocol)
+            if overhead >= limits.MAX_DATAGRAM:
                 raise UsageError(f"protocol id {protocol!r} leaves no room in a datagram")
-            if len(self._rooms) < 4096:
-                self._rooms[protocol] = room
-        return room
+            if len(self._overheads) < 4096:
+                self._overheads[protocol] = overhead
+        return overhead  # type: ignore[no-any-return]
+
+    def _large(self, session: Session) -> None:
+        """A message larger than the session's datagram, before any PMTU search: start one."""
+        session.pmtu_state = _PMTU_SEARCHING  # asked once, whatever on_large does
+        if self._on_large is not None:
+            self._on_large(session)
+
+    def set_datagram_size(self, session: Session, size: int) -> None:
+        """PMTU discovery found the session's path carries ``size``-byte datagrams: the
+        messages queued from now on are cut to it (docs/wire.md 5.1)."""
+        session.engine.set_datagram_size(session, size)
+        entry = self._conns.get(session)
+        if entry is not None:
+            entry[0].set_datagram_size(size)
 
     def room_waiter(self, session: Session) -> asyncio.Future[None] | None:
         """None while session holds less than MAX_OUTSTANDING_PER_SESSION bytes of unfinished
@@ -205,7 +248,7 @@ class DeliveryManager:
         if entry is None:
             conn = DeliveryConnection(
                 fragment_size=fragment_size(self._max_datagram, ""),
-                max_datagram=self._max_datagram,
+                max_datagram=session.datagram_size,
                 max_message=self._max_message,
                 budget=self._budget,
             )
@@ -250,8 +293,8 @@ class DeliveryManager:
                 break
             fragments += polled
         if fragments:
-            payloads, counts = engine.pack_message_frames(session, fragments, ack or b"",
-                                                          self._room)
+            payloads, counts = engine.pack_message_frames(
+                session, fragments, ack or b"", session.datagram_size - _DATA_OVERHEAD)
             start = 0
             for payload, count in zip(payloads, counts):
                 self._send_packet(session, conn, engine, payload,

@@ -13,6 +13,9 @@ send               peer, count, tag: send ``tag-0`` .. ``tag-<count-1>``        
 send_until         peer, tag, expect: resend ``tag-<i>`` until the peer's         sent
                    ``/count`` reply says it has ``expect`` distinct messages
 request            peer, data, timeout                                           reply
+send_big           peer, size: one reliable message of size random bytes on       sent
+                   ``/big``, once the peer acknowledged it
+datagram           peer: the session's datagram size and PMTU search state        size, state
 received           (none): messages received on ``/msg``, in order               messages
 metrics            (none)                                                        metrics
 paths              peer: the transport each live session sends on                paths
@@ -30,10 +33,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
-from msgnet import Message, MessageHost, PeerID
+from msgnet import Message, MessageHost, PeerID, Reliable
 from msgnet.identity import KeyPair
 
 
@@ -52,9 +56,13 @@ async def main(argv: list[str]) -> None:
     def on_count(message: Message) -> None:
         message.reply(str(len(set(received))).encode())
 
+    def on_big(message: Message) -> None:
+        received.append(f"big:{len(message.data)}")
+
     async with MessageHost(keypair, listen=args.listen, transport_policy=args.policy) as host:
         host.set_message_handler("/msg", on_msg)
         host.set_message_handler("/count", on_count)
+        host.set_message_handler("/big", on_big)
         _emit({"ready": str(host.peer_id), "addrs": [str(a) for a in host.addrs]})
         reader = asyncio.StreamReader()
         loop = asyncio.get_running_loop()
@@ -99,6 +107,14 @@ async def _run(host: MessageHost, command: dict[str, Any], received: list[str]
         reply = await host.request(peer, "/count", command.get("data", "").encode(),
                                    timeout=command.get("timeout", 5.0))
         return {"reply": reply.decode()}
+    if cmd == "send_big":
+        peer = PeerID.from_string(command["peer"])
+        await host.send_message(peer, "/big", os.urandom(command["size"]),
+                                qos=Reliable(wait=True, timeout=20.0))
+        return {"sent": command["size"]}
+    if cmd == "datagram":
+        session, _ = host.network.session_for(PeerID.from_string(command["peer"]))
+        return {"size": session.datagram_size, "state": session.pmtu_state}
     if cmd == "received":
         return {"messages": received}
     if cmd == "metrics":

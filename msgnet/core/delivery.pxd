@@ -196,6 +196,7 @@ cdef class DeliveryConnection:
     cdef OutgoingMessage _enqueue(self, str protocol, bytes payload, bint reliable, bint ordered,
                                   int flags_extra, request_id, Py_ssize_t count, Py_ssize_t fs,
                                   double now, bint notify)
+    cpdef set_datagram_size(self, Py_ssize_t max_datagram)
     @cython.locals(data=bytes)
     cpdef bint send_nowait(self, str protocol, payload, bint ordered, Py_ssize_t fragment_size,
                            double now) except -1

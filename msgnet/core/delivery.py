@@ -642,8 +642,9 @@ def _valid_ranges(ranges: tuple[tuple[int, int], ...]) -> bool:
 class DeliveryConnection:
     """Delivery state of one session, both directions (see the module docstring).
 
-    ``fragment_size`` is the payload room of one fragment in a packet;
-    ``max_datagram`` the engine's packet size, the congestion window's unit;
+    ``fragment_size`` is the largest payload room of one fragment in a packet (sends may
+    ask for less); ``max_datagram`` the session's datagram size, the congestion window's
+    unit (set_datagram_size raises it when PMTU discovery found more);
     ``max_message`` the largest reliable message accepted by send (hard cap
     MAX_MESSAGE_PAYLOAD); ``budget`` the host's shared reassembly budget (a
     private one if None).
@@ -670,10 +671,11 @@ class DeliveryConnection:
         max_message: int = MAX_MESSAGE_PAYLOAD,
         budget: ReassemblyBudget | None = None,
     ) -> None:
-        if not 0 < fragment_size <= max_datagram <= MAX_DATAGRAM_CEILING:
+        if not (0 < fragment_size < MAX_DATAGRAM_CEILING
+                and 0 < max_datagram <= MAX_DATAGRAM_CEILING):
             raise UsageError(
-                f"need 0 < fragment_size <= max_datagram <= {MAX_DATAGRAM_CEILING}, got "
-                f"{fragment_size} and {max_datagram}"
+                f"need 0 < fragment_size < {MAX_DATAGRAM_CEILING} and 0 < max_datagram <= "
+                f"{MAX_DATAGRAM_CEILING}, got {fragment_size} and {max_datagram}"
             )
         if not 0 <= max_message <= MAX_MESSAGE_PAYLOAD:
             raise UsageError(f"max_message must be in 0..{MAX_MESSAGE_PAYLOAD}, got {max_message}")
@@ -881,6 +883,17 @@ class DeliveryConnection:
         count = self._fragment_count(len(payload), reliable, ordered, fs)
         return self._enqueue(protocol, payload, reliable, ordered, flags_extra, request_id,
                              count, fs, now, True)
+
+    def set_datagram_size(self, max_datagram: int) -> None:
+        """The path carries ``max_datagram``-byte datagrams now (PMTU discovery, docs/wire.md
+        5.1): the window's segment size for growth and its floor follow; the window itself,
+        in bytes, stays."""
+        if not 0 < max_datagram <= MAX_DATAGRAM_CEILING:
+            raise UsageError(f"max_datagram must be in 1..{MAX_DATAGRAM_CEILING}")
+        self._mss = max_datagram
+        self._min_cwnd = MIN_WINDOW * max_datagram
+        if self._cwnd < self._min_cwnd:
+            self._cwnd = float(self._min_cwnd)
 
     def send_nowait(self, protocol: str, payload: Buffer, ordered: bool, fragment_size: int,
                     now: float) -> bool:
