@@ -184,6 +184,7 @@ cdef enum:
     C_GSO_BYTES = 65000                # under the 65507-byte UDP payload limit of one send
     C_RETAIN_PACKETS = 64              # RETAIN_SENT_PACKETS
     C_DATAGRAM_CEILING = 9000          # MAX_DATAGRAM_CEILING
+    C_BASE_PAYLOAD = 1200 - 29         # MAX_DATAGRAM - DATA_OVERHEAD: pooled payload buffers
     C_RX_SLOT = C_DATAGRAM_CEILING + 1 # one byte more: a datagram that fills it is oversize
     # With UDP GRO, one read may hold up to 64 KiB of coalesced datagrams: fewer, larger
     # receive slots (1 MiB in all, paged in as used).
@@ -479,17 +480,19 @@ cdef class UdpEngine:
 
 
 
-# The network's last-used session, for the per-message send paths (_engine.pyx).
+# Which session a network's messages to a peer go on (_engine.pyx).
 cdef class SendRoute:
+    cdef public bint enabled
     cdef object _peer_id
     cdef Session _session
-    cdef UdpEngine _engine
     cdef object _path
     cdef object _time
+    cdef object _sessions
+    cdef dict _paths
 
-    cpdef set(self, peer_id, Session session, UdpEngine engine, path)
-    cpdef clear(self)
+    cdef Session _lookup(self, peer_id)
     cpdef Session session_of(self, peer_id)
+    cpdef clear(self)
     cpdef int send(self, peer_id, str protocol, data, int flags=*, request_id=*) except -2
 
 # The stream connection's write path (msgnet._stream.StreamCore.write_sealed) as a C function,

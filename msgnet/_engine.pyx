@@ -17,6 +17,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
+from cpython.dict cimport PyDict_GetItem
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_FromString
@@ -126,6 +127,7 @@ COUNTER_NAMES = (
     "send_errors",
 )
 assert len(COUNTER_NAMES) == CNT_COUNT
+assert C_BASE_PAYLOAD == limits.MAX_DATAGRAM - limits.DATA_OVERHEAD
 
 HAVE_RECVMMSG = bool(MSGNET_HAVE_MMSG)
 # UDP generic segmentation offload (Linux 4.18+): one sendmmsg message carries a run of
@@ -681,57 +683,70 @@ cdef class _EndpointProtocol:
 # ---------------------------------------------------------------------------
 
 cdef class SendRoute:
-    """The session a MessageNetwork sent on last, and its engine: the per-message send paths
-    (MessageNetwork.send_message_nowait, the request table) consult it by C calls, since a
-    peer's messages come in runs, and the Python-level lookup it replaces cost about a tenth
-    of a request/response round trip.
+    """Which session a MessageNetwork's messages to a peer go on, found by C calls: the
+    per-message send paths (MessageNetwork.send_message_nowait, the request table) start
+    here. It remembers the peer sent to last (a peer's messages come in runs) and otherwise
+    looks the peer up in the network's sessions, most recently used last, as the network
+    would (fan-out changes peer on every message). The Python-level lookup it replaces cost
+    about a tenth of a request/response round trip.
 
-    The network keeps it valid: it sets the route only while no protocol refusal is
-    remembered and the network is open, and clears it whenever the peer's sending session or
-    path may change (a new or dropped session, a new dial, a refusal, closing).
+    ``enabled`` is False while the network remembers a protocol refusal (the route checks
+    none) or is closed: then only the network's own path sends. The network clears the
+    remembered peer whenever a peer's sending session or path may change.
     """
 
-    def __init__(self, loop_time):
-        self._time = loop_time  # loop.time, bound once
+    def __init__(self, loop_time, sessions, dict paths not None):
+        self._time = loop_time    # loop.time, bound once
+        self._sessions = sessions  # the network's OrderedDict: peer -> sending Session
+        self._paths = paths        # the network's dict: peer -> _PeerPath
+        self.enabled = True
 
-    cpdef Session session_of(self, peer_id):
-        """The routed session if peer_id is the routed peer (the same object), else None."""
+    cdef Session _lookup(self, peer_id):
+        cdef PyObject* found
+        cdef Session s
         if peer_id is self._peer_id:
             return self._session
-        return None
-
-    cpdef set(self, peer_id, Session session, UdpEngine engine, path):
-        """Route peer_id's messages to session on engine; path is the peer's
-        network._PeerPath (a request marks it as awaiting a reply), or None."""
-        if peer_id is None or session is None or engine is None:
-            raise UsageError("a route needs a peer, a session and an engine")
+        if not self.enabled or peer_id is None:
+            return None
+        found = PyDict_GetItem(self._sessions, peer_id)  # (an OrderedDict is a dict)
+        if found == NULL:
+            return None
+        s = <Session>found
+        self._sessions.move_to_end(peer_id)
         self._peer_id = peer_id
-        self._session = session
-        self._engine = engine
-        self._path = path
+        self._session = s
+        found = PyDict_GetItem(self._paths, peer_id)
+        self._path = <object>found if found != NULL else None
+        return s
+
+    cpdef Session session_of(self, peer_id):
+        """The peer's sending session (and now the remembered one), or None: no session, or
+        the route is not enabled."""
+        return self._lookup(peer_id)
 
     cpdef clear(self):
+        """Forget the remembered peer (its session or path may have changed)."""
         self._peer_id = None
         self._session = None
-        self._engine = None
         self._path = None
 
     cpdef int send(self, peer_id, str protocol, data, int flags=0, request_id=0) except -2:
-        """Queue a message for the routed peer: 1 if queued, 0 if the session's queue is full
-        (back-pressure), -1 if peer_id is not the routed peer (then the caller takes the
-        network's general path, which also sets the route). Raises what
-        UdpEngine.send_message raises.
+        """Queue a message for peer_id: 1 if queued, 0 if the session's queue is full
+        (back-pressure), -1 if the route has no session for it (then the caller takes the
+        network's general path: dialling, refusals). Raises what UdpEngine.send_message
+        raises.
 
         A request marks the peer's UDP path as awaiting a reply: the reply is what shows the
         path still works (MessageNetwork's path checks)."""
         cdef object path
-        if peer_id is not self._peer_id or self._session is None or protocol is None:
+        cdef Session s = self._lookup(peer_id)
+        if s is None or protocol is None:
             return -1
         if flags & FLAG_REQUEST:
             path = self._path
             if path is not None and not path.expect_since and path.mode == "udp":
                 path.expect_since = self._time()
-        return self._engine._send(self._session, protocol, data, flags, request_id)
+        return s._engine._send(s, protocol, data, flags, request_id)
 
 
 # ---------------------------------------------------------------------------
@@ -899,16 +914,15 @@ cdef class UdpEngine:
         PyMem_Free(self._tx_cmsg)
 
     cdef uint8_t* _take_buffer(self, Py_ssize_t size) except NULL:
-        """A payload buffer of at least size bytes: for a datagram's payload (at most
-        max_datagram - 29, whatever the session's datagram size) one of that size, from a
-        pool; from another for a stream session's (C_STREAM_COALESCE); else a new one."""
+        """A payload buffer of size bytes: from a pool when that is a datagram's payload at the
+        base size (MAX_DATAGRAM - 29: every session's until PMTU discovery raises it) or a
+        stream session's (C_STREAM_COALESCE), else a new one. (Buffers of the exact size: a
+        loop iteration that writes to many sessions holds one per session.)"""
         cdef uint8_t* buf
-        if size <= self.max_datagram - DATA_OVERHEAD:
-            if self._pool_len:
-                self._pool_len -= 1
-                return self._pool[self._pool_len]
-            size = self.max_datagram - DATA_OVERHEAD
-        elif self._stream_pool_len and size == C_STREAM_COALESCE:
+        if self._pool_len and size == C_BASE_PAYLOAD:
+            self._pool_len -= 1
+            return self._pool[self._pool_len]
+        if self._stream_pool_len and size == C_STREAM_COALESCE:
             self._stream_pool_len -= 1
             return self._stream_pool[self._stream_pool_len]
         buf = <uint8_t*>PyMem_Malloc(size)
@@ -917,8 +931,7 @@ cdef class UdpEngine:
         return buf
 
     cdef void _give_buffer(self, uint8_t* buf, Py_ssize_t size) noexcept:
-        """Back to its pool (size: what it was taken for)."""
-        if size <= self.max_datagram - DATA_OVERHEAD and self._pool_len < C_BUFFER_POOL:
+        if size == C_BASE_PAYLOAD and self._pool_len < C_BUFFER_POOL:
             self._pool[self._pool_len] = buf
             self._pool_len += 1
         elif size == C_STREAM_COALESCE and self._stream_pool_len < C_STREAM_BUFFER_POOL:

@@ -374,12 +374,12 @@ class MessageNetwork:
         self._pmtu: dict[Session, _PmtuSearch] = {}
         # Current sending session per peer, least recently used first (bounded).
         self._sessions: OrderedDict[PeerID, Session] = OrderedDict()
-        # The peer sent to last, its session and engine: a peer sent to again and again (the
-        # PeerID object the caller holds) skips the PeerID hashes and the LRU move, and is
-        # already the most recently used. Set only while no refusal is remembered
-        # (_set_route), cleared whenever _sessions, _paths or _refused changes. Compiled: the
-        # request table and send_message_nowait use it by C calls.
-        self.route = SendRoute(self.loop.time)
+        # The sending session of a peer, found in C (SendRoute): the peer sent to last
+        # (the PeerID object the caller holds) without the PeerID hash and the LRU move, any
+        # other from _sessions. Disabled while a refusal is remembered (_refusals_changed)
+        # and once closed; its remembered peer is cleared whenever _sessions or _paths
+        # changes. The request table and send_message_nowait start there.
+        self.route = SendRoute(self.loop.time, self._sessions, self._paths)
         # Every live session (sending or receive-only) by our local index (its engine is
         # session.engine).
         self._by_index: dict[int, Session] = {}
@@ -495,7 +495,7 @@ class MessageNetwork:
         self._by_index.clear()
         self._unconfirmed.clear()
         self._sessions.clear()
-        self.route.clear()
+        self._refusals_changed()  # (closed: the route serves no more)
         for path in self._paths.values():
             if path.dialing is not None:
                 path.dialing.cancel()
@@ -659,13 +659,8 @@ class MessageNetwork:
             path = self._paths.get(peer_id)
             if path is not None and not path.expect_since and path.mode == "udp":
                 path.expect_since = self.loop.time()
-        known = self._sessions.get(peer_id)
-        if known is None or self._refused or self._closed:
-            session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
-            return engine.send_message(session, protocol, data, flags, request_id)
-        self._sessions.move_to_end(peer_id)
-        self._set_route(peer_id, known)
-        return known.engine.send_message(known, protocol, data, flags, request_id)
+        session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
+        return engine.send_message(session, protocol, data, flags, request_id)
 
     def send_reliable_nowait(self, peer_id: PeerID, protocol: str, data: bytes,
                              ordered: bool) -> bool:
@@ -673,27 +668,22 @@ class MessageNetwork:
         peer's datagram session has room. False otherwise (full, on a stream, or held by a
         resume): then await send_message. Raises what session_for raises.
 
-        The per-message path, to whichever peer (fan-out alternates them): the session
-        lookup inline (as send_message_nowait), then one call into the compiled delivery
-        manager (DeliveryManager.send_reliable_nowait)."""
-        routed = self.route.session_of(peer_id)
-        if routed is not None:
-            session, engine = routed, routed.engine
-        elif (known := self._sessions.get(peer_id)) is None or self._refused or self._closed:
-            session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
-        else:  # as send_message_nowait: session_for's established case, inline
-            self._sessions.move_to_end(peer_id)
-            session, engine = known, known.engine
-            self._set_route(peer_id, known)
+        The per-message path, to whichever peer (fan-out alternates them): one call into
+        the compiled delivery manager, which finds the session by the route
+        (DeliveryManager.send_routed), as send_message_nowait does."""
+        sent = self.delivery.send_routed(self.route, self.stream_recovery.held, peer_id,
+                                         protocol, data, ordered)
+        if sent >= 0:
+            return sent == 1
+        session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
         if ordered and session in self.stream_recovery.held:
             return False
         return self.delivery.send_reliable_nowait(session, engine, protocol, data, ordered)
 
-    def _set_route(self, peer_id: PeerID, session: Session) -> None:
-        """Route peer_id's messages to session, unless a refusal is remembered (the route
-        does not check refusals) or the network is closed."""
-        if not self._refused and not self._closed:
-            self.route.set(peer_id, session, session.engine, self._paths.get(peer_id))
+    def _refusals_changed(self) -> None:
+        """The route checks no refusals: it serves only while none is remembered."""
+        self.route.enabled = not self._refused and not self._closed
+        self.route.clear()
 
     def _expect_reply(self, path: _PeerPath | None) -> None:
         """A request went out on path: its reply is what shows the UDP path still works.
@@ -733,13 +723,13 @@ class MessageNetwork:
                 if until > self.loop.time():
                     raise ProtocolResetError(protocol, limits.RESET_NO_HANDLER)
                 del self._refused[(peer_id, protocol)]
+                self._refusals_changed()
         routed = self.route.session_of(peer_id)
         if routed is not None:
             return routed, routed.engine
         session = self._sessions.get(peer_id)
-        if session is not None:
+        if session is not None:  # (a refusal is remembered for another protocol or peer)
             self._sessions.move_to_end(peer_id)
-            self._set_route(peer_id, session)
             return session, session.engine
         dial = self._dial_by_peer.get(peer_id)
         if dial is None:
@@ -1235,7 +1225,7 @@ class MessageNetwork:
         if protocol is None or code != limits.RESET_NO_HANDLER:
             return
         self._refused[(session.peer_id, protocol)] = self.loop.time() + limits.RESET_MEMORY
-        self.route.clear()  # sends check refusals again
+        self._refusals_changed()
         for listener in self._reset_listeners:
             listener(session.peer_id, protocol, code)
 

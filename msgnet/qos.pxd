@@ -5,7 +5,7 @@
 
 cimport cython
 
-from msgnet._engine cimport Session, UdpEngine
+from msgnet._engine cimport SendRoute, Session, UdpEngine
 from msgnet.core.delivery cimport DeliveryConnection
 
 cdef Py_ssize_t _DATA_OVERHEAD, _MAX_BEST_EFFORT_FRAGMENTS
@@ -34,6 +34,9 @@ cdef class DeliveryManager:
     @cython.locals(room=Py_ssize_t, overhead=Py_ssize_t)
     cpdef bint send_reliable_nowait(self, Session session, UdpEngine engine, str protocol,
                                     payload, bint ordered) except -1
+    @cython.locals(session=Session)
+    cpdef int send_routed(self, SendRoute route, dict held, peer_id, str protocol, data,
+                          bint ordered) except -2
     @cython.locals(overhead=object)
     cpdef Py_ssize_t _overhead_for(self, str protocol) except -1
     cpdef _large(self, Session session)

@@ -43,7 +43,7 @@ from .core.delivery import (
 from .errors import MessageTooLargeError, MsgnetError, UsageError
 
 if TYPE_CHECKING:
-    from ._engine import Session, UdpEngine
+    from ._engine import SendRoute, Session, UdpEngine
 
 __all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
 
@@ -174,6 +174,20 @@ class DeliveryManager:
         if session is not self._scheduled and session not in self._pending:
             self.schedule(session)
         return conn.send_nowait(protocol, data, ordered, room, self._now)
+
+    def send_routed(self, route: SendRoute, held: dict[Session, Any], peer_id: Any,
+                    protocol: str, data: bytes, ordered: bool) -> int:
+        """send_reliable_nowait to the session ``route`` has for peer_id (the network's
+        SendRoute), in one C call: 1 if queued; 0 if not (full, on a stream, or ordered while
+        ``held`` holds the session for a stream resume): then await send_message; -1 if the
+        route has no session for the peer (the network's general path)."""
+        session = route.session_of(peer_id)
+        if session is None:
+            return -1
+        if ordered and session in held:
+            return 0
+        return 1 if self.send_reliable_nowait(session, session.engine, protocol, data,
+                                              ordered) else 0
 
     def _send(self, session: Session, engine: UdpEngine, protocol: str, data: bytes,
               reliable: bool, ordered: bool, flags_extra: int,
