@@ -283,8 +283,8 @@ cdef uint64_t _request_id(object request_id) except? 0:
 
 
 cdef str _too_large(Py_ssize_t size, int max_datagram):
-    return (f"a {size}-byte message does not fit one {max_datagram}-byte datagram "
-            "(fragmentation is not implemented yet)")
+    return (f"a {size}-byte message does not go in one {max_datagram}-byte datagram (the "
+            "delivery layer fragments it: MessageHost.send_message)")
 
 
 cdef Py_ssize_t _whole_frames(const uint8_t* p, Py_ssize_t n, Py_ssize_t budget) noexcept:
