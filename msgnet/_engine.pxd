@@ -398,6 +398,7 @@ cdef class UdpEngine:
     cdef char* _rx_cmsg
     cdef bint _gro
     cdef int _rx_batch
+    cdef int _rx_filled            # slots the last recvmmsg filled: their lengths to reset
     cdef Py_ssize_t _rx_slot
 
     # Send ring: _batch sealed packets of at most max_datagram bytes; slots _tx_head.._tx_count

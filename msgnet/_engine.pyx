@@ -894,6 +894,7 @@ cdef class UdpEngine:
                 self._rx_hdrs[i].msg_hdr.msg_name = &self._rx_addrs[i]
                 if use_gro:
                     self._rx_hdrs[i].msg_hdr.msg_control = self._rx_cmsg + i * MSGNET_GRO_CMSG_SPACE
+            self._rx_filled = self._rx_batch  # (their lengths are set before the first read)
 
     def __dealloc__(self):
         cdef int i
@@ -1088,11 +1089,16 @@ cdef class UdpEngine:
         cdef int batch = self._rx_batch
         cdef mmsghdr* hdr
         for rounds in range(self._max_rounds):
-            for i in range(batch):
+            # The kernel rewrote the address and control lengths of the slots it filled last
+            # time, and only those: a lone datagram per wake-up resets one slot, not the batch.
+            for i in range(self._rx_filled):
                 self._rx_hdrs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
                 if self._gro:
                     self._rx_hdrs[i].msg_hdr.msg_controllen = MSGNET_GRO_CMSG_SPACE
+            self._rx_filled = 0
             n = recvmmsg(self._fd, self._rx_hdrs, batch, MSG_DONTWAIT, NULL)
+            if n > 0:
+                self._rx_filled = n
             if n < 0:
                 err = errno
                 if err == EINTR:
