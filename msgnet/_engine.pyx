@@ -2024,9 +2024,11 @@ cdef class UdpEngine:
     def send_probe(self, Session session not None, bytes payload not None) -> int:
         """Seal payload (a PMTU probe: PING and PADDING, docs/wire.md 5.1) as one DATA packet
         and send it now, by UDP alone: never on a stream, never retained for SESSION_UNKNOWN
-        recovery, whatever the session's datagram size (up to max_datagram). Its counter, or
-        -1 when the session has no UDP path. A probe the socket refuses (larger than the
-        interface carries, with DF) is dropped and counted (send_errors), as a lost one."""
+        recovery, whatever the session's datagram size (up to max_datagram). Its counter; -1
+        when the session has no UDP path; -2 when the socket would block with the send ring
+        full (the probe is not sent: as good as lost). A probe the socket refuses (larger
+        than the interface carries, with DF) is dropped and counted (send_errors), as a lost
+        one."""
         cdef int64_t counter
         if session._closed or self._closed or session.crypto is None or not session.established:
             raise ClosedError("session is not established or is closed")
@@ -2036,7 +2038,7 @@ cdef class UdpEngine:
         if not session._udp or not session._salen or self.sock is None:
             return -1
         if self._tx_count == self._batch and not self._drain_tx():
-            return -1
+            return -2
         counter = self._seal_to_ring(session, payload, self._loop_time(), False)
         if counter < 0:
             raise ClosedError("session send counter exhausted")

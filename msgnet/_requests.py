@@ -180,8 +180,8 @@ class RequestTable:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, route: Any = None) -> None:
         """``route``: the network's SendRoute (MessageNetwork.route), which sends a request
-        to the peer sent to last by one C call; without it, requests go through
-        MessageNetwork.send_message_nowait."""
+        to a peer with a session by one C call; without it, or when the peer has none,
+        requests go through MessageNetwork.send_message_nowait."""
         self._loop = loop
         self._route = route
         self._time = loop.time
@@ -242,7 +242,7 @@ class RequestTable:
         try:
             sent = -1 if self._route is None else self._route.send(
                 peer, protocol, data, _FLAG_REQUEST, request_id)
-            if sent < 0:  # not the peer sent to last
+            if sent < 0:  # no session (or a refusal remembered): the network's general path
                 sent = network.send_message_nowait(peer, protocol, data, _FLAG_REQUEST,
                                                    request_id)
         except MessageTooLargeError:

@@ -647,10 +647,9 @@ class MessageNetwork:
         queue is full (then await send_message). What callers use first, to spare a
         coroutine per message in the common case.
 
-        The session comes from the route (SendRoute.send) when the peer is the one sent to
-        last, else, for a peer with a session, as session_for finds it but inline: fan-out
-        (pubsub) changes peer on every message, and session_for's call costs a fifth of
-        such a send. A request marks its UDP path as awaiting a reply (_expect_reply, inline
+        The route (SendRoute.send) finds the session in C, the peer sent to last or any with
+        a session (fan-out changes peer on every message); else session_for dials, refuses
+        or raises. A request marks its UDP path as awaiting a reply (_expect_reply, inline
         here and in the route: one call less per request)."""
         sent = self.route.send(peer_id, protocol, data, flags, request_id)
         if sent >= 0:
@@ -1271,9 +1270,9 @@ class MessageNetwork:
             counter = session.engine.send_probe(session, payload)
         except ClosedError:
             counter = -1
-        if counter < 0:  # the session closed or has no UDP path now
+        if counter == -1:  # the session closed or has no UDP path now
             self._end_pmtu_search(session, search)
-            return
+            return  # (-2, the socket blocked: as a lost probe, tried again on its timeout)
         search.tries += 1
         self._count("pmtu_probes")
         search.timer = self.loop.call_later(limits.PMTU_PROBE_TIMEOUT, self._probe_lost,
