@@ -36,6 +36,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -302,14 +303,35 @@ class _PeerPath:
         return stream if stream is not None and not stream.closed else None
 
 
+_IP_MTU = 14    # Linux getsockopt names the socket module lacks: the route's MTU, on a
+_IPV6_MTU = 24  # connected socket (docs/wire.md 5.1)
+
+
+def _route_mtu_bound(address: tuple[Any, ...] | None) -> int:
+    """The largest UDP payload the local route to ``address`` carries (its MTU less the IP
+    and UDP headers), which no probe can exceed; a large number where the platform does not
+    say (the probes then find out)."""
+    if address is None or not sys.platform.startswith("linux"):
+        return limits.MAX_DATAGRAM_CEILING
+    v6 = ":" in address[0]
+    try:
+        with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)  # no packet: it only picks the route
+            if v6:
+                return sock.getsockopt(socket.IPPROTO_IPV6, _IPV6_MTU) - 48
+            return sock.getsockopt(socket.IPPROTO_IP, _IP_MTU) - 28
+    except OSError:
+        return limits.MAX_DATAGRAM_CEILING
+
+
 class _PmtuSearch:
     """One session's PMTU search (docs/wire.md 5.1): the sizes left to try, largest first, and
     the probe out for the first of them."""
 
     __slots__ = ("data", "sizes", "timer", "tries")
 
-    def __init__(self, sizes: list[int]) -> None:
-        self.sizes = sizes
+    def __init__(self) -> None:
+        self.sizes: list[int] = []                      # (once the session is up)
         self.tries = 0                                  # probes sent for sizes[0]
         self.data = b""                                 # the PING data of the probe out
         self.timer: asyncio.TimerHandle | None = None  # its timeout
@@ -1244,21 +1266,31 @@ class MessageNetwork:
         """The delivery layer has a message larger than session's datagram: probe for larger
         datagrams, if the path may have them (the engine's socket sets DF)."""
         engine = session.engine
-        sizes = [size for size in (engine.max_datagram, *limits.PMTU_PROBE_SIZES)
-                 if session.datagram_size < size <= engine.max_datagram]
-        if not sizes or not engine.probes_path:
+        if not engine.probes_path or engine.max_datagram <= session.datagram_size:
             session.pmtu_state = PMTU_DONE
             return
-        search = self._pmtu[session] = _PmtuSearch(sorted(set(sizes), reverse=True))
+        search = self._pmtu[session] = _PmtuSearch()
         if session.established and (session.last_received or not session.initiator):
-            self._send_probe(session, search)
+            self._first_probe(session, search)
         # else the first probe goes once the peer confirmed the session (_pmtu_session_up)
 
     def _pmtu_session_up(self, session: Session) -> None:
         """The session is confirmed: a search that waited for it sends its first probe."""
         search = self._pmtu.get(session)
         if search is not None and not search.tries:
-            self._send_probe(session, search)
+            self._first_probe(session, search)
+
+    def _first_probe(self, session: Session, search: _PmtuSearch) -> None:
+        """The sizes to try, largest first, bounded by the local route to the peer (its
+        address is known once the session is up), and the probe of the first."""
+        engine = session.engine
+        bound = min(engine.max_datagram, _route_mtu_bound(session.address))
+        search.sizes = sorted({size for size in (engine.max_datagram, *limits.PMTU_PROBE_SIZES)
+                               if session.datagram_size < size <= bound}, reverse=True)
+        if not search.sizes:  # the route carries nothing larger: no probe to send
+            self._end_pmtu_search(session, search)
+            return
+        self._send_probe(session, search)
 
     def _send_probe(self, session: Session, search: _PmtuSearch) -> None:
         """A probe of search.sizes[0] bytes: PING (mark, size, 8 random bytes) and PADDING."""

@@ -176,6 +176,15 @@ def test_a_session_closed_mid_search_stops_probing(run):
     run(main())
 
 
+def test_probes_never_exceed_the_local_route():
+    """The bound on probe sizes: loopback carries what msgnet allows; an unroutable address
+    bounds nothing (the probes find out)."""
+    from msgnet.network import _route_mtu_bound
+
+    assert _route_mtu_bound(("127.0.0.1", 9)) >= MAX_DATAGRAM_CEILING
+    assert _route_mtu_bound(None) == MAX_DATAGRAM_CEILING
+
+
 def _set_mtu(namespace: str, mtu: int) -> None:
     for dev in subprocess.run(["ip", "-n", namespace, "-o", "link", "show", "type", "veth"],
                               check=True, capture_output=True, text=True).stdout.splitlines():
@@ -188,9 +197,9 @@ def _set_mtu(namespace: str, mtu: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("mtu,found", [(1500, 1452), (9000, 8952)])
 def test_dont_fragment_keeps_datagrams_to_what_the_link_carries(namespaces, mtu, found):
-    """Two namespaces joined by a veth pair of the given MTU. With DF set, a probe larger than
-    the link is refused (IP would otherwise fragment it, and it would arrive): over 1500 the
-    search ends at 1452; over jumbo frames at 8952 (9000 is the IP packet). The message
+    """Two namespaces joined by a veth pair of the given MTU: over 1500 the search ends at
+    1452; over jumbo frames at 8952 (9000 is the IP packet). Sizes the link cannot carry are
+    skipped without a probe (the route's MTU bounds them): one probe each. The message
     arrives either way."""
     (ns_a, ns_b), (addr_a, addr_b) = namespaces
     for ns in (ns_a, ns_b):
@@ -211,6 +220,7 @@ def test_dont_fragment_keeps_datagrams_to_what_the_link_carries(namespaces, mtu,
             deadline -= 1
             answer = a("datagram", peer=peer)
         assert answer == {"size": found, "state": PMTU_DONE}
+        assert a("metrics")["metrics"]["pmtu_probes"] == 1
         a("send_big", peer=peer, size=300_000)
         assert b("received")["messages"].count("big:300000") == 2
     finally:
