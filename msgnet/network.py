@@ -36,8 +36,8 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import struct
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ import subprocess
 from contextlib import AsyncExitStack
 
 import pytest
+from test_multitransport import Peer, namespaces  # noqa: F401 - the fixture
 
 from msgnet import MessageHost, Reliable
 from msgnet._engine import PMTU_DONE, PMTU_IDLE
@@ -22,7 +23,6 @@ from msgnet.limits import (
     PMTU_MAX_PROBES,
     PMTU_PROBE_MARK,
 )
-from test_multitransport import Peer, namespaces  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -196,7 +196,7 @@ def _set_mtu(namespace: str, mtu: int) -> None:
 @pytest.mark.netns
 @pytest.mark.slow
 @pytest.mark.parametrize("mtu,found", [(1500, 1452), (9000, 8952)])
-def test_dont_fragment_keeps_datagrams_to_what_the_link_carries(namespaces, mtu, found):
+def test_dont_fragment_keeps_datagrams_to_what_the_link_carries(namespaces, mtu, found):  # noqa: F811
     """Two namespaces joined by a veth pair of the given MTU: over 1500 the search ends at
     1452; over jumbo frames at 8952 (9000 is the IP packet). Sizes the link cannot carry are
     skipped without a probe (the route's MTU bounds them): one probe each. The message
