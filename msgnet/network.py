@@ -671,15 +671,13 @@ class MessageNetwork:
 
         The route (SendRoute.send) finds the session in C, the peer sent to last or any with
         a session (fan-out changes peer on every message); else session_for dials, refuses
-        or raises. A request marks its UDP path as awaiting a reply (_expect_reply, inline
-        here and in the route: one call less per request)."""
+        or raises. A request marks its UDP path as awaiting a reply (_expect_reply; the
+        route does it in C)."""
         sent = self.route.send(peer_id, protocol, data, flags, request_id)
         if sent >= 0:
             return sent == 1
         if flags & _FLAG_REQUEST:
-            path = self._paths.get(peer_id)
-            if path is not None and not path.expect_since and path.mode == "udp":
-                path.expect_since = self.loop.time()
+            self._expect_reply(self._paths.get(peer_id))
         session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises
         return engine.send_message(session, protocol, data, flags, request_id)
 
@@ -708,8 +706,7 @@ class MessageNetwork:
 
     def _expect_reply(self, path: _PeerPath | None) -> None:
         """A request went out on path: its reply is what shows the UDP path still works.
-        (send_message_nowait does the same inline: this call costs ~700 instructions, 3% of
-        a request/response round trip.)"""
+        (SendRoute.send does the same in C for the requests it sends, the common case.)"""
         if path is not None and path.mode == "udp" and not path.expect_since:
             path.expect_since = self.loop.time()
 

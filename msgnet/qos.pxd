@@ -39,7 +39,7 @@ cdef class DeliveryManager:
                           bint ordered) except -2
     @cython.locals(overhead=object)
     cpdef Py_ssize_t _overhead_for(self, str protocol) except -1
-    cpdef _large(self, Session session)
+    cdef _search_if_large(self, Session session, data, Py_ssize_t room)
     @cython.locals(entry=tuple)
     cpdef DeliveryConnection _conn(self, Session session, UdpEngine engine)
     cpdef schedule(self, Session session)

@@ -169,8 +169,7 @@ class DeliveryManager:
             self._overhead_protocol = protocol
             self._overhead_last = overhead
             room = session.datagram_size - overhead
-        if session.pmtu_state == _PMTU_IDLE and len(data) > room:
-            self._large(session)
+        self._search_if_large(session, data, room)
         if session is not self._scheduled and session not in self._pending:
             self.schedule(session)
         return conn.send_nowait(protocol, data, ordered, room, self._now)
@@ -201,8 +200,7 @@ class DeliveryManager:
                 f"{_MAX_BEST_EFFORT_FRAGMENTS} fragments of a {limits.MAX_DATAGRAM}-byte "
                 "datagram")
         room = session.datagram_size - overhead
-        if session.pmtu_state == _PMTU_IDLE and len(data) > room:
-            self._large(session)
+        self._search_if_large(session, data, room)
         entry = self._conns.get(session)
         conn = entry[0] if entry is not None else self._conn(session, engine)
         handle = conn.send(protocol, data, reliable=reliable, ordered=ordered,
@@ -224,8 +222,11 @@ class DeliveryManager:
                 self._overheads[protocol] = overhead
         return overhead  # type: ignore[no-any-return]
 
-    def _large(self, session: Session) -> None:
-        """A message larger than the session's datagram, before any PMTU search: start one."""
+    def _search_if_large(self, session: Session, data: bytes, room: int) -> None:
+        """A message larger than ``room`` (one datagram's fragment room), before the session
+        searched for larger datagrams: start the search (on_large)."""
+        if session.pmtu_state != _PMTU_IDLE or len(data) <= room:
+            return
         session.pmtu_state = _PMTU_SEARCHING  # asked once, whatever on_large does
         if self._on_large is not None:
             self._on_large(session)
