@@ -16,7 +16,7 @@ Network input never raises into the event loop: bad packets are dropped and coun
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
-                            PyBytes_GET_SIZE)
+                            PyBytes_GET_SIZE, _PyBytes_Resize)
 from cpython.dict cimport PyDict_GetItem
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
@@ -280,6 +280,24 @@ cdef uint64_t _request_id(object request_id) except? 0:
     if rid >= 1ULL << 63:
         raise UsageError("a request or response needs a request_id in 0..2**63-1")
     return rid
+
+
+cdef PyObject* _new_payload(Py_ssize_t room) except NULL:
+    """A new bytes object of room bytes to write a payload's frames into (its one reference
+    is the caller's)."""
+    cdef object payload = PyBytes_FromStringAndSize(NULL, room)
+    Py_INCREF(payload)
+    return <PyObject*>payload
+
+
+cdef int _cut_payload(PyObject** payload, Py_ssize_t used, list payloads) except -1:
+    """Cut *payload to its used bytes and move it to payloads; *payload is NULL after."""
+    cdef PyObject* done = payload[0]
+    payload[0] = NULL
+    _PyBytes_Resize(&done, used)  # raises, done freed, if it fails
+    payloads.append(<object>done)
+    Py_DECREF(<object>done)
+    return 0
 
 
 cdef str _too_large(Py_ssize_t size, int max_datagram):
@@ -1636,7 +1654,7 @@ cdef class UdpEngine:
         cdef Py_ssize_t carried = 0
         cdef Py_ssize_t size
         cdef bint fragmented
-        cdef uint8_t* buf
+        cdef PyObject* payload = NULL  # the payload being filled, room bytes until it is done
         cdef Fragment f
         cdef list payloads = []
         cdef list counts = []
@@ -1644,11 +1662,13 @@ cdef class UdpEngine:
             raise ClosedError("session or engine is closed")
         if used > room:
             raise UsageError("head must fit in room")
-        buf = <uint8_t*>PyMem_Malloc(room if room > 0 else 1)
-        if buf == NULL:
-            raise MemoryError()
+        if room <= 0:
+            room = 1
+        # Frames are written straight into each payload's bytes object, which is then cut to
+        # its length (realloc shrinks in place): no staging buffer, one copy of the data less.
+        payload = _new_payload(room)
         try:
-            memcpy(buf, PyBytes_AS_STRING(head), used)
+            memcpy(PyBytes_AS_STRING(<object>payload), PyBytes_AS_STRING(head), used)
             for item in fragments:
                 f = <Fragment?>item
                 fragmented = f.flags & FLAG_FRAGMENT
@@ -1656,21 +1676,22 @@ cdef class UdpEngine:
                     size = self._message_frame(
                         session, f.protocol, f.chunk, f.flags, f.request_id, f.seq,
                         f.frag_index if fragmented else 0, f.frag_count if fragmented else 0,
-                        buf + used, room - used)
+                        <uint8_t*>PyBytes_AS_STRING(<object>payload) + used, room - used)
                     if size <= room - used or not used:
                         break
-                    payloads.append(PyBytes_FromStringAndSize(<char*>buf, used))
+                    _cut_payload(&payload, used, payloads)
                     counts.append(carried)
                     used = carried = 0
+                    payload = _new_payload(room)
                 if size > room:
                     raise MessageTooLargeError(_too_large(len(f.chunk), self.max_datagram))
                 used += size
                 carried += 1
             if used:
-                payloads.append(PyBytes_FromStringAndSize(<char*>buf, used))
+                _cut_payload(&payload, used, payloads)
                 counts.append(carried)
         finally:
-            PyMem_Free(buf)
+            Py_XDECREF(payload)
         return payloads, counts
 
     cdef Py_ssize_t _message_frame(self, Session s, str protocol, object payload, int flags,

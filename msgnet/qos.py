@@ -51,7 +51,10 @@ __all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
 # protocol length, alias, flags, request id, seq, fragment index and count (varints at
 # their widest useful sizes).
 _INIT_OVERHEAD = 1 + 3 + 2 + 2 + 3 + 1 + 9 + 9 + 2 + 2
-_MAX_POLL = 64
+# A pump sends what the window lets out in bursts of about _BURST_BYTES (at least
+# _MIN_BURST fragments: at 1200-byte datagrams, 54 to a sendmmsg).
+_BURST_BYTES = 64 * 1024
+_MIN_BURST = 8
 _DATA_OVERHEAD = limits.DATA_OVERHEAD  # (a C constant where compiled: read once per packet)
 _MAX_BEST_EFFORT_FRAGMENTS = limits.MAX_BEST_EFFORT_FRAGMENTS
 _PMTU_IDLE = PMTU_IDLE  # C constants where compiled, as _DATA_OVERHEAD
@@ -301,23 +304,26 @@ class DeliveryManager:
         ack = None
         if conn.ack_pending or conn.ack_frame_due(now):
             ack = _ack_frame(conn, now)
-        fragments: list[Fragment] = []
+        room = session.datagram_size - _DATA_OVERHEAD
+        # Fragments go out a burst at a time (one sendmmsg each), so the peer decrypts the
+        # first burst while this side seals the next: one window sealed whole before the
+        # first send would leave the peer idle for all of it.
+        burst = max(_MIN_BURST, _BURST_BYTES // room)
         while conn.transmit_pending:
-            polled = conn.poll_transmit(now, _MAX_POLL)
-            if not polled:
+            fragments = conn.poll_transmit(now, burst)
+            if not fragments:
                 break
-            fragments += polled
-        if fragments:
-            payloads, counts = engine.pack_message_frames(
-                session, fragments, ack or b"", session.datagram_size - _DATA_OVERHEAD)
+            payloads, counts = engine.pack_message_frames(session, fragments, ack or b"", room)
+            ack = None
             start = 0
             for payload, count in zip(payloads, counts):
                 self._send_packet(session, conn, engine, payload,
                                   fragments[start:start + count], now)
                 start += count
-        elif ack is not None:
+            engine.drain_sealed()
+        if ack is not None:
             self._send_packet(session, conn, engine, ack, [], now)
-        engine.drain_sealed()  # the packets of this pump go out in one sendmmsg
+        engine.drain_sealed()
         self._arm(session, conn)
         if self._room_waiters and session in self._room_waiters:
             self._wake_room(session, conn)
