@@ -13,10 +13,10 @@ a. ``bulk1M``: a reliable 1 MiB message over loopback between two msgnet hosts i
    the baseline is: ``tcp-reply``), also in plaintext mode (``tcp-reply-plaintext``: what
    the AEAD costs on that path). Target: msgnet >= 0.5x the TCP transfer's MB/s. The msgnet
    hosts have their defaults, so their sessions find by PMTU discovery that loopback carries
-   9000-byte datagrams (docs/wire.md 5.1; the warm-up transfers include the search).
-   Reported beside it: ``msgnet-reliable-1200``, both hosts configured with
-   ``max_datagram=1200`` (no discovery: what a path of 1200-byte datagrams gets), and the
-   same in plaintext mode.
+   65000-byte datagrams (docs/wire.md 5.1; the warm-up transfers include the search).
+   Reported beside it: ``msgnet-reliable-9000`` and ``msgnet-reliable-1200``, both hosts
+   configured with that ``max_datagram`` (what a jumbo-frame path, or a path of 1200-byte
+   datagrams with no discovery, gets), and the same in plaintext mode.
 b. ``oneway64``: 64-byte messages one way, msgnet ``Reliable()`` (and ordered) against
    msgnet's own best effort, same receiver (e2e's), rate from first to last arrival.
    Target: reliable >= 0.7x best effort. ``fanout64``: the same, each message to the next
@@ -64,6 +64,7 @@ from benchmarks.e2e import (
 from msgnet.limits import MAX_DATAGRAM
 
 BULK = 1 << 20
+JUMBO = 9000  # max_datagram of the jumbo-frame rows
 BULK_PROTOCOL = "/bench/bulk/1"
 ONEWAY_PROTOCOL = "/bench/1.0.0"  # what e2e's receiver counts
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
             ("bulk1M/msgnet-reliable-plaintext", lambda: _pair(
                 _msgnet_bulk_receiver, (True,), _msgnet_bulk_sender, (transfers, True),
                 server_result=False)),
+            ("bulk1M/msgnet-reliable-9000", lambda: _pair(
+                _msgnet_bulk_receiver, (False, JUMBO), _msgnet_bulk_sender,
+                (transfers, False, JUMBO), server_result=False)),
+            ("bulk1M/msgnet-reliable-9000-plaintext", lambda: _pair(
+                _msgnet_bulk_receiver, (True, JUMBO), _msgnet_bulk_sender,
+                (transfers, True, JUMBO), server_result=False)),
             ("bulk1M/msgnet-reliable-1200", lambda: _pair(
                 _msgnet_bulk_receiver, (False, MAX_DATAGRAM), _msgnet_bulk_sender,
                 (transfers, False, MAX_DATAGRAM), server_result=False)),
@@ -510,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
 BASELINES = {
     "bulk1M/msgnet-reliable": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-plaintext": "bulk1M/raw-uvloop-tcp",
+    "bulk1M/msgnet-reliable-9000": "bulk1M/raw-uvloop-tcp",
+    "bulk1M/msgnet-reliable-9000-plaintext": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-1200": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-1200-plaintext": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-tcp-reply": "bulk1M/raw-uvloop-tcp",

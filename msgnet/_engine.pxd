@@ -183,8 +183,10 @@ cdef enum:
     C_GSO_SEGMENTS = 64                # UDP_MAX_SEGMENTS: datagrams in one GSO send
     C_GSO_BYTES = 65000                # under the 65507-byte UDP payload limit of one send
     C_RETAIN_PACKETS = 64              # RETAIN_SENT_PACKETS
-    C_DATAGRAM_CEILING = 9000          # MAX_DATAGRAM_CEILING
+    C_DATAGRAM_CEILING = 65000         # MAX_DATAGRAM_CEILING
     C_BASE_PAYLOAD = 1200 - 29         # MAX_DATAGRAM - DATA_OVERHEAD: pooled payload buffers
+    C_FRAGMENT_INIT_OVERHEAD = 34      # FRAGMENT_INIT_OVERHEAD
+    C_MAX_BEST_EFFORT_FRAGMENTS = 16   # MAX_BEST_EFFORT_FRAGMENTS
     C_RX_SLOT = C_DATAGRAM_CEILING + 1 # one byte more: a datagram that fills it is oversize
     # With UDP GRO, one read may hold up to 64 KiB of coalesced datagrams: fewer, larger
     # receive slots (1 MiB in all, paged in as used).
@@ -444,7 +446,7 @@ cdef class UdpEngine:
                      int64_t counter) except -1
     cdef int _confirmed(self, Session s) except -1
     cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now,
-                               bint retain=*) except -2
+                               bint retain=*, bint keep=*) except -2
     cpdef int64_t send_payload(self, Session session, bytes payload, bint drain=*) except -2
     cdef bint _route(self, Session s, uint64_t alias, str protocol, FrameView* fv,
                      int64_t counter) except -1
@@ -464,7 +466,8 @@ cdef class UdpEngine:
     cdef uint8_t* _take_buffer(self, Py_ssize_t size) except NULL
     cdef void _give_buffer(self, uint8_t* buf, Py_ssize_t size) noexcept
     cdef bint _to_stream(self, Session s, Py_ssize_t n) noexcept
-    cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now) except -2
+    cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now,
+                                 bint keep=*) except -2
     cdef int _feed_stream(self, Session s, uint8_t* pkt, Py_ssize_t n, object conn,
                           PieceCipher opened) except -3
     cdef int _repack(self, Session s) except -1

@@ -128,6 +128,8 @@ COUNTER_NAMES = (
 )
 assert len(COUNTER_NAMES) == CNT_COUNT
 assert C_BASE_PAYLOAD == limits.MAX_DATAGRAM - limits.DATA_OVERHEAD
+assert C_FRAGMENT_INIT_OVERHEAD == limits.FRAGMENT_INIT_OVERHEAD
+assert C_MAX_BEST_EFFORT_FRAGMENTS == limits.MAX_BEST_EFFORT_FRAGMENTS
 
 HAVE_RECVMMSG = bool(MSGNET_HAVE_MMSG)
 # UDP generic segmentation offload (Linux 4.18+): one sendmmsg message carries a run of
@@ -300,9 +302,18 @@ cdef int _cut_payload(PyObject** payload, Py_ssize_t used, list payloads) except
     return 0
 
 
+cdef Py_ssize_t _best_effort_limit(Session s, int alias) except -1:
+    """limits.max_best_effort_payload for the protocol of s's alias: a best-effort message
+    larger than a base datagram carries goes in one datagram of a larger path only within
+    the bound that fragments give it on every path (docs/wire.md 5.1)."""
+    return C_MAX_BEST_EFFORT_FRAGMENTS * (C_BASE_PAYLOAD - C_FRAGMENT_INIT_OVERHEAD
+                                          - PyBytes_GET_SIZE(s._out_encoded[alias]))
+
+
 cdef str _too_large(Py_ssize_t size, int max_datagram):
-    return (f"a {size}-byte message does not go in one {max_datagram}-byte datagram (the "
-            "delivery layer fragments it: MessageHost.send_message)")
+    return (f"a {size}-byte message does not go in one {max_datagram}-byte datagram, or is "
+            "more than best effort carries in one (the delivery layer fragments it, within "
+            "its bound: MessageHost.send_message)")
 
 
 cdef Py_ssize_t _whole_frames(const uint8_t* p, Py_ssize_t n, Py_ssize_t budget) noexcept:
@@ -449,10 +460,13 @@ cdef class Session:
         is a packet this session sent less than RETAIN_SENT_TIME ago; else None.
 
         This is how a SESSION_UNKNOWN is authenticated (only a party that saw the packet knows
-        its tag) and how the frames the peer lost are recovered (docs/wire.md §2.5).
+        its tag) and how the frames the peer lost are recovered (docs/wire.md §2.5). The
+        delivery layer's packets are retained without their payloads (it retransmits their
+        messages itself): they authenticate, and add nothing to the list.
         """
         cdef int k, j
         cdef Retained* r
+        cdef Retained* kept
         if len(tag) != AEAD_TAG_SIZE:
             return None
         self._purge_retained(self._engine._loop_time())
@@ -460,8 +474,12 @@ cdef class Session:
             r = &self._ret[(self._ret_head + k) % self._ret_cap]
             if (r.counter == counter
                     and memcmp(r.tag, PyBytes_AS_STRING(tag), AEAD_TAG_SIZE) == 0):
-                return [<bytes>self._ret[(self._ret_head + j) % self._ret_cap].payload
-                        for j in range(k, self._ret_count)]
+                payloads = []
+                for j in range(k, self._ret_count):
+                    kept = &self._ret[(self._ret_head + j) % self._ret_cap]
+                    if kept.payload != NULL:
+                        payloads.append(<bytes>kept.payload)
+                return payloads
         return None
 
     def __repr__(self):
@@ -571,6 +589,7 @@ cdef class Session:
 
     cdef int _retain(self, uint64_t counter, const uint8_t* tag, bytes payload,
                      double now) except -1:
+        """Keep packet counter's tag, and its payload unless that is None (docs/wire.md 2.5)."""
         cdef Retained* r
         cdef Retained* grown
         cdef int cap, k
@@ -599,8 +618,11 @@ cdef class Session:
         r.counter = counter
         r.time = now
         memcpy(r.tag, tag, AEAD_TAG_SIZE)
-        Py_INCREF(payload)
-        r.payload = <PyObject*>payload
+        if payload is None:
+            r.payload = NULL
+        else:
+            Py_INCREF(payload)
+            r.payload = <PyObject*>payload
         self._ret_count += 1
         return 0
 
@@ -1587,7 +1609,8 @@ cdef class UdpEngine:
                 encoded = s._out_encoded[alias]
                 body += 2 + varint_size(PyBytes_GET_SIZE(encoded)) + PyBytes_GET_SIZE(encoded)
             size = 1 + varint_size(body) + body
-            if size <= s._cap:
+            if size <= s._cap and (size <= C_BASE_PAYLOAD or not s._udp
+                                   or view.len <= _best_effort_limit(s, alias)):
                 at = s._reserve(size, force)
                 if at == NULL:
                     return False
@@ -1750,7 +1773,7 @@ cdef class UdpEngine:
             if PyBytes_GET_SIZE(payload) > C_STREAM_PAYLOAD:
                 raise MessageTooLargeError(_too_large(PyBytes_GET_SIZE(payload),
                                                       self.max_datagram))
-            sealed = self._seal_to_stream(session, payload, now)
+            sealed = self._seal_to_stream(session, payload, now, False)
             if sealed < 0:
                 raise ClosedError("session send counter exhausted")
             return sealed
@@ -1762,7 +1785,7 @@ cdef class UdpEngine:
             crypto.send_counter += 1  # the packet is lost: its counter must not be reused
             self._counters[CNT_SEND_ERRORS] += 1
             return counter
-        if self._seal_to_ring(session, payload, now) < 0:
+        if self._seal_to_ring(session, payload, now, True, False) < 0:
             raise ClosedError("session send counter exhausted")
         if drain and not self._in_batch:
             self._drain_tx()
@@ -1902,11 +1925,11 @@ cdef class UdpEngine:
         return True
 
     cdef int64_t _seal_to_ring(self, Session s, bytes payload, double now,
-                               bint retain=True) except -2:
+                               bint retain=True, bint keep=True) except -2:
         """Seal payload as one DATA packet into the next free slot of the send ring (the caller
-        made room) and, with retain, keep it (SESSION_UNKNOWN recovery) and during first
-        contact send it on the session's stream too; its counter, or -1 if the session's
-        counter is exhausted (counted)."""
+        made room) and, with retain, keep its tag and, with keep, its payload (SESSION_UNKNOWN
+        recovery) and during first contact send it on the session's stream too; its counter,
+        or -1 if the session's counter is exhausted (counted)."""
         cdef SessionCrypto crypto = s.crypto
         cdef uint8_t* slot = self._tx_buf + self._tx_count * self.max_datagram
         cdef uint64_t counter = crypto.send_counter
@@ -1922,7 +1945,7 @@ cdef class UdpEngine:
         else:
             tag = slot + length - AEAD_TAG_SIZE
         if retain:
-            s._retain(counter, tag, payload, now)
+            s._retain(counter, tag, payload if keep else None, now)
         s.last_sent = now
         self._tx_iov[self._tx_count].iov_len = length
         self._tx_hdrs[self._tx_count].msg_hdr.msg_name = &s._sa
@@ -1940,10 +1963,12 @@ cdef class UdpEngine:
         return s.stream is not None and (not s._udp or not s._salen or self.sock is None
                                          or n > s.datagram_size - DATA_OVERHEAD)
 
-    cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now) except -2:
+    cdef int64_t _seal_to_stream(self, Session s, bytes payload, double now,
+                                 bint keep=True) except -2:
         """Seal payload as one packet written to s.stream; its counter, or -1 if the session's
         counter is exhausted. A packet the connection refuses (it closed) is counted as
-        send_errors, like a lost datagram.
+        send_errors, like a lost datagram. keep=False retains its tag only (the delivery
+        layer's packets: docs/wire.md 2.5).
 
         The packet is sealed behind its stream ``length:varint`` prefix in one bytes object,
         which the connection (msgnet._stream.StreamCore.write_sealed) writes as it is; a large
@@ -1992,7 +2017,7 @@ cdef class UdpEngine:
             tag = _ZERO_TAG
             if not crypto.plaintext:
                 tag = out + length - AEAD_TAG_SIZE
-            s._retain(counter, tag, payload, now)
+            s._retain(counter, tag, payload if keep else None, now)
         s.last_sent = now
         if _stream_writer(s.stream, packet, s, counter, payload, pieces, follows):
             self._counters[CNT_PACKETS_OUT] += 1

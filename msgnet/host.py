@@ -51,7 +51,7 @@ class MessageHost:
     ChaCha20-Poly1305; by default a session uses AES-256-GCM when both hosts offer it, which
     a host does where its CPU has AES instructions (docs/wire.md §2.2).  Sessions send
     datagrams of up to 1200 bytes until a large message makes them probe their path for
-    larger ones, up to ``max_datagram`` (default 9000; 1200 turns probing off; docs/wire.md
+    larger ones, up to ``max_datagram`` (default 65000; 1200 turns probing off; docs/wire.md
     §5.1).  Handlers may be plain functions or coroutine functions; they receive a
     :class:`Message` whose ``from_peer`` is the peer proven by the handshake.
     """

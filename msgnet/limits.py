@@ -28,7 +28,7 @@ DATA_OVERHEAD = DATA_HEADER_SIZE + AEAD_TAG_SIZE
 MAX_DATAGRAM = 1200
 """Base datagram size: the largest UDP payload a session sends until PMTU discovery raises it
 (docs/wire.md 5.1); handshake packets and the best-effort size bound are reckoned in it."""
-MAX_DATAGRAM_CEILING = 9000
+MAX_DATAGRAM_CEILING = 65000
 """The largest UDP payload any host sends (its max_datagram setting, the default) and the
 largest every host accepts."""
 MAX_STREAM_PACKET = (1 << 20) + 4096
@@ -128,6 +128,19 @@ STREAM_WAIT_TIMEOUT = 30.0
 
 # Delivery (docs/wire.md §3.6).
 MAX_BEST_EFFORT_FRAGMENTS = 16
+FRAGMENT_INIT_OVERHEAD = 1 + 3 + 2 + 2 + 3 + 1 + 9 + 9 + 2 + 2
+"""Room for an INIT frame's fixed fields around a fragment: type, length, transport id,
+protocol length, alias, flags, request id, seq, fragment index and count (varints at their
+widest useful sizes). With the protocol id, what a fragment's datagram holds besides its
+data; it sets the best-effort size bound (max_best_effort_payload)."""
+
+
+def max_best_effort_payload(protocol_bytes: int) -> int:
+    """The largest best-effort message on a protocol whose id is protocol_bytes long: what
+    MAX_BEST_EFFORT_FRAGMENTS fragments of a MAX_DATAGRAM datagram carry, on every UDP path
+    whatever its datagram size (docs/wire.md 5.1)."""
+    return MAX_BEST_EFFORT_FRAGMENTS * (MAX_DATAGRAM - DATA_OVERHEAD - FRAGMENT_INIT_OVERHEAD
+                                        - protocol_bytes)
 MAX_ACK_DELAY = 0.025
 MIN_RTO = 0.2
 INITIAL_RTO = 1.0

@@ -47,14 +47,9 @@ if TYPE_CHECKING:
 
 __all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
 
-# Room for an INIT frame's fixed fields around a fragment: type, length, transport id,
-# protocol length, alias, flags, request id, seq, fragment index and count (varints at
-# their widest useful sizes).
-_INIT_OVERHEAD = 1 + 3 + 2 + 2 + 3 + 1 + 9 + 9 + 2 + 2
-# A pump sends what the window lets out in bursts of about _BURST_BYTES (at least
-# _MIN_BURST fragments: at 1200-byte datagrams, 54 to a sendmmsg).
+# A pump sends what the window lets out in bursts of about _BURST_BYTES, one sendmmsg
+# each: 54 packets of 1200 bytes, 7 of 9000, one of 65000.
 _BURST_BYTES = 64 * 1024
-_MIN_BURST = 8
 _DATA_OVERHEAD = limits.DATA_OVERHEAD  # (a C constant where compiled: read once per packet)
 _MAX_BEST_EFFORT_FRAGMENTS = limits.MAX_BEST_EFFORT_FRAGMENTS
 _PMTU_IDLE = PMTU_IDLE  # C constants where compiled, as _DATA_OVERHEAD
@@ -96,7 +91,7 @@ def fragment_size(max_datagram: int, protocol: str) -> int:
 def _fragment_overhead(protocol: str) -> int:
     """What a datagram holds besides a fragment's payload on ``protocol``: the packet's header
     and tag, and the frame's header as INIT (the worst case)."""
-    return limits.DATA_OVERHEAD + _INIT_OVERHEAD + len(protocol.encode())
+    return limits.DATA_OVERHEAD + limits.FRAGMENT_INIT_OVERHEAD + len(protocol.encode())
 
 
 class DeliveryManager:
@@ -197,6 +192,7 @@ class DeliveryManager:
         overhead = self._overhead_for(protocol)
         if not reliable and len(data) > _MAX_BEST_EFFORT_FRAGMENTS * (limits.MAX_DATAGRAM
                                                                       - overhead):
+            # (limits.max_best_effort_payload: the engine applies it to single datagrams)
             # The same bound on every path (docs/wire.md 5.1), whatever this one carries.
             raise MessageTooLargeError(
                 f"best-effort message of {len(data)} bytes needs more than "
@@ -308,7 +304,7 @@ class DeliveryManager:
         # Fragments go out a burst at a time (one sendmmsg each), so the peer decrypts the
         # first burst while this side seals the next: one window sealed whole before the
         # first send would leave the peer idle for all of it.
-        burst = max(_MIN_BURST, _BURST_BYTES // room)
+        burst = max(1, _BURST_BYTES // room)
         while conn.transmit_pending:
             fragments = conn.poll_transmit(now, burst)
             if not fragments:

@@ -409,7 +409,7 @@ def test_garbage_is_counted_and_good_traffic_flows(run, mode):
                 "unknown_session": [bytes(unknown_index)],
                 "auth_failed": [bytes(bad_tag)],
                 "plaintext_refused": [plain],
-                "oversize": [bytes([limits.PACKET_DATA]) + bytes(9500)],
+                "oversize": [bytes([limits.PACKET_DATA]) + bytes(limits.MAX_DATAGRAM_CEILING)],
             }
             # Truncated handshake-family packets go to the network (it owns their formats).
             control = [bytes([t]) for t in (0x04, 0x05, 0x06, 0x08, 0x09, 0x0B)]
@@ -624,6 +624,38 @@ def test_retained_packets_answer_session_unknown(run, mode):
                 assert a.session.retained_since(counters[5], tags[5]) is None  # evicted
                 assert a.session.retained_since(counters[-2], tags[-3]) is None
                 assert a.session.retained_since(counters[-1] + 1, tags[-1]) is None
+            finally:
+                sniffer.close()
+    run(main())
+
+
+@pytest.mark.timeout(20)
+def test_delivery_layer_packets_are_retained_by_tag_only(run, mode):
+    """send_payload's packets (the delivery layer's, which retransmits them itself) answer a
+    SESSION_UNKNOWN but pin no payload; a best-effort packet sent before them still comes
+    back for re-sending (docs/wire.md 2.5)."""
+    async def main():
+        async with pair(mode) as (a, b):
+            sniffer = raw_socket()
+            sniffer.settimeout(5)
+            try:
+                a.engine.install_keys(a.session, INDEX_B, a.session.crypto,
+                                      sniffer.getsockname())
+                a.engine.send_message(a.session, "/p", b"best effort")
+                a.engine.flush()
+                packets = [sniffer.recv(2000)]
+                for _ in range(3):
+                    a.engine.send_payload(a.session, encode_continuation(0, bytes(1000)))
+                    packets.append(sniffer.recv(2000))
+                counters = [struct.unpack(">Q", p[5:13])[0] for p in packets]
+                tags = [p[-16:] for p in packets]
+                assert a.session.retained_count == 4
+                resent = a.session.retained_since(counters[0], tags[0])
+                assert [[f.payload for f in decode_packet(p)] for p in resent] == [
+                    [b"best effort"]]
+                assert a.session.retained_since(counters[1], tags[1]) == []
+                assert a.session.retained_since(counters[3], tags[3]) == []
+                assert a.session.retained_since(counters[2], tags[1]) is None
             finally:
                 sniffer.close()
     run(main())

@@ -22,6 +22,7 @@ from msgnet.limits import (
     MAX_DATAGRAM_CEILING,
     PMTU_MAX_PROBES,
     PMTU_PROBE_MARK,
+    max_best_effort_payload,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,8 +60,8 @@ def test_small_messages_never_probe_and_a_large_one_raises_the_size(run):
             second = os.urandom(1 << 20)
             await a.send_message(peer, "/m", second, qos=Reliable(wait=True))
             packets = a.metrics()["packets_out"] - before
-            # 9000-byte datagrams: ~118 for 1 MiB, where 1200-byte ones need ~900.
-            assert packets < 160, packets
+            # 65000-byte datagrams: 17 for 1 MiB, where 1200-byte ones need ~900.
+            assert packets < 40, packets
             await wait_for(lambda: len(got) == 52)
             assert got[50] == first and got[51] == second
             assert a.metrics()["pmtu_probes"] == 1  # searched once
@@ -92,21 +93,27 @@ def test_best_effort_size_bound_is_the_same_on_every_path(run):
         from msgnet.errors import MessageTooLargeError
 
         async with MessageHost() as a, MessageHost() as b:
-            b.set_message_handler("/m", lambda m: None)
+            got: list[int] = []
+            b.set_message_handler("/m", lambda m: got.append(len(m.data)))
             peer = a.add_peer(b.addrs[0])
             await a.send_message(peer, "/m", os.urandom(200_000), qos=Reliable(wait=True))
             session = session_of(a, peer)
             await wait_for(lambda: session.datagram_size == MAX_DATAGRAM_CEILING)
-            await a.send_message(peer, "/m", bytes(15_000))  # fits 16 small fragments
+            bound = max_best_effort_payload(len(b"/m"))
+            await a.send_message(peer, "/m", bytes(bound))  # 16 small fragments' worth
+            # One byte more would fit one 65000-byte datagram, but not every path.
             with pytest.raises(MessageTooLargeError):
-                await a.send_message(peer, "/m", bytes(20_000))
+                await a.send_message(peer, "/m", bytes(bound + 1))
+            with pytest.raises(MessageTooLargeError):
+                a.network.send_message_nowait(peer, "/m", bytes(bound + 1))
+            await wait_for(lambda: got[1:] == [bound])
 
     run(main())
 
 
 def test_probes_that_are_dropped_leave_the_size_at_what_gets_through(run):
     """A path that silently drops datagrams over 1500 bytes (a middlebox, no ICMP): the probes
-    of 9000 and 8952 bytes go unanswered, 1452 gets through. In plaintext mode the relay sees
+    of 65000 and 8952 bytes go unanswered, 1452 gets through. In plaintext mode the relay sees
     each probe as docs/wire.md 5.1 lays it out, and the PONG that answers it."""
     async def main():
         async with AsyncExitStack() as stack:
@@ -136,7 +143,7 @@ def test_probes_that_are_dropped_leave_the_size_at_what_gets_through(run):
                       if direction == "a->b" and data[DATA_HEADER_SIZE] == PING
                       and data[DATA_HEADER_SIZE + 2:].startswith(PMTU_PROBE_MARK)]
             assert [len(p) + 16 for p in probes] == (
-                [9000] * PMTU_MAX_PROBES + [8952] * PMTU_MAX_PROBES + [1452])
+                [MAX_DATAGRAM_CEILING] * PMTU_MAX_PROBES + [8952] * PMTU_MAX_PROBES + [1452])
             for probe in probes:  # PLAIN_DATA: the 13-byte header, then the frames
                 frame = probe[DATA_HEADER_SIZE:]
                 assert frame[1] == 22  # PING's length: mark, size, 8 random bytes
