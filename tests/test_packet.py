@@ -637,7 +637,7 @@ def test_busy_aes_sessions_seal_and_open_as_before():
     a, b = aes_pair(_packet)
     c = _packet.SessionCrypto(INDEX_A, INDEX_B, KEY_BA, KEY_AB, False, aes=True)  # other keys
     rng = random.Random(5)
-    sizes = [0, 1, 64, 700, 1023, 1024, 1200, 9000]
+    sizes = [0, 1, 64, 700, 1023, 1024, 1200, 9000, 32_767, 32_768, 64_971]
     for counter in range(3 * _packet.AES_KEYS_AFTER):
         payload = rng.randbytes(rng.choice(sizes))
         assert c.seal(payload) == aes_packet(KEY_BA, INDEX_B, counter, payload), counter
