@@ -216,8 +216,7 @@ class MessageHost:
                 pass  # network.send_message fragments it
         elif type(qos) is Reliable and not qos.wait:
             ordered = qos.ordered
-            sent = network.delivery.send_routed(network.route, network.stream_recovery.held,
-                                                peer, protocol, data, ordered)
+            sent = network.delivery.send_routed(peer, protocol, data, ordered)
             if sent > 0 or (sent < 0
                             and network.send_reliable_nowait(peer, protocol, data, ordered)):
                 return

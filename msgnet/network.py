@@ -410,6 +410,7 @@ class MessageNetwork:
         # dies (docs/wire.md §6.1); its two reserved protocols are handled here.
         self.stream_recovery = StreamRecovery(self.streams, self._send_reliable_nowait,
                                               self._count, self._by_index)
+        self.delivery.bind_route(self.route, self.stream_recovery.held)
         self.handlers.update(self.stream_recovery.handlers())
         # Local indices of our initiator sessions not yet confirmed by an authenticated packet:
         # the housekeeping timer tells the handshake to stop re-sending FINISH for them.
@@ -690,8 +691,7 @@ class MessageNetwork:
         The per-message path, to whichever peer (fan-out alternates them): one call into
         the compiled delivery manager, which finds the session by the route
         (DeliveryManager.send_routed), as send_message_nowait does."""
-        sent = self.delivery.send_routed(self.route, self.stream_recovery.held, peer_id,
-                                         protocol, data, ordered)
+        sent = self.delivery.send_routed(peer_id, protocol, data, ordered)
         if sent >= 0:
             return sent == 1
         session, engine = self.session_for(peer_id, protocol)  # it dials, refuses, raises

@@ -8,7 +8,7 @@ cimport cython
 from msgnet._engine cimport SendRoute, Session, UdpEngine
 from msgnet.core.delivery cimport DeliveryConnection
 
-cdef Py_ssize_t _DATA_OVERHEAD, _MAX_BEST_EFFORT_FRAGMENTS
+cdef Py_ssize_t _DATA_OVERHEAD, _MAX_BEST_EFFORT_FRAGMENTS, _BURST_BYTES
 cdef int _PMTU_IDLE, _PMTU_SEARCHING
 
 
@@ -30,13 +30,14 @@ cdef class DeliveryManager:
     cdef dict _room_waiters
     cdef object _flush_handle
     cdef double _now
+    cdef SendRoute _route
+    cdef dict _held
 
     @cython.locals(room=Py_ssize_t, overhead=Py_ssize_t)
     cpdef bint send_reliable_nowait(self, Session session, UdpEngine engine, str protocol,
                                     payload, bint ordered) except -1
     @cython.locals(session=Session)
-    cpdef int send_routed(self, SendRoute route, dict held, peer_id, str protocol, data,
-                          bint ordered) except -2
+    cpdef int send_routed(self, peer_id, str protocol, data, bint ordered) except -2
     @cython.locals(overhead=object)
     cpdef Py_ssize_t _overhead_for(self, str protocol) except -1
     cdef _search_if_large(self, Session session, data, Py_ssize_t room)
@@ -45,7 +46,8 @@ cdef class DeliveryManager:
     cpdef schedule(self, Session session)
     @cython.locals(session=Session, entry=tuple)
     cpdef _flush(self)
-    @cython.locals(now=cython.double, start=Py_ssize_t, fragments=list)
+    @cython.locals(now=cython.double, start=Py_ssize_t, fragments=list, room=Py_ssize_t,
+                   burst=Py_ssize_t, unsent=Py_ssize_t)
     cpdef _pump(self, Session session, DeliveryConnection conn, UdpEngine engine)
     cpdef _send_packet(self, Session session, DeliveryConnection conn, UdpEngine engine,
                        bytes payload, list carried, double now)

@@ -127,6 +127,8 @@ class DeliveryManager:
         self._room_waiters: dict[Session, list[asyncio.Future[None]]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._now = 0.0  # the clock when schedule() last ran: this iteration's if pending
+        self._route: SendRoute | None = None  # bind_route
+        self._held: dict[Session, Any] = {}
 
     # -- sending ---------------------------------------------------------------------
 
@@ -172,16 +174,23 @@ class DeliveryManager:
             self.schedule(session)
         return conn.send_nowait(protocol, data, ordered, room, self._now)
 
-    def send_routed(self, route: SendRoute, held: dict[Session, Any], peer_id: Any,
-                    protocol: str, data: bytes, ordered: bool) -> int:
-        """send_reliable_nowait to the session ``route`` has for peer_id (the network's
-        SendRoute), in one C call: 1 if queued; 0 if not (full, on a stream, or ordered while
-        ``held`` holds the session for a stream resume): then await send_message; -1 if the
-        route has no session for the peer (the network's general path)."""
-        session = route.session_of(peer_id)
+    def bind_route(self, route: SendRoute, held: dict[Session, Any]) -> None:
+        """The network's SendRoute and the sessions its stream recovery holds (their ordered
+        messages wait for a resume): what send_routed finds sessions with."""
+        self._route = route
+        self._held = held
+
+    def send_routed(self, peer_id: Any, protocol: str, data: bytes, ordered: bool) -> int:
+        """send_reliable_nowait to the session the bound route has for peer_id, in one C
+        call: 1 if queued; 0 if not (full, on a stream, or ordered while the stream recovery
+        holds the session): then await send_message; -1 if the route has no session for the
+        peer or none is bound (the network's general path)."""
+        if self._route is None:
+            return -1
+        session = self._route.session_of(peer_id)
         if session is None:
             return -1
-        if ordered and session in held:
+        if ordered and session in self._held:
             return 0
         return 1 if self.send_reliable_nowait(session, session.engine, protocol, data,
                                               ordered) else 0
@@ -304,7 +313,8 @@ class DeliveryManager:
         # Fragments go out a burst at a time (one sendmmsg each), so the peer decrypts the
         # first burst while this side seals the next: one window sealed whole before the
         # first send would leave the peer idle for all of it.
-        burst = max(1, _BURST_BYTES // room)
+        burst = max(1, _BURST_BYTES // room)  # fragments polled (and packed) at a time
+        unsent = 0  # bytes sealed since the last sendmmsg
         while conn.transmit_pending:
             fragments = conn.poll_transmit(now, burst)
             if not fragments:
@@ -316,7 +326,10 @@ class DeliveryManager:
                 self._send_packet(session, conn, engine, payload,
                                   fragments[start:start + count], now)
                 start += count
-            engine.drain_sealed()
+                unsent += len(payload)
+            if unsent >= _BURST_BYTES:
+                engine.drain_sealed()
+                unsent = 0
         if ack is not None:
             self._send_packet(session, conn, engine, ack, [], now)
         engine.drain_sealed()
