@@ -80,7 +80,8 @@ cdef class SessionCrypto:
 # One DATA packet sealed or opened piece by piece (large packets on streams, where each piece
 # is written as soon as it is sealed, and opened as it arrives): see _packet.pyx.
 cdef class PieceCipher:
-    cdef void* _ctx
+    cdef void* _ctx                          # libcrypto's context (ChaCha20-Poly1305), or
+    cdef object _aes                         # cryptography's GCM encryptor or decryptor
     cdef bint _sealing
     cdef readonly uint64_t counter
     cdef SessionCrypto _crypto               # opening: whose replay window finish() updates

@@ -14,6 +14,7 @@ from libc.string cimport memcpy, memmove, memset
 import os
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from msgnet import limits
@@ -225,7 +226,7 @@ cdef extern from *:
     #endif
 
     static const EVP_CIPHER *msgnet_cipher = NULL;
-    static const EVP_CIPHER *msgnet_cipher_aes = NULL;  /* AES-256-GCM, for pieces only */
+    static const EVP_CIPHER *msgnet_cipher_aes = NULL;  /* AES-256-GCM (whole packets) */
     static EVP_CIPHER_CTX *msgnet_seal_ctx = NULL;
     static EVP_CIPHER_CTX *msgnet_open_ctx = NULL;
     /* The key each context holds: a packet for the same session as the one before (the
@@ -390,13 +391,14 @@ cdef extern from *:
                                   adlen, in, n, out);
     }
 
-    /* One packet sealed or opened piece by piece (large packets on a stream), in a context
-       of its own: its pieces interleave with whole packets on the shared contexts. aes picks
-       AES-256-GCM over ChaCha20-Poly1305. NULL on an OpenSSL failure, or AES unavailable. */
-    static void *msgnet_piece_begin(int enc, int aes, const unsigned char *key,
+    /* One ChaCha20-Poly1305 packet sealed or opened piece by piece (large packets on a
+       stream), in a context of its own: its pieces interleave with whole packets on the
+       shared contexts (AES-256-GCM ones go to cryptography: PieceCipher). NULL on an OpenSSL
+       failure. */
+    static void *msgnet_piece_begin(int enc, const unsigned char *key,
                                     const unsigned char *nonce,
                                     const unsigned char *ad, int adlen) {
-        const EVP_CIPHER *cipher = aes ? msgnet_cipher_aes : msgnet_cipher;
+        const EVP_CIPHER *cipher = msgnet_cipher;
         EVP_CIPHER_CTX *ctx;
         int len;
         if (cipher == NULL) return NULL;
@@ -454,7 +456,7 @@ cdef extern from *:
     static int msgnet_evp_aes_ready(void) { return 0; }
     #define msgnet_evp_aes_seal msgnet_aead_missing
     #define msgnet_evp_aes_open msgnet_aead_missing
-    static void *msgnet_piece_begin(int enc, int aes, const unsigned char *key,
+    static void *msgnet_piece_begin(int enc, const unsigned char *key,
                                     const unsigned char *nonce,
                                     const unsigned char *ad, int adlen) { return NULL; }
     static int msgnet_piece_update(void *ctx, const unsigned char *in, int n,
@@ -601,7 +603,7 @@ cdef extern from *:
                         const uint8_t* inp, int n, uint8_t* out) noexcept
     int msgnet_evp_open(const uint8_t* key, const uint8_t* nonce, const uint8_t* ad, int adlen,
                         const uint8_t* inp, int n, uint8_t* out) noexcept
-    void* msgnet_piece_begin(int enc, int aes, const uint8_t* key, const uint8_t* nonce,
+    void* msgnet_piece_begin(int enc, const uint8_t* key, const uint8_t* nonce,
                              const uint8_t* ad, int adlen) noexcept
     int msgnet_piece_update(void* ctx, const uint8_t* inp, int n, uint8_t* out) noexcept
     int msgnet_piece_finish(void* ctx, int enc, uint8_t* tag) noexcept
@@ -1056,13 +1058,20 @@ cdef class PieceCipher:
     open_into, for packets that are large enough for the time to matter. On a stream the
     sender then writes each piece as soon as it is sealed and the receiver opens each piece
     as it arrives, so the two ends' encryption overlaps instead of adding up. Nothing opened
-    may be used before finish() verified the tag (docs/wire.md §6)."""
+    may be used before finish() verified the tag (docs/wire.md §6).
+
+    AES-256-GCM packets go to cryptography's incremental GCM (its OpenSSL has the VAES code
+    the system's may lack, as for whole packets: _CRYPTOGRAPHY_AES_FROM), ChaCha20-Poly1305
+    ones to libcrypto's."""
 
     def __dealloc__(self):
         if self._ctx != NULL:
             msgnet_piece_free(self._ctx)
 
     cdef int update(self, const uint8_t* inp, Py_ssize_t n, uint8_t* out) except -1:
+        if self._aes is not None:
+            self._aes.update_into(_aim(_win_in, inp, n), _aim(_win_out, out, n))
+            return 0
         if self._ctx == NULL or msgnet_piece_update(self._ctx, inp, <int>n, out) != 0:
             raise RuntimeError("libcrypto failed on a packet piece")
         return 0
@@ -1070,12 +1079,24 @@ cdef class PieceCipher:
     cdef int finish(self, uint8_t* tag) except -100:
         """Sealing: write the tag at tag; OPEN_OK. Opening: check the tag at tag and then the
         replay window (updating it); OPEN_OK, DROP_AUTH_FAILED or DROP_REPLAY."""
-        cdef int rc
-        if self._ctx == NULL:
+        cdef int rc = 0
+        if self._aes is not None:
+            aes, self._aes = self._aes, None
+            if self._sealing:
+                aes.finalize()
+                memcpy(tag, PyBytes_AS_STRING(aes.tag), AEAD_TAG_SIZE)
+            else:
+                try:
+                    aes.finalize_with_tag(PyBytes_FromStringAndSize(<const char*>tag,
+                                                                    AEAD_TAG_SIZE))
+                except InvalidTag:
+                    rc = 1
+        elif self._ctx == NULL:
             raise RuntimeError("packet piece cipher already finished")
-        rc = msgnet_piece_finish(self._ctx, self._sealing, tag)
-        msgnet_piece_free(self._ctx)
-        self._ctx = NULL
+        else:
+            rc = msgnet_piece_finish(self._ctx, self._sealing, tag)
+            msgnet_piece_free(self._ctx)
+            self._ctx = NULL
         if rc < 0:
             raise RuntimeError("libcrypto failed to finish a packet")
         if self._sealing:
@@ -1091,6 +1112,7 @@ cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out, Py_ssize_t n):
     cdef uint64_t counter = crypto.send_counter
     cdef uint8_t nonce[12]
     cdef void* ctx
+    cdef PieceCipher cipher
     if not _pieces or crypto.plaintext or counter >= _REJECT_AFTER:
         return None
     if crypto.aes and crypto._sealed_bytes + <uint64_t>n > _AES_REJECT_AFTER_BYTES:
@@ -1099,28 +1121,49 @@ cdef PieceCipher seal_pieces(SessionCrypto crypto, uint8_t* out, Py_ssize_t n):
     _store_u32_be(out + 1, crypto.remote_index)
     _store_u64_be(out + 5, counter)
     _store_nonce(nonce, counter)
-    ctx = msgnet_piece_begin(1, crypto.aes, crypto._send_key, nonce, out, DATA_HEADER_SIZE)
-    if ctx == NULL:
-        return None
     if crypto.aes:
+        cipher = _piece_cipher(NULL, True, counter, None)
+        cipher._aes = _gcm(crypto._send_key, nonce, out, None)
         crypto._count_sealed(n)
+    else:
+        ctx = msgnet_piece_begin(1, crypto._send_key, nonce, out, DATA_HEADER_SIZE)
+        if ctx == NULL:
+            return None
+        cipher = _piece_cipher(ctx, True, counter, None)
     crypto.send_counter = counter + 1
-    return _piece_cipher(ctx, True, counter, None)
+    return cipher
 
 
 cdef PieceCipher open_pieces(SessionCrypto crypto, const uint8_t* header):
     cdef uint64_t counter = _load_u64_be(header + 5)
     cdef uint8_t nonce[12]
     cdef void* ctx
+    cdef PieceCipher cipher
     if (not _pieces or crypto.plaintext or header[0] != PACKET_DATA
             or _load_u32_be(header + 1) != crypto.local_index
             or counter >= _REJECT_AFTER or not crypto.window.check(counter)):
         return None  # open_into, on the whole packet, says why it is dropped
     _store_nonce(nonce, counter)
-    ctx = msgnet_piece_begin(0, crypto.aes, crypto._recv_key, nonce, header, DATA_HEADER_SIZE)
+    if crypto.aes:
+        cipher = _piece_cipher(NULL, False, counter, crypto)
+        cipher._aes = _gcm(crypto._recv_key, nonce, header, crypto)
+        return cipher
+    ctx = msgnet_piece_begin(0, crypto._recv_key, nonce, header, DATA_HEADER_SIZE)
     if ctx == NULL:
         return None
     return _piece_cipher(ctx, False, counter, crypto)
+
+
+cdef object _gcm(const uint8_t* key, const uint8_t* nonce, const uint8_t* header,
+                 SessionCrypto opening):
+    """cryptography's AES-256-GCM encryptor (opening None) or decryptor for one packet, its
+    header authenticated."""
+    mode = modes.GCM(PyBytes_FromStringAndSize(<const char*>nonce, 12))
+    cipher = Cipher(algorithms.AES(PyBytes_FromStringAndSize(<const char*>key, 32)), mode)
+    gcm = cipher.encryptor() if opening is None else cipher.decryptor()
+    gcm.authenticate_additional_data(PyBytes_FromStringAndSize(<const char*>header,
+                                                               DATA_HEADER_SIZE))
+    return gcm
 
 
 cdef PieceCipher _piece_cipher(void* ctx, bint sealing, uint64_t counter, SessionCrypto crypto):
