@@ -44,6 +44,7 @@ cdef class Fragment:
     cdef public bint acked
     cdef public bint queued
     cdef public _OutSpace _space
+    cdef public Py_ssize_t cost
 
 
 @cython.final
@@ -126,7 +127,8 @@ cdef OutgoingMessage _outgoing_message(str protocol, long long seq, int flags, r
                                        bint notify)
 @cython.locals(new=Fragment)
 cdef Fragment _fragment(OutgoingMessage message, str protocol, int flags, request_id,
-                        long long seq, int frag_index, int frag_count, chunk, _OutSpace space)
+                        long long seq, int frag_index, int frag_count, chunk, _OutSpace space,
+                        Py_ssize_t size)
 @cython.locals(unacked=_Unacked)
 cdef bint _within_window(_OutSpace space, long long seq) except -1
 

@@ -357,9 +357,10 @@ class Fragment:
     acked: bool
     queued: bool
     _space: _OutSpace
+    cost: int
 
     __slots__ = ("message", "protocol", "flags", "request_id", "seq", "frag_index",
-                 "frag_count", "chunk", "acked", "queued", "_space")
+                 "frag_count", "chunk", "acked", "queued", "_space", "cost")
 
     def __repr__(self) -> str:
         return (
@@ -392,8 +393,10 @@ def _outgoing_message(
 def _fragment(
     message: OutgoingMessage, protocol: str, flags: int, request_id: int, seq: int,
     frag_index: int, frag_count: int, chunk: bytes | memoryview, space: _OutSpace,
+    size: int,
 ) -> Fragment:
-    """A new Fragment (made as _outgoing_message makes messages, for the same reason)."""
+    """A new Fragment (made as _outgoing_message makes messages, for the same reason) of
+    ``size`` bytes (len(chunk)): ``cost`` is what it takes of the congestion window."""
     new = Fragment.__new__(Fragment)
     new.message = message
     new.protocol = protocol
@@ -406,6 +409,7 @@ def _fragment(
     new.acked = False  # a fragment may be acknowledged by a packet declared lost
     new.queued = False  # in the retransmission queue (once, whatever sent it again)
     new._space = space
+    new.cost = size + _FRAGMENT_OVERHEAD
     return new
 
 
@@ -968,12 +972,13 @@ class DeliveryConnection:
         queue = self._queue if reliable else self._be_queue
         if count == 1:
             queue.push(_fragment(message, protocol, flags, request_id, seq, 0, 1, payload,
-                                 space))
+                                 space, size))
         else:
             view = memoryview(payload)
             for i in range(count):
                 queue.push(_fragment(message, protocol, flags, request_id, seq, i, count,
-                                     view[i * fs:(i + 1) * fs], space))
+                                     view[i * fs:(i + 1) * fs], space,
+                                     min(fs, size - i * fs)))
         if reliable:
             space.unacked.add(seq, message)
         return message
@@ -1008,7 +1013,7 @@ class DeliveryConnection:
                 queue.pop()
             else:
                 break
-            cost = len(fragment.chunk) + _FRAGMENT_OVERHEAD
+            cost = fragment.cost
             budget -= cost
             self._handed_out += cost
             out.append(fragment)
@@ -1037,7 +1042,7 @@ class DeliveryConnection:
                 break
             queue.pop()
             out.append(fragment)
-            tokens -= len(fragment.chunk) + _FRAGMENT_OVERHEAD
+            tokens -= fragment.cost
             if fragment.frag_index == fragment.frag_count - 1:
                 message.done = True
                 self._outstanding -= message.size + _SENT_MESSAGE_COST
@@ -1062,7 +1067,7 @@ class DeliveryConnection:
         mixed = False
         for fragment in fragments:
             if fragment.flags & FLAG_RELIABLE:
-                handed += len(fragment.chunk) + _FRAGMENT_OVERHEAD
+                handed += fragment.cost
             else:
                 mixed = True
         if not handed:
