@@ -679,13 +679,7 @@ cdef int _aes_seal(const uint8_t* key, void* keys, uint64_t counter, const uint8
     _EVP_AES_FROM bytes libcrypto, where linked."""
     cdef uint8_t nonce[12]
     if n >= _CRYPTOGRAPHY_AES_FROM:
-        _aesgcm_for(key).encrypt_into(
-            _nonce_bytes(counter),
-            _aim(_win_in, plaintext, n),
-            _aim(_win_ad, header, DATA_HEADER_SIZE),
-            _aim(_win_out, sealed, n + AEAD_TAG_SIZE),
-        )
-        return 0
+        return _seal_with(_aesgcm_for(key), counter, header, plaintext, n, sealed)
     _store_nonce(nonce, counter)
     if n >= _EVP_AES_FROM and _evp_aes:
         if msgnet_evp_aes_seal(key, nonce, header, DATA_HEADER_SIZE, plaintext, <int>n,
@@ -703,16 +697,7 @@ cdef int _aes_open(const uint8_t* key, void* keys, uint64_t counter, const uint8
     cdef uint8_t nonce[12]
     cdef int rc
     if n >= _CRYPTOGRAPHY_AES_FROM:
-        try:
-            _aesgcm_for(key).decrypt_into(
-                _nonce_bytes(counter),
-                _aim(_win_in, sealed, n + AEAD_TAG_SIZE),
-                _aim(_win_ad, header, DATA_HEADER_SIZE),
-                _aim(_win_out, plaintext, n),
-            )
-        except InvalidTag:
-            return -1
-        return 0
+        return _open_with(_aesgcm_for(key), counter, header, sealed, n, plaintext)
     _store_nonce(nonce, counter)
     if n >= _EVP_AES_FROM and _evp_aes:
         rc = msgnet_evp_aes_open(key, nonce, header, DATA_HEADER_SIZE, sealed, <int>n,
@@ -789,7 +774,19 @@ cdef inline bytes _nonce_bytes(uint64_t counter):
 cdef int _cryptography_seal(const uint8_t* key, uint64_t counter, const uint8_t* header,
                             const uint8_t* plaintext, Py_ssize_t n,
                             uint8_t* sealed) except -1:
-    _aead_for(key).encrypt_into(
+    return _seal_with(_aead_for(key), counter, header, plaintext, n, sealed)
+
+
+cdef int _cryptography_open(const uint8_t* key, uint64_t counter, const uint8_t* header,
+                            const uint8_t* sealed, Py_ssize_t n,
+                            uint8_t* plaintext) except -2:
+    return _open_with(_aead_for(key), counter, header, sealed, n, plaintext)
+
+
+cdef int _seal_with(object aead, uint64_t counter, const uint8_t* header,
+                    const uint8_t* plaintext, Py_ssize_t n, uint8_t* sealed) except -1:
+    """One DATA payload sealed by a cryptography AEAD object (ChaCha20Poly1305, AESGCM)."""
+    aead.encrypt_into(
         _nonce_bytes(counter),
         _aim(_win_in, plaintext, n),
         _aim(_win_ad, header, DATA_HEADER_SIZE),
@@ -798,11 +795,11 @@ cdef int _cryptography_seal(const uint8_t* key, uint64_t counter, const uint8_t*
     return 0
 
 
-cdef int _cryptography_open(const uint8_t* key, uint64_t counter, const uint8_t* header,
-                            const uint8_t* sealed, Py_ssize_t n,
-                            uint8_t* plaintext) except -2:
+cdef int _open_with(object aead, uint64_t counter, const uint8_t* header,
+                    const uint8_t* sealed, Py_ssize_t n, uint8_t* plaintext) except -2:
+    """_seal_with's opening: 0, or -1 if the tag does not verify."""
     try:
-        _aead_for(key).decrypt_into(
+        aead.decrypt_into(
             _nonce_bytes(counter),
             _aim(_win_in, sealed, n + AEAD_TAG_SIZE),
             _aim(_win_ad, header, DATA_HEADER_SIZE),

@@ -635,7 +635,7 @@ def test_delivery_layer_packets_are_retained_by_tag_only(run, mode):
     SESSION_UNKNOWN but pin no payload; a best-effort packet sent before them still comes
     back for re-sending (docs/wire.md 2.5)."""
     async def main():
-        async with pair(mode) as (a, b):
+        async with pair(mode) as (a, _b):
             sniffer = raw_socket()
             sniffer.settimeout(5)
             try:
