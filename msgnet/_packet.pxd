@@ -63,6 +63,8 @@ cdef class SessionCrypto:
     cdef uint8_t _recv_key[32]
     cdef void* _aes_keys                  # both keys' AES schedules once busy, else NULL
     cdef uint32_t _aes_packets            # packets sealed and opened until then
+    cdef object _aes_sealer               # cryptography AESGCM objects for large packets,
+    cdef object _aes_opener               # made on first use, dropped with the session
 
     # Seal payload[0:n] as one DATA (or PLAIN_DATA) packet into out[0:cap]. Returns the packet
     # length, -1 if the send counter is exhausted, -2 if out is too small. The tag is written at
@@ -76,6 +78,7 @@ cdef class SessionCrypto:
                        Py_ssize_t* out_len) except -100
     cdef bint _count_sealed(self, Py_ssize_t n) noexcept
     cdef void* _aes_keys_now(self) noexcept
+    cdef object _large_aes(self, bint sealing)
 
 # One DATA packet sealed or opened piece by piece (large packets on streams, where each piece
 # is written as soon as it is sealed, and opened as it arrives): see _packet.pyx.

@@ -661,10 +661,11 @@ cdef int _sodium_open(const uint8_t* key, uint64_t counter, const uint8_t* heade
 
 # AES-256-GCM packets of at least this many bytes of plaintext go to libcrypto where it has
 # the cipher (_evp_aes), smaller ones to libsodium: see msgnet_aes_seal_ctx. From
-# _CRYPTOGRAPHY_AES_FROM bytes (the datagrams of a loopback path, 5.1) they go to
-# cryptography's AESGCM, whose own OpenSSL has the VAES/AVX-512 code that the system's may
-# lack: measured here (OpenSSL 3.0 against cryptography's 4.0, 65 KB, seal or open) 16.6 us
-# against 8.8, while its per-call set-up (about 1.7 us) makes it the slower below ~9 KB.
+# _CRYPTOGRAPHY_AES_FROM bytes (the datagrams of a loopback path, 5.1) they go to the
+# session's own cryptography AESGCM objects (SessionCrypto._large_aes), whose OpenSSL has the
+# VAES/AVX-512 code that the system's may lack: measured here (OpenSSL 3.0 against
+# cryptography's 4.0, 65 KB, seal or open) 16.6 us against 8.8, while its per-call set-up
+# (about 1.7 us) makes it the slower below ~9 KB.
 cdef enum:
     _EVP_AES_FROM = 1024
     _CRYPTOGRAPHY_AES_FROM = 32768
@@ -678,8 +679,6 @@ cdef int _aes_seal(const uint8_t* key, void* keys, uint64_t counter, const uint8
     precomputed key schedules (keys, see SessionCrypto._aes_keys_now) if it has them; from
     _EVP_AES_FROM bytes libcrypto, where linked."""
     cdef uint8_t nonce[12]
-    if n >= _CRYPTOGRAPHY_AES_FROM:
-        return _seal_with(_aesgcm_for(key), counter, header, plaintext, n, sealed)
     _store_nonce(nonce, counter)
     if n >= _EVP_AES_FROM and _evp_aes:
         if msgnet_evp_aes_seal(key, nonce, header, DATA_HEADER_SIZE, plaintext, <int>n,
@@ -696,8 +695,6 @@ cdef int _aes_open(const uint8_t* key, void* keys, uint64_t counter, const uint8
                    const uint8_t* sealed, Py_ssize_t n, uint8_t* plaintext) except -2:
     cdef uint8_t nonce[12]
     cdef int rc
-    if n >= _CRYPTOGRAPHY_AES_FROM:
-        return _open_with(_aesgcm_for(key), counter, header, sealed, n, plaintext)
     _store_nonce(nonce, counter)
     if n >= _EVP_AES_FROM and _evp_aes:
         rc = msgnet_evp_aes_open(key, nonce, header, DATA_HEADER_SIZE, sealed, <int>n,
@@ -740,28 +737,18 @@ cdef int _mixed_open(const uint8_t* key, uint64_t counter, const uint8_t* header
 cdef enum:
     _AEAD_CACHE_SIZE = 64
 cdef dict _aeads = {}
-cdef dict _aesgcms = {}  # the same for AESGCM objects
 cdef _CBuffer _win_in = _CBuffer(False)
 cdef _CBuffer _win_ad = _CBuffer(False)
 cdef _CBuffer _win_out = _CBuffer(True)
 
 
 cdef object _aead_for(const uint8_t* key):
-    return _cached_aead(_aeads, key, ChaCha20Poly1305)
-
-
-cdef object _aesgcm_for(const uint8_t* key):
-    """cryptography's AESGCM for key (large AES-256-GCM packets: _CRYPTOGRAPHY_AES_FROM)."""
-    return _cached_aead(_aesgcms, key, AESGCM)
-
-
-cdef object _cached_aead(dict cache, const uint8_t* key, object cipher):
     cdef bytes k = PyBytes_FromStringAndSize(<const char*>key, 32)
-    aead = cache.get(k)
+    aead = _aeads.get(k)
     if aead is None:
-        if len(cache) >= _AEAD_CACHE_SIZE:
-            del cache[next(iter(cache))]
-        aead = cache[k] = cipher(k)
+        if len(_aeads) >= _AEAD_CACHE_SIZE:
+            del _aeads[next(iter(_aeads))]
+        aead = _aeads[k] = ChaCha20Poly1305(k)
     return aead
 
 
@@ -923,6 +910,19 @@ cdef class SessionCrypto:
         msgnet_aes_keys_free(self._aes_keys)
         self._aes_keys = NULL
 
+    cdef object _large_aes(self, bint sealing):
+        """cryptography's AESGCM for this session's sending (sealing) or receiving key: large
+        AES-256-GCM packets (_CRYPTOGRAPHY_AES_FROM). Made on the first such packet and held
+        by the session, so no key outlives it in a shared cache."""
+        if sealing:
+            if self._aes_sealer is None:
+                self._aes_sealer = AESGCM(PyBytes_FromStringAndSize(<const char*>self._send_key,
+                                                                    32))
+            return self._aes_sealer
+        if self._aes_opener is None:
+            self._aes_opener = AESGCM(PyBytes_FromStringAndSize(<const char*>self._recv_key, 32))
+        return self._aes_opener
+
     cdef void* _aes_keys_now(self) noexcept:
         """The precomputed AES key schedules of this session (1 KiB, made once, see
         msgnet_aes_keys_new), from its AES_KEYS_AFTER-th packet sealed or opened on: a busy
@@ -950,6 +950,8 @@ cdef class SessionCrypto:
         _store_u64_be(out + 5, counter)
         if self.plaintext:
             memmove(out + DATA_HEADER_SIZE, payload, n)
+        elif self.aes and n >= _CRYPTOGRAPHY_AES_FROM:
+            _seal_with(self._large_aes(True), counter, out, payload, n, out + DATA_HEADER_SIZE)
         elif self.aes:
             _aes_seal(self._send_key, self._aes_keys_now(), counter, out, payload, n,
                       out + DATA_HEADER_SIZE)
@@ -1003,10 +1005,12 @@ cdef class SessionCrypto:
             return DROP_OUT_OF_ROOM
         if self.plaintext:
             memmove(out, pkt + DATA_HEADER_SIZE, payload_len)
-        elif (_aes_open(self._recv_key, self._aes_keys_now(), counter, pkt,
-                        pkt + DATA_HEADER_SIZE, payload_len, out) if self.aes else
-              _aead_open(self._recv_key, counter, pkt, pkt + DATA_HEADER_SIZE, payload_len,
-                         out)) != 0:
+        elif (_aead_open(self._recv_key, counter, pkt, pkt + DATA_HEADER_SIZE, payload_len,
+                         out) if not self.aes else
+              _open_with(self._large_aes(False), counter, pkt, pkt + DATA_HEADER_SIZE,
+                         payload_len, out) if payload_len >= _CRYPTOGRAPHY_AES_FROM else
+              _aes_open(self._recv_key, self._aes_keys_now(), counter, pkt,
+                        pkt + DATA_HEADER_SIZE, payload_len, out)) != 0:
             memset(out, 0, payload_len)  # no unauthenticated plaintext left for a caller to misuse
             return DROP_AUTH_FAILED
         if not self.window.update(counter):

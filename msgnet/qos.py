@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
 
 # A pump sends what the window lets out in bursts of about _BURST_BYTES, one sendmmsg
-# each: 54 packets of 1200 bytes, 7 of 9000, one of 65000.
+# each: 56 packets of 1200 bytes, 8 of 9000, one of 65000.
 _BURST_BYTES = 64 * 1024
 _DATA_OVERHEAD = limits.DATA_OVERHEAD  # (a C constant where compiled: read once per packet)
 _MAX_BEST_EFFORT_FRAGMENTS = limits.MAX_BEST_EFFORT_FRAGMENTS
@@ -201,8 +201,8 @@ class DeliveryManager:
         overhead = self._overhead_for(protocol)
         if not reliable and len(data) > _MAX_BEST_EFFORT_FRAGMENTS * (limits.MAX_DATAGRAM
                                                                       - overhead):
-            # (limits.max_best_effort_payload: the engine applies it to single datagrams)
-            # The same bound on every path (docs/wire.md 5.1), whatever this one carries.
+            # The same bound on every path (docs/wire.md 5.1), whatever this one carries:
+            # limits.max_best_effort_payload, which the engine applies to single datagrams.
             raise MessageTooLargeError(
                 f"best-effort message of {len(data)} bytes needs more than "
                 f"{_MAX_BEST_EFFORT_FRAGMENTS} fragments of a {limits.MAX_DATAGRAM}-byte "
