@@ -8,7 +8,7 @@ cimport cython
 from msgnet._engine cimport SendRoute, Session, UdpEngine
 from msgnet.core.delivery cimport DeliveryConnection
 
-cdef Py_ssize_t _DATA_OVERHEAD, _MAX_BEST_EFFORT_FRAGMENTS, _BURST_BYTES
+cdef Py_ssize_t _DATA_OVERHEAD, _BURST_BYTES
 cdef int _PMTU_IDLE, _PMTU_SEARCHING
 
 

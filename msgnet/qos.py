@@ -51,7 +51,6 @@ __all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
 # each: 56 packets of 1200 bytes, 8 of 9000, one of 65000.
 _BURST_BYTES = 64 * 1024
 _DATA_OVERHEAD = limits.DATA_OVERHEAD  # (a C constant where compiled: read once per packet)
-_MAX_BEST_EFFORT_FRAGMENTS = limits.MAX_BEST_EFFORT_FRAGMENTS
 _PMTU_IDLE = PMTU_IDLE  # C constants where compiled, as _DATA_OVERHEAD
 _PMTU_SEARCHING = PMTU_SEARCHING
 
@@ -199,13 +198,12 @@ class DeliveryManager:
               reliable: bool, ordered: bool, flags_extra: int,
               request_id: int) -> OutgoingMessage:
         overhead = self._overhead_for(protocol)
-        if not reliable and len(data) > _MAX_BEST_EFFORT_FRAGMENTS * (limits.MAX_DATAGRAM
-                                                                      - overhead):
-            # The same bound on every path (docs/wire.md 5.1), whatever this one carries:
-            # limits.max_best_effort_payload, which the engine applies to single datagrams.
+        if not reliable and len(data) > limits.max_best_effort_payload(len(protocol.encode())):
+            # The same bound on every path (docs/wire.md 5.1), whatever this one carries (the
+            # engine applies it to single datagrams).
             raise MessageTooLargeError(
                 f"best-effort message of {len(data)} bytes needs more than "
-                f"{_MAX_BEST_EFFORT_FRAGMENTS} fragments of a {limits.MAX_DATAGRAM}-byte "
+                f"{limits.MAX_BEST_EFFORT_FRAGMENTS} fragments of a {limits.MAX_DATAGRAM}-byte "
                 "datagram")
         room = session.datagram_size - overhead
         self._search_if_large(session, data, room)
