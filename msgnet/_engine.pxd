@@ -261,7 +261,7 @@ cdef class Session:
     cdef readonly int datagram_size
     cdef public int pmtu_state          # PMTU_* in _engine.pyx: not searched, searching, done
 
-    cdef UdpEngine _engine
+    cdef readonly UdpEngine engine  # the engine this session belongs to
     cdef bint _closed
     # The remote address as a C sockaddr; its Python tuple (the address property) is built
     # when asked for.

@@ -360,7 +360,7 @@ cdef class Message:
         if not self.flags & FLAG_REQUEST:
             raise UsageError("reply() answers a request; this message is not one")
         cdef Session s = self.session
-        cdef UdpEngine engine = s._engine
+        cdef UdpEngine engine = s.engine
         if s._closed or engine._closed:
             engine._counters[CNT_REPLY_DROPPED] += 1
             return
@@ -398,9 +398,9 @@ cdef class Session:
     def __dealloc__(self):
         self._release_retained()
         if self._cur != NULL:
-            if self._engine is not None:
-                self._engine._give_buffer(self._cur, self._cap)
-            else:  # the cycle collector cleared _engine first
+            if self.engine is not None:
+                self.engine._give_buffer(self._cur, self._cap)
+            else:  # the cycle collector cleared engine first
                 PyMem_Free(self._cur)
             self._cur = NULL
 
@@ -411,16 +411,11 @@ cdef class Session:
         return self._get_address()
 
     @property
-    def engine(self):
-        """The UdpEngine this session belongs to."""
-        return self._engine
-
-    @property
     def sends_on_stream(self) -> bool:
         """Whether its packets go on its stream connection (see UdpEngine.set_path), so
         messages need no acknowledgements, retransmissions or fragments of msgnet's own."""
         return self.stream is not None and (not self._udp or not self._salen
-                                            or self._engine.sock is None)
+                                            or self.engine.sock is None)
 
     @property
     def duplicated(self) -> bool:
@@ -469,7 +464,7 @@ cdef class Session:
         cdef Retained* kept
         if len(tag) != AEAD_TAG_SIZE:
             return None
-        self._purge_retained(self._engine._loop_time())
+        self._purge_retained(self.engine._loop_time())
         for k in range(self._ret_count):
             r = &self._ret[(self._ret_head + k) % self._ret_cap]
             if (r.counter == counter
@@ -530,7 +525,7 @@ cdef class Session:
                 return NULL
             self._close_payload()
         if self._cur == NULL:
-            self._cur = self._engine._take_buffer(self._cap)
+            self._cur = self.engine._take_buffer(self._cap)
             self._cur_len = 0
             self._cur_frames = 0
         self._cur_frames += 1  # every caller writes one frame here
@@ -544,7 +539,7 @@ cdef class Session:
             return None
         if self._cur_len:
             payload = PyBytes_FromStringAndSize(<const char*>self._cur, self._cur_len)
-        self._engine._give_buffer(self._cur, self._cap)
+        self.engine._give_buffer(self._cur, self._cap)
         self._cur = NULL
         self._cur_len = 0
         return payload
@@ -603,7 +598,7 @@ cdef class Session:
                 for k in range(self._ret_count):
                     grown[k] = self._ret[(self._ret_head + k) % self._ret_cap]
                 if self._ret == NULL:
-                    self._engine._retaining.append(self)
+                    self.engine._retaining.append(self)
                 PyMem_Free(self._ret)
                 self._ret = grown
                 self._ret_cap = cap
@@ -786,7 +781,7 @@ cdef class SendRoute:
             path = self._path
             if path is not None and not path.expect_since and path.mode == "udp":
                 path.expect_since = self._time()
-        return s._engine._send(s, protocol, data, flags, request_id)
+        return s.engine._send(s, protocol, data, flags, request_id)
 
 
 # ---------------------------------------------------------------------------
@@ -1044,7 +1039,7 @@ cdef class UdpEngine:
         if not 0 < local_index <= 0xFFFFFFFF:
             raise UsageError("local_index must be a non-zero u32")
         cdef Session s = Session.__new__(Session)
-        s._engine = self
+        s.engine = self
         s.peer_id = peer_id
         s.local_index = <uint32_t>local_index
         s.initiator = initiator
@@ -1058,7 +1053,7 @@ cdef class UdpEngine:
 
     def add_session(self, Session session not None):
         """Route DATA whose receiver index is session.local_index to session."""
-        if session._engine is not self:
+        if session.engine is not self:
             raise UsageError("session belongs to another engine")
         other = self.sessions.get(session.local_index)
         if other is not None and other is not session:

@@ -500,7 +500,7 @@ cdef class StreamCore:
         if s is None:
             self._slow(pkt, n)
             return None
-        engine = s._engine
+        engine = s.engine
         if not engine._in_batch:
             engine._in_batch = True
             engine._sent_early = False

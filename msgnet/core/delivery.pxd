@@ -15,8 +15,7 @@ cdef Py_ssize_t _FRAGMENT_OVERHEAD, _PER_MESSAGE_COST, _SENT_MESSAGE_COST
 
 
 # OutgoingMessage and Fragment are also @cython.no_gc (in delivery.py: the directive is only
-# honoured there): see Fragment's docstring.
-@cython.final
+# honoured there): see Fragment's docstring. A message of one fragment is a Fragment.
 cdef class OutgoingMessage:
     cdef public str protocol
     cdef public long long seq
@@ -32,14 +31,9 @@ cdef class OutgoingMessage:
 
 
 @cython.final
-cdef class Fragment:
-    cdef public OutgoingMessage message
-    cdef public str protocol
-    cdef public int flags
-    cdef public object request_id
-    cdef public long long seq
+cdef class Fragment(OutgoingMessage):
+    cdef public OutgoingMessage _message
     cdef public int frag_index
-    cdef public int frag_count
     cdef public object chunk
     cdef public bint acked
     cdef public bint queued
@@ -103,6 +97,9 @@ cdef class _FragmentQueue:
     cdef list _items
     cdef Py_ssize_t _head
     cpdef push(self, Fragment fragment)
+    @cython.locals(items=list, head=cython.Py_ssize_t, end=cython.Py_ssize_t,
+                   taken=cython.Py_ssize_t, fragment=Fragment)
+    cpdef Py_ssize_t take(self, list out, double budget, Py_ssize_t limit) except -1
     cpdef Fragment peek(self)
     @cython.locals(items=list, head=cython.Py_ssize_t)
     cpdef Fragment pop(self)
@@ -125,6 +122,10 @@ cdef _SentPacket _sent_packet(double time, Py_ssize_t size, list fragments)
 cdef OutgoingMessage _outgoing_message(str protocol, long long seq, int flags, request_id,
                                        Py_ssize_t size, int frag_count, double queued_at,
                                        bint notify)
+cdef OutgoingMessage _message_of(Fragment fragment)
+@cython.locals(new=Fragment, size=Py_ssize_t)
+cdef Fragment _single(str protocol, long long seq, int flags, request_id, bytes payload,
+                      double queued_at, bint notify, _OutSpace space)
 @cython.locals(new=Fragment)
 cdef Fragment _fragment(OutgoingMessage message, str protocol, int flags, request_id,
                         long long seq, int frag_index, int frag_count, chunk, _OutSpace space,
@@ -204,7 +205,7 @@ cdef class DeliveryConnection:
                            double now) except -1
     cdef Py_ssize_t _fragment_count(self, Py_ssize_t size, bint reliable, bint ordered,
                                     Py_ssize_t fs) except -1
-    @cython.locals(fragment=Fragment, message=OutgoingMessage, budget=cython.double, cost=cython.Py_ssize_t,
+    @cython.locals(fragment=Fragment, budget=cython.double, cost=cython.Py_ssize_t,
                    queue=_FragmentQueue)
     cpdef list poll_transmit(self, double now, Py_ssize_t max_fragments)
     @cython.locals(fragment=Fragment, message=OutgoingMessage, tokens=cython.double, rate=cython.double,

@@ -136,7 +136,11 @@ try:
 except ImportError:  # running uncompiled without Cython installed: the decorators do nothing
     from types import SimpleNamespace
 
-    cython = SimpleNamespace(cclass=lambda cls: cls, no_gc=lambda cls: cls)
+    def _keep(_flag: bool) -> object:
+        return lambda function: function
+
+    cython = SimpleNamespace(cclass=lambda cls: cls, no_gc=lambda cls: cls,
+                             boundscheck=_keep, wraparound=_keep)
 
 from msgnet.errors import ClosedError, MessageTooLargeError, PeerUnreachableError, UsageError
 from msgnet.limits import (
@@ -329,7 +333,7 @@ class OutgoingMessage:
 
 @cython.no_gc
 @cython.cclass
-class Fragment:
+class Fragment(OutgoingMessage):
     """One fragment to send: the wire fields of one INIT/CONTINUATION message.
 
     The object itself is the token the core tracks: the engine hands back the same
@@ -337,44 +341,59 @@ class Fragment:
     out of poll_transmit again, unchanged (same seq and frag_index).  ``chunk`` is
     a slice of the application's payload (bytes, or a memoryview for fragments of a
     larger message).  Without FLAG_FRAGMENT, frag_index/frag_count are 0/1 and are
-    not written.  Made by the core (_fragment).
+    not written.  Made by the core (_fragment, _single).
+
+    A message of one fragment, nearly every small message, is its own fragment: one
+    object per message instead of two (``message`` is then the fragment itself, and
+    the fields an OutgoingMessage adds are its own).  A fragment of a larger message
+    refers to that message, and those fields go unused.
 
     The fragment, not its message, refers to the sequence space: space -> message
     (``unacked``) is then the only link between them and no cycle holds either
-    object, so compiled, neither is tracked by the garbage collector (``no_gc``): a
-    session may hold a hundred thousand queued messages, and every full collection
-    would otherwise walk them all.
+    object (a whole message is its own fragment without referring to itself), so
+    compiled, neither is tracked by the garbage collector (``no_gc``): a session may
+    hold a hundred thousand queued messages, and every full collection would
+    otherwise walk them all.
     """
 
-    message: OutgoingMessage
-    protocol: str
-    flags: int
-    request_id: int
-    seq: int
+    _message: OutgoingMessage | None
     frag_index: int
-    frag_count: int
     chunk: bytes | memoryview
     acked: bool
     queued: bool
     _space: _OutSpace
     cost: int
 
-    __slots__ = ("message", "protocol", "flags", "request_id", "seq", "frag_index",
-                 "frag_count", "chunk", "acked", "queued", "_space", "cost")
+    __slots__ = ("_message", "frag_index", "chunk", "acked", "queued", "_space", "cost")
+
+    @property
+    def message(self) -> OutgoingMessage:
+        """The message this is a fragment of (itself for a message of one fragment)."""
+        return _message_of(self)
 
     def __repr__(self) -> str:
+        if self._message is None:
+            return OutgoingMessage.__repr__(self)
         return (
             f"<Fragment {self.protocol!r} seq={self.seq} {self.frag_index}/{self.frag_count} "
             f"flags=0x{self.flags:02x} {len(self.chunk)} B>"
         )
 
 
+def _message_of(fragment: Fragment) -> OutgoingMessage:
+    """The message ``fragment`` belongs to: itself unless it is one of several."""
+    if fragment._message is None:
+        return fragment
+    return fragment._message
+
+
 def _outgoing_message(
     protocol: str, seq: int, flags: int, request_id: int, size: int, frag_count: int,
     queued_at: float, notify: bool,
 ) -> OutgoingMessage:
-    """A new OutgoingMessage. Made by __new__ and stores rather than an __init__: compiled,
-    these are C struct writes instead of a call that parses eight arguments per message."""
+    """A new OutgoingMessage of several fragments. Made by __new__ and stores rather than
+    an __init__: compiled, these are C struct writes instead of a call that parses eight
+    arguments per message."""
     new = OutgoingMessage.__new__(OutgoingMessage)
     new.protocol = protocol
     new.seq = seq
@@ -395,10 +414,11 @@ def _fragment(
     frag_index: int, frag_count: int, chunk: bytes | memoryview, space: _OutSpace,
     size: int,
 ) -> Fragment:
-    """A new Fragment (made as _outgoing_message makes messages, for the same reason) of
-    ``size`` bytes (len(chunk)): ``cost`` is what it takes of the congestion window."""
+    """A new Fragment of ``message`` (made as _outgoing_message makes messages, for the
+    same reason) of ``size`` bytes (len(chunk)): ``cost`` is what it takes of the
+    congestion window."""
     new = Fragment.__new__(Fragment)
-    new.message = message
+    new._message = message
     new.protocol = protocol
     new.flags = flags
     new.request_id = request_id
@@ -408,6 +428,40 @@ def _fragment(
     new.chunk = chunk
     new.acked = False  # a fragment may be acknowledged by a packet declared lost
     new.queued = False  # in the retransmission queue (once, whatever sent it again)
+    new._space = space
+    new.cost = size + _FRAGMENT_OVERHEAD
+    new.size = 0  # the message's fields, unused (see the class docstring)
+    new.queued_at = 0.0
+    new.done = False
+    new.error = None
+    new.notify = False
+    new._unacked = 0
+    return new
+
+
+def _single(
+    protocol: str, seq: int, flags: int, request_id: int, payload: bytes, queued_at: float,
+    notify: bool, space: _OutSpace,
+) -> Fragment:
+    """A new message of one fragment, which is its own fragment (see Fragment)."""
+    size = len(payload)
+    new = Fragment.__new__(Fragment)
+    new._message = None
+    new.protocol = protocol
+    new.seq = seq
+    new.flags = flags
+    new.request_id = request_id
+    new.size = size
+    new.frag_count = 1
+    new.queued_at = queued_at
+    new.done = False
+    new.error = None
+    new.notify = notify
+    new._unacked = 1
+    new.frag_index = 0
+    new.chunk = payload
+    new.acked = False
+    new.queued = False
     new._space = space
     new.cost = size + _FRAGMENT_OVERHEAD
     return new
@@ -483,6 +537,8 @@ class _Unacked:
         items.append(message)
         self.count += 1
 
+    @cython.boundscheck(False)  # every index is checked against len(items) first
+    @cython.wraparound(False)
     def remove(self, seq: int) -> None:
         """Stop tracking ``seq`` (nothing if it is not tracked)."""
         items = self._items
@@ -601,6 +657,30 @@ class _FragmentQueue:
 
     def push(self, fragment: Fragment) -> None:
         self._items.append(fragment)
+
+    @cython.boundscheck(False)  # head < end = len(items), which nothing here changes
+    @cython.wraparound(False)
+    def take(self, out: list[Fragment], budget: float, limit: int) -> int:
+        """Move fragments from the head to ``out`` while their costs stay within ``budget``
+        bytes (the last may cross it) and ``out`` is shorter than ``limit``; returns their
+        total cost. Fragments of failed messages are dropped; one beyond its space's
+        window stops the move (_within_window). poll_transmit's loop, in one call rather
+        than a peek and a pop per fragment."""
+        items = self._items
+        head = self._head
+        end = len(items)
+        taken = 0
+        while head < end and taken < budget and len(out) < limit:
+            fragment = items[head]
+            if _message_of(fragment).error is None:
+                if not _within_window(fragment._space, fragment.seq):
+                    break
+                taken += fragment.cost
+                out.append(fragment)
+            items[head] = None
+            head += 1
+        self._head = _drop_consumed(items, head)
+        return taken
 
     def peek(self) -> Fragment:
         """The oldest fragment (the queue must not be empty)."""
@@ -967,13 +1047,14 @@ class DeliveryConnection:
         if count > 1:
             flags |= FLAG_FRAGMENT
         size = len(payload)
-        message = _outgoing_message(protocol, seq, flags, request_id, size, count, now, notify)
         self._outstanding += size + _SENT_MESSAGE_COST
         queue = self._queue if reliable else self._be_queue
         if count == 1:
-            queue.push(_fragment(message, protocol, flags, request_id, seq, 0, 1, payload,
-                                 space, size))
+            message = _single(protocol, seq, flags, request_id, payload, now, notify, space)
+            queue.push(message)
         else:
+            message = _outgoing_message(protocol, seq, flags, request_id, size, count, now,
+                                        notify)
             view = memoryview(payload)
             for i in range(count):
                 queue.push(_fragment(message, protocol, flags, request_id, seq, i, count,
@@ -995,28 +1076,20 @@ class DeliveryConnection:
         self._probe_budget = 0
         retransmit = self._retransmit
         queue = self._queue
-        while budget > 0 and len(out) < max_fragments:
-            if retransmit:
-                fragment = retransmit.popleft()
-                fragment.queued = False
-                if fragment.acked or fragment.message.error is not None:
-                    continue
-                self.counters["retransmissions"] += 1
-            elif len(queue):
-                fragment = queue.peek()
-                message = fragment.message
-                if message.error is not None:
-                    queue.pop()
-                    continue
-                if not _within_window(fragment._space, fragment.seq):
-                    break
-                queue.pop()
-            else:
-                break
+        while budget > 0 and len(out) < max_fragments and retransmit:
+            fragment = retransmit.popleft()
+            fragment.queued = False
+            if fragment.acked or _message_of(fragment).error is not None:
+                continue
+            self.counters["retransmissions"] += 1
             cost = fragment.cost
             budget -= cost
             self._handed_out += cost
             out.append(fragment)
+        if budget > 0 and len(out) < max_fragments:
+            cost = queue.take(out, budget, max_fragments)
+            budget -= cost
+            self._handed_out += cost
         if budget <= 0:
             self._cwnd_limited = True
         elif not (retransmit or len(queue)):
@@ -1037,7 +1110,7 @@ class DeliveryConnection:
             tokens = _INF
         while len(queue) and len(out) < max_fragments and tokens > 0:
             fragment = queue.peek()
-            message = fragment.message
+            message = _message_of(fragment)
             if not _within_window(fragment._space, fragment.seq):
                 break
             queue.pop()
@@ -1169,7 +1242,7 @@ class DeliveryConnection:
             if fragment.acked:
                 continue
             fragment.acked = True
-            message = fragment.message
+            message = _message_of(fragment)
             if message.error is not None:
                 continue
             message._unacked -= 1
@@ -1361,7 +1434,7 @@ class DeliveryConnection:
         (a fragment may be in flight in several packets: a probe, a lost one)."""
         retransmit = self._retransmit
         for fragment in fragments:
-            if not fragment.acked and not fragment.queued and fragment.message.error is None:
+            if not fragment.acked and not fragment.queued and _message_of(fragment).error is None:
                 fragment.queued = True
                 retransmit.append(fragment)
 
@@ -1435,7 +1508,7 @@ class DeliveryConnection:
         events: list[DeliveryEvent] = []
         self._fail_all(error, events)
         for fragment in self._be_queue:
-            self._fail(fragment.message, fragment._space, error, events)
+            self._fail(_message_of(fragment), fragment._space, error, events)
         self._be_queue.clear()
         self._sent.clear()
         self._bytes_in_flight = self._handed_out = 0
