@@ -207,8 +207,10 @@ cdef inline int _drop_counter(int reason) noexcept nogil:
 
 
 cdef extern from *:
-    """#define msgnet_view_no_owner(v) ((v)->obj = NULL)"""
+    """#define msgnet_view_no_owner(v) ((v)->obj = NULL)
+    #define msgnet_view_owned(v) ((v)->obj != NULL)"""
     void msgnet_view_no_owner(Py_buffer* view) noexcept
+    bint msgnet_view_owned(Py_buffer* view) noexcept
 
 
 cdef inline int _get_payload(object payload, Py_buffer* view) except -1:
@@ -1715,33 +1717,32 @@ cdef class UdpEngine:
     cdef Py_ssize_t _message_frame(self, Session s, str protocol, object payload, int flags,
                                    uint64_t request_id, uint64_t seq, uint64_t frag_index,
                                    uint64_t frag_count, uint8_t* at, Py_ssize_t cap) except -1:
-        """Write one message frame at ``at`` if it fits in cap bytes; its size either way."""
+        """Write one message frame at ``at`` if it fits in cap bytes; its size either way.
+        The writers size the frame themselves: it is sized here only when it does not fit."""
         cdef Py_buffer view
         cdef int alias = s._alias(protocol)
         cdef bytes encoded = None if s._is_bound(alias) else s._out_encoded[alias]
-        cdef Py_ssize_t body, size, written
+        cdef Py_ssize_t body, size
         _get_payload(payload, &view)
         try:
-            body = (varint_size(alias) + view.len
-                    + message_header_size(flags, request_id, seq, frag_index, frag_count))
             if encoded is not None:
-                body += 2 + varint_size(PyBytes_GET_SIZE(encoded)) + PyBytes_GET_SIZE(encoded)
-            size = 1 + varint_size(body) + body
-            if size > cap:
-                return size
-            if encoded is not None:
-                written = write_init(at, size, s._transport_id,
-                                     <const uint8_t*>PyBytes_AS_STRING(encoded),
-                                     PyBytes_GET_SIZE(encoded), alias, flags, request_id, seq,
-                                     frag_index, frag_count, <const uint8_t*>view.buf, view.len)
+                size = write_init(at, cap, s._transport_id,
+                                  <const uint8_t*>PyBytes_AS_STRING(encoded),
+                                  PyBytes_GET_SIZE(encoded), alias, flags, request_id, seq,
+                                  frag_index, frag_count, <const uint8_t*>view.buf, view.len)
             else:
-                written = write_continuation(at, size, alias, flags, request_id, seq,
-                                             frag_index, frag_count, <const uint8_t*>view.buf,
-                                             view.len)
-            if written != size:
-                raise AssertionError("frame size mismatch")
+                size = write_continuation(at, cap, alias, flags, request_id, seq, frag_index,
+                                          frag_count, <const uint8_t*>view.buf, view.len)
+            if size < 0:  # it does not fit: how much room it needs
+                body = (varint_size(alias) + view.len
+                        + message_header_size(flags, request_id, seq, frag_index, frag_count))
+                if encoded is not None:
+                    body += (2 + varint_size(PyBytes_GET_SIZE(encoded))
+                             + PyBytes_GET_SIZE(encoded))
+                return 1 + varint_size(body) + body
         finally:
-            PyBuffer_Release(&view)
+            if msgnet_view_owned(&view):  # (a bytes payload's view: nothing to release)
+                PyBuffer_Release(&view)
         self._counters[CNT_MESSAGES_OUT] += 1
         return size
 
