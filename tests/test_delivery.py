@@ -409,6 +409,27 @@ def test_fragments_encode_with_the_frame_codec() -> None:
     assert fragments[4].flags == BEST_EFFORT_FRAGMENT
 
 
+def test_poll_transmit_takes_in_order_up_to_its_limit_and_the_window() -> None:
+    """The send queue's walk (_FragmentQueue.take): at most max_fragments, in send order, and
+    up to the congestion window, which the last fragment may cross. A message of one
+    fragment is its own fragment: the handle send() returned is what comes out."""
+    conn = DeliveryConnection(fragment_size=FRAGMENT)
+    handles = [conn.send("/p", bytes(10), reliable=True, ordered=False, now=0.0)
+               for _ in range(50)]
+    first = conn.poll_transmit(0.0, 7)
+    assert [f.seq for f in first] == list(range(7))
+    assert first == handles[:7] and all(f.message is f for f in first)
+    assert [f.seq for f in conn.poll_transmit(0.0, 1000)] == list(range(7, 50))
+
+    conn = DeliveryConnection(fragment_size=FRAGMENT)
+    big = conn.send("/p", bytes(100 * FRAGMENT), reliable=True, ordered=False, now=0.0)
+    taken = conn.poll_transmit(0.0, 1000)
+    assert [f.frag_index for f in taken] == list(range(len(taken)))
+    assert all(f.message is big and f is not big for f in taken)
+    assert sum(f.cost for f in taken[:-1]) < conn.cwnd <= sum(f.cost for f in taken)
+    assert conn.poll_transmit(0.0, 1000) == []  # the window is handed out
+
+
 def test_sender_keeps_seqs_within_the_window_of_the_oldest_unacked() -> None:
     conn = DeliveryConnection(fragment_size=FRAGMENT)
     conn.send("/p", b"held", reliable=True, ordered=False, now=0.0)
