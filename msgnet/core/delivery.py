@@ -205,9 +205,10 @@ slot): keeps tiny-fragment floods honest."""
 _PER_MESSAGE_COST = 256
 """Reassembly memory charged per message (its bookkeeping objects)."""
 _SENT_MESSAGE_COST = 320
-"""Sender memory charged per message beyond its payload (wire.md 3.6): its OutgoingMessage,
-Fragment, unacked entry and queue slot, measured at 274 bytes on CPython 3.11 (see
-tests/test_delivery.py)."""
+"""Sender memory charged per message beyond its payload (wire.md 3.6): its objects (one
+Fragment for a message of one fragment), unacked entry and queue slot, measured at 162 bytes
+on CPython 3.11 (see tests/test_delivery.py; 274 when every message had an OutgoingMessage
+and a Fragment)."""
 _HEAD_ROOM = (
     MAX_MESSAGE_PAYLOAD + MAX_DATAGRAM_CEILING + MAX_FRAGMENTS * _PER_FRAGMENT_COST
     + _PER_MESSAGE_COST
