@@ -55,6 +55,8 @@ cdef class RequestTable:
     cdef object _timer
     cdef double _timer_at
     cdef SendRoute _route
+    cdef object _network
+    cdef object _later
 
     cpdef Py_ssize_t register(self, peer, str protocol, double timeout, future) except -1
     @cython.locals(entry=_Request)
@@ -67,7 +69,8 @@ cdef class RequestTable:
     @cython.locals(entry=_Request, sent=cython.int)
     cpdef Py_ssize_t send(self, network, peer, str protocol, data, future,
                          double timeout) except -1
-    cpdef PendingRequest send_callback(self, network, peer, str protocol, data, callback,
+    @cython.locals(request=PendingRequest)
+    cdef PendingRequest _send_callback(self, peer, str protocol, data, callback,
                                        double timeout)
     @cython.locals(entry=_Request, pending=PendingRequest)
     cpdef on_response(self, Session session, request_id, data)

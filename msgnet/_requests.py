@@ -17,6 +17,7 @@ from typing import Any
 
 from . import limits
 from .errors import (
+    ClosedError,
     MessageTooLargeError,
     MsgnetError,
     PeerUnreachableError,
@@ -176,14 +177,22 @@ class RequestTable:
     of a request.
     """
 
-    __slots__ = ("_entries", "_last_id", "_loop", "_route", "_time", "_timer", "_timer_at")
+    __slots__ = ("_entries", "_last_id", "_later", "_loop", "_network", "_route", "_time",
+                 "_timer", "_timer_at")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, route: Any = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, route: Any = None,
+                 network: Any = None,
+                 later: Callable[[Any, str, bytes, float], asyncio.Task[bytes]] | None = None,
+                 ) -> None:
         """``route``: the network's SendRoute (MessageNetwork.route), which sends a request
         to a peer with a session by one C call; without it, or when the peer has none,
-        requests go through MessageNetwork.send_message_nowait."""
+        requests go through MessageNetwork.send_message_nowait. ``network`` and ``later``
+        (the host's, until close) serve request_callback: ``later(peer, protocol, data,
+        timeout)`` is the task that sends a request that could not go out at once."""
         self._loop = loop
         self._route = route
+        self._network = network
+        self._later = later
         self._time = loop.time
         self._entries: dict[int, _Request] = {}
         self._last_id = 0
@@ -256,13 +265,23 @@ class RequestTable:
         self._start(entry)
         return request_id  # type: ignore[no-any-return]
 
-    def send_callback(self, network: Any, peer: Any, protocol: str, data: bytes,
-                      callback: Callable[[PendingRequest], None],
-                      timeout: float) -> PendingRequest:
-        """MessageHost.request_callback's fast path: a PendingRequest whose request went
-        out, or one with request id 0 that the caller must send another way."""
+    def request_callback(self, peer: Any, protocol: str, data: bytes,
+                         callback: Callable[[PendingRequest], None], *,
+                         timeout: float = 5.0) -> PendingRequest:
+        """MessageHost.request_callback, which a started host binds to this method: called
+        from the previous reply's callback (a DHT lookup), the host's Python frame per
+        request cost about a twentieth of a round trip."""
+        return self._send_callback(peer, protocol, data, callback, timeout)
+
+    def _send_callback(self, peer: Any, protocol: str, data: bytes,
+                       callback: Callable[[PendingRequest], None],
+                       timeout: float) -> PendingRequest:
+        if self._later is None:
+            raise ClosedError("host is not started")
         request = _pending_request(callback, self._loop, self)
-        request._request_id = self.send(network, peer, protocol, data, request, timeout)
+        request._request_id = self.send(self._network, peer, protocol, data, request, timeout)
+        if not request._request_id:
+            request._follow(self._later(peer, protocol, data, timeout))
         return request
 
     # -- what settles requests --------------------------------------------------------------
@@ -299,7 +318,10 @@ class RequestTable:
         self._fail(lambda entry: entry.peer == peer, make)
 
     def close(self, make_error: Callable[[], BaseException]) -> None:
-        """Fail every request (the host closes)."""
+        """Fail every request (the host closes); request_callback raises ClosedError from
+        now on."""
+        self._network = None
+        self._later = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

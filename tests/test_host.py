@@ -440,6 +440,44 @@ def test_request_callback_settles_in_the_call_and_forgets(run):
     run(main())
 
 
+def test_request_callback_only_while_started(run):
+    """A started host's request_callback is its request table's compiled method: before
+    start, after close (also through a reference taken while it ran) it raises ClosedError,
+    and a subclass's override is not bypassed."""
+    calls: list[str] = []
+
+    class Counting(MessageHost):
+        def request_callback(self, *args, **kwargs):
+            calls.append(args[1])
+            return super().request_callback(*args, **kwargs)
+
+    async def main():
+        idle = MessageHost()
+        with pytest.raises(msgnet.ClosedError):
+            idle.request_callback(idle.peer_id, "/echo/1", b"?", lambda pending: None)
+        async with AsyncExitStack() as stack:
+            a = await stack.enter_async_context(MessageHost())
+            b = await stack.enter_async_context(Counting())
+            a.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            b.add_peer(a.addrs[0])
+            replies = asyncio.Queue()
+            bound = b.request_callback
+            bound(a.peer_id, "/echo/1", b"sub", lambda pending: replies.put_nowait(pending))
+            assert (await asyncio.wait_for(replies.get(), 5)).result() == b"sub"
+            assert calls == ["/echo/1"]
+            a.add_peer(b.addrs[0])
+            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            early = a.request_callback
+            early(b.peer_id, "/echo/1", b"a", lambda pending: replies.put_nowait(pending))
+            assert (await asyncio.wait_for(replies.get(), 5)).result() == b"a"
+            await a.close()
+            for closed in (a.request_callback, early):
+                with pytest.raises(msgnet.ClosedError):
+                    closed(b.peer_id, "/echo/1", b"?", lambda pending: None)
+
+    run(main())
+
+
 def test_response_from_another_peer_does_not_answer_a_request(run):
     """Request ids are unique per host, not per peer: a RESPONSE carrying the id of our
     request to B, sent by C, must not complete it."""
