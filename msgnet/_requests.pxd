@@ -10,6 +10,7 @@ from msgnet._engine cimport SendRoute, Session
 cdef int _PENDING, _DONE, _FAILED, _CANCELLED
 cdef int _FLAG_REQUEST
 cdef double _INF
+cdef Py_ssize_t _MAX_PENDING
 
 
 @cython.final
@@ -66,12 +67,14 @@ cdef class RequestTable:
     @cython.locals(deadline=cython.double)
     cdef _start(self, _Request entry)
     cpdef forget(self, request_id)
-    @cython.locals(entry=_Request, sent=cython.int)
+    @cython.locals(entry=_Request)
     cpdef Py_ssize_t send(self, network, peer, str protocol, data, future,
                          double timeout) except -1
-    @cython.locals(request=PendingRequest)
+    @cython.locals(entry=_Request, sent=cython.int)
+    cdef _Request _send(self, network, peer, str protocol, data, future, double timeout)
+    @cython.locals(request=PendingRequest, entry=_Request)
     cdef PendingRequest _send_callback(self, peer, str protocol, data, callback,
                                        double timeout)
-    @cython.locals(entry=_Request, pending=PendingRequest)
+    @cython.locals(entries=dict, entry=_Request, pending=PendingRequest)
     cpdef on_response(self, Session session, request_id, data)
     cdef _arm(self, double when)

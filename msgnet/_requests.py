@@ -39,6 +39,7 @@ MAX_PENDING_REQUESTS = 65536
 _FLAG_REQUEST = limits.FLAG_REQUEST
 _PENDING, _DONE, _FAILED, _CANCELLED = range(4)  # PendingRequest._state
 _INF = math.inf  # a C double when compiled (a module attribute read costs ~290 instructions)
+_MAX_PENDING = MAX_PENDING_REQUESTS  # a C integer when compiled (as _INF)
 
 
 @cython.final
@@ -213,7 +214,7 @@ class RequestTable:
         if not timeout > 0:
             raise UsageError("timeout must be positive")
         entries = self._entries
-        if len(entries) >= MAX_PENDING_REQUESTS:
+        if len(entries) >= _MAX_PENDING:
             raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
         self._last_id += 1
         entry = _Request.__new__(_Request)
@@ -246,6 +247,12 @@ class RequestTable:
         """Register a best-effort request and send it at once: its id, or 0 when it cannot
         go out at once (back-pressure, or too large for one datagram), and then it is
         forgotten (the caller sends it another way)."""
+        entry = self._send(network, peer, protocol, data, future, timeout)
+        return 0 if entry is None else entry.request_id  # type: ignore[no-any-return]
+
+    def _send(self, network: Any, peer: Any, protocol: str, data: bytes, future: Any,
+              timeout: float) -> _Request | None:
+        """send(): the request's entry, or None."""
         entry = self._add(peer, protocol, timeout, future)
         request_id = entry.request_id
         try:
@@ -261,9 +268,9 @@ class RequestTable:
             raise
         if not sent:
             del self._entries[request_id]
-            return 0
+            return None
         self._start(entry)
-        return request_id  # type: ignore[no-any-return]
+        return entry
 
     def request_callback(self, peer: Any, protocol: str, data: bytes,
                          callback: Callable[[PendingRequest], None], *,
@@ -279,9 +286,11 @@ class RequestTable:
         if self._later is None:
             raise ClosedError("host is not started")
         request = _pending_request(callback, self._loop, self)
-        request._request_id = self.send(self._network, peer, protocol, data, request, timeout)
-        if not request._request_id:
+        entry = self._send(self._network, peer, protocol, data, request, timeout)
+        if entry is None:
             request._follow(self._later(peer, protocol, data, timeout))
+        else:
+            request._request_id = entry.request_id
         return request
 
     # -- what settles requests --------------------------------------------------------------
@@ -289,13 +298,14 @@ class RequestTable:
     def on_response(self, session: Any, request_id: int, data: bytes) -> None:
         """A RESPONSE frame (the engines call this directly): settles the request if it
         came from the peer it was sent to."""
-        entry = self._entries.get(request_id)
+        entries = self._entries
+        entry = entries.pop(request_id, None)  # one lookup: the common case is the answer
         if entry is None:
             return
         peer = entry.peer
         if peer is not session.peer_id and peer != session.peer_id:
+            entries[request_id] = entry  # still outstanding (iterated last from now on)
             return  # request ids are unique per host, not per peer: only that peer answers
-        del self._entries[request_id]
         future = entry.future
         if type(future) is PendingRequest:  # request_callback's: settled by a C call
             pending: PendingRequest = future
