@@ -519,6 +519,18 @@ cdef class Session:
         self._out_encoded.append(encoded)
         return alias
 
+    cdef object _in_protocol(self, uint64_t alias):
+        """The protocol the peer bound alias to, or None."""
+        if alias == self._last_in_alias and self._last_in_protocol is not None:
+            return self._last_in_protocol
+        if self._in_protocols is None:
+            return None
+        protocol = self._in_protocols.get(alias)
+        if protocol is not None:
+            self._last_in_alias = alias
+            self._last_in_protocol = <str>protocol
+        return protocol
+
     cdef uint8_t* _reserve(self, Py_ssize_t size, bint force) except? NULL:
         """Room for a size-byte frame at the end of the open payload (opening one if none is),
         closing it into the queue first if the frame does not fit. NULL if that would grow a
@@ -1397,8 +1409,7 @@ cdef class UdpEngine:
                 break
             if fv.type == FRAME_CONTINUATION:
                 self._counters[CNT_CONTINUATION_FRAMES_IN] += 1
-                known = (s._in_protocols.get(fv.protocol_int) if s._in_protocols is not None
-                         else None)
+                known = s._in_protocol(fv.protocol_int)
                 if known is None:  # its INIT was lost, or the peer's view of BOUND is stale
                     self._counters[CNT_UNKNOWN_ALIAS] += 1
                     self._queue_reply(s, FRAME_RESET, fv.protocol_int, _RESET_UNKNOWN_ALIAS)
