@@ -503,6 +503,7 @@ cdef class SendRoute:
     cdef Session _lookup(self, peer_id)
     cpdef Session session_of(self, peer_id)
     cpdef clear(self)
+    cpdef double now(self) except? -1.0
     cpdef int send(self, peer_id, str protocol, data, int flags=*, request_id=*) except -2
 
 # The stream connection's write path (msgnet._stream.StreamCore.write_sealed) as a C function,

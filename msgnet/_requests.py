@@ -234,7 +234,10 @@ class RequestTable:
             self._start(entry)
 
     def _start(self, entry: _Request) -> None:
-        deadline = self._time() + entry.timeout
+        if self._route is None:
+            deadline = self._time() + entry.timeout
+        else:  # its clock costs no loop.time() call inside a receive batch
+            deadline = self._route.now() + entry.timeout
         entry.deadline = deadline
         if deadline < self._timer_at:
             self._arm(deadline)
