@@ -42,20 +42,58 @@ _INF = math.inf  # a C double when compiled (a module attribute read costs ~290 
 _MAX_PENDING = MAX_PENDING_REQUESTS  # a C integer when compiled (as _INF)
 
 
+@cython.cclass
+class _Request:
+    """One outstanding request: what its errors name, its ``deadline`` (inf until it is
+    sent), and ``future``, the asyncio future it settles (MessageHost.request and
+    request_nowait). request_callback's requests are PendingRequests, their own entries: an
+    object less per request. Made without an __init__ call, which would be a Python-level
+    call per request."""
+
+    __slots__ = ("deadline", "future", "peer", "protocol", "request_id", "timeout")
+
+    request_id: int
+    future: Any
+    protocol: str
+    peer: Any
+    timeout: float
+    deadline: float
+
+    def _settled(self) -> bool:
+        return self.future.done()  # type: ignore[no-any-return]
+
+    def _settle(self, state: int, value: Any) -> None:
+        """Complete the future with the reply (_DONE) or the error (_FAILED), unless done."""
+        future = self.future
+        if future.done():
+            return
+        if state == _DONE:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _new_request(future: Any) -> _Request:
+    """The entry of a request that ``future`` awaits (RequestTable._add registers it)."""
+    entry = _Request.__new__(_Request)
+    entry.future = future
+    return entry
+
+
 @cython.final
 @cython.cclass
-class PendingRequest:
+class PendingRequest(_Request):
     """A request made with :meth:`MessageHost.request_callback`: future-like, but its
     callback runs in the call that settles it (no loop callback per request)."""
 
-    __slots__ = ("_callback", "_loop", "_request_id", "_state", "_table", "_task", "_value")
+    __slots__ = ("_callback", "_loop", "_state", "_table", "_task", "_value")
 
     def __init__(self, callback: Callable[[PendingRequest], None],
                  loop: asyncio.AbstractEventLoop, table: RequestTable) -> None:
         self._callback = callback
         self._loop = loop
         self._table = table  # the host's outstanding requests
-        self._request_id = 0
+        self.request_id = 0
         self._state = _PENDING
         self._value: Any = None
         self._task: asyncio.Task[bytes] | None = None
@@ -95,7 +133,7 @@ class PendingRequest:
         if self._task is not None:
             self._task.cancel()
         else:
-            self._table.forget(self._request_id)
+            self._table.forget(self.request_id)
         return True
 
     # The host settles it (set_result / set_exception, as on a future).
@@ -105,6 +143,9 @@ class PendingRequest:
 
     def set_exception(self, exc: BaseException) -> None:
         self._settle(_FAILED, exc)
+
+    def _settled(self) -> bool:
+        return self._state != _PENDING
 
     def _settle(self, state: int, value: Any) -> None:
         if self._state != _PENDING:
@@ -141,29 +182,11 @@ def _pending_request(callback: Callable[[PendingRequest], None],
     request._callback = callback
     request._loop = loop
     request._table = table
-    request._request_id = 0
+    request.request_id = 0
     request._state = _PENDING
     request._value = None
     request._task = None
     return request
-
-
-@cython.final
-@cython.cclass
-class _Request:
-    """One outstanding request: what settles it (``future``: an asyncio future or a
-    PendingRequest), what its errors name, and its ``deadline`` (inf until it is sent).
-    Made by RequestTable._add without an __init__ call, which would be a Python-level call
-    per request."""
-
-    __slots__ = ("deadline", "future", "peer", "protocol", "request_id", "timeout")
-
-    request_id: int
-    future: Any
-    protocol: str
-    peer: Any
-    timeout: float
-    deadline: float
 
 
 @cython.final
@@ -208,24 +231,23 @@ class RequestTable:
 
     def register(self, peer: Any, protocol: str, timeout: float, future: Any) -> int:
         """Add a request that ``future`` settles; its timeout starts with started()."""
-        return self._add(peer, protocol, timeout, future).request_id  # type: ignore[no-any-return]
+        entry = _new_request(future)
+        self._add(entry, peer, protocol, timeout)
+        return entry.request_id  # type: ignore[no-any-return]
 
-    def _add(self, peer: Any, protocol: str, timeout: float, future: Any) -> _Request:
+    def _add(self, entry: _Request, peer: Any, protocol: str, timeout: float) -> None:
         if not timeout > 0:
             raise UsageError("timeout must be positive")
         entries = self._entries
         if len(entries) >= _MAX_PENDING:
             raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
         self._last_id += 1
-        entry = _Request.__new__(_Request)
         entry.request_id = self._last_id
-        entry.future = future
         entry.protocol = protocol
         entry.peer = peer
         entry.timeout = timeout
         entry.deadline = _INF
         entries[entry.request_id] = entry
-        return entry
 
     def started(self, request_id: int) -> None:
         """The request went out: its timeout runs from now."""
@@ -250,13 +272,15 @@ class RequestTable:
         """Register a best-effort request and send it at once: its id, or 0 when it cannot
         go out at once (back-pressure, or too large for one datagram), and then it is
         forgotten (the caller sends it another way)."""
-        entry = self._send(network, peer, protocol, data, future, timeout)
-        return 0 if entry is None else entry.request_id  # type: ignore[no-any-return]
+        entry = _new_request(future)
+        if not self._send(network, peer, protocol, data, entry, timeout):
+            return 0
+        return entry.request_id  # type: ignore[no-any-return]
 
-    def _send(self, network: Any, peer: Any, protocol: str, data: bytes, future: Any,
-              timeout: float) -> _Request | None:
-        """send(): the request's entry, or None."""
-        entry = self._add(peer, protocol, timeout, future)
+    def _send(self, network: Any, peer: Any, protocol: str, data: bytes, entry: _Request,
+              timeout: float) -> bool:
+        """send() of a request's entry: whether it went out."""
+        self._add(entry, peer, protocol, timeout)
         request_id = entry.request_id
         try:
             sent = -1 if self._route is None else self._route.send(
@@ -271,9 +295,9 @@ class RequestTable:
             raise
         if not sent:
             del self._entries[request_id]
-            return None
+            return False
         self._start(entry)
-        return entry
+        return True
 
     def request_callback(self, peer: Any, protocol: str, data: bytes,
                          callback: Callable[[PendingRequest], None], *,
@@ -289,11 +313,8 @@ class RequestTable:
         if self._later is None:
             raise ClosedError("host is not started")
         request = _pending_request(callback, self._loop, self)
-        entry = self._send(self._network, peer, protocol, data, request, timeout)
-        if entry is None:
+        if not self._send(self._network, peer, protocol, data, request, timeout):
             request._follow(self._later(peer, protocol, data, timeout))
-        else:
-            request._request_id = entry.request_id
         return request
 
     # -- what settles requests --------------------------------------------------------------
@@ -309,12 +330,7 @@ class RequestTable:
         if peer is not session.peer_id and peer != session.peer_id:
             entries[request_id] = entry  # still outstanding (iterated last from now on)
             return  # request ids are unique per host, not per peer: only that peer answers
-        future = entry.future
-        if type(future) is PendingRequest:  # request_callback's: settled by a C call
-            pending: PendingRequest = future
-            pending._settle(_DONE, data)
-        elif not future.done():
-            future.set_result(data)
+        entry._settle(_DONE, data)
 
     def on_reset(self, peer: Any, protocol: str, code: int) -> None:
         """The peer has no handler for protocol: its requests there fail."""
@@ -347,8 +363,8 @@ class RequestTable:
         for request_id, entry in list(entries.items()):
             if which(entry) and request_id in entries:
                 del entries[request_id]
-                if not entry.future.done():
-                    entry.future.set_exception(make_error())
+                if not entry._settled():
+                    entry._settle(_FAILED, make_error())
 
     # -- timeouts ------------------------------------------------------------------------------
 
@@ -369,12 +385,12 @@ class RequestTable:
         next_at = _INF
         entries = self._entries
         for request_id, entry in list(entries.items()):
-            if request_id not in entries or entry.future.done():
+            if request_id not in entries or entry._settled():
                 continue
             deadline = entry.deadline
             if deadline <= now:
                 del entries[request_id]
-                entry.future.set_exception(RequestTimeoutError(
+                entry._settle(_FAILED, RequestTimeoutError(
                     f"no reply from {entry.peer} on {entry.protocol} within {entry.timeout} s"))
             elif deadline < next_at:
                 next_at = deadline
