@@ -2186,12 +2186,15 @@ cdef class UdpEngine:
         socket would block; unsendable packets are dropped and counted (send_errors)."""
         cdef int head, sent, i, units, k
         cdef int err = 0
+        cdef bint grouped
         cdef mmsghdr* hdrs
         cdef Session owner
         while self._tx_head < self._tx_count:
             head = self._tx_head
             if self._transport is None and MSGNET_HAVE_MMSG:
-                if self._gso:
+                # A lone packet (a request or reply) is its own message: nothing to group.
+                grouped = self._gso and self._tx_count - head > 1
+                if grouped:
                     units = self._group_units()
                     hdrs = self._tx_units
                 else:
@@ -2205,7 +2208,7 @@ cdef class UdpEngine:
                     if MSGNET_WOULD_BLOCK(err):
                         self._arm_writer()
                         return False
-                    if (self._gso and self._tx_unit_len[0] > 1
+                    if (grouped and self._tx_unit_len[0] > 1
                             and (err == EIO or err == EINVAL or err == ENOPROTOOPT
                                  or err == EOPNOTSUPP)):
                         self._gso = False  # the kernel or the device refuses GSO: send plainly
@@ -2214,7 +2217,7 @@ cdef class UdpEngine:
                     self._tx_head += 1  # this packet cannot go (no route ...): skip it
                     continue
                 for i in range(sent):
-                    k = self._tx_unit_len[i] if self._gso else 1
+                    k = self._tx_unit_len[i] if grouped else 1
                     while k:
                         self._counters[CNT_PACKETS_OUT] += 1
                         self._counters[CNT_BYTES_OUT] += self._tx_iov[self._tx_head].iov_len
