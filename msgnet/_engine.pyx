@@ -1429,7 +1429,10 @@ cdef class UdpEngine:
                     sequenced = True
             elif fv.type == FRAME_INIT:
                 self._counters[CNT_INIT_FRAMES_IN] += 1
-                protocol = PyUnicode_DecodeUTF8(<const char*>fv.protocol, fv.protocol_len, NULL)
+                # Interned, as the network interns its handlers' protocols: the handler's dict
+                # lookup per message then matches by identity, without comparing the strings.
+                protocol = sys.intern(
+                    PyUnicode_DecodeUTF8(<const char*>fv.protocol, fv.protocol_len, NULL))
                 if s._in_protocols is None:
                     s._in_protocols = {}
                 known = s._in_protocols.get(fv.protocol_int)

@@ -487,7 +487,9 @@ class MessageNetwork:
             raise UsageError("handler must be callable")
         if protocol.startswith("/msgnet/stream-"):
             raise UsageError("protocol ids beginning with /msgnet/stream- are msgnet's own")
-        self.handlers[protocol] = handler
+        # Interned, as the engines intern the protocols peers bind: the per-message handler
+        # lookup matches by identity.
+        self.handlers[sys.intern(str(protocol))] = handler
 
     def remove_message_handler(self, protocol: str) -> None:
         self.handlers.pop(protocol, None)
