@@ -179,16 +179,14 @@ cdef uint8_t _ZERO_TAG[16]   # the "tag" retained for PLAIN_DATA packets, which 
 # C helpers
 # ---------------------------------------------------------------------------
 
-cdef inline uint64_t _load_u64_be(const uint8_t* p) noexcept nogil:
-    cdef uint64_t v = 0
-    cdef int k
-    for k in range(8):
-        v = (v << 8) | p[k]
-    return v
-
-
 cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t _load_u64_be(const uint8_t* p) noexcept nogil:
+    """As _packet's: an expression the C compiler makes one load and byte swap (a loop over
+    the bytes was about 25 instructions per packet)."""
+    return (<uint64_t>_load_u32_be(p) << 32) | _load_u32_be(p + 4)
 
 
 cdef inline int _drop_counter(int reason) noexcept nogil:
