@@ -490,12 +490,25 @@ cdef class UdpEngine:
 
 
 
+# How the network reaches one peer (_engine.pyx): its attributes are the network's.
+cdef class PeerPath:
+    cdef public object udp
+    cdef public object stream
+    cdef public str mode
+    cdef public object transports
+    cdef public double started
+    cdef public double expect_since
+    cdef public double stream_rx
+    cdef public object dialing
+    cdef public double move_since
+
+
 # Which session a network's messages to a peer go on (_engine.pyx).
 cdef class SendRoute:
     cdef public bint enabled
     cdef object _peer_id
     cdef Session _session
-    cdef object _path
+    cdef PeerPath _path
     cdef object _time
     cdef object _sessions
     cdef dict _paths

@@ -732,6 +732,28 @@ cdef class _EndpointProtocol:
 # The network's send route
 # ---------------------------------------------------------------------------
 
+cdef class PeerPath:
+    """How the network reaches one peer (docs/wire.md §5): its UDP address, our TCP connection
+    to it, which of them its sessions send on, and what tells a silent UDP path from a quiet
+    peer. The network's (msgnet.network), a C class so that SendRoute reads expect_since per
+    request without a Python attribute lookup."""
+
+    def __init__(self):
+        self.udp = None          # the peer's UDP address, when known
+        self.stream = None       # our StreamConnection to it
+        self.mode = "udp"        # "udp", "tcp", or "both" until the ACK
+        self.transports = ()     # its transport ids (its handshake payload)
+        self.started = 0.0       # when the current first contact completed
+        self.expect_since = 0.0  # awaiting a UDP packet since (0: not)
+        self.stream_rx = 0.0     # last authenticated packet on the stream
+        self.dialing = None      # an asyncio.Task: a TCP connect in progress
+        self.move_since = 0.0    # the peer talks on another connection
+
+    def open_stream(self):
+        stream = self.stream
+        return stream if stream is not None and not stream.closed else None
+
+
 cdef class SendRoute:
     """Which session a MessageNetwork's messages to a peer go on, found by C calls: the
     per-message send paths (MessageNetwork.send_message_nowait, the request table) start
@@ -798,7 +820,7 @@ cdef class SendRoute:
 
         A request marks the peer's UDP path as awaiting a reply: the reply is what shows the
         path still works (MessageNetwork's path checks)."""
-        cdef object path
+        cdef PeerPath path
         cdef Session s = self._lookup(peer_id)
         if s is None or protocol is None:
             return -1
