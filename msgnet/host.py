@@ -244,7 +244,10 @@ class MessageHost:
         """
         if qos is None:
             qos = self._default_qos.get(protocol, BEST_EFFORT)
-        network, requests = self._started()
+        network = self._network  # _started(), inline: a Python frame less per request
+        requests = self._requests
+        if network is None or requests is None:
+            raise ClosedError("host is not started")
         future: asyncio.Future[bytes] = network.loop.create_future()
         # Best effort goes out at once in the common case (one compiled call); otherwise
         # (reliable, back-pressure, too large for one datagram) it is sent by awaiting.
