@@ -770,7 +770,7 @@ cdef class SendRoute:
     def __init__(self, loop_time, sessions, dict paths not None):
         self._time = loop_time    # loop.time, bound once
         self._sessions = sessions  # the network's OrderedDict: peer -> sending Session
-        self._paths = paths        # the network's dict: peer -> _PeerPath
+        self._paths = paths        # the network's dict: peer -> PeerPath
         self.enabled = True
 
     cdef Session _lookup(self, peer_id):

@@ -310,6 +310,7 @@ class RequestTable:
     def _send_callback(self, peer: Any, protocol: str, data: bytes,
                        callback: Callable[[PendingRequest], None],
                        timeout: float) -> PendingRequest:
+        """request_callback past its keyword argument: a C call."""
         if self._later is None:
             raise ClosedError("host is not started")
         request = _pending_request(callback, self._loop, self)
