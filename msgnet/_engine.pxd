@@ -270,7 +270,12 @@ cdef class Session:
     cdef object _address
 
     # Inbound aliases (the peer's numbering): alias int -> protocol str. None until the first.
+    # An alias is bound once and never changes: the last one looked up and its protocol are
+    # kept (a peer's packets come in runs on one protocol), which skips the dict lookup with a
+    # new int key.
     cdef dict _in_protocols
+    cdef uint64_t _last_in_alias
+    cdef str _last_in_protocol
     # Outbound aliases (ours, numbered from 0): protocol str -> alias int; per alias the
     # protocol and its UTF-8 bytes (all three None until the first); a bit per alias set once
     # the peer answered BOUND.
@@ -342,6 +347,7 @@ cdef class Session:
 
     cdef object _get_address(self)
     cdef int _alias(self, str protocol) except -1
+    cdef object _in_protocol(self, uint64_t alias)
     cdef uint8_t* _reserve(self, Py_ssize_t size, bint force) except? NULL
     cdef bytes _take_cur(self)
     cdef int _close_payload(self) except -1
@@ -484,12 +490,25 @@ cdef class UdpEngine:
 
 
 
+# How the network reaches one peer (_engine.pyx): its attributes are the network's.
+cdef class PeerPath:
+    cdef public object udp
+    cdef public object stream
+    cdef public str mode
+    cdef public object transports
+    cdef public double started
+    cdef public double expect_since
+    cdef public double stream_rx
+    cdef public object dialing
+    cdef public double move_since
+
+
 # Which session a network's messages to a peer go on (_engine.pyx).
 cdef class SendRoute:
     cdef public bint enabled
     cdef object _peer_id
     cdef Session _session
-    cdef object _path
+    cdef PeerPath _path
     cdef object _time
     cdef object _sessions
     cdef dict _paths
@@ -497,6 +516,7 @@ cdef class SendRoute:
     cdef Session _lookup(self, peer_id)
     cpdef Session session_of(self, peer_id)
     cpdef clear(self)
+    cpdef double now(self) except? -1.0
     cpdef int send(self, peer_id, str protocol, data, int flags=*, request_id=*) except -2
 
 # The stream connection's write path (msgnet._stream.StreamCore.write_sealed) as a C function,

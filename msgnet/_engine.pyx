@@ -179,16 +179,14 @@ cdef uint8_t _ZERO_TAG[16]   # the "tag" retained for PLAIN_DATA packets, which 
 # C helpers
 # ---------------------------------------------------------------------------
 
-cdef inline uint64_t _load_u64_be(const uint8_t* p) noexcept nogil:
-    cdef uint64_t v = 0
-    cdef int k
-    for k in range(8):
-        v = (v << 8) | p[k]
-    return v
-
-
 cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t _load_u64_be(const uint8_t* p) noexcept nogil:
+    """As _packet's: an expression the C compiler makes one load and byte swap (a loop over
+    the bytes was about 25 instructions per packet)."""
+    return (<uint64_t>_load_u32_be(p) << 32) | _load_u32_be(p + 4)
 
 
 cdef inline int _drop_counter(int reason) noexcept nogil:
@@ -516,6 +514,18 @@ cdef class Session:
         self._out_encoded.append(encoded)
         return alias
 
+    cdef object _in_protocol(self, uint64_t alias):
+        """The protocol the peer bound alias to, or None."""
+        if alias == self._last_in_alias and self._last_in_protocol is not None:
+            return self._last_in_protocol
+        if self._in_protocols is None:
+            return None
+        protocol = self._in_protocols.get(alias)
+        if protocol is not None:
+            self._last_in_alias = alias
+            self._last_in_protocol = <str>protocol
+        return protocol
+
     cdef uint8_t* _reserve(self, Py_ssize_t size, bint force) except? NULL:
         """Room for a size-byte frame at the end of the open payload (opening one if none is),
         closing it into the queue first if the frame does not fit. NULL if that would grow a
@@ -719,6 +729,28 @@ cdef class _EndpointProtocol:
 # The network's send route
 # ---------------------------------------------------------------------------
 
+cdef class PeerPath:
+    """How the network reaches one peer (docs/wire.md §5): its UDP address, our TCP connection
+    to it, which of them its sessions send on, and what tells a silent UDP path from a quiet
+    peer. The network's (msgnet.network), a C class so that SendRoute reads expect_since per
+    request without a Python attribute lookup."""
+
+    def __init__(self):
+        self.udp = None          # the peer's UDP address, when known
+        self.stream = None       # our StreamConnection to it
+        self.mode = "udp"        # "udp", "tcp", or "both" until the ACK
+        self.transports = ()     # its transport ids (its handshake payload)
+        self.started = 0.0       # when the current first contact completed
+        self.expect_since = 0.0  # awaiting a UDP packet since (0: not)
+        self.stream_rx = 0.0     # last authenticated packet on the stream
+        self.dialing = None      # an asyncio.Task: a TCP connect in progress
+        self.move_since = 0.0    # the peer talks on another connection
+
+    def open_stream(self):
+        stream = self.stream
+        return stream if stream is not None and not stream.closed else None
+
+
 cdef class SendRoute:
     """Which session a MessageNetwork's messages to a peer go on, found by C calls: the
     per-message send paths (MessageNetwork.send_message_nowait, the request table) start
@@ -735,7 +767,7 @@ cdef class SendRoute:
     def __init__(self, loop_time, sessions, dict paths not None):
         self._time = loop_time    # loop.time, bound once
         self._sessions = sessions  # the network's OrderedDict: peer -> sending Session
-        self._paths = paths        # the network's dict: peer -> _PeerPath
+        self._paths = paths        # the network's dict: peer -> PeerPath
         self.enabled = True
 
     cdef Session _lookup(self, peer_id):
@@ -767,6 +799,16 @@ cdef class SendRoute:
         self._session = None
         self._path = None
 
+    cpdef double now(self) except? -1.0:
+        """loop.time(), read once per receive batch: inside one of the engine of the session
+        sent to last (a request sent from a reply's callback), the time it read for the batch,
+        which is what uvloop's loop.time() answers then too (it reads its clock once per loop
+        iteration). Cheaper than a loop.time() call; request timeouts run from it."""
+        cdef UdpEngine engine = self._session._engine if self._session is not None else None
+        if engine is not None and engine._in_batch:
+            return engine._now
+        return self._time()
+
     cpdef int send(self, peer_id, str protocol, data, int flags=0, request_id=0) except -2:
         """Queue a message for peer_id: 1 if queued, 0 if the session's queue is full
         (back-pressure), -1 if the route has no session for it (then the caller takes the
@@ -775,7 +817,7 @@ cdef class SendRoute:
 
         A request marks the peer's UDP path as awaiting a reply: the reply is what shows the
         path still works (MessageNetwork's path checks)."""
-        cdef object path
+        cdef PeerPath path
         cdef Session s = self._lookup(peer_id)
         if s is None or protocol is None:
             return -1
@@ -1394,8 +1436,7 @@ cdef class UdpEngine:
                 break
             if fv.type == FRAME_CONTINUATION:
                 self._counters[CNT_CONTINUATION_FRAMES_IN] += 1
-                known = (s._in_protocols.get(fv.protocol_int) if s._in_protocols is not None
-                         else None)
+                known = s._in_protocol(fv.protocol_int)
                 if known is None:  # its INIT was lost, or the peer's view of BOUND is stale
                     self._counters[CNT_UNKNOWN_ALIAS] += 1
                     self._queue_reply(s, FRAME_RESET, fv.protocol_int, _RESET_UNKNOWN_ALIAS)
@@ -1405,7 +1446,10 @@ cdef class UdpEngine:
                     sequenced = True
             elif fv.type == FRAME_INIT:
                 self._counters[CNT_INIT_FRAMES_IN] += 1
-                protocol = PyUnicode_DecodeUTF8(<const char*>fv.protocol, fv.protocol_len, NULL)
+                # Interned, as the network interns its handlers' protocols: the handler's dict
+                # lookup per message then matches by identity, without comparing the strings.
+                protocol = sys.intern(
+                    PyUnicode_DecodeUTF8(<const char*>fv.protocol, fv.protocol_len, NULL))
                 if s._in_protocols is None:
                     s._in_protocols = {}
                 known = s._in_protocols.get(fv.protocol_int)
@@ -2161,12 +2205,15 @@ cdef class UdpEngine:
         socket would block; unsendable packets are dropped and counted (send_errors)."""
         cdef int head, sent, i, units, k
         cdef int err = 0
+        cdef bint grouped
         cdef mmsghdr* hdrs
         cdef Session owner
         while self._tx_head < self._tx_count:
             head = self._tx_head
             if self._transport is None and MSGNET_HAVE_MMSG:
-                if self._gso:
+                # A lone packet (a request or reply) is its own message: nothing to group.
+                grouped = self._gso and self._tx_count - head > 1
+                if grouped:
                     units = self._group_units()
                     hdrs = self._tx_units
                 else:
@@ -2180,7 +2227,7 @@ cdef class UdpEngine:
                     if MSGNET_WOULD_BLOCK(err):
                         self._arm_writer()
                         return False
-                    if (self._gso and self._tx_unit_len[0] > 1
+                    if (grouped and self._tx_unit_len[0] > 1
                             and (err == EIO or err == EINVAL or err == ENOPROTOOPT
                                  or err == EOPNOTSUPP)):
                         self._gso = False  # the kernel or the device refuses GSO: send plainly
@@ -2189,7 +2236,7 @@ cdef class UdpEngine:
                     self._tx_head += 1  # this packet cannot go (no route ...): skip it
                     continue
                 for i in range(sent):
-                    k = self._tx_unit_len[i] if self._gso else 1
+                    k = self._tx_unit_len[i] if grouped else 1
                     while k:
                         self._counters[CNT_PACKETS_OUT] += 1
                         self._counters[CNT_BYTES_OUT] += self._tx_iov[self._tx_head].iov_len

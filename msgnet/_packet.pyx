@@ -85,11 +85,18 @@ cdef inline void _store_u64_be(uint8_t* p, uint64_t v) noexcept nogil:
 
 
 cdef inline void _store_nonce(uint8_t* nonce, uint64_t counter) noexcept nogil:
-    """The 12-byte nonce of docs/wire.md §2.2: 4 zero bytes, then counter as u64 little-endian."""
-    cdef int i
+    """The 12-byte nonce of docs/wire.md §2.2: 4 zero bytes, then counter as u64 little-endian.
+    Written out byte by byte, which the C compiler merges into one store (a loop was 60
+    instructions per packet)."""
     memset(nonce, 0, 4)
-    for i in range(8):
-        nonce[4 + i] = <uint8_t>(counter >> (8 * i))
+    nonce[4] = <uint8_t>counter
+    nonce[5] = <uint8_t>(counter >> 8)
+    nonce[6] = <uint8_t>(counter >> 16)
+    nonce[7] = <uint8_t>(counter >> 24)
+    nonce[8] = <uint8_t>(counter >> 32)
+    nonce[9] = <uint8_t>(counter >> 40)
+    nonce[10] = <uint8_t>(counter >> 48)
+    nonce[11] = <uint8_t>(counter >> 56)
 
 
 cdef class _CBuffer:

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import limits
 from .errors import (
+    ClosedError,
     MessageTooLargeError,
     MsgnetError,
     PeerUnreachableError,
@@ -38,22 +39,61 @@ MAX_PENDING_REQUESTS = 65536
 _FLAG_REQUEST = limits.FLAG_REQUEST
 _PENDING, _DONE, _FAILED, _CANCELLED = range(4)  # PendingRequest._state
 _INF = math.inf  # a C double when compiled (a module attribute read costs ~290 instructions)
+_MAX_PENDING = MAX_PENDING_REQUESTS  # a C integer when compiled (as _INF)
+
+
+@cython.cclass
+class _Request:
+    """One outstanding request: what its errors name, its ``deadline`` (inf until it is
+    sent), and ``future``, the asyncio future it settles (MessageHost.request and
+    request_nowait). request_callback's requests are PendingRequests, their own entries: an
+    object less per request. Made without an __init__ call, which would be a Python-level
+    call per request."""
+
+    __slots__ = ("deadline", "future", "peer", "protocol", "request_id", "timeout")
+
+    request_id: int
+    future: Any
+    protocol: str
+    peer: Any
+    timeout: float
+    deadline: float
+
+    def _settled(self) -> bool:
+        return self.future.done()  # type: ignore[no-any-return]
+
+    def _settle(self, state: int, value: Any) -> None:
+        """Complete the future with the reply (_DONE) or the error (_FAILED), unless done."""
+        future = self.future
+        if future.done():
+            return
+        if state == _DONE:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _new_request(future: Any) -> _Request:
+    """The entry of a request that ``future`` awaits (RequestTable._add registers it)."""
+    entry = _Request.__new__(_Request)
+    entry.future = future
+    return entry
 
 
 @cython.final
 @cython.cclass
-class PendingRequest:
+class PendingRequest(_Request):
     """A request made with :meth:`MessageHost.request_callback`: future-like, but its
     callback runs in the call that settles it (no loop callback per request)."""
 
-    __slots__ = ("_callback", "_loop", "_request_id", "_state", "_table", "_task", "_value")
+    __slots__ = ("_callback", "_loop", "_state", "_table", "_task", "_value")
 
     def __init__(self, callback: Callable[[PendingRequest], None],
                  loop: asyncio.AbstractEventLoop, table: RequestTable) -> None:
         self._callback = callback
         self._loop = loop
         self._table = table  # the host's outstanding requests
-        self._request_id = 0
+        self.request_id = 0
         self._state = _PENDING
         self._value: Any = None
         self._task: asyncio.Task[bytes] | None = None
@@ -93,7 +133,7 @@ class PendingRequest:
         if self._task is not None:
             self._task.cancel()
         else:
-            self._table.forget(self._request_id)
+            self._table.forget(self.request_id)
         return True
 
     # The host settles it (set_result / set_exception, as on a future).
@@ -103,6 +143,9 @@ class PendingRequest:
 
     def set_exception(self, exc: BaseException) -> None:
         self._settle(_FAILED, exc)
+
+    def _settled(self) -> bool:
+        return self._state != _PENDING
 
     def _settle(self, state: int, value: Any) -> None:
         if self._state != _PENDING:
@@ -139,29 +182,11 @@ def _pending_request(callback: Callable[[PendingRequest], None],
     request._callback = callback
     request._loop = loop
     request._table = table
-    request._request_id = 0
+    request.request_id = 0
     request._state = _PENDING
     request._value = None
     request._task = None
     return request
-
-
-@cython.final
-@cython.cclass
-class _Request:
-    """One outstanding request: what settles it (``future``: an asyncio future or a
-    PendingRequest), what its errors name, and its ``deadline`` (inf until it is sent).
-    Made by RequestTable._add without an __init__ call, which would be a Python-level call
-    per request."""
-
-    __slots__ = ("deadline", "future", "peer", "protocol", "request_id", "timeout")
-
-    request_id: int
-    future: Any
-    protocol: str
-    peer: Any
-    timeout: float
-    deadline: float
 
 
 @cython.final
@@ -176,14 +201,22 @@ class RequestTable:
     of a request.
     """
 
-    __slots__ = ("_entries", "_last_id", "_loop", "_route", "_time", "_timer", "_timer_at")
+    __slots__ = ("_entries", "_last_id", "_later", "_loop", "_network", "_route", "_time",
+                 "_timer", "_timer_at")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, route: Any = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, route: Any = None,
+                 network: Any = None,
+                 later: Callable[[Any, str, bytes, float], asyncio.Task[bytes]] | None = None,
+                 ) -> None:
         """``route``: the network's SendRoute (MessageNetwork.route), which sends a request
         to a peer with a session by one C call; without it, or when the peer has none,
-        requests go through MessageNetwork.send_message_nowait."""
+        requests go through MessageNetwork.send_message_nowait. ``network`` and ``later``
+        (the host's, until close) serve request_callback: ``later(peer, protocol, data,
+        timeout)`` is the task that sends a request that could not go out at once."""
         self._loop = loop
         self._route = route
+        self._network = network
+        self._later = later
         self._time = loop.time
         self._entries: dict[int, _Request] = {}
         self._last_id = 0
@@ -198,24 +231,23 @@ class RequestTable:
 
     def register(self, peer: Any, protocol: str, timeout: float, future: Any) -> int:
         """Add a request that ``future`` settles; its timeout starts with started()."""
-        return self._add(peer, protocol, timeout, future).request_id  # type: ignore[no-any-return]
+        entry = _new_request(future)
+        self._add(entry, peer, protocol, timeout)
+        return entry.request_id  # type: ignore[no-any-return]
 
-    def _add(self, peer: Any, protocol: str, timeout: float, future: Any) -> _Request:
+    def _add(self, entry: _Request, peer: Any, protocol: str, timeout: float) -> None:
         if not timeout > 0:
             raise UsageError("timeout must be positive")
         entries = self._entries
-        if len(entries) >= MAX_PENDING_REQUESTS:
+        if len(entries) >= _MAX_PENDING:
             raise UsageError(f"more than {MAX_PENDING_REQUESTS} requests outstanding")
         self._last_id += 1
-        entry = _Request.__new__(_Request)
         entry.request_id = self._last_id
-        entry.future = future
         entry.protocol = protocol
         entry.peer = peer
         entry.timeout = timeout
         entry.deadline = _INF
         entries[entry.request_id] = entry
-        return entry
 
     def started(self, request_id: int) -> None:
         """The request went out: its timeout runs from now."""
@@ -224,7 +256,10 @@ class RequestTable:
             self._start(entry)
 
     def _start(self, entry: _Request) -> None:
-        deadline = self._time() + entry.timeout
+        if self._route is None:
+            deadline = self._time() + entry.timeout
+        else:  # its clock costs no loop.time() call inside a receive batch
+            deadline = self._route.now() + entry.timeout
         entry.deadline = deadline
         if deadline < self._timer_at:
             self._arm(deadline)
@@ -237,7 +272,15 @@ class RequestTable:
         """Register a best-effort request and send it at once: its id, or 0 when it cannot
         go out at once (back-pressure, or too large for one datagram), and then it is
         forgotten (the caller sends it another way)."""
-        entry = self._add(peer, protocol, timeout, future)
+        entry = _new_request(future)
+        if not self._send(network, peer, protocol, data, entry, timeout):
+            return 0
+        return entry.request_id  # type: ignore[no-any-return]
+
+    def _send(self, network: Any, peer: Any, protocol: str, data: bytes, entry: _Request,
+              timeout: float) -> bool:
+        """send() of a request's entry: whether it went out."""
+        self._add(entry, peer, protocol, timeout)
         request_id = entry.request_id
         try:
             sent = -1 if self._route is None else self._route.send(
@@ -252,17 +295,27 @@ class RequestTable:
             raise
         if not sent:
             del self._entries[request_id]
-            return 0
+            return False
         self._start(entry)
-        return request_id  # type: ignore[no-any-return]
+        return True
 
-    def send_callback(self, network: Any, peer: Any, protocol: str, data: bytes,
-                      callback: Callable[[PendingRequest], None],
-                      timeout: float) -> PendingRequest:
-        """MessageHost.request_callback's fast path: a PendingRequest whose request went
-        out, or one with request id 0 that the caller must send another way."""
+    def request_callback(self, peer: Any, protocol: str, data: bytes,
+                         callback: Callable[[PendingRequest], None], *,
+                         timeout: float = 5.0) -> PendingRequest:
+        """MessageHost.request_callback, which a started host binds to this method: called
+        from the previous reply's callback (a DHT lookup), the host's Python frame per
+        request cost about a twentieth of a round trip."""
+        return self._send_callback(peer, protocol, data, callback, timeout)
+
+    def _send_callback(self, peer: Any, protocol: str, data: bytes,
+                       callback: Callable[[PendingRequest], None],
+                       timeout: float) -> PendingRequest:
+        """request_callback past its keyword argument: a C call."""
+        if self._later is None:
+            raise ClosedError("host is not started")
         request = _pending_request(callback, self._loop, self)
-        request._request_id = self.send(network, peer, protocol, data, request, timeout)
+        if not self._send(self._network, peer, protocol, data, request, timeout):
+            request._follow(self._later(peer, protocol, data, timeout))
         return request
 
     # -- what settles requests --------------------------------------------------------------
@@ -270,19 +323,15 @@ class RequestTable:
     def on_response(self, session: Any, request_id: int, data: bytes) -> None:
         """A RESPONSE frame (the engines call this directly): settles the request if it
         came from the peer it was sent to."""
-        entry = self._entries.get(request_id)
+        entries = self._entries
+        entry = entries.pop(request_id, None)  # one lookup: the common case is the answer
         if entry is None:
             return
         peer = entry.peer
         if peer is not session.peer_id and peer != session.peer_id:
+            entries[request_id] = entry  # still outstanding (iterated last from now on)
             return  # request ids are unique per host, not per peer: only that peer answers
-        del self._entries[request_id]
-        future = entry.future
-        if type(future) is PendingRequest:  # request_callback's: settled by a C call
-            pending: PendingRequest = future
-            pending._settle(_DONE, data)
-        elif not future.done():
-            future.set_result(data)
+        entry._settle(_DONE, data)
 
     def on_reset(self, peer: Any, protocol: str, code: int) -> None:
         """The peer has no handler for protocol: its requests there fail."""
@@ -299,7 +348,10 @@ class RequestTable:
         self._fail(lambda entry: entry.peer == peer, make)
 
     def close(self, make_error: Callable[[], BaseException]) -> None:
-        """Fail every request (the host closes)."""
+        """Fail every request (the host closes); request_callback raises ClosedError from
+        now on."""
+        self._network = None
+        self._later = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -312,8 +364,8 @@ class RequestTable:
         for request_id, entry in list(entries.items()):
             if which(entry) and request_id in entries:
                 del entries[request_id]
-                if not entry.future.done():
-                    entry.future.set_exception(make_error())
+                if not entry._settled():
+                    entry._settle(_FAILED, make_error())
 
     # -- timeouts ------------------------------------------------------------------------------
 
@@ -334,12 +386,12 @@ class RequestTable:
         next_at = _INF
         entries = self._entries
         for request_id, entry in list(entries.items()):
-            if request_id not in entries or entry.future.done():
+            if request_id not in entries or entry._settled():
                 continue
             deadline = entry.deadline
             if deadline <= now:
                 del entries[request_id]
-                entry.future.set_exception(RequestTimeoutError(
+                entry._settle(_FAILED, RequestTimeoutError(
                     f"no reply from {entry.peer} on {entry.protocol} within {entry.timeout} s"))
             elif deadline < next_at:
                 next_at = deadline

@@ -93,12 +93,16 @@ class MessageHost:
         loop = asyncio.get_running_loop()
         network = MessageNetwork(self._keypair, loop=loop,
                                  **self._options)  # type: ignore[arg-type]
-        requests = RequestTable(loop, network.route)
+        requests = RequestTable(loop, network.route, network, self._request_later)
         network.add_response_listener(requests.on_response)
         network.add_reset_listener(requests.on_reset)
         network.add_unreachable_listener(requests.on_unreachable)
         self._network = network
         self._requests = requests
+        if type(self).request_callback is MessageHost.request_callback:
+            # The table's compiled method serves request_callback while the host runs (the
+            # method below, a Python frame per request, is its stand-in: not started, closed).
+            self.request_callback = requests.request_callback  # type: ignore[method-assign]
         for protocol, handler in self._handlers.items():
             network.set_message_handler(protocol, self._wrap(protocol, handler))
         try:
@@ -112,6 +116,7 @@ class MessageHost:
         if network is None:
             return
         requests, self._requests = self._requests, None
+        self.__dict__.pop("request_callback", None)
         if requests is not None:
             requests.close(lambda: ClosedError("host closed"))
         for task in list(self._tasks):
@@ -239,7 +244,10 @@ class MessageHost:
         """
         if qos is None:
             qos = self._default_qos.get(protocol, BEST_EFFORT)
-        network, requests = self._started()
+        network = self._network  # _started(), inline: a Python frame less per request
+        requests = self._requests
+        if network is None or requests is None:
+            raise ClosedError("host is not started")
         future: asyncio.Future[bytes] = network.loop.create_future()
         # Best effort goes out at once in the common case (one compiled call); otherwise
         # (reliable, back-pressure, too large for one datagram) it is sent by awaiting.
@@ -273,7 +281,7 @@ class MessageHost:
         future: asyncio.Future[bytes] = network.loop.create_future()
         request_id = requests.send(network, peer, protocol, data, future, timeout)
         if not request_id:
-            return self._request_later(network, peer, protocol, data, timeout)
+            return self._request_later(peer, protocol, data, timeout)
         future.add_done_callback(lambda _: requests.forget(request_id))
         return future
 
@@ -290,14 +298,8 @@ class MessageHost:
         request, and then the callback is not called. An exception from the callback goes
         to the loop's exception handler.
         """
-        network = self._network  # _started(), inline: the per-request path of DHT lookups
-        requests = self._requests
-        if network is None or requests is None:
-            raise ClosedError("host is not started")
-        request = requests.send_callback(network, peer, protocol, data, callback, timeout)
-        if not request._request_id:
-            request._follow(self._request_later(network, peer, protocol, data, timeout))
-        return request
+        _, requests = self._started()
+        return requests.request_callback(peer, protocol, data, callback, timeout=timeout)
 
     def _started(self) -> tuple[MessageNetwork, RequestTable]:
         network = self._network
@@ -306,13 +308,13 @@ class MessageHost:
             raise ClosedError("host is not started")
         return network, requests
 
-    def _request_later(self, network: MessageNetwork, peer: PeerID, protocol: str,
-                       data: bytes, timeout: float) -> asyncio.Task[bytes]:
+    def _request_later(self, peer: PeerID, protocol: str, data: bytes,
+                       timeout: float) -> asyncio.Task[bytes]:
         """A request that could not go out at once (back-pressure, or too large for one
         datagram): a task running :meth:`request`, its timeout running from when it is
         sent."""
-        return network.loop.create_task(self.request(peer, protocol, data, timeout=timeout,
-                                                     qos=BEST_EFFORT))
+        return self.network.loop.create_task(self.request(peer, protocol, data,
+                                                          timeout=timeout, qos=BEST_EFFORT))
 
     async def connect(self, peer: PeerID, timeout: float = 5.0) -> None:
         """Establish a session with ``peer`` ahead of the first message."""

@@ -47,6 +47,7 @@ from multiaddr import Multiaddr
 
 from . import limits
 from ._engine import PMTU_DONE, STREAM_BAD, STREAM_OK, Message, SendRoute, Session, UdpEngine
+from ._engine import PeerPath as _PeerPath
 from ._frame import Ack, Ping, encode_frame
 from ._packet import AES_GCM, SessionCrypto, decode_session_unknown
 from .addr import Endpoint, parse_multiaddr, sockaddr_to_multiaddr
@@ -280,29 +281,6 @@ class _Dial:
         self.initiation: bytes | None = None
 
 
-class _PeerPath:
-    """How we reach one peer (docs/wire.md §5): its UDP address, our TCP connection to it,
-    which of them its sessions send on, and what tells a silent UDP path from a quiet peer."""
-
-    __slots__ = ("udp", "stream", "mode", "transports", "started", "expect_since",
-                 "stream_rx", "dialing", "move_since")
-
-    def __init__(self) -> None:
-        self.udp: Any = None                       # the peer's UDP address, when known
-        self.stream: StreamConnection | None = None  # our connection to it
-        self.mode = "udp"                          # "udp", "tcp", or "both" until the ACK
-        self.transports: tuple[int, ...] = ()      # its transport ids (its handshake payload)
-        self.started = 0.0                         # when the current first contact completed
-        self.expect_since = 0.0                    # awaiting a UDP packet since (0: not)
-        self.stream_rx = 0.0                       # last authenticated packet on the stream
-        self.dialing: asyncio.Task[None] | None = None  # a TCP connect in progress
-        self.move_since = 0.0                      # the peer talks on another connection
-
-    def open_stream(self) -> StreamConnection | None:
-        stream = self.stream
-        return stream if stream is not None and not stream.closed else None
-
-
 _IP_MTU = 14    # Linux getsockopt names the socket module lacks: the route's MTU, on a
 _IPV6_MTU = 24  # connected socket (docs/wire.md 5.1)
 
@@ -487,7 +465,9 @@ class MessageNetwork:
             raise UsageError("handler must be callable")
         if protocol.startswith("/msgnet/stream-"):
             raise UsageError("protocol ids beginning with /msgnet/stream- are msgnet's own")
-        self.handlers[protocol] = handler
+        # Interned, as the engines intern the protocols peers bind: the per-message handler
+        # lookup matches by identity.
+        self.handlers[sys.intern(str(protocol))] = handler
 
     def remove_message_handler(self, protocol: str) -> None:
         self.handlers.pop(protocol, None)

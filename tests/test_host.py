@@ -440,6 +440,74 @@ def test_request_callback_settles_in_the_call_and_forgets(run):
     run(main())
 
 
+def test_request_timeout_runs_from_a_send_in_a_reply_callback(run):
+    """A request sent from a reply's callback (inside the engine's receive batch, whose
+    clock reading its timeout starts from) times out after its timeout, not before."""
+    async def main():
+        async with AsyncExitStack() as stack:
+            a, b = await start_hosts(stack, 2)
+            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            b.set_message_handler("/silent/1", lambda m: None)
+            await a.connect(b.peer_id)
+            loop = asyncio.get_running_loop()
+            timed_out = loop.create_future()
+            sent_at: list[float] = []
+
+            def on_timeout(pending):
+                timed_out.set_result((loop.time(), type(pending.exception())))
+
+            def on_reply(pending):
+                assert pending.result() == b"x"
+                sent_at.append(loop.time())
+                a.request_callback(b.peer_id, "/silent/1", b"?", on_timeout, timeout=0.2)
+
+            a.request_callback(b.peer_id, "/echo/1", b"x", on_reply)
+            done_at, error = await asyncio.wait_for(timed_out, 5)
+            assert error is RequestTimeoutError
+            assert 0.2 - 0.01 <= done_at - sent_at[0] < 0.7
+            assert a.metrics()["pending_requests"] == 0
+
+    run(main())
+
+
+def test_request_callback_only_while_started(run):
+    """A started host's request_callback is its request table's compiled method: before
+    start, after close (also through a reference taken while it ran) it raises ClosedError,
+    and a subclass's override is not bypassed."""
+    calls: list[str] = []
+
+    class Counting(MessageHost):
+        def request_callback(self, *args, **kwargs):
+            calls.append(args[1])
+            return super().request_callback(*args, **kwargs)
+
+    async def main():
+        idle = MessageHost()
+        with pytest.raises(msgnet.ClosedError):
+            idle.request_callback(idle.peer_id, "/echo/1", b"?", lambda pending: None)
+        async with AsyncExitStack() as stack:
+            a = await stack.enter_async_context(MessageHost())
+            b = await stack.enter_async_context(Counting())
+            a.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            b.add_peer(a.addrs[0])
+            replies = asyncio.Queue()
+            bound = b.request_callback
+            bound(a.peer_id, "/echo/1", b"sub", lambda pending: replies.put_nowait(pending))
+            assert (await asyncio.wait_for(replies.get(), 5)).result() == b"sub"
+            assert calls == ["/echo/1"]
+            a.add_peer(b.addrs[0])
+            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+            early = a.request_callback
+            early(b.peer_id, "/echo/1", b"a", lambda pending: replies.put_nowait(pending))
+            assert (await asyncio.wait_for(replies.get(), 5)).result() == b"a"
+            await a.close()
+            for closed in (a.request_callback, early):
+                with pytest.raises(msgnet.ClosedError):
+                    closed(b.peer_id, "/echo/1", b"?", lambda pending: None)
+
+    run(main())
+
+
 def test_response_from_another_peer_does_not_answer_a_request(run):
     """Request ids are unique per host, not per peer: a RESPONSE carrying the id of our
     request to B, sent by C, must not complete it."""
