@@ -804,7 +804,7 @@ cdef class SendRoute:
         sent to last (a request sent from a reply's callback), the time it read for the batch,
         which is what uvloop's loop.time() answers then too (it reads its clock once per loop
         iteration). Cheaper than a loop.time() call; request timeouts run from it."""
-        cdef UdpEngine engine = self._session._engine if self._session is not None else None
+        cdef UdpEngine engine = self._session.engine if self._session is not None else None
         if engine is not None and engine._in_batch:
             return engine._now
         return self._time()
