@@ -193,9 +193,9 @@ cdef class DeliveryConnection:
     cdef bint _last_ordered
     cdef _OutSpace _last_space
 
-    @cython.locals(space=_OutSpace, message=OutgoingMessage, seq=cython.longlong,
-                   flags=cython.int, size=cython.Py_ssize_t, i=cython.Py_ssize_t,
-                   queue=_FragmentQueue)
+    @cython.locals(space=_OutSpace, message=OutgoingMessage, single=Fragment,
+                   seq=cython.longlong, flags=cython.int, size=cython.Py_ssize_t,
+                   i=cython.Py_ssize_t, queue=_FragmentQueue)
     cdef OutgoingMessage _enqueue(self, str protocol, bytes payload, bint reliable, bint ordered,
                                   int flags_extra, request_id, Py_ssize_t count, Py_ssize_t fs,
                                   double now, bint notify)

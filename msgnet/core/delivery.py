@@ -672,7 +672,7 @@ class _FragmentQueue:
         end = len(items)
         taken = 0
         while head < end and taken < budget and len(out) < limit:
-            fragment = items[head]
+            fragment: Fragment = items[head]  # type: ignore[assignment]  # (from head on: set)
             if _message_of(fragment).error is None:
                 if not _within_window(fragment._space, fragment.seq):
                     break
@@ -1050,9 +1050,11 @@ class DeliveryConnection:
         size = len(payload)
         self._outstanding += size + _SENT_MESSAGE_COST
         queue = self._queue if reliable else self._be_queue
+        message: OutgoingMessage
         if count == 1:
-            message = _single(protocol, seq, flags, request_id, payload, now, notify, space)
-            queue.push(message)
+            message = single = _single(protocol, seq, flags, request_id, payload, now, notify,
+                                       space)
+            queue.push(single)
         else:
             message = _outgoing_message(protocol, seq, flags, request_id, size, count, now,
                                         notify)
