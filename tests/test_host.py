@@ -37,6 +37,16 @@ async def start_hosts(stack: AsyncExitStack, count: int, **options) -> list[Mess
     return hosts
 
 
+async def start_echo_pair(stack: AsyncExitStack) -> list[MessageHost]:
+    """Two connected hosts: the second answers /echo/1 with what it got and never answers
+    /silent/1 (the request tests' peer)."""
+    a, b = await start_hosts(stack, 2)
+    b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
+    b.set_message_handler("/silent/1", lambda m: None)
+    await a.connect(b.peer_id)
+    return [a, b]
+
+
 def test_two_hosts_several_protocols_both_ways(run):
     async def main():
         async with AsyncExitStack() as stack:
@@ -353,10 +363,7 @@ def test_request_timeouts_fire_in_deadline_order(run):
     """Every request has its own deadline, though one timer serves them all."""
     async def main():
         async with AsyncExitStack() as stack:
-            a, b = await start_hosts(stack, 2)
-            b.set_message_handler("/silent/1", lambda m: None)  # never replies
-            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
-            await a.connect(b.peer_id)
+            a, b = await start_echo_pair(stack)
             loop = asyncio.get_running_loop()
             done: list[float] = []
 
@@ -382,10 +389,7 @@ def test_request_callback_settles_in_the_call_and_forgets(run):
     forgotten at once and its callback never runs; a raising callback breaks nothing."""
     async def main():
         async with AsyncExitStack() as stack:
-            a, b = await start_hosts(stack, 2)
-            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
-            b.set_message_handler("/silent/1", lambda m: None)
-            await a.connect(b.peer_id)
+            a, b = await start_echo_pair(stack)
             loop = asyncio.get_running_loop()
             settled: list[tuple[object, ...]] = []
             arrived = asyncio.Event()
@@ -445,10 +449,7 @@ def test_request_timeout_runs_from_a_send_in_a_reply_callback(run):
     clock reading its timeout starts from) times out after its timeout, not before."""
     async def main():
         async with AsyncExitStack() as stack:
-            a, b = await start_hosts(stack, 2)
-            b.set_message_handler("/echo/1", lambda m: m.reply(m.data))
-            b.set_message_handler("/silent/1", lambda m: None)
-            await a.connect(b.peer_id)
+            a, b = await start_echo_pair(stack)
             loop = asyncio.get_running_loop()
             timed_out = loop.create_future()
             sent_at: list[float] = []
