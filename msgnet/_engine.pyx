@@ -72,6 +72,8 @@ from msgnet._packet cimport (
     PACKET_VERSION_UNSUPPORTED,
     PieceCipher,
     SessionCrypto,
+    _load_u32_be,
+    _load_u64_be,
     seal_pieces,
 )
 
@@ -178,16 +180,6 @@ cdef uint8_t _ZERO_TAG[16]   # the "tag" retained for PLAIN_DATA packets, which 
 # ---------------------------------------------------------------------------
 # C helpers
 # ---------------------------------------------------------------------------
-
-cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline uint64_t _load_u64_be(const uint8_t* p) noexcept nogil:
-    """As _packet's: an expression the C compiler makes one load and byte swap (a loop over
-    the bytes was about 25 instructions per packet)."""
-    return (<uint64_t>_load_u32_be(p) << 32) | _load_u32_be(p + 4)
-
 
 cdef inline int _drop_counter(int reason) noexcept nogil:
     """The counter of an open_into drop reason."""

@@ -64,14 +64,6 @@ cdef enum:
     _VERSION_HEADER_SIZE = 6
 
 
-cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline uint64_t _load_u64_be(const uint8_t* p) noexcept nogil:
-    return (<uint64_t>_load_u32_be(p) << 32) | _load_u32_be(p + 4)
-
-
 cdef inline void _store_u32_be(uint8_t* p, uint32_t v) noexcept nogil:
     p[0] = <uint8_t>(v >> 24)
     p[1] = <uint8_t>(v >> 16)

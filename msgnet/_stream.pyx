@@ -68,6 +68,7 @@ from msgnet._packet cimport (
     PieceCipher,
     ReplayWindow,
     SessionCrypto,
+    _load_u32_be,
     open_pieces,
 )
 
@@ -125,11 +126,6 @@ def encode_stream_header(Py_ssize_t length) -> bytes:
 
 
 cdef class Retention
-
-
-cdef inline uint32_t _load_u32_be(const uint8_t* p) noexcept nogil:
-    return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8)
-            | <uint32_t>p[3])
 
 
 WAIT_PING_MARK = b"\xa5msgnet/wait"
