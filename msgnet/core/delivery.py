@@ -411,13 +411,13 @@ def _outgoing_message(
 
 
 def _fragment(
-    message: OutgoingMessage, protocol: str, flags: int, request_id: int, seq: int,
+    message: OutgoingMessage | None, protocol: str, flags: int, request_id: int, seq: int,
     frag_index: int, frag_count: int, chunk: bytes | memoryview, space: _OutSpace,
     size: int,
 ) -> Fragment:
-    """A new Fragment of ``message`` (made as _outgoing_message makes messages, for the
-    same reason) of ``size`` bytes (len(chunk)): ``cost`` is what it takes of the
-    congestion window."""
+    """A new Fragment of ``message`` (None: of a message it is itself, _single) made as
+    _outgoing_message makes messages, for the same reason, of ``size`` bytes (len(chunk)):
+    ``cost`` is what it takes of the congestion window."""
     new = Fragment.__new__(Fragment)
     new._message = message
     new.protocol = protocol
@@ -431,7 +431,7 @@ def _fragment(
     new.queued = False  # in the retransmission queue (once, whatever sent it again)
     new._space = space
     new.cost = size + _FRAGMENT_OVERHEAD
-    new.size = 0  # the message's fields, unused (see the class docstring)
+    new.size = 0  # the message's fields: unused unless _single sets them (class docstring)
     new.queued_at = 0.0
     new.done = False
     new.error = None
@@ -444,27 +444,14 @@ def _single(
     protocol: str, seq: int, flags: int, request_id: int, payload: bytes, queued_at: float,
     notify: bool, space: _OutSpace,
 ) -> Fragment:
-    """A new message of one fragment, which is its own fragment (see Fragment)."""
+    """A new message of one fragment, which is its own fragment (see Fragment): _fragment's,
+    with the message's fields set."""
     size = len(payload)
-    new = Fragment.__new__(Fragment)
-    new._message = None
-    new.protocol = protocol
-    new.seq = seq
-    new.flags = flags
-    new.request_id = request_id
+    new = _fragment(None, protocol, flags, request_id, seq, 0, 1, payload, space, size)
     new.size = size
-    new.frag_count = 1
     new.queued_at = queued_at
-    new.done = False
-    new.error = None
     new.notify = notify
     new._unacked = 1
-    new.frag_index = 0
-    new.chunk = payload
-    new.acked = False
-    new.queued = False
-    new._space = space
-    new.cost = size + _FRAGMENT_OVERHEAD
     return new
 
 
