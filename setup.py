@@ -58,7 +58,9 @@ def _have_sodium() -> bool:
     """libsodium's ChaCha20-Poly1305 (Debian/Ubuntu: libsodium-dev)."""
     return not os.environ.get("MSGNET_NO_SODIUM") and _links(SODIUM_PROBE, "sodium")
 
-EXTENSIONS = ["msgnet._frame", "msgnet._packet", "msgnet._engine", "msgnet._stream"]
+EXTENSIONS = [
+    "msgnet._frame", "msgnet._packet", "msgnet._engine", "msgnet._stream", "msgnet._buffer",
+]
 # Plain-Python modules also compiled, typed by the .pxd beside them (they still run uncompiled).
 COMPILED_PY = ["msgnet.core.delivery", "msgnet.qos", "msgnet._requests"]
 

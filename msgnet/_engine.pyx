@@ -14,11 +14,13 @@ Network input never raises into the event loop: bad packets are dropped and coun
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport (PyBUF_READ, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release,
+                            PyObject_GetBuffer)
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE, _PyBytes_Resize)
 from cpython.dict cimport PyDict_GetItem
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.memoryview cimport PyMemoryView_FromMemory
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_FromString
 from libc.errno cimport EINTR, EINVAL, EIO, ENOPROTOOPT, EOPNOTSUPP, errno
@@ -1488,21 +1490,30 @@ cdef class UdpEngine:
             self._counters[CNT_BAD_FRAME] += 1
             return False
         cdef DeliveryConnection conn = s.delivery
-        payload = PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len)
+        cdef int frag_count = fv.frag_count if fv.flags & FLAG_FRAGMENT else 1
+        if frag_count > 1:
+            # A view of the receive buffer, not a copy: the core copies a fragment straight
+            # to its place in the message (core/delivery.py _Reassembly) and keeps no view.
+            # Released below, so one kept by mistake fails loudly rather than read a later
+            # datagram.
+            payload = PyMemoryView_FromMemory(<char*>fv.payload, fv.payload_len, PyBUF_READ)
+        else:
+            payload = PyBytes_FromStringAndSize(<const char*>fv.payload, fv.payload_len)
         try:
             if conn is None:  # the session's first: the delegate sets its delivery state up
                 self._on_fragment(s, counter, protocol, fv.flags, fv.request_id, fv.seq,
-                                  fv.frag_index,
-                                  fv.frag_count if fv.flags & FLAG_FRAGMENT else 1, payload)
+                                  fv.frag_index, frag_count, payload)
                 return True
             # The delivery core directly (what handle_fragment would do, minus a Python frame
             # per message): what is now deliverable, exactly once and in order.
             got = conn.receive(counter, protocol, fv.flags, fv.request_id, fv.seq,
-                               fv.frag_index, fv.frag_count if fv.flags & FLAG_FRAGMENT else 1,
-                               payload, self._now)
+                               fv.frag_index, frag_count, payload, self._now)
         except Exception as exc:
             self._report("msgnet: the delivery layer raised on a SEQ frame", exc, s)
             return True
+        finally:
+            if frag_count > 1:
+                (<memoryview>payload).release()
         if got is None:
             return True
         if type(got) is bytes:  # this message, whole: the common case

@@ -85,11 +85,18 @@ cdef class _Reassembly:
     cdef public long long seq
     cdef public int flags
     cdef public object request_id
-    cdef public list parts
+    cdef public int count
+    cdef public bytearray received
     cdef public int missing
     cdef public Py_ssize_t full
+    cdef public Py_ssize_t last_size
+    cdef public bytes last
+    cdef public object buffer
     cdef public Py_ssize_t charge
     cdef public double expires
+
+    cpdef add(self, int index, payload)
+    cpdef bytes message(self)
 
 
 @cython.final

@@ -176,6 +176,22 @@ from msgnet.limits import (
     SEQ_WINDOW,
 )
 
+try:
+    from msgnet._buffer import finish as _finish_buffer
+    from msgnet._buffer import new_buffer as _new_buffer
+    from msgnet._buffer import write as _write_buffer
+except ImportError:  # built without extensions: a bytearray, and one more copy at the end
+
+    def _new_buffer(capacity: int) -> bytes:
+        return bytearray(capacity)  # type: ignore[return-value]  # filled in place, like it
+
+    def _write_buffer(buffer: bytes, offset: int, data: Buffer) -> None:
+        buffer[offset:offset + len(data)] = data  # type: ignore[index]
+
+    def _finish_buffer(buffer: bytes, size: int) -> bytes:
+        return bytes(memoryview(buffer)[:size])
+
+
 PACKET_THRESHOLD = 3
 """RFC 9002 kPacketThreshold: lost when this many later packets were acknowledged (the
 initial value; it grows with the reordering observed, see _adapt_thresholds)."""
@@ -578,10 +594,16 @@ class _InSpace:
 
 
 class _Reassembly:
-    """One message being reassembled; ``charge`` bytes are reserved for it."""
+    """One message being reassembled; ``charge`` bytes are reserved for it.
 
-    __slots__ = ("space", "seq", "flags", "request_id", "parts", "missing", "full", "charge",
-                 "expires")
+    Fragments are copied to their place in ``buffer`` as they arrive (msgnet._buffer), so the
+    complete message needs no final join. The buffer is made with the first full-sized
+    fragment: until then the unit is unknown, and a last fragment that came first waits in
+    ``last``.
+    """
+
+    __slots__ = ("space", "seq", "flags", "request_id", "count", "received", "missing", "full",
+                 "last_size", "last", "buffer", "charge", "expires")
 
     def __init__(
         self, space: _InSpace, seq: int, flags: int, request_id: int, count: int, full: int,
@@ -591,11 +613,43 @@ class _Reassembly:
         self.seq = seq
         self.flags = flags
         self.request_id = request_id
-        self.parts: list[bytes | None] = [None] * count
+        self.count = count
+        self.received = bytearray(count)  # 1 per fragment in
         self.missing = count
         self.full = full  # size of every fragment but the last; 0 until one is seen
+        self.last_size = 0  # the last fragment's, once it is in
+        self.last: bytes | None = None
+        self.buffer: bytes | None = None
         self.charge = charge
         self.expires = _INF
+
+    def add(self, index: int, payload: Buffer) -> None:
+        """Copy fragment ``index`` in (its size checked by the caller)."""
+        full = self.full
+        count = self.count
+        self.received[index] = 1
+        self.missing -= 1
+        if index == count - 1:
+            self.last_size = len(payload)
+        if not full:  # the last fragment alone so far; the payload may be a view: copy it
+            self.last = bytes(payload)
+            return
+        buffer = self.buffer
+        if buffer is None:
+            buffer = self.buffer = _new_buffer((count - 1) * full + (self.last_size or full))
+            if self.last is not None:
+                _write_buffer(buffer, (count - 1) * full, self.last)
+                self.last = None
+        _write_buffer(buffer, index * full, payload)
+
+    def message(self) -> bytes:
+        """The whole message, once nothing is missing (and only once: the buffer is given
+        away)."""
+        buffer = self.buffer
+        self.buffer = None
+        if buffer is None:  # a message of one fragment: the last is all of it
+            return self.last  # type: ignore[return-value]
+        return _finish_buffer(buffer, (self.count - 1) * self.full + self.last_size)
 
 
 class _SentPacket:
@@ -1685,12 +1739,11 @@ class DeliveryConnection:
                 partial.expires = now + max(BEST_EFFORT_TIMEOUT, 3 * self._rto_value)
                 self._be_partials[partial] = None
         else:
-            parts = partial.parts
-            if (count != len(parts) or flags != partial.flags
+            if (count != partial.count or flags != partial.flags
                     or request_id != partial.request_id or not 0 <= index < count):
                 self.counters["bad_fragment"] += 1
                 return None
-            if parts[index] is not None:
+            if partial.received[index]:
                 self.counters["duplicates"] += 1
                 return None
             full = partial.full
@@ -1699,8 +1752,7 @@ class DeliveryConnection:
                     self.counters["bad_fragment"] += 1
                     return None
             elif not full:  # the first full-sized fragment after the last: size known now
-                tail = len(parts[-1] or b"")
-                if size < tail or (count - 1) * size >= MAX_MESSAGE_PAYLOAD:
+                if size < partial.last_size or (count - 1) * size >= MAX_MESSAGE_PAYLOAD:
                     self.counters["bad_fragment"] += 1
                     return None
                 charge = _charge_for(count, size)
@@ -1716,8 +1768,7 @@ class DeliveryConnection:
             elif size != full:
                 self.counters["bad_fragment"] += 1
                 return None
-        partial.parts[index] = payload if type(payload) is bytes else bytes(payload)
-        partial.missing -= 1
+        partial.add(index, payload)
         if partial.missing:
             return None
         del space.partial[seq]
@@ -1726,7 +1777,7 @@ class DeliveryConnection:
             self._ack_now = counter  # its sender may be waiting for this ack: no delay
         else:
             del self._be_partials[partial]
-        return b"".join(partial.parts)  # type: ignore[arg-type]  # all present now
+        return partial.message()
 
     def _try_charge(self, charge: int, head: bool) -> bool:
         """Reserve receive memory within both bounds (the head room only for ``head``)."""
