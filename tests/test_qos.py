@@ -236,3 +236,33 @@ def test_reliable_sends_wait_when_the_peer_falls_behind(run):
             await wait_for(lambda: conn.outstanding_bytes == 0)  # the last acks come back
 
     run(main())
+
+
+def test_an_acknowledgement_wait_resolves_times_out_or_is_cancelled_with_its_caller(run):
+    """network._within, how every Reliable(wait=True) send awaits its acknowledgement: the
+    future it waits for ends done whichever way the wait ends, so the delivery layer's
+    done() check skips a late acknowledgement."""
+    from msgnet.network import _within
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        acked = loop.create_future()
+        loop.call_later(0.01, acked.set_result, None)
+        await _within(acked, 5.0)
+        await _within(acked, None)  # done already: returns at once
+
+        silent = loop.create_future()
+        start = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await _within(silent, 0.1)
+        assert 0.09 <= loop.time() - start < 2.0 and silent.done()  # (timers: ms steps)
+
+        abandoned = loop.create_future()
+        waiter = asyncio.ensure_future(_within(abandoned, 5.0))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert abandoned.cancelled()
+
+    run(main())
