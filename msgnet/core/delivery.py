@@ -216,8 +216,8 @@ _FRAGMENT_OVERHEAD = 16
 """Estimated frame header bytes of one fragment, to charge handed-out fragments to the
 window until on_packet_sent reports the real packet size."""
 _PER_FRAGMENT_COST = 48
-"""Reassembly memory charged per fragment slot beyond its payload (bytes header + list
-slot): keeps tiny-fragment floods honest."""
+"""Reassembly memory charged per fragment beyond its payload, though its bytes go straight
+into the message's one buffer: keeps floods of tiny fragments, each a unit of work, honest."""
 _PER_MESSAGE_COST = 256
 """Reassembly memory charged per message (its bookkeeping objects)."""
 _SENT_MESSAGE_COST = 320
