@@ -16,7 +16,13 @@ a. ``bulk1M``: a reliable 1 MiB message over loopback between two msgnet hosts i
    65000-byte datagrams (docs/wire.md 5.1; the warm-up transfers include the search).
    Reported beside it: ``msgnet-reliable-9000`` and ``msgnet-reliable-1200``, both hosts
    configured with that ``max_datagram`` (what a jumbo-frame path, or a path of 1200-byte
-   datagrams with no discovery, gets), and the same in plaintext mode.
+   datagrams with no discovery, gets), and the same in plaintext mode. And ``floor-aesgcm-udp``,
+   the least any secure UDP transfer costs in Python: no event loop and no protocol, blocking
+   sockets, each 65000-byte datagram sealed straight from the 1 MiB with cryptography's
+   AES-256-GCM (a 13-byte header as associated data, its counter the nonce) and opened
+   straight into the receiver's 1 MiB buffer, no copy either side, one byte back per MiB.
+   msgnet's rows show their ratio to it too (``vs floor``): what its protocol costs beyond
+   the cipher and the kernel.
 b. ``oneway64``: 64-byte messages one way, msgnet ``Reliable()`` (and ordered) against
    msgnet's own best effort, same receiver (e2e's), rate from first to last arrival.
    Target: reliable >= 0.7x best effort. ``fanout64``: the same, each message to the next
@@ -45,6 +51,7 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -129,6 +136,77 @@ def _tcp_bulk_sender(conn: Any, core: int, rounds: int) -> None:
         return _bulk_result(times[2:])
 
     conn.send(_uvloop_run(main()))
+
+
+_FLOOR_KEY = bytes(32)
+_FLOOR_HEADER = 13  # msgnet's DATA header: the associated data, the nonce its last 12 bytes
+_FLOOR_TAG = 16
+_FLOOR_DATAGRAM = 65000
+_FLOOR_STOP = b"x"  # the sender's last datagram: the receiver returns
+
+
+def _floor_receiver(conn: Any, core: int) -> None:
+    """Opens each datagram into its place in a 1 MiB buffer; one byte back per MiB. A lost
+    datagram (none on loopback with these buffers) fails the row by the sender's timeout."""
+    _pin(core)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead = AESGCM(_FLOOR_KEY)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(MAX_SECONDS)
+        conn.send(sock.getsockname())
+        packet = memoryview(bytearray(_FLOOR_DATAGRAM))
+        message = memoryview(bytearray(BULK))
+        got = 0
+        while True:
+            n, peer = sock.recvfrom_into(packet)
+            if packet[:n] == _FLOOR_STOP:
+                return
+            size = n - _FLOOR_HEADER - _FLOOR_TAG
+            header = bytes(packet[:_FLOOR_HEADER])
+            aead.decrypt_into(header[1:], packet[_FLOOR_HEADER:n], header,
+                              message[got:got + size])
+            got += size
+            if got >= BULK:
+                got = 0
+                sock.sendto(b"!", peer)
+
+
+def _floor_sender(conn: Any, core: int, rounds: int) -> None:
+    """Seals 1 MiB as 65000-byte datagrams, one send each, then waits for the byte back."""
+    _pin(core)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    addr = conn.recv()
+    aead = AESGCM(_FLOOR_KEY)
+    blob = memoryview(os.urandom(BULK))
+    packet = memoryview(bytearray(_FLOOR_DATAGRAM))
+    room = _FLOOR_DATAGRAM - _FLOOR_HEADER - _FLOOR_TAG
+    counter = 0
+    times = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.connect(addr)
+        sock.settimeout(MAX_SECONDS)
+        for _ in range(rounds + 2):  # two warm-up transfers, as the others have
+            t0 = time.perf_counter()
+            offset = 0
+            while offset < BULK:
+                take = min(room, BULK - offset)
+                counter += 1
+                header = counter.to_bytes(_FLOOR_HEADER, "big")
+                packet[:_FLOOR_HEADER] = header
+                end = _FLOOR_HEADER + take + _FLOOR_TAG
+                aead.encrypt_into(header[1:], blob[offset:offset + take], header,
+                                  packet[_FLOOR_HEADER:end])
+                sock.send(packet[:end])
+                offset += take
+            sock.recv(1)
+            times.append(time.perf_counter() - t0)
+        sock.send(_FLOOR_STOP)
+    conn.send(_bulk_result(times[2:]))
 
 
 def _bulk_result(times: list[float]) -> dict[str, float]:
@@ -459,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         scenarios += [
             ("bulk1M/raw-uvloop-tcp", lambda: _pair(
                 _tcp_bulk_receiver, (), _tcp_bulk_sender, (transfers,), server_result=False)),
+            ("bulk1M/floor-aesgcm-udp", lambda: _pair(
+                _floor_receiver, (), _floor_sender, (transfers,), server_result=False)),
             ("bulk1M/msgnet-reliable", _msgnet_bulk(transfers, False)),
             ("bulk1M/msgnet-reliable-plaintext", _msgnet_bulk(transfers, True)),
             ("bulk1M/msgnet-reliable-9000", _msgnet_bulk(transfers, False, JUMBO)),
@@ -511,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 BASELINES = {
+    "bulk1M/floor-aesgcm-udp": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-plaintext": "bulk1M/raw-uvloop-tcp",
     "bulk1M/msgnet-reliable-9000": "bulk1M/raw-uvloop-tcp",
@@ -523,16 +604,23 @@ BASELINES = {
     "oneway64/msgnet-reliable-ordered": "oneway64/msgnet-best-effort",
     "fanout64/msgnet-reliable": "fanout64/msgnet-best-effort",
 }
-EXTRA_RATIOS = {"bulk1M/msgnet-reliable": "bulk1M/msgnet-reliable-plaintext"}
+EXTRA_RATIOS = [  # (row, its other reference): shown in the row's notes
+    ("bulk1M/msgnet-reliable", "bulk1M/msgnet-reliable-plaintext"),
+    ("bulk1M/msgnet-reliable", "bulk1M/floor-aesgcm-udp"),
+    ("bulk1M/msgnet-reliable-9000", "bulk1M/floor-aesgcm-udp"),
+    ("bulk1M/msgnet-reliable-1200", "bulk1M/floor-aesgcm-udp"),
+    ("bulk1M/msgnet-reliable-tcp-reply", "bulk1M/floor-aesgcm-udp"),
+]
 
 
 def _summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
     summary = {name: {k: statistics.median(r[k] for r in results) for k in results[0]}
                for name, results in rows.items()}
-    for name, base in list(BASELINES.items()) + list(EXTRA_RATIOS.items()):
+    for name, base in list(BASELINES.items()) + EXTRA_RATIOS:
         if name not in rows or base not in rows:
             continue
-        key = "vs_plaintext" if base.endswith("plaintext") else "vs_baseline"
+        key = ("vs_plaintext" if base.endswith("plaintext")
+               else "vs_floor" if base.endswith("floor-aesgcm-udp") else "vs_baseline")
         summary[name][key] = summary[name]["rate"] / summary[base]["rate"]
         summary[name][f"{key}_paired"] = statistics.median(
             r["rate"] / b["rate"] for r, b in zip(rows[name], rows[base]) if b["rate"])
@@ -554,9 +642,9 @@ def _print(summary: dict[str, dict[str, float]]) -> None:
         ratio = f"{v['vs_baseline']:.2f}x" if "vs_baseline" in v else ""
         paired = f"{v['vs_baseline_paired']:.2f}x" if "vs_baseline_paired" in v else ""
         notes = []
-        if "vs_plaintext" in v:
-            notes.append(f"{v['vs_plaintext']:.2f}x plaintext (paired "
-                         f"{v['vs_plaintext_paired']:.2f}x)")
+        for key, what in (("vs_plaintext", "plaintext"), ("vs_floor", "floor")):
+            if key in v:
+                notes.append(f"{v[key]:.2f}x {what} (paired {v[f'{key}_paired']:.2f}x)")
         if "latency_p99_ms" in v:
             notes.append(f"latency p50 {v['latency_p50_ms']:.0f} ms, "
                          f"p99 {v['latency_p99_ms']:.0f} ms")
