@@ -1709,7 +1709,7 @@ async def _within(future: asyncio.Future[None], timeout: float | None) -> None:
 
 def _time_out(future: asyncio.Future[None]) -> None:
     if not future.done():
-        future.set_exception(asyncio.TimeoutError())
+        future.set_exception(TimeoutError())
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:
