@@ -16,7 +16,6 @@ bytearray and copies at the end (see its fallback).
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.object cimport Py_SIZE
 from libc.string cimport memcpy
 
 from msgnet.errors import UsageError
@@ -55,7 +54,7 @@ def finish(bytes buffer not None, Py_ssize_t size) -> bytes:
     may be shorter than the room kept for it)."""
     if not 0 < size <= PyBytes_GET_SIZE(buffer):
         raise UsageError(f"cannot cut a {PyBytes_GET_SIZE(buffer)}-byte buffer to {size}")
-    if size < Py_SIZE(buffer):
+    if size < PyBytes_GET_SIZE(buffer):
         Py_SET_SIZE(buffer, size)
         PyBytes_AS_STRING(buffer)[size] = 0  # bytes objects end with a NUL byte
     return buffer

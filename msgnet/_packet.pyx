@@ -981,6 +981,7 @@ cdef class SessionCrypto:
                        Py_ssize_t* out_len) except -100:
         cdef Py_ssize_t payload_len
         cdef uint64_t counter
+        cdef int rc = 0
         if n < DATA_HEADER_SIZE:
             return DROP_TRUNCATED
         if pkt[0] == PACKET_DATA:
@@ -1004,12 +1005,16 @@ cdef class SessionCrypto:
             return DROP_OUT_OF_ROOM
         if self.plaintext:
             memmove(out, pkt + DATA_HEADER_SIZE, payload_len)
-        elif (_aead_open(self._recv_key, counter, pkt, pkt + DATA_HEADER_SIZE, payload_len,
-                         out) if not self.aes else
-              _open_with(self._large_aes(False), counter, pkt, pkt + DATA_HEADER_SIZE,
-                         payload_len, out) if payload_len >= _CRYPTOGRAPHY_AES_FROM else
-              _aes_open(self._recv_key, self._aes_keys_now(), counter, pkt,
-                        pkt + DATA_HEADER_SIZE, payload_len, out)) != 0:
+        elif self.aes and payload_len >= _CRYPTOGRAPHY_AES_FROM:  # as seal_into chooses
+            rc = _open_with(self._large_aes(False), counter, pkt, pkt + DATA_HEADER_SIZE,
+                            payload_len, out)
+        elif self.aes:
+            rc = _aes_open(self._recv_key, self._aes_keys_now(), counter, pkt,
+                           pkt + DATA_HEADER_SIZE, payload_len, out)
+        else:
+            rc = _aead_open(self._recv_key, counter, pkt, pkt + DATA_HEADER_SIZE, payload_len,
+                            out)
+        if rc != 0:
             memset(out, 0, payload_len)  # no unauthenticated plaintext left for a caller to misuse
             return DROP_AUTH_FAILED
         if not self.window.update(counter):
