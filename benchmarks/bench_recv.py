@@ -90,7 +90,7 @@ class _Delegate:
     def handle_pong(self, session, data): pass
     def handle_ack(self, session, transport_id): pass
     def handle_close(self, session, code, reason): pass
-    def handle_delivery_ack(self, session, body): pass
+    def handle_delivery_ack(self, session, largest, ack_delay_us, first_range, ranges): pass
 
 
 class _Counter(asyncio.DatagramProtocol):

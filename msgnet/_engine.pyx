@@ -49,6 +49,7 @@ from msgnet._frame cimport (
     READ_END,
     READ_OK,
     FrameView,
+    delivery_ack_ranges,
     message_header_size,
     read_frame,
     varint_size,
@@ -833,9 +834,11 @@ cdef class UdpEngine:
     ``delegate`` gets what is off the hot path: ``handle_control(data, addr)``,
     ``handle_response(session, request_id, data)``, ``handle_reset(session, protocol, code)``,
     ``handle_pong(session, data)``, ``handle_ack(session, transport_id)``,
-    ``handle_close(session, code, reason)``, ``handle_delivery_ack(session, body)``, and, if it
-    has it, ``handle_udp_packet(session)`` for a datagram that authenticated for a session
-    sending on a stream. SEQ frames go to ``handle_fragment`` if the delegate has it, until it
+    ``handle_close(session, code, reason)``,
+    ``handle_delivery_ack(session, largest, ack_delay_us, first_range, ranges)`` (the frame's
+    fields, decoded: DeliveryConnection.on_ack's arguments), and, if it has it,
+    ``handle_udp_packet(session)`` for a datagram that authenticated for a session sending on
+    a stream. SEQ frames go to ``handle_fragment`` if the delegate has it, until it
     sets ``session.delivery`` (a DeliveryConnection): then to that connection's ``receive``.
 
     Sessions may also send on a TCP connection (``set_path``): flush then writes each sealed
@@ -1578,7 +1581,7 @@ cdef class UdpEngine:
         """BOUND, RESET, PING, PONG, ACK, CLOSE, DELIVERY_ACK: the alias tables, or the
         delegate."""
         cdef uint8_t t = fv.type
-        cdef Py_ssize_t head
+        cdef uint64_t first_range = 0
         cdef uint64_t aliases = len(s._out_protocols) if s._out_protocols is not None else 0
         protocol = None
         try:
@@ -1602,10 +1605,8 @@ cdef class UdpEngine:
                 self._on_close(s, fv.code, PyUnicode_DecodeUTF8(<const char*>fv.payload,
                                                                 fv.payload_len, NULL))
             elif t == FRAME_DELIVERY_ACK:
-                # The whole body: largest and ack_delay (minimal varints) precede payload.
-                head = varint_size(fv.seq) + varint_size(fv.code)
-                self._on_delivery_ack(s, PyBytes_FromStringAndSize(
-                    <const char*>fv.payload - head, fv.payload_len + head))
+                ranges = delivery_ack_ranges(fv, &first_range)  # (read_frame validated them)
+                self._on_delivery_ack(s, fv.seq, fv.code, first_range, ranges)
         except Exception as exc:
             self._report(f"msgnet: delegate raised on frame type 0x{t:02x}", exc, s)
         return 0

@@ -102,6 +102,10 @@ cdef int write_varint(uint8_t* buf, uint64_t value) noexcept nogil
 cdef int read_frame(const uint8_t* buf, Py_ssize_t length, Py_ssize_t* pos,
                     FrameView* out) noexcept nogil
 
+# A DELIVERY_ACK's ranges from the payload read_frame validated: first_range, and the
+# (gap, range) pairs after it as a tuple of tuples, going down (wire.md 3.5).
+cdef tuple delivery_ack_ranges(const FrameView* fv, uint64_t* first_range)
+
 # Human-readable text for a negative read result.
 cdef const char* frame_error_text(int code) noexcept nogil
 

@@ -999,6 +999,22 @@ cdef class Bound:
         return f"Bound(protocol_int={self._fv.protocol_int})"
 
 
+cdef tuple delivery_ack_ranges(const FrameView* fv, uint64_t* first_range):
+    cdef Py_ssize_t p = 0
+    cdef uint64_t count = 0, gap = 0, length = 0
+    read_varint(fv.payload, fv.payload_len, &p, &count)
+    read_varint(fv.payload, fv.payload_len, &p, first_range)
+    if not count:
+        return ()
+    out = []
+    while count:
+        read_varint(fv.payload, fv.payload_len, &p, &gap)
+        read_varint(fv.payload, fv.payload_len, &p, &length)
+        out.append((gap, length))
+        count -= 1
+    return tuple(out)
+
+
 @cython.final
 @cython.freelist(16)
 cdef class DeliveryAck:
@@ -1041,26 +1057,15 @@ cdef class DeliveryAck:
 
     @property
     def first_range(self):
-        cdef Py_ssize_t p = 0
-        cdef uint64_t value = 0
-        read_varint(self._fv.payload, self._fv.payload_len, &p, &value)  # range_count
-        read_varint(self._fv.payload, self._fv.payload_len, &p, &value)
-        return value
+        cdef uint64_t first = 0
+        delivery_ack_ranges(&self._fv, &first)
+        return first
 
     @property
     def ranges(self):
         """The (gap, range) pairs after first_range, going down."""
-        cdef Py_ssize_t p = 0
-        cdef uint64_t count = 0, gap = 0, length = 0
-        read_varint(self._fv.payload, self._fv.payload_len, &p, &count)
-        read_varint(self._fv.payload, self._fv.payload_len, &p, &gap)  # first_range
-        out = []
-        while count:
-            read_varint(self._fv.payload, self._fv.payload_len, &p, &gap)
-            read_varint(self._fv.payload, self._fv.payload_len, &p, &length)
-            out.append((gap, length))
-            count -= 1
-        return tuple(out)
+        cdef uint64_t first = 0
+        return delivery_ack_ranges(&self._fv, &first)
 
     def __eq__(self, other):
         if type(other) is not DeliveryAck:

@@ -1505,9 +1505,10 @@ class MessageNetwork:
         self._count("closes_received")
         self._drop_session(session)
 
-    def handle_delivery_ack(self, session: Session, body: bytes) -> None:
-        if not self.delivery.ack_received(session, body):
-            self._count("bad_delivery_ack")
+    @property
+    def handle_delivery_ack(self) -> Callable[..., None]:
+        """The engine's hook for DELIVERY_ACK frames: the delivery layer's own."""
+        return self.delivery.ack_received
 
     @property
     def handle_fragment(self) -> Callable[..., None]:

@@ -55,4 +55,5 @@ cdef class DeliveryManager:
     @cython.locals(entry=tuple, conn=DeliveryConnection, now=cython.double)
     cpdef packet_received(self, Session session, long long counter, bint acknowledge)
     @cython.locals(entry=tuple, conn=DeliveryConnection)
-    cpdef bint ack_received(self, Session session, bytes body) except -1
+    cpdef ack_received(self, Session session, long long largest, long long ack_delay_us,
+                       long long first_range, tuple ranges)

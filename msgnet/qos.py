@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import limits
 from ._engine import PMTU_IDLE, PMTU_SEARCHING
-from ._frame import DeliveryAck, decode_frame, encode_frame, encode_varint
+from ._frame import DeliveryAck, encode_frame
 from .core.delivery import (
     DeliveryConnection,
     Fragment,
@@ -379,23 +379,18 @@ class DeliveryManager:
         elif session not in self._pending:
             self._arm(session, conn)
 
-    def ack_received(self, session: Session, body: bytes) -> bool:
-        """A DELIVERY_ACK body (from ``largest`` on); False if it does not decode."""
+    def ack_received(self, session: Session, largest: int, ack_delay_us: int,
+                     first_range: int, ranges: tuple[tuple[int, int], ...]) -> None:
+        """A DELIVERY_ACK's fields, as the engine decoded them (wire.md 3.5)."""
         entry = self._conns.get(session)
         if entry is None:
-            return True  # nothing in flight: an ack for nothing is harmless
+            return  # nothing in flight: an ack for nothing is harmless
         conn = entry[0]
-        frame, _ = decode_frame(bytes((limits.FRAME_DELIVERY_ACK,)) + encode_varint(len(body))
-                                + body)
-        if not isinstance(frame, DeliveryAck):
-            return False
-        events = conn.on_ack(frame.largest, frame.ack_delay_us, frame.first_range,
-                             frame.ranges, self._loop.time())
+        events = conn.on_ack(largest, ack_delay_us, first_range, ranges, self._loop.time())
         self._settle(events)
         # What the window lets out now, at once: this runs inside the engine's receive batch,
         # whose end sends every packet sealed meanwhile in one sendmmsg (GSO where it can).
         self._pump(session, conn, entry[1])
-        return True
 
     def close_session(self, session: Session, error: BaseException) -> None:
         self._pending.pop(session, None)

@@ -79,8 +79,8 @@ class Delegate:
     def handle_close(self, session, code, reason):
         self.calls.append(("close", session, code, reason))
 
-    def handle_delivery_ack(self, session, body):
-        self.calls.append(("delivery_ack", session, body))
+    def handle_delivery_ack(self, session, largest, ack_delay_us, first_range, ranges):
+        self.calls.append(("delivery_ack", session, largest, ack_delay_us, first_range, ranges))
 
 
 class Peer:
@@ -533,14 +533,18 @@ def test_control_frames_reach_the_delegate(run, mode):
         async with pair(mode) as (a, b):
             a.engine.send_control(a.session, encode_frame(Ping(b"abcd")))
             a.engine.send_control(a.session, encode_frame(Ack(3)))
-            ack = DeliveryAck(10, 5, 2, [(1, 1)])
-            a.engine.send_control(a.session, encode_frame(ack))
+            a.engine.send_control(a.session, encode_frame(DeliveryAck(10, 5, 2, [(1, 1)])))
+            a.engine.send_control(a.session, encode_frame(DeliveryAck(1 << 40, 0, 7, [])))
+            many = [(i, 2 * i + 1) for i in range(limits.MAX_ACK_RANGES)]
+            a.engine.send_control(a.session, encode_frame(DeliveryAck(3 << 20, 1, 0, many)))
             a.engine.send_control(a.session, encode_frame(Close(2, "bye")))
             await until(lambda: a.delegate.of("pong") and b.delegate.of("close"))
             assert a.delegate.of("pong") == [(a.session, b"abcd")]
             assert b.delegate.of("ack") == [(b.session, 3)]
-            [(session, body)] = b.delegate.of("delivery_ack")
-            assert encode_frame(ack).endswith(body) and body[0] == 10
+            # DELIVERY_ACK arrives decoded: largest, ack delay, first range, (gap, range)s.
+            assert b.delegate.of("delivery_ack") == [
+                (b.session, 10, 5, 2, ((1, 1),)), (b.session, 1 << 40, 0, 7, ()),
+                (b.session, 3 << 20, 1, 0, tuple(many))]
             assert b.delegate.of("close") == [(b.session, 2, "bye")]
     run(main())
 
