@@ -8,7 +8,7 @@ cimport cython
 from msgnet._engine cimport SendRoute, Session, UdpEngine
 from msgnet.core.delivery cimport DeliveryConnection
 
-cdef Py_ssize_t _DATA_OVERHEAD, _BURST_BYTES
+cdef Py_ssize_t _DATA_OVERHEAD, _BURST_BYTES, _BURST_FRAGMENTS
 cdef int _PMTU_IDLE, _PMTU_SEARCHING
 
 
@@ -47,7 +47,7 @@ cdef class DeliveryManager:
     @cython.locals(session=Session, entry=tuple)
     cpdef _flush(self)
     @cython.locals(now=cython.double, start=Py_ssize_t, fragments=list, room=Py_ssize_t,
-                   burst=Py_ssize_t, unsent=Py_ssize_t)
+                   unsent=Py_ssize_t)
     cpdef _pump(self, Session session, DeliveryConnection conn, UdpEngine engine)
     cpdef _send_packet(self, Session session, DeliveryConnection conn, UdpEngine engine,
                        bytes payload, list carried, double now)

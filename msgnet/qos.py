@@ -47,9 +47,11 @@ if TYPE_CHECKING:
 
 __all__ = ["BEST_EFFORT", "BestEffort", "QoS", "Reliable", "DeliveryManager"]
 
-# A pump sends what the window lets out in bursts of about _BURST_BYTES, one sendmmsg
-# each: 56 packets of 1200 bytes, 8 of 9000, one of 65000.
+# A pump sends what the window lets out in bursts of about _BURST_BYTES of fragments, one
+# sendmmsg each: 56 packets of 1200 bytes, 8 of 9000, one of 65000. Bounded in bytes, not
+# fragments, so that a burst of small messages fills its packets (only its last is short).
 _BURST_BYTES = 64 * 1024
+_BURST_FRAGMENTS = _BURST_BYTES  # (no bound of its own: a fragment costs more than a byte)
 _DATA_OVERHEAD = limits.DATA_OVERHEAD  # (a C constant where compiled: read once per packet)
 _PMTU_IDLE = PMTU_IDLE  # C constants where compiled, as _DATA_OVERHEAD
 _PMTU_SEARCHING = PMTU_SEARCHING
@@ -311,10 +313,9 @@ class DeliveryManager:
         # Fragments go out a burst at a time (one sendmmsg each), so the peer decrypts the
         # first burst while this side seals the next: one window sealed whole before the
         # first send would leave the peer idle for all of it.
-        burst = max(1, _BURST_BYTES // room)  # fragments polled (and packed) at a time
         unsent = 0  # bytes sealed since the last sendmmsg
         while conn.transmit_pending:
-            fragments = conn.poll_transmit(now, burst)
+            fragments = conn.poll_transmit(now, _BURST_FRAGMENTS, _BURST_BYTES)
             if not fragments:
                 break
             payloads, counts = engine.pack_message_frames(session, fragments, ack or b"", room)

@@ -430,6 +430,26 @@ def test_poll_transmit_takes_in_order_up_to_its_limit_and_the_window() -> None:
     assert conn.poll_transmit(0.0, 1000) == []  # the window is handed out
 
 
+def test_poll_transmit_bounds_a_poll_in_bytes_when_asked() -> None:
+    """max_bytes: fragments are taken while their costs stay under it (the last may cross
+    it), retransmissions, new reliable and best-effort fragments alike; what stays queued
+    comes out in the next poll."""
+    conn = DeliveryConnection(fragment_size=FRAGMENT)
+    for _ in range(40):
+        conn.send("/p", bytes(10), reliable=True, ordered=False, now=0.0)
+    for _ in range(10):
+        conn.send("/b", bytes(FRAGMENT + 1), reliable=False, ordered=False, now=0.0)
+    first = conn.poll_transmit(0.0, 1000, 100.0)
+    each = first[0].cost
+    assert len(first) == -(-100 // each) and sum(f.cost for f in first) >= 100
+    second = conn.poll_transmit(0.0, 1000, (40 - len(first)) * each)
+    assert [f.seq for f in first + second] == list(range(40))  # in order, none twice
+    assert all(f.protocol == "/p" for f in first + second)
+    rest = conn.poll_transmit(0.0, 1000, 1.0)
+    assert [f.protocol for f in rest] == ["/b"]  # best effort, bounded too
+    assert len(conn.poll_transmit(0.0, 1000)) == 19  # unbounded: the rest
+
+
 def test_sender_keeps_seqs_within_the_window_of_the_oldest_unacked() -> None:
     conn = DeliveryConnection(fragment_size=FRAGMENT)
     conn.send("/p", b"held", reliable=True, ordered=False, now=0.0)

@@ -135,6 +135,29 @@ def test_one_mebibyte_reliable_message_under_loss(run):
     run(main(), timeout=100)
 
 
+def test_a_burst_of_small_reliable_messages_fills_its_packets(run):
+    """The delivery layer sends in bursts bounded in bytes (qos._pump, poll_transmit's
+    max_bytes): small reliable messages queued in one loop iteration share full packets,
+    not one short packet per fixed number of messages."""
+    async def main():
+        async with MessageHost() as a, MessageHost() as b:
+            got: list[bytes] = []
+            b.set_message_handler("/small/1", lambda m: got.append(m.data))
+            a.add_peer(b.addrs[0], b.peer_id)
+            # Binds the protocol's alias: the messages below go as CONTINUATION frames.
+            await a.send_message(b.peer_id, "/small/1", b"warm-up!", qos=Reliable(wait=True))
+            before = a.metrics()["packets_out"]
+            for i in range(300):
+                await a.send_message(b.peer_id, "/small/1", b"%08d" % i, qos=Reliable())
+            await wait_for(lambda: len(got) == 301)
+            # Each frame is at most 14 bytes (type, length, alias, flags, a 2-byte seq and
+            # the 8-byte payload): 4,200 bytes fill 4 payloads of 1171 bytes.
+            assert a.metrics()["packets_out"] - before <= 4
+            assert sorted(got[1:]) == [b"%08d" % i for i in range(300)]
+
+    run(main())
+
+
 def test_large_best_effort_message_is_fragmented(run):
     async def main():
         async with MessageHost() as a, MessageHost() as b:

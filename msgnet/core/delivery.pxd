@@ -212,12 +212,13 @@ cdef class DeliveryConnection:
                            double now) except -1
     cdef Py_ssize_t _fragment_count(self, Py_ssize_t size, bint reliable, bint ordered,
                                     Py_ssize_t fs) except -1
-    @cython.locals(fragment=Fragment, budget=cython.double, cost=cython.Py_ssize_t,
-                   queue=_FragmentQueue)
-    cpdef list poll_transmit(self, double now, Py_ssize_t max_fragments)
+    @cython.locals(fragment=Fragment, window=cython.double, budget=cython.double,
+                   taken=cython.Py_ssize_t, queue=_FragmentQueue)
+    cpdef list poll_transmit(self, double now, Py_ssize_t max_fragments, double max_bytes=*)
     @cython.locals(fragment=Fragment, message=OutgoingMessage, tokens=cython.double, rate=cython.double,
                    queue=_FragmentQueue)
-    cdef _poll_best_effort(self, double now, Py_ssize_t max_fragments, list out)
+    cdef _poll_best_effort(self, double now, Py_ssize_t max_fragments, double max_bytes,
+                           list out)
     @cython.locals(fragment=Fragment, handed=cython.Py_ssize_t, mixed=cython.bint)
     cpdef on_packet_sent(self, long long counter, list fragments, Py_ssize_t size, double now)
     @cython.locals(packet=_SentPacket, newest=_SentPacket, low=cython.longlong, high=cython.longlong,

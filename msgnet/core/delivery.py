@@ -19,7 +19,7 @@ Sending (per session)::
     # or, for a reliable message nobody awaits (no handle, no MessageDelivered event):
     queued = conn.send_nowait(protocol, payload, ordered, fragment_size, now)
     # whenever the session is flushed (after input, after send, after a timer):
-    fragments = conn.poll_transmit(now, max_fragments)
+    fragments = conn.poll_transmit(now, max_fragments, max_bytes)
     # encode each Fragment as INIT/CONTINUATION with its flags, request_id, seq and,
     # when FLAG_FRAGMENT is set, frag_index/frag_count; coalesce into packets; then
     # for EVERY DATA packet of the session (also those without fragments):
@@ -1108,41 +1108,44 @@ class DeliveryConnection:
             space.unacked.add(seq, message)
         return message
 
-    def poll_transmit(self, now: float, max_fragments: int) -> list[Fragment]:
-        """Up to ``max_fragments`` fragments to send now, retransmissions first.
+    def poll_transmit(self, now: float, max_fragments: int,
+                      max_bytes: float = _INF) -> list[Fragment]:
+        """Up to ``max_fragments`` fragments to send now, retransmissions first, whose costs
+        stay within ``max_bytes`` (the last may cross it, as it may the window).
 
         Reliable fragments stop at the congestion window, best effort at the pacing
         rate.  Every fragment returned must be reported in on_packet_sent (they are
-        charged to the window until then).
+        charged to the window until then).  A sender that sends in bursts bounds them
+        in bytes, not fragments: a burst of small messages then fills its packets.
         """
         out: list[Fragment] = []
-        budget = self._cwnd - self._bytes_in_flight - self._handed_out + self._probe_budget
+        window = self._cwnd - self._bytes_in_flight - self._handed_out + self._probe_budget
         self._probe_budget = 0
+        budget = min(window, max_bytes)
+        taken = 0  # the costs of out
         retransmit = self._retransmit
         queue = self._queue
-        while budget > 0 and len(out) < max_fragments and retransmit:
+        while taken < budget and len(out) < max_fragments and retransmit:
             fragment = retransmit.popleft()
             fragment.queued = False
             if fragment.acked or _message_of(fragment).error is not None:
                 continue
             self.counters["retransmissions"] += 1
-            cost = fragment.cost
-            budget -= cost
-            self._handed_out += cost
+            taken += fragment.cost
             out.append(fragment)
-        if budget > 0 and len(out) < max_fragments:
-            cost = queue.take(out, budget, max_fragments)
-            budget -= cost
-            self._handed_out += cost
-        if budget <= 0:
+        if taken < budget and len(out) < max_fragments:
+            taken += queue.take(out, budget - taken, max_fragments)
+        self._handed_out += taken
+        if taken >= window:
             self._cwnd_limited = True
         elif not (retransmit or len(queue)):
             self._cwnd_limited = False
-        if len(self._be_queue) and len(out) < max_fragments:
-            self._poll_best_effort(now, max_fragments, out)
+        if len(self._be_queue) and len(out) < max_fragments and taken < max_bytes:
+            self._poll_best_effort(now, max_fragments, max_bytes - taken, out)
         return out
 
-    def _poll_best_effort(self, now: float, max_fragments: int, out: list[Fragment]) -> None:
+    def _poll_best_effort(self, now: float, max_fragments: int, max_bytes: float,
+                          out: list[Fragment]) -> None:
         """Best-effort fragments, paced at cwnd / srtt once an RTT sample exists."""
         queue = self._be_queue
         paced = self._has_rtt
@@ -1152,7 +1155,7 @@ class DeliveryConnection:
             self._pace_time = now
         else:
             tokens = _INF
-        while len(queue) and len(out) < max_fragments and tokens > 0:
+        while len(queue) and len(out) < max_fragments and tokens > 0 and max_bytes > 0:
             fragment = queue.peek()
             message = _message_of(fragment)
             if not _within_window(fragment._space, fragment.seq):
@@ -1160,6 +1163,7 @@ class DeliveryConnection:
             queue.pop()
             out.append(fragment)
             tokens -= fragment.cost
+            max_bytes -= fragment.cost
             if fragment.frag_index == fragment.frag_count - 1:
                 message.done = True
                 self._outstanding -= message.size + _SENT_MESSAGE_COST
