@@ -20,7 +20,7 @@ cdef class OutgoingMessage:
     cdef public str protocol
     cdef public long long seq
     cdef public int flags
-    cdef public object request_id
+    cdef public long long request_id  # 0..2**63-1 (send() checks)
     cdef public Py_ssize_t size
     cdef public int frag_count
     cdef public double queued_at
@@ -126,15 +126,15 @@ cdef _SentPacket _sent_packet(double time, Py_ssize_t size, list fragments)
 
 
 @cython.locals(new=OutgoingMessage)
-cdef OutgoingMessage _outgoing_message(str protocol, long long seq, int flags, request_id,
+cdef OutgoingMessage _outgoing_message(str protocol, long long seq, int flags, long long request_id,
                                        Py_ssize_t size, int frag_count, double queued_at,
                                        bint notify)
 cdef OutgoingMessage _message_of(Fragment fragment)
 @cython.locals(new=Fragment, size=Py_ssize_t)
-cdef Fragment _single(str protocol, long long seq, int flags, request_id, bytes payload,
+cdef Fragment _single(str protocol, long long seq, int flags, long long request_id, bytes payload,
                       double queued_at, bint notify, _OutSpace space)
 @cython.locals(new=Fragment)
-cdef Fragment _fragment(OutgoingMessage message, str protocol, int flags, request_id,
+cdef Fragment _fragment(OutgoingMessage message, str protocol, int flags, long long request_id,
                         long long seq, int frag_index, int frag_count, chunk, _OutSpace space,
                         Py_ssize_t size)
 @cython.locals(unacked=_Unacked)
@@ -204,8 +204,8 @@ cdef class DeliveryConnection:
                    seq=cython.longlong, flags=cython.int, size=cython.Py_ssize_t,
                    i=cython.Py_ssize_t, queue=_FragmentQueue)
     cdef OutgoingMessage _enqueue(self, str protocol, bytes payload, bint reliable, bint ordered,
-                                  int flags_extra, request_id, Py_ssize_t count, Py_ssize_t fs,
-                                  double now, bint notify)
+                                  int flags_extra, long long request_id, Py_ssize_t count,
+                                  Py_ssize_t fs, double now, bint notify)
     cpdef set_datagram_size(self, Py_ssize_t max_datagram)
     @cython.locals(data=bytes)
     cpdef bint send_nowait(self, str protocol, payload, bint ordered, Py_ssize_t fragment_size,
