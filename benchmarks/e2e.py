@@ -12,6 +12,8 @@ on the default backend) in the same run, to show what the cipher is worth. The m
 ping-pong clients ``await host.request()``; the ``-callback`` rows drive the same requests
 by ``host.request_callback`` instead, each reply's callback sending the next, as the raw
 baseline's client does from datagram_received (no task wake-up per round trip).
+``rr1/raw-uvloop-awaited`` is the raw client in the awaited shape (a task awaiting a future
+per round trip): what asyncio's task wake-up alone costs, beside ``rr1/msgnet``.
 
     python -m benchmarks.e2e [--quick] [--repeat N] [--json FILE]
 
@@ -270,6 +272,47 @@ def _raw_pingpong_client(conn: Any, core: int, in_flight: int, seconds: float) -
         for _ in range(in_flight):
             transport.sendto(PAYLOAD_64)
         rate = await _rate_window(state, seconds)
+        transport.close()
+        return {"rate": rate}
+
+    conn.send(_uvloop_run(main()))
+
+
+def _raw_awaited_pingpong_client(conn: Any, core: int, seconds: float) -> None:
+    """The raw client with msgnet's awaited client's shape: a task awaits a future per round
+    trip (set by datagram_received) and sends the next request itself. What asyncio's task
+    wake-up costs a round trip, without msgnet: the reference for ``rr1/msgnet``."""
+    _pin(core)
+    addr = conn.recv()
+
+    async def main() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        state: dict[str, Any] = {"done": 0, "stop": False, "reply": None}
+
+        class Client(asyncio.DatagramProtocol):
+            def connection_made(self, transport: Any) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: Any) -> None:
+                reply = state["reply"]
+                if reply is not None and not reply.done():
+                    reply.set_result(data)
+
+        transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=tuple(addr))
+
+        async def worker() -> None:
+            while not state["stop"]:
+                reply = state["reply"] = loop.create_future()
+                transport.sendto(PAYLOAD_64)
+                await reply  # (no timeout per round trip: the cheapest awaited client)
+                state["done"] += 1
+
+        task = asyncio.create_task(worker())
+        rate = await _rate_window(state, seconds)
+        try:
+            await asyncio.wait_for(task, 5)  # a lost datagram would leave it waiting
+        except TimeoutError:
+            pass
         transport.close()
         return {"rate": rate}
 
@@ -881,6 +924,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   _msgnet_pingpong_client, (k, seconds, False),
                                                   server_result=False))
         if k == 1:  # the client driven by callbacks, as the raw baseline's is
+            measure("rr1/raw-uvloop-awaited", lambda: _pair(
+                _raw_echo_server, (), _raw_awaited_pingpong_client, (seconds,),
+                server_result=False))
             measure("rr1/msgnet-callback", lambda: _pair(
                 _msgnet_echo_server, (False,), _msgnet_pingpong_client,
                 (1, seconds, False, False, True), server_result=False))
@@ -947,6 +993,13 @@ def _summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, f
             pairs = zip(rows[name], rows[f"{scenario}/raw-uvloop"])
             values["paired_ratio"] = statistics.median(
                 r["rate"] / b["rate"] for r, b in pairs if b["rate"])
+    awaited, base_rows = summary.get("rr1/msgnet"), rows.get("rr1/raw-uvloop-awaited")
+    if awaited and base_rows and summary["rr1/raw-uvloop-awaited"].get("rate"):
+        # The awaited client against the raw client of the same shape.
+        awaited["ratio_vs_raw_awaited"] = (awaited["rate"]
+                                           / summary["rr1/raw-uvloop-awaited"]["rate"])
+        awaited["paired_vs_raw_awaited"] = statistics.median(
+            r["rate"] / b["rate"] for r, b in zip(rows["rr1/msgnet"], base_rows) if b["rate"])
     return summary
 
 
@@ -964,6 +1017,10 @@ def _print(summary: dict[str, dict[str, float]]) -> None:
         paired = values.get("paired_ratio")
         extra2 = "" if paired is None else f"{paired:.2f}x"
         print(f"{name:40} {main_value:>14} {extra:>20} {extra2:>8}")
+    awaited = summary.get("rr1/msgnet", {})
+    if "ratio_vs_raw_awaited" in awaited:
+        print(f"rr1/msgnet vs rr1/raw-uvloop-awaited: {awaited['ratio_vs_raw_awaited']:.2f}x"
+              f" (paired {awaited['paired_vs_raw_awaited']:.2f}x)")
 
 
 if __name__ == "__main__":
