@@ -1714,18 +1714,20 @@ cdef class UdpEngine:
                             bytes head not None, Py_ssize_t room):
         """The delivery layer's Fragments as message frames, INIT until the peer BOUND the
         protocol's alias, else CONTINUATION, packed in order into payloads of at most room
-        bytes, the first after head (say an ack frame; b"" for none). Returns the payloads and
-        how many fragments each carries: the delivery layer seals them itself (send_payload),
-        so it learns which packet carried which fragments. One call per pump, not per frame;
-        the fragments' fields are read as C struct members (delivery.pxd), not attributes."""
+        bytes, the first after head (say an ack frame; b"" for none). Returns the payloads and,
+        for each, the list of the fragments it carries: the delivery layer seals them itself
+        (send_payload), so it learns which packet carried which fragments. One call per pump,
+        not per frame; the fragments' fields are read as C struct members (delivery.pxd), not
+        attributes."""
         cdef Py_ssize_t used = PyBytes_GET_SIZE(head)
-        cdef Py_ssize_t carried = 0
+        cdef Py_ssize_t first = 0  # the index of the payload's first fragment
+        cdef Py_ssize_t i
         cdef Py_ssize_t size
         cdef bint fragmented
         cdef PyObject* payload = NULL  # the payload being filled, room bytes until it is done
         cdef Fragment f
         cdef list payloads = []
-        cdef list counts = []
+        cdef list carried = []
         if session._closed or self._closed:
             raise ClosedError("session or engine is closed")
         if used > room:
@@ -1737,8 +1739,8 @@ cdef class UdpEngine:
         payload = _new_payload(room)
         try:
             memcpy(PyBytes_AS_STRING(<object>payload), PyBytes_AS_STRING(head), used)
-            for item in fragments:
-                f = <Fragment?>item
+            for i in range(len(fragments)):
+                f = <Fragment?>fragments[i]
                 fragmented = f.flags & FLAG_FRAGMENT
                 while True:
                     size = self._message_frame(
@@ -1748,19 +1750,19 @@ cdef class UdpEngine:
                     if size <= room - used or not used:
                         break
                     _cut_payload(&payload, used, payloads)
-                    counts.append(carried)
-                    used = carried = 0
+                    carried.append(fragments[first:i])
+                    first = i
+                    used = 0
                     payload = _new_payload(room)
                 if size > room:
                     raise MessageTooLargeError(_too_large(len(f.chunk), self.max_datagram))
                 used += size
-                carried += 1
             if used:
                 _cut_payload(&payload, used, payloads)
-                counts.append(carried)
+                carried.append(fragments if first == 0 else fragments[first:])
         finally:
             Py_XDECREF(payload)
-        return payloads, counts
+        return payloads, carried
 
     cdef Py_ssize_t _message_frame(self, Session s, str protocol, object payload, int flags,
                                    uint64_t request_id, uint64_t seq, uint64_t frag_index,

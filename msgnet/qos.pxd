@@ -46,8 +46,8 @@ cdef class DeliveryManager:
     cpdef schedule(self, Session session)
     @cython.locals(session=Session, entry=tuple)
     cpdef _flush(self)
-    @cython.locals(now=cython.double, start=Py_ssize_t, fragments=list, room=Py_ssize_t,
-                   unsent=Py_ssize_t)
+    @cython.locals(now=cython.double, i=Py_ssize_t, fragments=list, payloads=list,
+                   carried=list, room=Py_ssize_t, unsent=Py_ssize_t)
     cpdef _pump(self, Session session, DeliveryConnection conn, UdpEngine engine)
     cpdef _send_packet(self, Session session, DeliveryConnection conn, UdpEngine engine,
                        bytes payload, list carried, double now)

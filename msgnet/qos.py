@@ -318,14 +318,12 @@ class DeliveryManager:
             fragments = conn.poll_transmit(now, _BURST_FRAGMENTS, _BURST_BYTES)
             if not fragments:
                 break
-            payloads, counts = engine.pack_message_frames(session, fragments, ack or b"", room)
+            payloads, carried = engine.pack_message_frames(session, fragments, ack or b"",
+                                                           room)
             ack = None
-            start = 0
-            for payload, count in zip(payloads, counts):
-                self._send_packet(session, conn, engine, payload,
-                                  fragments[start:start + count], now)
-                start += count
-                unsent += len(payload)
+            for i in range(len(payloads)):
+                self._send_packet(session, conn, engine, payloads[i], carried[i], now)
+                unsent += len(payloads[i])
             if unsent >= _BURST_BYTES:
                 engine.drain_sealed()
                 unsent = 0
