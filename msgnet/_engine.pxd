@@ -462,9 +462,10 @@ cdef class UdpEngine:
     cdef int _deliver(self, Session s, str protocol, int flags, uint64_t request_id,
                       bytes data) except -1
     cdef int _control_frame(self, Session s, FrameView* fv) except -1
-    cdef Py_ssize_t _message_frame(self, Session s, str protocol, object payload, int flags,
-                                   uint64_t request_id, uint64_t seq, uint64_t frag_index,
-                                   uint64_t frag_count, uint8_t* at, Py_ssize_t cap) except -1
+    cdef Py_ssize_t _message_frame(self, Session s, str protocol, const uint8_t* data,
+                                   Py_ssize_t length, int flags, uint64_t request_id,
+                                   uint64_t seq, uint64_t frag_index, uint64_t frag_count,
+                                   uint8_t* at, Py_ssize_t cap) except -1
     cdef int _queue_reply(self, Session s, uint8_t frame_type, uint64_t a, uint64_t b) except -1
     cdef int _queue_pong(self, Session s, const uint8_t* data, Py_ssize_t n) except -1
     cdef bint _send(self, Session s, str protocol, object payload, int flags,

@@ -1741,10 +1741,14 @@ cdef class UdpEngine:
             memcpy(PyBytes_AS_STRING(<object>payload), PyBytes_AS_STRING(head), used)
             for i in range(len(fragments)):
                 f = <Fragment?>fragments[i]
+                if f._payload is None:
+                    raise UsageError("a Fragment the delivery layer did not make")
                 fragmented = f.flags & FLAG_FRAGMENT
                 while True:
                     size = self._message_frame(
-                        session, f.protocol, f.chunk, f.flags, f.request_id, f.seq,
+                        session, f.protocol,
+                        <const uint8_t*>PyBytes_AS_STRING(f._payload) + f._offset, f._length,
+                        f.flags, f.request_id, f.seq,
                         f.frag_index if fragmented else 0, f.frag_count if fragmented else 0,
                         <uint8_t*>PyBytes_AS_STRING(<object>payload) + used, room - used)
                     if size <= room - used or not used:
@@ -1755,7 +1759,7 @@ cdef class UdpEngine:
                     used = 0
                     payload = _new_payload(room)
                 if size > room:
-                    raise MessageTooLargeError(_too_large(len(f.chunk), self.max_datagram))
+                    raise MessageTooLargeError(_too_large(f._length, self.max_datagram))
                 used += size
             if used:
                 _cut_payload(&payload, used, payloads)
@@ -1764,35 +1768,30 @@ cdef class UdpEngine:
             Py_XDECREF(payload)
         return payloads, carried
 
-    cdef Py_ssize_t _message_frame(self, Session s, str protocol, object payload, int flags,
-                                   uint64_t request_id, uint64_t seq, uint64_t frag_index,
-                                   uint64_t frag_count, uint8_t* at, Py_ssize_t cap) except -1:
-        """Write one message frame at ``at`` if it fits in cap bytes; its size either way.
-        The writers size the frame themselves: it is sized here only when it does not fit."""
-        cdef Py_buffer view
+    cdef Py_ssize_t _message_frame(self, Session s, str protocol, const uint8_t* data,
+                                   Py_ssize_t length, int flags, uint64_t request_id,
+                                   uint64_t seq, uint64_t frag_index, uint64_t frag_count,
+                                   uint8_t* at, Py_ssize_t cap) except -1:
+        """Write one message frame of data[:length] at ``at`` if it fits in cap bytes; its
+        size either way. The writers size the frame themselves: it is sized here only when
+        it does not fit."""
         cdef int alias = s._alias(protocol)
         cdef bytes encoded = None if s._is_bound(alias) else s._out_encoded[alias]
         cdef Py_ssize_t body, size
-        _get_payload(payload, &view)
-        try:
+        if encoded is not None:
+            size = write_init(at, cap, s._transport_id,
+                              <const uint8_t*>PyBytes_AS_STRING(encoded),
+                              PyBytes_GET_SIZE(encoded), alias, flags, request_id, seq,
+                              frag_index, frag_count, data, length)
+        else:
+            size = write_continuation(at, cap, alias, flags, request_id, seq, frag_index,
+                                      frag_count, data, length)
+        if size < 0:  # it does not fit: how much room it needs
+            body = (varint_size(alias) + length
+                    + message_header_size(flags, request_id, seq, frag_index, frag_count))
             if encoded is not None:
-                size = write_init(at, cap, s._transport_id,
-                                  <const uint8_t*>PyBytes_AS_STRING(encoded),
-                                  PyBytes_GET_SIZE(encoded), alias, flags, request_id, seq,
-                                  frag_index, frag_count, <const uint8_t*>view.buf, view.len)
-            else:
-                size = write_continuation(at, cap, alias, flags, request_id, seq, frag_index,
-                                          frag_count, <const uint8_t*>view.buf, view.len)
-            if size < 0:  # it does not fit: how much room it needs
-                body = (varint_size(alias) + view.len
-                        + message_header_size(flags, request_id, seq, frag_index, frag_count))
-                if encoded is not None:
-                    body += (2 + varint_size(PyBytes_GET_SIZE(encoded))
-                             + PyBytes_GET_SIZE(encoded))
-                return 1 + varint_size(body) + body
-        finally:
-            if msgnet_view_owned(&view):  # (a bytes payload's view: nothing to release)
-                PyBuffer_Release(&view)
+                body += 2 + varint_size(PyBytes_GET_SIZE(encoded)) + PyBytes_GET_SIZE(encoded)
+            return 1 + varint_size(body) + body
         self._counters[CNT_MESSAGES_OUT] += 1
         return size
 

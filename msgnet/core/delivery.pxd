@@ -34,7 +34,9 @@ cdef class OutgoingMessage:
 cdef class Fragment(OutgoingMessage):
     cdef public OutgoingMessage _message
     cdef public int frag_index
-    cdef public object chunk
+    cdef readonly bytes _payload  # the message's; this fragment is [_offset, + _length)
+    cdef readonly Py_ssize_t _offset
+    cdef readonly Py_ssize_t _length
     cdef public bint acked
     cdef public bint queued
     cdef public _OutSpace _space
@@ -135,8 +137,8 @@ cdef Fragment _single(str protocol, long long seq, int flags, long long request_
                       double queued_at, bint notify, _OutSpace space)
 @cython.locals(new=Fragment)
 cdef Fragment _fragment(OutgoingMessage message, str protocol, int flags, long long request_id,
-                        long long seq, int frag_index, int frag_count, chunk, _OutSpace space,
-                        Py_ssize_t size)
+                        long long seq, int frag_index, int frag_count, bytes payload,
+                        Py_ssize_t offset, _OutSpace space, Py_ssize_t size)
 @cython.locals(unacked=_Unacked)
 cdef bint _within_window(_OutSpace space, long long seq) except -1
 

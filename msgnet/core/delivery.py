@@ -355,10 +355,12 @@ class Fragment(OutgoingMessage):
 
     The object itself is the token the core tracks: the engine hands back the same
     objects to :meth:`DeliveryConnection.on_packet_sent`, and a lost fragment comes
-    out of poll_transmit again, unchanged (same seq and frag_index).  ``chunk`` is
-    a slice of the application's payload (bytes, or a memoryview for fragments of a
-    larger message).  Without FLAG_FRAGMENT, frag_index/frag_count are 0/1 and are
-    not written.  Made by the core (_fragment, _single).
+    out of poll_transmit again, unchanged (same seq and frag_index).  Its bytes are
+    ``_length`` bytes of the message's payload from ``_offset`` (``chunk``: the payload
+    itself for a message of one fragment, else a memoryview of the part): the engine
+    writes them from there, so no object per fragment holds the slice.  Without
+    FLAG_FRAGMENT, frag_index/frag_count are 0/1 and are not written.  Made by the core
+    (_fragment, _single).
 
     A message of one fragment, nearly every small message, is its own fragment: one
     object per message instead of two (``message`` is then the fragment itself, and
@@ -375,25 +377,35 @@ class Fragment(OutgoingMessage):
 
     _message: OutgoingMessage | None
     frag_index: int
-    chunk: bytes | memoryview
+    _payload: bytes
+    _offset: int
+    _length: int
     acked: bool
     queued: bool
     _space: _OutSpace
     cost: int
 
-    __slots__ = ("_message", "frag_index", "chunk", "acked", "queued", "_space", "cost")
+    __slots__ = ("_message", "frag_index", "_payload", "_offset", "_length", "acked", "queued",
+                 "_space", "cost")
 
     @property
     def message(self) -> OutgoingMessage:
         """The message this is a fragment of (itself for a message of one fragment)."""
         return _message_of(self)
 
+    @property
+    def chunk(self) -> bytes | memoryview:
+        """The fragment's bytes: the payload itself when it is all of it, else a view."""
+        if self._offset == 0 and self._length == len(self._payload):
+            return self._payload
+        return memoryview(self._payload)[self._offset:self._offset + self._length]
+
     def __repr__(self) -> str:
         if self._message is None:
             return OutgoingMessage.__repr__(self)
         return (
             f"<Fragment {self.protocol!r} seq={self.seq} {self.frag_index}/{self.frag_count} "
-            f"flags=0x{self.flags:02x} {len(self.chunk)} B>"
+            f"flags=0x{self.flags:02x} {self._length} B>"
         )
 
 
@@ -428,12 +440,12 @@ def _outgoing_message(
 
 def _fragment(
     message: OutgoingMessage | None, protocol: str, flags: int, request_id: int, seq: int,
-    frag_index: int, frag_count: int, chunk: bytes | memoryview, space: _OutSpace,
+    frag_index: int, frag_count: int, payload: bytes, offset: int, space: _OutSpace,
     size: int,
 ) -> Fragment:
     """A new Fragment of ``message`` (None: of a message it is itself, _single) made as
-    _outgoing_message makes messages, for the same reason, of ``size`` bytes (len(chunk)):
-    ``cost`` is what it takes of the congestion window."""
+    _outgoing_message makes messages, for the same reason: ``size`` bytes of the message's
+    ``payload`` from ``offset``. ``cost`` is what it takes of the congestion window."""
     new = Fragment.__new__(Fragment)
     new._message = message
     new.protocol = protocol
@@ -442,7 +454,9 @@ def _fragment(
     new.seq = seq
     new.frag_index = frag_index
     new.frag_count = frag_count
-    new.chunk = chunk
+    new._payload = payload
+    new._offset = offset
+    new._length = size
     new.acked = False  # a fragment may be acknowledged by a packet declared lost
     new.queued = False  # in the retransmission queue (once, whatever sent it again)
     new._space = space
@@ -463,7 +477,7 @@ def _single(
     """A new message of one fragment, which is its own fragment (see Fragment): _fragment's,
     with the message's fields set."""
     size = len(payload)
-    new = _fragment(None, protocol, flags, request_id, seq, 0, 1, payload, space, size)
+    new = _fragment(None, protocol, flags, request_id, seq, 0, 1, payload, 0, space, size)
     new.size = size
     new.queued_at = queued_at
     new.notify = notify
@@ -1103,11 +1117,9 @@ class DeliveryConnection:
         else:
             message = _outgoing_message(protocol, seq, flags, request_id, size, count, now,
                                         notify)
-            view = memoryview(payload)
             for i in range(count):
                 queue.push(_fragment(message, protocol, flags, request_id, seq, i, count,
-                                     view[i * fs:(i + 1) * fs], space,
-                                     min(fs, size - i * fs)))
+                                     payload, i * fs, space, min(fs, size - i * fs)))
         if reliable:
             space.unacked.add(seq, message)
         return message
